@@ -1,0 +1,46 @@
+//! The cachet server.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Parser;
+
+use cachet::config::Config;
+
+/// A self-hosted Nix binary cache. With no arguments it serves on 127.0.0.1:8080 with
+/// its data in ./cachet-data.
+#[derive(Parser)]
+#[command(version)]
+struct Args {
+    /// A TOML config file (see config/cachet.toml).
+    #[arg(long, env = "CACHET_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address to listen on.
+    #[arg(long, env = "CACHET_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Directory for metadata, keys and local chunks.
+    #[arg(long, env = "CACHET_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Log filter, e.g. `info` or `cachet=debug,tower_http=debug`.
+    #[arg(long, env = "CACHET_LOG", default_value = "info")]
+    log: String,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&args.log)?)
+        .init();
+    let mut config = match &args.config {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    };
+    if let Some(listen) = args.listen {
+        config.listen = listen;
+    }
+    if let Some(dir) = args.data_dir {
+        config.data_dir = dir;
+    }
+    cachet::server::run(config).await
+}

@@ -1,0 +1,169 @@
+//! The server's configuration: built-in defaults, then a TOML file, then flags and
+//! `CACHET_*` environment variables (applied by the binary), in that order.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::ingest::IngestSettings;
+use crate::ingest::chunker::ChunkParams;
+use crate::nix::CacheName;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub storage: StorageConfig,
+    pub chunking: ChunkParams,
+    pub ingest: IngestConfig,
+    pub serve: ServeConfig,
+    /// Caches created at start when missing. With none, a public `main` is created on
+    /// an empty data directory.
+    #[serde(rename = "cache")]
+    pub caches: Vec<CacheConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, tag = "type", rename_all = "lowercase")]
+pub enum StorageConfig {
+    /// Chunks on the local filesystem; `path` defaults to `<data_dir>/store`.
+    Local { path: Option<PathBuf> },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IngestConfig {
+    pub zstd_level: i32,
+    pub concurrency: usize,
+    pub max_narinfo_bytes: usize,
+    pub max_small_body_bytes: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServeConfig {
+    /// Chunks fetched ahead of the one being sent.
+    pub read_ahead: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfig {
+    pub name: CacheName,
+    #[serde(default = "yes")]
+    pub public: bool,
+    #[serde(default = "default_priority")]
+    pub priority: u32,
+    /// Name of the generated key; `<cache>-1` when unset.
+    pub key_name: Option<String>,
+    /// A secret key file in Nix's format (from `nix-store --generate-binary-cache-key`,
+    /// or provided by a secrets manager); generated into the data directory when unset.
+    pub secret_key_file: Option<PathBuf>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// What cache.nixos.org uses; lower wins, so a self-hosted cache can sit before or after it.
+fn default_priority() -> u32 {
+    40
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            data_dir: PathBuf::from("./cachet-data"),
+            storage: StorageConfig::Local { path: None },
+            chunking: ChunkParams {
+                // Provisional defaults, to be settled by the chunk-size benchmark.
+                min_size: 16 * 1024,
+                avg_size: 64 * 1024,
+                max_size: 256 * 1024,
+            },
+            ingest: IngestConfig::default(),
+            serve: ServeConfig::default(),
+            caches: Vec::new(),
+        }
+    }
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        Self {
+            // zstd's default level: several hundred MB/s per core, near xz ratios on binaries.
+            zstd_level: 3,
+            // Enough to keep both cores busy compressing while the front thread reads.
+            concurrency: 4,
+            max_narinfo_bytes: 1024 * 1024,
+            // Build logs and realisations.
+            max_small_body_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        Self { read_ahead: 8 }
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("reading config {}: {e}", path.display()))?;
+        let config: Self = toml::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        self.chunking.validate().map_err(anyhow::Error::msg)?;
+        anyhow::ensure!(self.ingest.concurrency > 0, "ingest.concurrency must be positive");
+        anyhow::ensure!(self.serve.read_ahead > 0, "serve.read_ahead must be positive");
+        anyhow::ensure!(
+            (1..=22).contains(&self.ingest.zstd_level),
+            "ingest.zstd_level must be 1 to 22"
+        );
+        Ok(())
+    }
+
+    pub fn ingest_settings(&self) -> IngestSettings {
+        IngestSettings {
+            chunking: self.chunking,
+            zstd_level: self.ingest.zstd_level,
+            concurrency: self.ingest.concurrency,
+        }
+    }
+
+    pub fn storage_path(&self) -> PathBuf {
+        match &self.storage {
+            StorageConfig::Local { path } => path.clone().unwrap_or_else(|| self.data_dir.join("store")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_config_parses_and_matches_the_defaults() {
+        let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/cachet.toml")).unwrap();
+        let example: Config = toml::from_str(&text).unwrap();
+        example.validate().unwrap();
+        let d = Config::default();
+        assert_eq!(example.listen, d.listen);
+        assert_eq!(example.chunking, d.chunking);
+        assert_eq!(example.ingest.zstd_level, d.ingest.zstd_level);
+        assert_eq!(example.serve.read_ahead, d.serve.read_ahead);
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        assert!(toml::from_str::<Config>("listn = \"127.0.0.1:1\"").is_err());
+    }
+}

@@ -1,0 +1,39 @@
+//! The JSON admin API under `/_api/v1/`, which `cache-admin` talks to.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use serde::Serialize;
+
+use super::extract::Credentials;
+use crate::app::App;
+use crate::auth::Permission;
+use crate::error::Result;
+use crate::nix::CacheName;
+
+#[derive(Debug, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct CacheInfo {
+    pub name: String,
+    pub public: bool,
+    pub public_key: String,
+    pub priority: u32,
+    pub store_dir: String,
+}
+
+/// `GET /_api/v1/caches/<cache>`: readable by whoever may pull from the cache.
+pub async fn cache_info(
+    State(app): State<Arc<App>>,
+    Path(cache): Path<CacheName>,
+    creds: Credentials,
+) -> Result<Json<CacheInfo>> {
+    let cache = app.caches.get(&cache)?;
+    app.auth.authorize(creds.token(), Some(&cache), Permission::Pull)?;
+    Ok(Json(CacheInfo {
+        name: cache.name.to_string(),
+        public: cache.public,
+        public_key: cache.public_key.to_string(),
+        priority: cache.priority,
+        store_dir: crate::nix::store_path::STORE_DIR.to_owned(),
+    }))
+}

@@ -1,0 +1,26 @@
+//! `GET /<cache>/nix-cache-info`.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::header;
+use axum::response::IntoResponse;
+
+use super::extract::Credentials;
+use crate::app::App;
+use crate::auth::Permission;
+use crate::error::Result;
+use crate::nix::{CacheName, cache_info};
+
+pub async fn get(
+    State(app): State<Arc<App>>,
+    Path(cache): Path<CacheName>,
+    creds: Credentials,
+) -> Result<impl IntoResponse> {
+    let cache = app.caches.get(&cache)?;
+    app.auth.authorize(creds.token(), Some(&cache), Permission::Pull)?;
+    Ok((
+        [(header::CONTENT_TYPE, "text/x-nix-cache-info")],
+        cache_info::render(cache.priority),
+    ))
+}

@@ -1,0 +1,61 @@
+//! Request parts every handler shares: credentials, and reading small bodies.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::FromRequestParts;
+use axum::http::header;
+use axum::http::request::Parts;
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+
+use crate::app::App;
+use crate::auth::Token;
+use crate::error::{Error, Result};
+
+/// The token a request carries: the HTTP Basic password (what a netrc `password`
+/// produces, with or without a login) or an `Authorization: Bearer` token.
+pub struct Credentials(pub Option<Token>);
+
+impl FromRequestParts<Arc<App>> for Credentials {
+    type Rejection = Error;
+
+    async fn from_request_parts(parts: &mut Parts, _: &Arc<App>) -> Result<Self> {
+        let Some(value) = parts.headers.get(header::AUTHORIZATION) else {
+            return Ok(Self(None));
+        };
+        let value = value.to_str().map_err(|_| Error::Unauthorized)?;
+        let (scheme, rest) = value.split_once(' ').ok_or(Error::Unauthorized)?;
+        let token = if scheme.eq_ignore_ascii_case("bearer") {
+            rest.trim().to_owned()
+        } else if scheme.eq_ignore_ascii_case("basic") {
+            let decoded = BASE64.decode(rest.trim()).map_err(|_| Error::Unauthorized)?;
+            let pair = String::from_utf8(decoded).map_err(|_| Error::Unauthorized)?;
+            let (login, password) = pair.split_once(':').unwrap_or((pair.as_str(), ""));
+            // A netrc with a login but no password sends the token as the login.
+            if password.is_empty() { login } else { password }.to_owned()
+        } else {
+            return Err(Error::Unauthorized);
+        };
+        Ok(Self((!token.is_empty()).then(|| Token::new(token))))
+    }
+}
+
+impl Credentials {
+    pub fn token(&self) -> Option<&Token> {
+        self.0.as_ref()
+    }
+}
+
+/// Reads a whole body of at most `limit` bytes (413 above it).
+pub async fn small_body(body: Body, limit: usize) -> Result<bytes::Bytes> {
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let too_large = std::error::Error::source(&e)
+            .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+        if too_large {
+            Error::TooLarge(limit)
+        } else {
+            Error::BadBody(e.to_string())
+        }
+    })
+}
