@@ -1,7 +1,7 @@
 //! Everything a request handler can reach, opened once at start.
 
-use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
 
 use crate::auth::{self, Authorizer, Token};
 use crate::caches::Caches;
@@ -55,7 +55,8 @@ impl App {
         let chunks = ChunkStore::new(Arc::new(objects));
         let ingestor = Ingestor::new(index.clone(), chunks.clone(), config.ingest_settings());
         let caches = Caches::open(index.as_ref(), &config)?;
-        let (admin_token, admin_token_created) = auth::load_or_create_admin_token(&config.data_dir)?;
+        let (admin_token, admin_token_created) =
+            auth::load_or_create_admin_token(&config.data_dir)?;
         let app = Arc::new(App {
             auth: Authorizer::new(&admin_token),
             config,

@@ -2,8 +2,8 @@
 
 use crate::index::IndexError;
 use crate::ingest::IngestError;
-use crate::nix::StorePath;
 use crate::nix::narinfo::NarInfoError;
+use crate::nix::StorePath;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

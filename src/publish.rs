@@ -5,8 +5,8 @@
 use crate::app::App;
 use crate::caches::Cache;
 use crate::error::{Rejection, Result};
-use crate::index::Commit;
-use crate::nix::{Compression, NarInfo, StorePathHash};
+use crate::index::{Commit, Upload};
+use crate::nix::{Compression, NarInfo, Sha256, StorePathHash};
 
 fn mismatch(field: &'static str, claimed: impl ToString, actual: impl ToString) -> Rejection {
     Rejection::Mismatch {
@@ -21,6 +21,33 @@ pub fn served_url(nar_hash: &crate::nix::Sha256) -> String {
     format!("nar/{}.nar.zst", nar_hash.to_nix32())
 }
 
+/// The NAR a client's narinfo URL names in this cache: one uploaded under that URL, or
+/// one the cache already serves uncompressed there. The latter happens with
+/// `compression=none`, where Nix names the file by its NarHash: after another runner
+/// published the same NAR, `HEAD` finds it served and the client skips the upload.
+pub fn resolve_nar_url(app: &App, cache: &Cache, url: &str) -> Result<Option<Upload>> {
+    if let Some(upload) = app.index.upload(&cache.name, url)? {
+        return Ok(Some(upload));
+    }
+    let served = url
+        .strip_prefix("nar/")
+        .and_then(Compression::split_nar_file_name)
+        .filter(|(_, c)| *c == Compression::None)
+        .and_then(|(stem, _)| Sha256::from_nix32(stem));
+    let Some(nar_hash) = served else {
+        return Ok(None);
+    };
+    if !app.index.cache_has_nar(&cache.name, &nar_hash)? {
+        return Ok(None);
+    }
+    Ok(app.index.manifest(&nar_hash)?.map(|m| Upload {
+        nar_hash,
+        nar_size: m.nar_size(),
+        file_hash: nar_hash,
+        file_size: m.nar_size(),
+    }))
+}
+
 pub async fn publish(app: &App, cache: &Cache, hash: StorePathHash, body: &[u8]) -> Result<()> {
     let claimed = NarInfo::parse(body)?;
     if claimed.store_path.hash() != hash {
@@ -29,9 +56,7 @@ pub async fn publish(app: &App, cache: &Cache, hash: StorePathHash, body: &[u8])
         }
         .into());
     }
-    let upload = app
-        .index
-        .upload(&cache.name, &claimed.url)?
+    let upload = resolve_nar_url(app, cache, &claimed.url)?
         .ok_or_else(|| Rejection::UnknownNarUrl(claimed.url.clone()))?;
     if claimed.nar_hash != upload.nar_hash {
         return Err(mismatch("NarHash", claimed.nar_hash, upload.nar_hash).into());
@@ -69,9 +94,9 @@ pub async fn publish(app: &App, cache: &Cache, hash: StorePathHash, body: &[u8])
     served.sigs.push(cache.key.sign(&served.fingerprint()));
 
     let text = served.render();
-    let outcome = app
-        .index
-        .commit_narinfo(&cache.name, &hash, &served.nar_hash, text.as_bytes())?;
+    let outcome =
+        app.index
+            .commit_narinfo(&cache.name, &hash, &served.nar_hash, text.as_bytes())?;
     match outcome {
         Commit::Written => {
             // Acknowledge only what would survive a crash.

@@ -67,7 +67,12 @@ impl Authorizer {
 
     /// Allows `permission` on `cache` to the bearer of `token` (None when the request
     /// carried no credentials). Anyone may pull from a public cache.
-    pub fn authorize(&self, token: Option<&Token>, cache: Option<&Cache>, permission: Permission) -> Result<()> {
+    pub fn authorize(
+        &self,
+        token: Option<&Token>,
+        cache: Option<&Cache>,
+        permission: Permission,
+    ) -> Result<()> {
         if permission == Permission::Pull && cache.is_some_and(|c| c.public) {
             return Ok(());
         }

@@ -8,7 +8,12 @@ use cachet::http::api::CacheInfo;
 #[command(version, about = "Administer a cachet server")]
 struct Args {
     /// The server's base URL.
-    #[arg(long, env = "CACHET_SERVER", default_value = "http://127.0.0.1:8080", global = true)]
+    #[arg(
+        long,
+        env = "CACHET_SERVER",
+        default_value = "http://127.0.0.1:8080",
+        global = true
+    )]
     server: String,
     /// An admin token (the server writes one to <data-dir>/admin-token on first start).
     #[arg(long, env = "CACHET_TOKEN", global = true, hide_env_values = true)]
@@ -45,7 +50,10 @@ async fn main() -> anyhow::Result<()> {
         Command::Cache {
             command: CacheCommand::Info { name, json },
         } => {
-            let url = format!("{}/_api/v1/caches/{name}", args.server.trim_end_matches('/'));
+            let url = format!(
+                "{}/_api/v1/caches/{name}",
+                args.server.trim_end_matches('/')
+            );
             let mut req = client.get(&url);
             if let Some(t) = &args.token {
                 req = req.bearer_auth(t);

@@ -2,8 +2,8 @@
 
 use std::sync::Arc;
 
-use axum::Json;
 use axum::extract::{Path, State};
+use axum::Json;
 use serde::Serialize;
 
 use super::extract::Credentials;
@@ -28,7 +28,8 @@ pub async fn cache_info(
     creds: Credentials,
 ) -> Result<Json<CacheInfo>> {
     let cache = app.caches.get(&cache)?;
-    app.auth.authorize(creds.token(), Some(&cache), Permission::Pull)?;
+    app.auth
+        .authorize(creds.token(), Some(&cache), Permission::Pull)?;
     Ok(Json(CacheInfo {
         name: cache.name.to_string(),
         public: cache.public,

@@ -6,10 +6,10 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{Path, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 
-use super::extract::{Credentials, small_body};
+use super::extract::{small_body, Credentials};
 use crate::app::App;
 use crate::auth::Permission;
 use crate::error::{Error, Result};
@@ -46,29 +46,56 @@ fn realisation_key(id: &str) -> Result<String> {
 }
 
 fn output_name_ok(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 64 && s.bytes().all(|c| c.is_ascii_alphanumeric() || b"-_+.".contains(&c))
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|c| c.is_ascii_alphanumeric() || b"-_+.".contains(&c))
 }
 
 fn trace_key(drv: &str, output: &str) -> Result<String> {
     let drv = drv_key(drv)?;
-    let output = output.strip_suffix(".doi").filter(|o| output_name_ok(o)).ok_or(bad("output"))?;
+    let output = output
+        .strip_suffix(".doi")
+        .filter(|o| output_name_ok(o))
+        .ok_or(bad("output"))?;
     Ok(format!("{drv}/{output}"))
 }
 
-async fn get_blob(app: &App, cache: CacheName, creds: Credentials, kind: BlobKind, key: String, content_type: &'static str) -> Result<Response> {
+async fn get_blob(
+    app: &App,
+    cache: CacheName,
+    creds: Credentials,
+    kind: BlobKind,
+    key: String,
+    content_type: &'static str,
+) -> Result<Response> {
     let cache = app.caches.get(&cache)?;
-    app.auth.authorize(creds.token(), Some(&cache), Permission::Pull)?;
-    let data = app.index.blob(kind, &cache.name, &key)?.ok_or(Error::NotFound("file"))?;
+    app.auth
+        .authorize(creds.token(), Some(&cache), Permission::Pull)?;
+    let data = app
+        .index
+        .blob(kind, &cache.name, &key)?
+        .ok_or(Error::NotFound("file"))?;
     let mut r = data.into_response();
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     Ok(r)
 }
 
-async fn put_blob(app: &App, cache: CacheName, creds: Credentials, kind: BlobKind, key: String, body: Body) -> Result<StatusCode> {
+async fn put_blob(
+    app: &App,
+    cache: CacheName,
+    creds: Credentials,
+    kind: BlobKind,
+    key: String,
+    body: Body,
+) -> Result<StatusCode> {
     let cache = app.caches.get(&cache)?;
-    app.auth.authorize(creds.token(), Some(&cache), Permission::Push)?;
+    app.auth
+        .authorize(creds.token(), Some(&cache), Permission::Push)?;
     let data = small_body(body, app.config.ingest.max_small_body_bytes).await?;
-    if kind == BlobKind::Realisation && serde_json::from_slice::<serde_json::Value>(&data).is_err() {
+    if kind == BlobKind::Realisation && serde_json::from_slice::<serde_json::Value>(&data).is_err()
+    {
         return Err(Error::BadBody("a realisation must be JSON".into()));
     }
     app.index.put_blob(kind, &cache.name, &key, &data)?;
@@ -78,32 +105,59 @@ async fn put_blob(app: &App, cache: CacheName, creds: Credentials, kind: BlobKin
 const LOG_TYPE: &str = "text/plain; charset=utf-8";
 const JSON_TYPE: &str = "application/json";
 
-pub async fn get_log(State(app): State<Arc<App>>, Path((cache, drv)): Path<(CacheName, String)>, creds: Credentials) -> Result<Response> {
+pub async fn get_log(
+    State(app): State<Arc<App>>,
+    Path((cache, drv)): Path<(CacheName, String)>,
+    creds: Credentials,
+) -> Result<Response> {
     let key = drv_key(&drv)?;
     get_blob(&app, cache, creds, BlobKind::Log, key, LOG_TYPE).await
 }
 
-pub async fn put_log(State(app): State<Arc<App>>, Path((cache, drv)): Path<(CacheName, String)>, creds: Credentials, body: Body) -> Result<StatusCode> {
+pub async fn put_log(
+    State(app): State<Arc<App>>,
+    Path((cache, drv)): Path<(CacheName, String)>,
+    creds: Credentials,
+    body: Body,
+) -> Result<StatusCode> {
     let key = drv_key(&drv)?;
     put_blob(&app, cache, creds, BlobKind::Log, key, body).await
 }
 
-pub async fn get_realisation(State(app): State<Arc<App>>, Path((cache, id)): Path<(CacheName, String)>, creds: Credentials) -> Result<Response> {
+pub async fn get_realisation(
+    State(app): State<Arc<App>>,
+    Path((cache, id)): Path<(CacheName, String)>,
+    creds: Credentials,
+) -> Result<Response> {
     let key = realisation_key(&id)?;
     get_blob(&app, cache, creds, BlobKind::Realisation, key, JSON_TYPE).await
 }
 
-pub async fn put_realisation(State(app): State<Arc<App>>, Path((cache, id)): Path<(CacheName, String)>, creds: Credentials, body: Body) -> Result<StatusCode> {
+pub async fn put_realisation(
+    State(app): State<Arc<App>>,
+    Path((cache, id)): Path<(CacheName, String)>,
+    creds: Credentials,
+    body: Body,
+) -> Result<StatusCode> {
     let key = realisation_key(&id)?;
     put_blob(&app, cache, creds, BlobKind::Realisation, key, body).await
 }
 
-pub async fn get_trace(State(app): State<Arc<App>>, Path((cache, drv, out)): Path<(CacheName, String, String)>, creds: Credentials) -> Result<Response> {
+pub async fn get_trace(
+    State(app): State<Arc<App>>,
+    Path((cache, drv, out)): Path<(CacheName, String, String)>,
+    creds: Credentials,
+) -> Result<Response> {
     let key = trace_key(&drv, &out)?;
     get_blob(&app, cache, creds, BlobKind::Realisation, key, JSON_TYPE).await
 }
 
-pub async fn put_trace(State(app): State<Arc<App>>, Path((cache, drv, out)): Path<(CacheName, String, String)>, creds: Credentials, body: Body) -> Result<StatusCode> {
+pub async fn put_trace(
+    State(app): State<Arc<App>>,
+    Path((cache, drv, out)): Path<(CacheName, String, String)>,
+    creds: Credentials,
+    body: Body,
+) -> Result<StatusCode> {
     let key = trace_key(&drv, &out)?;
     put_blob(&app, cache, creds, BlobKind::Realisation, key, body).await
 }

@@ -10,7 +10,7 @@ use super::extract::Credentials;
 use crate::app::App;
 use crate::auth::Permission;
 use crate::error::Result;
-use crate::nix::{CacheName, cache_info};
+use crate::nix::{cache_info, CacheName};
 
 pub async fn get(
     State(app): State<Arc<App>>,
@@ -18,7 +18,8 @@ pub async fn get(
     creds: Credentials,
 ) -> Result<impl IntoResponse> {
     let cache = app.caches.get(&cache)?;
-    app.auth.authorize(creds.token(), Some(&cache), Permission::Pull)?;
+    app.auth
+        .authorize(creds.token(), Some(&cache), Permission::Pull)?;
     Ok((
         [(header::CONTENT_TYPE, "text/x-nix-cache-info")],
         cache_info::render(cache.priority),

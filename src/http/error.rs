@@ -1,7 +1,7 @@
 //! The one place errors become HTTP statuses. The match is exhaustive on purpose: a new
 //! error kind must be given a status here, or a malformed input could become a 500.
 
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 
 use crate::error::Error;
@@ -88,12 +88,21 @@ mod tests {
             Error::Ingest(IngestError::Nar(crate::nix::nar::NarError::BadMagic)),
             Error::TooLarge(1),
             Error::Unauthorized,
-            Error::BadPath { what: "cache", reason: "x".into() },
+            Error::BadPath {
+                what: "cache",
+                reason: "x".into(),
+            },
         ];
         for e in client_errors {
             assert!(status(&e).is_client_error(), "{e}");
         }
-        let unavailable = object_store::Error::Generic { store: "s3", source: "down".into() };
-        assert_eq!(status(&Error::Storage(unavailable)), StatusCode::SERVICE_UNAVAILABLE);
+        let unavailable = object_store::Error::Generic {
+            store: "s3",
+            source: "down".into(),
+        };
+        assert_eq!(
+            status(&Error::Storage(unavailable)),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
     }
 }

@@ -6,8 +6,8 @@ use axum::body::Body;
 use axum::extract::FromRequestParts;
 use axum::http::header;
 use axum::http::request::Parts;
-use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine as _;
 
 use crate::app::App;
 use crate::auth::Token;
@@ -29,7 +29,9 @@ impl FromRequestParts<Arc<App>> for Credentials {
         let token = if scheme.eq_ignore_ascii_case("bearer") {
             rest.trim().to_owned()
         } else if scheme.eq_ignore_ascii_case("basic") {
-            let decoded = BASE64.decode(rest.trim()).map_err(|_| Error::Unauthorized)?;
+            let decoded = BASE64
+                .decode(rest.trim())
+                .map_err(|_| Error::Unauthorized)?;
             let pair = String::from_utf8(decoded).map_err(|_| Error::Unauthorized)?;
             let (login, password) = pair.split_once(':').unwrap_or((pair.as_str(), ""));
             // A netrc with a login but no password sends the token as the login.

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 
 use super::extract::Credentials;
@@ -16,7 +16,7 @@ use crate::caches::Cache;
 use crate::error::{Error, Rejection, Result};
 use crate::index::Upload;
 use crate::nix::{CacheName, Compression, Sha256};
-use crate::serve::{self, Encoding, range};
+use crate::serve::{self, range, Encoding};
 use crate::store::Manifest;
 
 /// The hash and compression a NAR file name (`<nix32 sha256>.nar[.ext]`) gives.
@@ -25,8 +25,8 @@ fn parse_file(file: &str) -> Result<(Sha256, Compression)> {
         what: "NAR file name",
         reason: reason.to_owned(),
     };
-    let (stem, compression) =
-        Compression::split_nar_file_name(file).ok_or_else(|| bad("expected <hash>.nar[.xz|.zst|.bz2]"))?;
+    let (stem, compression) = Compression::split_nar_file_name(file)
+        .ok_or_else(|| bad("expected <hash>.nar[.xz|.zst|.bz2]"))?;
     let hash = Sha256::from_nix32(stem).ok_or_else(|| bad("hash is not 52 nix32 letters"))?;
     Ok((hash, compression))
 }
@@ -35,24 +35,35 @@ fn url_of(file: &str) -> String {
     format!("nar/{file}")
 }
 
-/// The served NAR `file` names in `cache`, if any.
+/// The served NAR `file` names in `cache`, if any: `<narhash>.nar.zst` or
+/// `<narhash>.nar`, or the `<filehash>.nar.zst` a client uploaded under. The last is
+/// served because Nix keeps the narinfo it pushed in its own cache (for a month), so
+/// the pushing machine fetches the URL it chose rather than ours; any zstd stream of the
+/// NAR satisfies it.
 fn served(app: &App, cache: &Cache, file: &str) -> Result<Option<(Manifest, Encoding)>> {
     let (hash, compression) = parse_file(file)?;
-    let encoding = match compression {
-        Compression::Zstd => Encoding::Zstd,
-        Compression::None => Encoding::Plain,
+    let (nar_hash, encoding) = match compression {
+        Compression::None => (hash, Encoding::Plain),
+        Compression::Zstd if app.index.cache_has_nar(&cache.name, &hash)? => (hash, Encoding::Zstd),
+        Compression::Zstd => match app.index.upload(&cache.name, &url_of(file))? {
+            Some(upload) => (upload.nar_hash, Encoding::Zstd),
+            None => return Ok(None),
+        },
         _ => return Ok(None),
     };
     // A NAR is readable through a cache only if that cache holds a narinfo for it.
-    if !app.index.cache_has_nar(&cache.name, &hash)? {
+    if !app.index.cache_has_nar(&cache.name, &nar_hash)? {
         return Ok(None);
     }
-    Ok(app.index.manifest(&hash)?.map(|m| (m, encoding)))
+    Ok(app.index.manifest(&nar_hash)?.map(|m| (m, encoding)))
 }
 
 fn nar_headers(r: &mut Response, len: u64) {
     let h = r.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-nix-nar"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/x-nix-nar"),
+    );
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
 }
@@ -64,7 +75,8 @@ pub async fn get(
     headers: HeaderMap,
 ) -> Result<Response> {
     let cache = app.caches.get(&cache)?;
-    app.auth.authorize(creds.token(), Some(&cache), Permission::Pull)?;
+    app.auth
+        .authorize(creds.token(), Some(&cache), Permission::Pull)?;
     let (manifest, encoding) = served(&app, &cache, &file)?.ok_or(Error::NotFound("NAR"))?;
     let size = encoding.body_size(&manifest);
     let requested = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
@@ -74,14 +86,21 @@ pub async fn get(
         None => (StatusCode::OK, 0..size),
     };
     let len = span.end - span.start;
-    let body = serve::body(app.chunks.clone(), &manifest, encoding, span.clone(), app.config.serve.read_ahead);
+    let body = serve::body(
+        app.chunks.clone(),
+        &manifest,
+        encoding,
+        span.clone(),
+        app.config.serve.read_ahead,
+    );
     let mut response = (status, Body::from_stream(body)).into_response();
     nar_headers(&mut response, len);
     if range.is_some() {
         let v = format!("bytes {}-{}/{size}", span.start, span.end - 1);
-        response
-            .headers_mut()
-            .insert(header::CONTENT_RANGE, HeaderValue::from_str(&v).expect("ASCII"));
+        response.headers_mut().insert(
+            header::CONTENT_RANGE,
+            HeaderValue::from_str(&v).expect("ASCII"),
+        );
     }
     Ok(response)
 }
@@ -92,7 +111,8 @@ pub async fn head(
     creds: Credentials,
 ) -> Result<Response> {
     let cache = app.caches.get(&cache)?;
-    app.auth.authorize(creds.token(), Some(&cache), Permission::Pull)?;
+    app.auth
+        .authorize(creds.token(), Some(&cache), Permission::Pull)?;
     let len = match served(&app, &cache, &file)? {
         Some((manifest, encoding)) => encoding.body_size(&manifest),
         None => {
@@ -113,8 +133,12 @@ pub async fn put(
 ) -> Result<StatusCode> {
     let (file_hash, compression) = parse_file(&file)?;
     let cache = app.caches.get(&cache)?;
-    app.auth.authorize(creds.token(), Some(&cache), Permission::Push)?;
-    let nar = app.ingestor.ingest(body.into_data_stream(), compression).await?;
+    app.auth
+        .authorize(creds.token(), Some(&cache), Permission::Push)?;
+    let nar = app
+        .ingestor
+        .ingest(body.into_data_stream(), compression)
+        .await?;
     // Nix names the file after the SHA-256 of the bytes it sends; holding uploads to
     // that keeps one URL from standing for two different bodies.
     if nar.file_hash != file_hash {

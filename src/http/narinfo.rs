@@ -4,10 +4,10 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{Path, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 
-use super::extract::{Credentials, small_body};
+use super::extract::{small_body, Credentials};
 use crate::app::App;
 use crate::auth::Permission;
 use crate::error::{Error, Result};
@@ -50,14 +50,22 @@ pub async fn get(
 ) -> Result<Response> {
     let file = parse_file(&file)?;
     let cache = app.caches.get(&cache)?;
-    app.auth.authorize(creds.token(), Some(&cache), Permission::Pull)?;
+    app.auth
+        .authorize(creds.token(), Some(&cache), Permission::Pull)?;
     let (File::NarInfo(hash) | File::Listing(hash)) = file;
-    let text = app.index.narinfo(&cache.name, &hash)?.ok_or(Error::NotFound("narinfo"))?;
+    let text = app
+        .index
+        .narinfo(&cache.name, &hash)?
+        .ok_or(Error::NotFound("narinfo"))?;
     match file {
         File::NarInfo(_) => Ok(with_type(text, "text/x-nix-narinfo")),
         File::Listing(_) => {
-            let info = crate::nix::NarInfo::parse(&text).map_err(|_| crate::index::IndexError::Corrupt("narinfo"))?;
-            let listing = app.index.listing(&info.nar_hash)?.ok_or(Error::NotFound("listing"))?;
+            let info = crate::nix::NarInfo::parse(&text)
+                .map_err(|_| crate::index::IndexError::Corrupt("narinfo"))?;
+            let listing = app
+                .index
+                .listing(&info.nar_hash)?
+                .ok_or(Error::NotFound("listing"))?;
             Ok(with_type(listing, "application/json"))
         }
     }
@@ -71,7 +79,8 @@ pub async fn put(
 ) -> Result<StatusCode> {
     let file = parse_file(&file)?;
     let cache = app.caches.get(&cache)?;
-    app.auth.authorize(creds.token(), Some(&cache), Permission::Push)?;
+    app.auth
+        .authorize(creds.token(), Some(&cache), Permission::Push)?;
     let body = small_body(body, app.config.ingest.max_narinfo_bytes).await?;
     match file {
         File::NarInfo(hash) => publish::publish(&app, &cache, hash, &body).await?,

@@ -46,7 +46,9 @@ pub enum Commit {
     Written,
     /// The path was already there; its NarHash is returned to tell a harmless repeat
     /// from a conflicting (unreproducible) rebuild.
-    Exists { nar_hash: Sha256 },
+    Exists {
+        nar_hash: Sha256,
+    },
 }
 
 /// Small per-cache blobs kept beside the narinfos.

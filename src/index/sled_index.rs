@@ -151,8 +151,10 @@ impl Index for SledIndex {
     }
 
     fn put_upload(&self, cache: &CacheName, url: &str, upload: &Upload) -> Result<()> {
-        self.uploads
-            .insert(scoped(cache, url.as_bytes()), encode_upload(upload).as_slice())?;
+        self.uploads.insert(
+            scoped(cache, url.as_bytes()),
+            encode_upload(upload).as_slice(),
+        )?;
         Ok(())
     }
 
@@ -181,7 +183,9 @@ impl Index for SledIndex {
 
         let outcome = (&self.narinfos, &self.cache_nars).transaction(|(narinfos, cache_nars)| {
             if let Some(existing) = narinfos.get(&key)? {
-                let hash: [u8; 32] = existing[..32].try_into().expect("records start with 32 bytes");
+                let hash: [u8; 32] = existing[..32]
+                    .try_into()
+                    .expect("records start with 32 bytes");
                 return Ok(Commit::Exists {
                     nar_hash: Sha256::from_bytes(hash),
                 });
@@ -200,7 +204,12 @@ impl Index for SledIndex {
 
     fn cache_has_nar(&self, cache: &CacheName, nar_hash: &Sha256) -> Result<bool> {
         let prefix = scoped(cache, nar_hash.as_bytes());
-        Ok(self.cache_nars.scan_prefix(prefix).next().transpose()?.is_some())
+        Ok(self
+            .cache_nars
+            .scan_prefix(prefix)
+            .next()
+            .transpose()?
+            .is_some())
     }
 
     fn blob(&self, kind: BlobKind, cache: &CacheName, key: &str) -> Result<Option<Bytes>> {
@@ -211,7 +220,8 @@ impl Index for SledIndex {
     }
 
     fn put_blob(&self, kind: BlobKind, cache: &CacheName, key: &str, data: &[u8]) -> Result<()> {
-        self.blob_tree(kind).insert(scoped(cache, key.as_bytes()), data)?;
+        self.blob_tree(kind)
+            .insert(scoped(cache, key.as_bytes()), data)?;
         Ok(())
     }
 
@@ -238,7 +248,10 @@ mod tests {
         let path: StorePathHash = "7h7qgvs4kgzsn8a6rb273saxyqh4jxlz".parse().unwrap();
         let a = Sha256::digest(b"a");
         let b = Sha256::digest(b"b");
-        assert_eq!(index.commit_narinfo(&cache, &path, &a, b"one").unwrap(), Commit::Written);
+        assert_eq!(
+            index.commit_narinfo(&cache, &path, &a, b"one").unwrap(),
+            Commit::Written
+        );
         assert_eq!(
             index.commit_narinfo(&cache, &path, &b, b"two").unwrap(),
             Commit::Exists { nar_hash: a }
@@ -264,7 +277,11 @@ mod tests {
         index.put_upload(&cache, "nar/x.nar.xz", &up).unwrap();
         assert_eq!(index.upload(&cache, "nar/x.nar.xz").unwrap(), Some(up));
         assert_eq!(index.upload(&cache, "nar/y.nar.xz").unwrap(), None);
-        let c = ChunkRef { id: ChunkId::of(b"c"), stored_len: 5, len: 6 };
+        let c = ChunkRef {
+            id: ChunkId::of(b"c"),
+            stored_len: 5,
+            len: 6,
+        };
         index.put_chunk(&c).unwrap();
         assert_eq!(index.chunk(&c.id).unwrap(), Some(c));
     }

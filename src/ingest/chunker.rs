@@ -22,7 +22,9 @@ impl ChunkParams {
             && self.max_size <= v2020::MAXIMUM_MAX as u32
             && self.avg_size >= v2020::AVERAGE_MIN as u32
             && self.avg_size <= v2020::AVERAGE_MAX as u32
-            && [self.min_size, self.avg_size, self.max_size].iter().all(|s| s % 2 == 0);
+            && [self.min_size, self.avg_size, self.max_size]
+                .iter()
+                .all(|s| s % 2 == 0);
         if ok {
             Ok(())
         } else {
@@ -74,7 +76,11 @@ impl Chunker {
     }
 
     /// Adds bytes; calls `emit` for every chunk that is now certain.
-    pub fn push<E>(&mut self, data: &[u8], emit: &mut impl FnMut(&[u8]) -> Result<(), E>) -> Result<(), E> {
+    pub fn push<E>(
+        &mut self,
+        data: &[u8],
+        emit: &mut impl FnMut(&[u8]) -> Result<(), E>,
+    ) -> Result<(), E> {
         self.buf.extend_from_slice(data);
         // Cut only once several maximal chunks are buffered, so the leftover moved
         // to the front is small next to what was cut.
@@ -108,7 +114,11 @@ impl Chunker {
 mod tests {
     use super::*;
 
-    const P: ChunkParams = ChunkParams { min_size: 1024, avg_size: 4096, max_size: 16384 };
+    const P: ChunkParams = ChunkParams {
+        min_size: 1024,
+        avg_size: 4096,
+        max_size: 16384,
+    };
 
     fn data(n: usize, seed: u64) -> Vec<u8> {
         let mut x = seed;
@@ -139,9 +149,10 @@ mod tests {
     #[test]
     fn same_cuts_whatever_the_piece_size() {
         let bytes = data(300_000, 7);
-        let whole: Vec<usize> = v2020::FastCDC::with_level(&bytes, 1024, 4096, 16384, Normalization::Level1)
-            .map(|c| c.length)
-            .collect();
+        let whole: Vec<usize> =
+            v2020::FastCDC::with_level(&bytes, 1024, 4096, 16384, Normalization::Level1)
+                .map(|c| c.length)
+                .collect();
         for piece in [1, 1000, 4096, 65536, 300_000] {
             let got: Vec<usize> = chunks_of(&bytes, piece).iter().map(Vec::len).collect();
             assert_eq!(got, whole, "piece size {piece}");
@@ -164,6 +175,11 @@ mod tests {
     fn validates_params() {
         assert!(P.validate().is_ok());
         assert!(ChunkParams { min_size: 8, ..P }.validate().is_err());
-        assert!(ChunkParams { avg_size: 99_999, ..P }.validate().is_err());
+        assert!(ChunkParams {
+            avg_size: 99_999,
+            ..P
+        }
+        .validate()
+        .is_err());
     }
 }

@@ -119,7 +119,11 @@ impl Ingestor {
 
     /// Ingests one compressed NAR from `body`. On success its chunks are stored and
     /// recorded; nothing names them yet (see `record`).
-    pub async fn ingest<S, E>(&self, body: S, compression: Compression) -> Result<IngestedNar, IngestError>
+    pub async fn ingest<S, E>(
+        &self,
+        body: S,
+        compression: Compression,
+    ) -> Result<IngestedNar, IngestError>
     where
         S: Stream<Item = Result<Bytes, E>> + Send + 'static,
         E: std::fmt::Display,
@@ -158,7 +162,11 @@ impl Ingestor {
 
     /// Stores a chunk unless it already is; returns its record and, when it was new,
     /// the bytes stored.
-    async fn store_chunk(&self, id: ChunkId, data: Bytes) -> Result<(ChunkRef, Option<u64>), IngestError> {
+    async fn store_chunk(
+        &self,
+        id: ChunkId,
+        data: Bytes,
+    ) -> Result<(ChunkRef, Option<u64>), IngestError> {
         if let Some(existing) = self.index.chunk(&id)? {
             return Ok((existing, None));
         }
@@ -167,10 +175,12 @@ impl Ingestor {
         let frame = tokio::task::spawn_blocking(move || zstd::bulk::compress(&data, level))
             .await
             .expect("compression does not panic")
-            .map_err(|e| IngestError::Storage(object_store::Error::Generic {
-                store: "zstd",
-                source: Box::new(e),
-            }))?;
+            .map_err(|e| {
+                IngestError::Storage(object_store::Error::Generic {
+                    store: "zstd",
+                    source: Box::new(e),
+                })
+            })?;
         let chunk = ChunkRef {
             id,
             stored_len: frame.len() as u32,
@@ -183,7 +193,8 @@ impl Ingestor {
 
     /// Makes an ingested NAR known by its NarHash (manifest and listing).
     pub fn record(&self, nar: &IngestedNar) -> Result<(), IndexError> {
-        self.index.put_nar(&nar.nar_hash, &nar.manifest, &nar.listing)
+        self.index
+            .put_nar(&nar.nar_hash, &nar.manifest, &nar.listing)
     }
 }
 
@@ -228,7 +239,11 @@ fn front(
     };
     // The decoder stops at the end of its stream; nothing may follow it.
     let mut extra = [0u8; 1];
-    if file.read(&mut extra).map_err(|e| classify(e, compression))? != 0 {
+    if file
+        .read(&mut extra)
+        .map_err(|e| classify(e, compression))?
+        != 0
+    {
         return Err(IngestError::TrailingData);
     }
     let (file_hash, file_size) = file.finish();

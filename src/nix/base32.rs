@@ -79,7 +79,10 @@ mod tests {
     #[test]
     fn rejects_bad_text() {
         assert!(decode::<20>("e").is_none());
-        assert!(decode::<20>(&"e".repeat(32)).is_none(), "e is not in the alphabet");
+        assert!(
+            decode::<20>(&"e".repeat(32)).is_none(),
+            "e is not in the alphabet"
+        );
         // 32 letters carry 160 bits exactly; 52 letters carry 260 bits for 256, so a
         // leading digit above 0x0f sets bits past the end.
         assert!(decode::<32>(&format!("z{}", "0".repeat(51))).is_none());

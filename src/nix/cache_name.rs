@@ -25,7 +25,11 @@ impl FromStr for CacheName {
             && s.as_bytes()[0].is_ascii_alphanumeric()
             && s.bytes()
                 .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || b"-_.".contains(&c));
-        if ok { Ok(Self(s.to_owned())) } else { Err(BadCacheName) }
+        if ok {
+            Ok(Self(s.to_owned()))
+        } else {
+            Err(BadCacheName)
+        }
     }
 }
 

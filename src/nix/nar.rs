@@ -254,7 +254,12 @@ impl<R: Read> Parser<R> {
             self.expect("name")?;
             let name = self.bytes(MAX_NAME)?;
             let shown = String::from_utf8_lossy(&name).into_owned();
-            if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') || name.contains(&0) {
+            if name.is_empty()
+                || name == b"."
+                || name == b".."
+                || name.contains(&b'/')
+                || name.contains(&0)
+            {
                 return Err(NarError::BadName(shown));
             }
             // Byte order, strictly increasing: this also rules out duplicates.
@@ -280,7 +285,10 @@ pub mod write {
 
     /// An in-memory tree to serialise.
     pub enum Entry<'a> {
-        File { executable: bool, contents: &'a [u8] },
+        File {
+            executable: bool,
+            contents: &'a [u8],
+        },
         Symlink(&'a str),
         Dir(Vec<(&'a str, Entry<'a>)>),
     }
@@ -332,7 +340,7 @@ pub mod write {
 
 #[cfg(test)]
 mod tests {
-    use super::write::{Entry, nar};
+    use super::write::{nar, Entry};
     use super::*;
 
     fn sample() -> Vec<u8> {
@@ -378,7 +386,10 @@ mod tests {
             executable: false,
             contents: b"",
         });
-        assert!(matches!(validate(bytes.as_slice()).unwrap(), Node::Regular { size: 0, .. }));
+        assert!(matches!(
+            validate(bytes.as_slice()).unwrap(),
+            Node::Regular { size: 0, .. }
+        ));
     }
 
     fn rejects(bytes: &[u8], needle: &str) {
@@ -399,10 +410,22 @@ mod tests {
             executable: false,
             contents: b"x",
         };
-        rejects(&nar(&Entry::Dir(vec![("b", file()), ("a", file())])), "out of order");
-        rejects(&nar(&Entry::Dir(vec![("a", file()), ("a", file())])), "out of order");
-        rejects(&nar(&Entry::Dir(vec![("..", file())])), "invalid entry name");
-        rejects(&nar(&Entry::Dir(vec![("a/b", file())])), "invalid entry name");
+        rejects(
+            &nar(&Entry::Dir(vec![("b", file()), ("a", file())])),
+            "out of order",
+        );
+        rejects(
+            &nar(&Entry::Dir(vec![("a", file()), ("a", file())])),
+            "out of order",
+        );
+        rejects(
+            &nar(&Entry::Dir(vec![("..", file())])),
+            "invalid entry name",
+        );
+        rejects(
+            &nar(&Entry::Dir(vec![("a/b", file())])),
+            "invalid entry name",
+        );
         rejects(&nar(&Entry::Dir(vec![("", file())])), "invalid entry name");
 
         // Non-zero padding after the one-byte contents "x".

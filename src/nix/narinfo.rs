@@ -259,16 +259,25 @@ Sig: cache.example.org-1:Ozsz9HJ8G9A8hrTsgHMhZH4sWcYfOQkxEkTR7L8ivtAeVuO9k4a+NQF
         let cases: Vec<(String, &str)> = vec![
             (SAMPLE.replace("NarHash: ", "NarHosh: "), "missing"),
             (SAMPLE.replace("NarSize: 226560", "NarSize: 0"), "positive"),
-            (SAMPLE.replace("NarSize: 226560", "NarSize: -1"), "whole number"),
+            (
+                SAMPLE.replace("NarSize: 226560", "NarSize: -1"),
+                "whole number",
+            ),
             (SAMPLE.replace("sha256:0mdq", "sha256:Amdq"), "NarHash"),
             (format!("{SAMPLE}URL: nar/x.nar\n"), "more than once"),
             (SAMPLE.replace("Sig: cache.example.org-1:", "Sig: "), "Sig"),
             (
-                SAMPLE.replace("glibc-2.35", "glibc-2.35 1x5vmr3a5v6aadm0zq9nd6jq2k1rkzgz-glibc-2.35"),
+                SAMPLE.replace(
+                    "glibc-2.35",
+                    "glibc-2.35 1x5vmr3a5v6aadm0zq9nd6jq2k1rkzgz-glibc-2.35",
+                ),
                 "repeated",
             ),
             (SAMPLE.replace("StorePath: ", "StorePath "), "Key: value"),
-            (SAMPLE.replace("/nix/store/0a5y", "/nix/stor/0a5y"), "StorePath"),
+            (
+                SAMPLE.replace("/nix/store/0a5y", "/nix/stor/0a5y"),
+                "StorePath",
+            ),
         ];
         for (text, needle) in cases {
             let err = NarInfo::parse(text.as_bytes()).unwrap_err().to_string();

@@ -3,8 +3,8 @@
 use std::fmt;
 use std::str::FromStr;
 
-use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine as _;
 use ed25519_dalek::{Signer as _, Verifier as _};
 
 use super::hash::Sha256;
@@ -90,7 +90,8 @@ impl FromStr for SecretKey {
         let bytes = zeroize::Zeroizing::new(bytes);
         let pair: &[u8; 64] = bytes.as_slice().try_into().map_err(|_| KeyError::BadKey)?;
         // Nix stores seed ‖ public; from_keypair_bytes checks that they belong together.
-        let key = ed25519_dalek::SigningKey::from_keypair_bytes(pair).map_err(|_| KeyError::BadKey)?;
+        let key =
+            ed25519_dalek::SigningKey::from_keypair_bytes(pair).map_err(|_| KeyError::BadKey)?;
         Ok(Self {
             name: name.to_owned(),
             key,

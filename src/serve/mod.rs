@@ -47,7 +47,10 @@ fn segments(m: &Manifest, encoding: Encoding, range: Range<u64>) -> Vec<(ChunkRe
         if start >= range.end {
             break;
         }
-        out.push((*c, range.start.max(start) - start..range.end.min(end) - start));
+        out.push((
+            *c,
+            range.start.max(start) - start..range.end.min(end) - start,
+        ));
     }
     out
 }
@@ -57,12 +60,20 @@ fn storage_error(e: object_store::Error) -> io::Error {
     io::Error::other(e)
 }
 
-async fn fetch(store: ChunkStore, encoding: Encoding, chunk: ChunkRef, part: Range<u64>) -> io::Result<Bytes> {
+async fn fetch(
+    store: ChunkStore,
+    encoding: Encoding,
+    chunk: ChunkRef,
+    part: Range<u64>,
+) -> io::Result<Bytes> {
     let bytes = match encoding {
         Encoding::Zstd if part.start == 0 && part.end == u64::from(chunk.stored_len) => {
             store.get(&chunk.id).await.map_err(storage_error)?
         }
-        Encoding::Zstd => store.get_range(&chunk.id, part.clone()).await.map_err(storage_error)?,
+        Encoding::Zstd => store
+            .get_range(&chunk.id, part.clone())
+            .await
+            .map_err(storage_error)?,
         Encoding::Plain => {
             let frame = store.get(&chunk.id).await.map_err(storage_error)?;
             let len = chunk.len as usize;
@@ -101,15 +112,24 @@ mod tests {
     use crate::store::ChunkId;
 
     fn manifest() -> Manifest {
-        let c = |n: u8, s: u32, l: u32| ChunkRef { id: ChunkId([n; 32]), stored_len: s, len: l };
-        Manifest { chunks: vec![c(1, 10, 100), c(2, 5, 50), c(3, 20, 200)] }
+        let c = |n: u8, s: u32, l: u32| ChunkRef {
+            id: ChunkId([n; 32]),
+            stored_len: s,
+            len: l,
+        };
+        Manifest {
+            chunks: vec![c(1, 10, 100), c(2, 5, 50), c(3, 20, 200)],
+        }
     }
 
     #[test]
     fn segments_cover_exactly_the_range() {
         let m = manifest();
         let whole = segments(&m, Encoding::Zstd, 0..35);
-        assert_eq!(whole.iter().map(|(_, r)| r.clone()).collect::<Vec<_>>(), vec![0..10, 0..5, 0..20]);
+        assert_eq!(
+            whole.iter().map(|(_, r)| r.clone()).collect::<Vec<_>>(),
+            vec![0..10, 0..5, 0..20]
+        );
         let mid = segments(&m, Encoding::Zstd, 12..16);
         assert_eq!(mid.len(), 2);
         assert_eq!((mid[0].0.id.0[0], mid[0].1.clone()), (2, 2..5));

@@ -101,7 +101,10 @@ impl Manifest {
             return None;
         }
         Some(Self {
-            chunks: rest.chunks(ChunkRef::ENCODED_LEN).map(ChunkRef::decode).collect(),
+            chunks: rest
+                .chunks(ChunkRef::ENCODED_LEN)
+                .map(ChunkRef::decode)
+                .collect(),
         })
     }
 }
@@ -114,8 +117,16 @@ mod tests {
     fn round_trips() {
         let m = Manifest {
             chunks: vec![
-                ChunkRef { id: ChunkId::of(b"a"), stored_len: 10, len: 100 },
-                ChunkRef { id: ChunkId::of(b"b"), stored_len: 7, len: 9 },
+                ChunkRef {
+                    id: ChunkId::of(b"a"),
+                    stored_len: 10,
+                    len: 100,
+                },
+                ChunkRef {
+                    id: ChunkId::of(b"b"),
+                    stored_len: 7,
+                    len: 9,
+                },
             ],
         };
         assert_eq!(Manifest::decode(&m.encode()), Some(m.clone()));

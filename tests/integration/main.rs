@@ -1,0 +1,9 @@
+//! Integration tests: the real `cachet` binary on loopback ports, driven by the real
+//! `nix` client and by raw HTTP. One test binary, modules by subject.
+
+mod harness;
+
+mod bad_input;
+mod crash;
+mod golden;
+mod nix_client;
