@@ -48,7 +48,10 @@ impl App {
     pub fn open(config: Config) -> anyhow::Result<Opened> {
         config.validate()?;
         create_private_dir(&config.data_dir)?;
-        let index: Arc<dyn Index> = Arc::new(SledIndex::open(&config.data_dir.join("index"))?);
+        let index: Arc<dyn Index> = Arc::new(SledIndex::open(
+            &config.data_dir.join("index"),
+            config.index.cache_mib * 1024 * 1024,
+        )?);
         let storage_path = config.storage_path();
         std::fs::create_dir_all(&storage_path)?;
         let objects = object_store::local::LocalFileSystem::new_with_prefix(&storage_path)?;

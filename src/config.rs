@@ -19,6 +19,7 @@ pub struct Config {
     pub chunking: ChunkParams,
     pub ingest: IngestConfig,
     pub serve: ServeConfig,
+    pub index: IndexConfig,
     /// Caches created at start when missing. With none, a public `main` is created on
     /// an empty data directory.
     #[serde(rename = "cache")]
@@ -46,6 +47,20 @@ pub struct IngestConfig {
 pub struct ServeConfig {
     /// Chunks fetched ahead of the one being sent.
     pub read_ahead: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IndexConfig {
+    /// Memory sled may use for its page cache. Its own default (1 GiB) would dwarf the
+    /// rest of the server, whose working set is a few MiB per transfer.
+    pub cache_mib: u64,
+}
+
+impl Default for IndexConfig {
+    fn default() -> Self {
+        Self { cache_mib: 64 }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -89,6 +104,7 @@ impl Default for Config {
             },
             ingest: IngestConfig::default(),
             serve: ServeConfig::default(),
+            index: IndexConfig::default(),
             caches: Vec::new(),
         }
     }

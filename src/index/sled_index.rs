@@ -42,8 +42,8 @@ fn to_bytes(v: sled::IVec) -> Bytes {
 }
 
 impl SledIndex {
-    pub fn open(dir: &Path) -> anyhow::Result<Self> {
-        let db = sled::Config::new().path(dir).open()?;
+    pub fn open(dir: &Path, cache_bytes: u64) -> anyhow::Result<Self> {
+        let db = sled::Config::new().path(dir).cache_capacity(cache_bytes).open()?;
         match db.get("format_version")? {
             None => {
                 db.insert("format_version", FORMAT_VERSION)?;
@@ -237,7 +237,7 @@ mod tests {
 
     fn open() -> (tempfile::TempDir, SledIndex) {
         let dir = tempfile::tempdir().unwrap();
-        let index = SledIndex::open(&dir.path().join("db")).unwrap();
+        let index = SledIndex::open(&dir.path().join("db"), 1 << 20).unwrap();
         (dir, index)
     }
 
