@@ -43,7 +43,10 @@ fn to_bytes(v: sled::IVec) -> Bytes {
 
 impl SledIndex {
     pub fn open(dir: &Path, cache_bytes: u64) -> anyhow::Result<Self> {
-        let db = sled::Config::new().path(dir).cache_capacity(cache_bytes).open()?;
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(cache_bytes)
+            .open()?;
         match db.get("format_version")? {
             None => {
                 db.insert("format_version", FORMAT_VERSION)?;
