@@ -8,12 +8,12 @@ use crate::caches::Caches;
 use crate::config::Config;
 use crate::index::{Index, SledIndex};
 use crate::ingest::Ingestor;
-use crate::store::ChunkStore;
+use crate::store::PackStore;
 
 pub struct App {
     pub config: Config,
     pub index: Arc<dyn Index>,
-    pub chunks: ChunkStore,
+    pub packs: PackStore,
     pub ingestor: Ingestor,
     pub caches: Caches,
     pub auth: Authorizer,
@@ -55,8 +55,8 @@ impl App {
         let storage_path = config.storage_path();
         std::fs::create_dir_all(&storage_path)?;
         let objects = object_store::local::LocalFileSystem::new_with_prefix(&storage_path)?;
-        let chunks = ChunkStore::new(Arc::new(objects));
-        let ingestor = Ingestor::new(index.clone(), chunks.clone(), config.ingest_settings());
+        let packs = PackStore::new(Arc::new(objects));
+        let ingestor = Ingestor::new(index.clone(), packs.clone(), config.ingest_settings());
         let caches = Caches::open(index.as_ref(), &config)?;
         let (admin_token, admin_token_created) =
             auth::load_or_create_admin_token(&config.data_dir)?;
@@ -64,7 +64,7 @@ impl App {
             auth: Authorizer::new(&admin_token),
             config,
             index,
-            chunks,
+            packs,
             ingestor,
             caches,
             stats: Stats::default(),

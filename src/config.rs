@@ -40,13 +40,25 @@ pub struct IngestConfig {
     pub concurrency: usize,
     pub max_narinfo_bytes: usize,
     pub max_small_body_bytes: usize,
+    pub pack_bytes: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServeConfig {
-    /// Chunks fetched ahead of the one being sent.
+    /// Largest single read from a pack.
+    pub read_bytes: u64,
+    /// Reads in flight ahead of the one being sent, per download.
     pub read_ahead: usize,
+}
+
+impl ServeConfig {
+    pub fn read_plan(&self) -> crate::serve::ReadPlan {
+        crate::serve::ReadPlan {
+            read_bytes: self.read_bytes,
+            read_ahead: self.read_ahead,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -120,13 +132,19 @@ impl Default for IngestConfig {
             max_narinfo_bytes: 1024 * 1024,
             // Build logs and realisations.
             max_small_body_bytes: 64 * 1024 * 1024,
+            // Few objects (one PUT per 4 MiB on S3) and large sequential reads when
+            // serving, with at most a few packs buffered per upload.
+            pack_bytes: 4 * 1024 * 1024,
         }
     }
 }
 
 impl Default for ServeConfig {
     fn default() -> Self {
-        Self { read_ahead: 8 }
+        Self {
+            read_bytes: 1024 * 1024,
+            read_ahead: 4,
+        }
     }
 }
 
@@ -161,6 +179,7 @@ impl Config {
             chunking: self.chunking,
             zstd_level: self.ingest.zstd_level,
             concurrency: self.ingest.concurrency,
+            pack_bytes: self.ingest.pack_bytes,
         }
     }
 

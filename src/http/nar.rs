@@ -87,11 +87,11 @@ pub async fn get(
     };
     let len = span.end - span.start;
     let body = serve::body(
-        app.chunks.clone(),
+        app.packs.clone(),
         &manifest,
         encoding,
         span.clone(),
-        app.config.serve.read_ahead,
+        app.config.serve.read_plan(),
     );
     let mut response = (status, Body::from_stream(body)).into_response();
     nar_headers(&mut response, len);

@@ -63,8 +63,8 @@ pub trait Index: Send + Sync + 'static {
     fn put_cache(&self, record: &CacheRecord) -> Result<()>;
 
     fn chunk(&self, id: &ChunkId) -> Result<Option<ChunkRef>>;
-    /// Records a chunk; only after its object is stored, so a record implies the object.
-    fn put_chunk(&self, chunk: &ChunkRef) -> Result<()>;
+    /// Records chunks; only after their pack is stored, so a record implies its frame.
+    fn put_chunks(&self, chunks: &[ChunkRef]) -> Result<()>;
 
     fn manifest(&self, nar_hash: &Sha256) -> Result<Option<Manifest>>;
     fn listing(&self, nar_hash: &Sha256) -> Result<Option<Bytes>>;

@@ -118,12 +118,16 @@ impl Index for SledIndex {
     fn chunk(&self, id: &ChunkId) -> Result<Option<ChunkRef>> {
         self.chunks
             .get(id.0)?
-            .map(|v| ChunkRef::decode_sizes(*id, &v).ok_or(IndexError::Corrupt("chunk")))
+            .map(|v| ChunkRef::decode_location(*id, &v).ok_or(IndexError::Corrupt("chunk")))
             .transpose()
     }
 
-    fn put_chunk(&self, chunk: &ChunkRef) -> Result<()> {
-        self.chunks.insert(chunk.id.0, &chunk.encode_sizes())?;
+    fn put_chunks(&self, chunks: &[ChunkRef]) -> Result<()> {
+        let mut batch = sled::Batch::default();
+        for c in chunks {
+            batch.insert(&c.id.0, &c.encode_location());
+        }
+        self.chunks.apply_batch(batch)?;
         Ok(())
     }
 
@@ -237,6 +241,7 @@ impl Index for SledIndex {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::PackId;
 
     fn open() -> (tempfile::TempDir, SledIndex) {
         let dir = tempfile::tempdir().unwrap();
@@ -282,10 +287,12 @@ mod tests {
         assert_eq!(index.upload(&cache, "nar/y.nar.xz").unwrap(), None);
         let c = ChunkRef {
             id: ChunkId::of(b"c"),
+            pack: PackId::random(),
+            offset: 4,
             stored_len: 5,
             len: 6,
         };
-        index.put_chunk(&c).unwrap();
+        index.put_chunks(&[c]).unwrap();
         assert_eq!(index.chunk(&c.id).unwrap(), Some(c));
     }
 }

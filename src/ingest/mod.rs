@@ -3,10 +3,12 @@
 //!
 //! The CPU-bound front (decompression, NAR validation, SHA-256, FastCDC, BLAKE3) runs
 //! on one blocking thread reading the request body synchronously; chunks cross a
-//! bounded channel to async tasks that compress (on the blocking pool) and store them,
-//! a bounded number at a time. The manifest keeps the chunks' order.
+//! bounded channel to async tasks that look them up and compress the new ones (on the
+//! blocking pool), a bounded number at a time, in order; the packer appends new frames
+//! to pack objects. The manifest keeps the chunks' order.
 
 pub mod chunker;
+mod packer;
 pub mod reader;
 
 use std::io::{self, BufRead, BufReader, Read};
@@ -19,8 +21,9 @@ use tokio::sync::mpsc;
 use crate::index::{Index, IndexError};
 use crate::nix::nar::{self, NarError};
 use crate::nix::{Compression, Sha256};
-use crate::store::{ChunkId, ChunkRef, ChunkStore, Manifest};
+use crate::store::{ChunkId, ChunkRef, Manifest, PackStore};
 use chunker::{ChunkParams, Chunker};
+use packer::Packer;
 use reader::{ChunkingReader, HashingReader};
 
 /// Buffer size between the stages: large enough that per-call overheads vanish.
@@ -30,8 +33,10 @@ const STAGE_BUFFER: usize = 256 * 1024;
 pub struct IngestSettings {
     pub chunking: ChunkParams,
     pub zstd_level: i32,
-    /// Chunks compressed and stored at once per upload.
+    /// Chunks compressed at once per upload.
     pub concurrency: usize,
+    /// Size at which a pack object is closed and written.
+    pub pack_bytes: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -96,8 +101,18 @@ fn classify(e: io::Error, compression: Compression) -> IngestError {
 
 pub struct Ingestor {
     index: Arc<dyn Index>,
-    chunks: ChunkStore,
+    packs: PackStore,
     settings: IngestSettings,
+}
+
+/// A chunk on its way to the manifest.
+enum Prepared {
+    Known(ChunkRef),
+    New {
+        id: ChunkId,
+        len: u32,
+        frame: Vec<u8>,
+    },
 }
 
 struct Front {
@@ -109,10 +124,10 @@ struct Front {
 }
 
 impl Ingestor {
-    pub fn new(index: Arc<dyn Index>, chunks: ChunkStore, settings: IngestSettings) -> Self {
+    pub fn new(index: Arc<dyn Index>, packs: PackStore, settings: IngestSettings) -> Self {
         Self {
             index,
-            chunks,
+            packs,
             settings,
         }
     }
@@ -137,38 +152,47 @@ impl Ingestor {
         let params = self.settings.chunking;
         let front = tokio::task::spawn_blocking(move || front(reader, compression, params, tx));
 
-        let chunks = futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
-            .map(|(id, data)| self.store_chunk(id, data))
-            .buffered(self.settings.concurrency)
-            .try_collect::<Vec<(ChunkRef, Option<u64>)>>();
-        let (chunks, front) = tokio::join!(chunks, front);
-        let chunks = chunks?;
+        let stored = async {
+            let mut prepared = futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+                .map(|(id, data)| self.prepare(id, data))
+                .buffered(self.settings.concurrency);
+            let mut packer = Packer::new(
+                self.packs.clone(),
+                self.index.clone(),
+                self.settings.pack_bytes,
+            );
+            let mut chunks = Vec::new();
+            while let Some(p) = prepared.next().await {
+                chunks.push(match p? {
+                    Prepared::Known(c) => c,
+                    Prepared::New { id, len, frame } => packer.add(id, len, &frame).await?,
+                });
+            }
+            Ok::<_, IngestError>((chunks, packer))
+        };
+        let (stored, front) = tokio::join!(stored, front);
+        let (chunks, mut packer) = stored?;
         let front = front.expect("the ingest thread does not panic")?;
+        // Only a NAR that checked out gets its last pack written.
+        packer.finish().await?;
+        let (new_chunks, new_bytes) = (packer.new_chunks, packer.new_bytes);
 
-        let new: Vec<u64> = chunks.iter().filter_map(|(_, n)| *n).collect();
         Ok(IngestedNar {
             nar_hash: front.nar_hash,
             nar_size: front.nar_size,
             file_hash: front.file_hash,
             file_size: front.file_size,
-            manifest: Manifest {
-                chunks: chunks.into_iter().map(|(c, _)| c).collect(),
-            },
+            manifest: Manifest { chunks },
             listing: front.listing,
-            new_chunks: new.len() as u64,
-            new_bytes: new.iter().sum(),
+            new_chunks,
+            new_bytes,
         })
     }
 
-    /// Stores a chunk unless it already is; returns its record and, when it was new,
-    /// the bytes stored.
-    async fn store_chunk(
-        &self,
-        id: ChunkId,
-        data: Bytes,
-    ) -> Result<(ChunkRef, Option<u64>), IngestError> {
+    /// Looks a chunk up, and compresses it if it is new.
+    async fn prepare(&self, id: ChunkId, data: Bytes) -> Result<Prepared, IngestError> {
         if let Some(existing) = self.index.chunk(&id)? {
-            return Ok((existing, None));
+            return Ok(Prepared::Known(existing));
         }
         let level = self.settings.zstd_level;
         let len = data.len() as u32;
@@ -181,14 +205,7 @@ impl Ingestor {
                     source: Box::new(e),
                 })
             })?;
-        let chunk = ChunkRef {
-            id,
-            stored_len: frame.len() as u32,
-            len,
-        };
-        self.chunks.put(&id, Bytes::from(frame)).await?;
-        self.index.put_chunk(&chunk)?;
-        Ok((chunk, Some(u64::from(chunk.stored_len))))
+        Ok(Prepared::New { id, len, frame })
     }
 
     /// Makes an ingested NAR known by its NarHash (manifest and listing).

@@ -1,6 +1,6 @@
 //! NAR bodies built from manifests: the stored zstd frames concatenated as they are
 //! (`.nar.zst`), or decompressed on the fly (`.nar`), with byte ranges and a bounded
-//! read-ahead of chunks.
+//! read-ahead. Frames that lie next to each other in a pack are fetched with one read.
 
 pub mod range;
 
@@ -10,7 +10,7 @@ use std::ops::Range;
 use bytes::Bytes;
 use futures::{Stream, StreamExt as _};
 
-use crate::store::{ChunkRef, ChunkStore, Manifest};
+use crate::store::{ChunkRef, Manifest, PackId, PackStore};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Encoding {
@@ -33,9 +33,31 @@ impl Encoding {
     }
 }
 
-/// The part of each chunk a byte range of the body covers, in order.
-fn segments(m: &Manifest, encoding: Encoding, range: Range<u64>) -> Vec<(ChunkRef, Range<u64>)> {
-    let mut out = Vec::new();
+/// How reads are sized and how many run ahead of the one being sent.
+#[derive(Debug, Clone, Copy)]
+pub struct ReadPlan {
+    pub read_bytes: u64,
+    pub read_ahead: usize,
+}
+
+/// The part of one chunk the body needs, in the body's encoding.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Piece {
+    chunk: ChunkRef,
+    part: Range<u64>,
+}
+
+/// One read of a contiguous byte range of a pack, covering one or more pieces.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Read {
+    pack: PackId,
+    range: Range<u64>,
+    pieces: Vec<Piece>,
+}
+
+/// The reads that produce bytes `range` of the body, in order.
+fn plan(m: &Manifest, encoding: Encoding, range: Range<u64>, read_bytes: u64) -> Vec<Read> {
+    let mut reads: Vec<Read> = Vec::new();
     let mut pos = 0u64;
     for c in &m.chunks {
         let size = encoding.size_of(c);
@@ -47,63 +69,87 @@ fn segments(m: &Manifest, encoding: Encoding, range: Range<u64>) -> Vec<(ChunkRe
         if start >= range.end {
             break;
         }
-        out.push((
-            *c,
-            range.start.max(start) - start..range.end.min(end) - start,
-        ));
+        let part = range.start.max(start) - start..range.end.min(end) - start;
+        // A decompressed piece needs its whole frame; a compressed one only its bytes.
+        let bytes = match encoding {
+            Encoding::Zstd => u64::from(c.offset) + part.start..u64::from(c.offset) + part.end,
+            Encoding::Plain => u64::from(c.offset)..c.end(),
+        };
+        let piece = Piece { chunk: *c, part };
+        match reads.last_mut() {
+            Some(r)
+                if r.pack == c.pack
+                    && r.range.end == bytes.start
+                    && bytes.end - r.range.start <= read_bytes =>
+            {
+                r.range.end = bytes.end;
+                r.pieces.push(piece);
+            }
+            _ => reads.push(Read {
+                pack: c.pack,
+                range: bytes,
+                pieces: vec![piece],
+            }),
+        }
     }
-    out
+    reads
 }
 
 fn storage_error(e: object_store::Error) -> io::Error {
-    tracing::error!(error = %e, "reading a chunk failed while serving");
+    tracing::error!(error = %e, "reading a pack failed while serving");
     io::Error::other(e)
 }
 
-async fn fetch(
-    store: ChunkStore,
-    encoding: Encoding,
-    chunk: ChunkRef,
-    part: Range<u64>,
-) -> io::Result<Bytes> {
-    let bytes = match encoding {
-        Encoding::Zstd if part.start == 0 && part.end == u64::from(chunk.stored_len) => {
-            store.get(&chunk.id).await.map_err(storage_error)?
+/// Decompresses the frames a read fetched and keeps the parts the body needs.
+fn decompress(read: &Read, data: &[u8]) -> io::Result<Bytes> {
+    let mut out = Vec::with_capacity(
+        read.pieces
+            .iter()
+            .map(|p| (p.part.end - p.part.start) as usize)
+            .sum(),
+    );
+    for p in &read.pieces {
+        let at = (u64::from(p.chunk.offset) - read.range.start) as usize;
+        let frame = &data[at..at + p.chunk.stored_len as usize];
+        let plain = zstd::bulk::decompress(frame, p.chunk.len as usize)?;
+        if plain.len() != p.chunk.len as usize {
+            return Err(io::Error::other("a stored frame has the wrong length"));
         }
-        Encoding::Zstd => store
-            .get_range(&chunk.id, part.clone())
-            .await
-            .map_err(storage_error)?,
-        Encoding::Plain => {
-            let frame = store.get(&chunk.id).await.map_err(storage_error)?;
-            let len = chunk.len as usize;
-            let plain = tokio::task::spawn_blocking(move || zstd::bulk::decompress(&frame, len))
-                .await
-                .map_err(io::Error::other)??;
-            Bytes::from(plain).slice(part.start as usize..part.end as usize)
-        }
-    };
-    // A short object would make the response disagree with its Content-Length; fail
-    // the body instead, so the client sees a broken transfer and retries.
-    let expected = part.end - part.start;
-    if bytes.len() as u64 != expected {
-        tracing::error!(chunk = ?chunk.id, got = bytes.len(), expected, "stored chunk has the wrong size");
-        return Err(io::Error::other("stored chunk has the wrong size"));
+        out.extend_from_slice(&plain[p.part.start as usize..p.part.end as usize]);
     }
-    Ok(bytes)
+    Ok(Bytes::from(out))
 }
 
-/// The body bytes in `range`, fetching up to `read_ahead` chunks ahead.
+async fn fetch(store: PackStore, encoding: Encoding, read: Read) -> io::Result<Bytes> {
+    let data = store
+        .get_range(&read.pack, read.range.clone())
+        .await
+        .map_err(storage_error)?;
+    // A short pack would make the response disagree with its Content-Length; fail the
+    // body instead, so the client sees a broken transfer and retries.
+    if data.len() as u64 != read.range.end - read.range.start {
+        tracing::error!(pack = ?read.pack, got = data.len(), "stored pack is shorter than its records");
+        return Err(io::Error::other("stored pack is shorter than its records"));
+    }
+    match encoding {
+        Encoding::Zstd => Ok(data),
+        Encoding::Plain => tokio::task::spawn_blocking(move || decompress(&read, &data))
+            .await
+            .map_err(io::Error::other)?,
+    }
+}
+
+/// The body bytes in `range`.
 pub fn body(
-    store: ChunkStore,
+    store: PackStore,
     manifest: &Manifest,
     encoding: Encoding,
     range: Range<u64>,
-    read_ahead: usize,
+    reads: ReadPlan,
 ) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
-    futures::stream::iter(segments(manifest, encoding, range))
-        .map(move |(chunk, part)| fetch(store.clone(), encoding, chunk, part))
-        .buffered(read_ahead)
+    futures::stream::iter(plan(manifest, encoding, range, reads.read_bytes))
+        .map(move |read| fetch(store.clone(), encoding, read))
+        .buffered(reads.read_ahead)
 }
 
 #[cfg(test)]
@@ -111,32 +157,54 @@ mod tests {
     use super::*;
     use crate::store::ChunkId;
 
-    fn manifest() -> Manifest {
-        let c = |n: u8, s: u32, l: u32| ChunkRef {
+    fn manifest() -> (PackId, PackId, Manifest) {
+        let (a, b) = (PackId([1; 16]), PackId([2; 16]));
+        let c = |n: u8, pack, offset, s, l| ChunkRef {
             id: ChunkId([n; 32]),
+            pack,
+            offset,
             stored_len: s,
             len: l,
         };
-        Manifest {
-            chunks: vec![c(1, 10, 100), c(2, 5, 50), c(3, 20, 200)],
-        }
+        (
+            a,
+            b,
+            Manifest {
+                chunks: vec![
+                    c(1, a, 0, 10, 100),
+                    c(2, a, 10, 5, 50),
+                    c(3, b, 0, 20, 200),
+                    c(4, a, 15, 5, 5),
+                ],
+            },
+        )
     }
 
     #[test]
-    fn segments_cover_exactly_the_range() {
-        let m = manifest();
-        let whole = segments(&m, Encoding::Zstd, 0..35);
-        assert_eq!(
-            whole.iter().map(|(_, r)| r.clone()).collect::<Vec<_>>(),
-            vec![0..10, 0..5, 0..20]
-        );
-        let mid = segments(&m, Encoding::Zstd, 12..16);
-        assert_eq!(mid.len(), 2);
-        assert_eq!((mid[0].0.id.0[0], mid[0].1.clone()), (2, 2..5));
-        assert_eq!((mid[1].0.id.0[0], mid[1].1.clone()), (3, 0..1));
-        let plain = segments(&m, Encoding::Plain, 100..150);
+    fn adjacent_frames_are_read_together() {
+        let (a, b, m) = manifest();
+        let reads = plan(&m, Encoding::Zstd, 0..40, 1 << 20);
+        let shape: Vec<_> = reads
+            .iter()
+            .map(|r| (r.pack, r.range.clone(), r.pieces.len()))
+            .collect();
+        assert_eq!(shape, vec![(a, 0..15, 2), (b, 0..20, 1), (a, 15..20, 1)]);
+        // A read never grows past the read size.
+        assert_eq!(plan(&m, Encoding::Zstd, 0..40, 12).len(), 4);
+    }
+
+    #[test]
+    fn ranges_cut_the_first_and_last_pieces() {
+        let (a, _, m) = manifest();
+        let reads = plan(&m, Encoding::Zstd, 12..16, 1 << 20);
+        assert_eq!(reads[0].range, 12..15);
+        assert_eq!(reads[0].pieces[0].part, 2..5);
+        assert_eq!(reads[1].range, 0..1);
+        // Decompressed, the whole frame is read and the part cut after decompression.
+        let plain = plan(&m, Encoding::Plain, 120..130, 1 << 20);
         assert_eq!(plain.len(), 1);
-        assert_eq!(plain[0].1, 0..50);
-        assert_eq!(Encoding::Plain.body_size(&m), 350);
+        assert_eq!((plain[0].pack, plain[0].range.clone()), (a, 10..15));
+        assert_eq!(plain[0].pieces[0].part, 20..30);
+        assert_eq!(Encoding::Plain.body_size(&m), 355);
     }
 }

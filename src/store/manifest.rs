@@ -1,4 +1,9 @@
-//! A NAR as stored: the ordered list of its chunks.
+//! Where chunks live, and a NAR as stored: the ordered list of its chunks.
+//!
+//! Chunks are packed: each is one independent zstd frame, appended to a pack object
+//! with the other new chunks of the same upload. A NAR's chunks then mostly sit next
+//! to each other in few packs, so serving it is a few large reads instead of one read
+//! per chunk, and storing it is a few PUTs.
 
 use std::fmt;
 
@@ -22,52 +27,77 @@ impl fmt::Debug for ChunkId {
     }
 }
 
-/// One chunk of a NAR: which, and its sizes stored (one zstd frame) and uncompressed.
+/// A pack object's name: random, as two uploads may pack the same chunk concurrently.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PackId(pub [u8; 16]);
+
+impl PackId {
+    pub fn random() -> Self {
+        let mut id = [0u8; 16];
+        getrandom::fill(&mut id).expect("the operating system's random source failed");
+        Self(id)
+    }
+
+    pub fn to_hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+impl fmt::Debug for PackId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+/// One chunk: which, where its frame is, and its sizes stored and uncompressed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ChunkRef {
     pub id: ChunkId,
+    pub pack: PackId,
+    pub offset: u32,
     pub stored_len: u32,
     pub len: u32,
 }
 
+/// A chunk record without its id: where it is and its sizes.
+pub const LOCATION_LEN: usize = 28;
+const ENCODED_LEN: usize = 32 + LOCATION_LEN;
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+
 impl ChunkRef {
-    const ENCODED_LEN: usize = 40;
-
-    fn encode_into(&self, out: &mut Vec<u8>) {
-        out.extend_from_slice(&self.id.0);
-        out.extend_from_slice(&self.stored_len.to_le_bytes());
-        out.extend_from_slice(&self.len.to_le_bytes());
-    }
-
-    fn decode(b: &[u8]) -> Self {
-        let u32_at = |at: usize| u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"));
-        Self {
-            id: ChunkId(b[..32].try_into().expect("32 bytes")),
-            stored_len: u32_at(32),
-            len: u32_at(36),
-        }
-    }
-
-    /// The (stored length, length) pair a chunk record holds.
-    pub fn encode_sizes(&self) -> [u8; 8] {
-        let mut out = [0u8; 8];
-        out[..4].copy_from_slice(&self.stored_len.to_le_bytes());
-        out[4..].copy_from_slice(&self.len.to_le_bytes());
+    pub fn encode_location(&self) -> [u8; LOCATION_LEN] {
+        let mut out = [0u8; LOCATION_LEN];
+        out[..16].copy_from_slice(&self.pack.0);
+        out[16..20].copy_from_slice(&self.offset.to_le_bytes());
+        out[20..24].copy_from_slice(&self.stored_len.to_le_bytes());
+        out[24..].copy_from_slice(&self.len.to_le_bytes());
         out
     }
 
-    pub fn decode_sizes(id: ChunkId, b: &[u8]) -> Option<Self> {
-        let b: &[u8; 8] = b.try_into().ok()?;
+    pub fn decode_location(id: ChunkId, b: &[u8]) -> Option<Self> {
+        if b.len() != LOCATION_LEN {
+            return None;
+        }
         Some(Self {
             id,
-            stored_len: u32::from_le_bytes(b[..4].try_into().ok()?),
-            len: u32::from_le_bytes(b[4..].try_into().ok()?),
+            pack: PackId(b[..16].try_into().ok()?),
+            offset: u32_at(b, 16),
+            stored_len: u32_at(b, 20),
+            len: u32_at(b, 24),
         })
+    }
+
+    /// Where the frame ends in its pack.
+    pub fn end(&self) -> u64 {
+        u64::from(self.offset) + u64::from(self.stored_len)
     }
 }
 
-/// The chunks of one NAR in order. Concatenating their stored frames gives a valid
-/// zstd stream of the whole NAR.
+/// The chunks of one NAR in order. Concatenating their frames gives a valid zstd
+/// stream of the whole NAR.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Manifest {
     pub chunks: Vec<ChunkRef>,
@@ -87,25 +117,24 @@ impl Manifest {
     }
 
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(1 + self.chunks.len() * ChunkRef::ENCODED_LEN);
+        let mut out = Vec::with_capacity(1 + self.chunks.len() * ENCODED_LEN);
         out.push(MANIFEST_V1);
         for c in &self.chunks {
-            c.encode_into(&mut out);
+            out.extend_from_slice(&c.id.0);
+            out.extend_from_slice(&c.encode_location());
         }
         out
     }
 
     pub fn decode(b: &[u8]) -> Option<Self> {
         let (&version, rest) = b.split_first()?;
-        if version != MANIFEST_V1 || rest.len() % ChunkRef::ENCODED_LEN != 0 {
+        if version != MANIFEST_V1 || rest.len() % ENCODED_LEN != 0 {
             return None;
         }
-        Some(Self {
-            chunks: rest
-                .chunks(ChunkRef::ENCODED_LEN)
-                .map(ChunkRef::decode)
-                .collect(),
-        })
+        rest.chunks(ENCODED_LEN)
+            .map(|e| ChunkRef::decode_location(ChunkId(e[..32].try_into().ok()?), &e[32..]))
+            .collect::<Option<Vec<_>>>()
+            .map(|chunks| Self { chunks })
     }
 }
 
@@ -115,15 +144,20 @@ mod tests {
 
     #[test]
     fn round_trips() {
+        let pack = PackId::random();
         let m = Manifest {
             chunks: vec![
                 ChunkRef {
                     id: ChunkId::of(b"a"),
+                    pack,
+                    offset: 0,
                     stored_len: 10,
                     len: 100,
                 },
                 ChunkRef {
                     id: ChunkId::of(b"b"),
+                    pack,
+                    offset: 10,
                     stored_len: 7,
                     len: 9,
                 },
@@ -132,7 +166,13 @@ mod tests {
         assert_eq!(Manifest::decode(&m.encode()), Some(m.clone()));
         assert_eq!(m.stored_size(), 17);
         assert_eq!(m.nar_size(), 109);
+        assert_eq!(m.chunks[1].end(), 17);
         assert_eq!(Manifest::decode(&[2]), None);
         assert_eq!(Manifest::decode(&[1, 0]), None);
+        let c = m.chunks[0];
+        assert_eq!(
+            ChunkRef::decode_location(c.id, &c.encode_location()),
+            Some(c)
+        );
     }
 }

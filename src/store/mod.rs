@@ -1,8 +1,8 @@
-//! Chunk storage over `object_store` (local filesystem or S3) and the manifests that
-//! put chunks back together into NARs.
+//! Chunk storage over `object_store` (local filesystem or S3): zstd frames packed into
+//! pack objects, and the manifests that put them back together into NARs.
 
-pub mod chunks;
 pub mod manifest;
+pub mod packs;
 
-pub use chunks::ChunkStore;
-pub use manifest::{ChunkId, ChunkRef, Manifest};
+pub use manifest::{ChunkId, ChunkRef, Manifest, PackId};
+pub use packs::PackStore;

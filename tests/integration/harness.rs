@@ -129,7 +129,7 @@ impl Server {
         info["public_key"].as_str().unwrap().to_owned()
     }
 
-    /// The chunk objects on disk: (count, total bytes).
+    /// The pack objects on disk: (count, total bytes).
     pub fn chunk_files(&self) -> (u64, u64) {
         fn walk(p: &Path, acc: &mut (u64, u64)) {
             for e in std::fs::read_dir(p).into_iter().flatten().flatten() {
@@ -143,7 +143,7 @@ impl Server {
             }
         }
         let mut acc = (0, 0);
-        walk(&self.data_dir().join("store/chunks"), &mut acc);
+        walk(&self.data_dir().join("store/packs"), &mut acc);
         acc
     }
 }

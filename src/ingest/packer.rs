@@ -1,0 +1,116 @@
+//! Packs the new chunks of one upload, in order, into pack objects of about a target
+//! size, and records each chunk once its pack is stored.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::task::JoinHandle;
+
+use super::IngestError;
+use crate::index::Index;
+use crate::store::{ChunkId, ChunkRef, PackId, PackStore};
+
+/// Packs written at once per upload; more would only queue in the object store.
+const WRITES_IN_FLIGHT: usize = 2;
+
+pub struct Packer {
+    store: PackStore,
+    index: Arc<dyn Index>,
+    target: usize,
+    pack: PackId,
+    buf: Vec<u8>,
+    in_buf: Vec<ChunkRef>,
+    /// Chunks this upload packed: a chunk repeated within one NAR is stored once even
+    /// before its pack is written and recorded.
+    packed: HashMap<ChunkId, ChunkRef>,
+    writes: VecDeque<JoinHandle<Result<(), IngestError>>>,
+    pub new_chunks: u64,
+    pub new_bytes: u64,
+}
+
+impl Packer {
+    pub fn new(store: PackStore, index: Arc<dyn Index>, target: usize) -> Self {
+        Self {
+            store,
+            index,
+            target,
+            pack: PackId::random(),
+            buf: Vec::new(),
+            in_buf: Vec::new(),
+            packed: HashMap::new(),
+            writes: VecDeque::new(),
+            new_chunks: 0,
+            new_bytes: 0,
+        }
+    }
+
+    /// Adds a compressed chunk; returns where it will be.
+    pub async fn add(
+        &mut self,
+        id: ChunkId,
+        len: u32,
+        frame: &[u8],
+    ) -> Result<ChunkRef, IngestError> {
+        if let Some(c) = self.packed.get(&id) {
+            return Ok(*c);
+        }
+        let chunk = ChunkRef {
+            id,
+            pack: self.pack,
+            offset: self.buf.len() as u32,
+            stored_len: frame.len() as u32,
+            len,
+        };
+        self.buf.extend_from_slice(frame);
+        self.in_buf.push(chunk);
+        self.packed.insert(id, chunk);
+        self.new_chunks += 1;
+        self.new_bytes += frame.len() as u64;
+        if self.buf.len() >= self.target {
+            self.seal().await?;
+        }
+        Ok(chunk)
+    }
+
+    /// Starts writing the current pack. Writes run as tasks of their own so they
+    /// progress while the upload goes on; a pack outlives an aborted upload harmlessly
+    /// (its chunks are recorded, and merely unreferenced).
+    async fn seal(&mut self) -> Result<(), IngestError> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        while self.writes.len() >= WRITES_IN_FLIGHT {
+            self.wait_one().await?;
+        }
+        let data = Bytes::from(std::mem::replace(
+            &mut self.buf,
+            Vec::with_capacity(self.target + 65536),
+        ));
+        let chunks = std::mem::take(&mut self.in_buf);
+        let pack = std::mem::replace(&mut self.pack, PackId::random());
+        let (store, index) = (self.store.clone(), self.index.clone());
+        self.writes.push_back(tokio::spawn(async move {
+            store.put(&pack, data).await?;
+            index.put_chunks(&chunks)?;
+            Ok(())
+        }));
+        Ok(())
+    }
+
+    async fn wait_one(&mut self) -> Result<(), IngestError> {
+        match self.writes.pop_front() {
+            Some(w) => w.await.expect("pack writes do not panic"),
+            None => Ok(()),
+        }
+    }
+
+    /// Writes the last pack and waits until every pack is stored and recorded.
+    pub async fn finish(&mut self) -> Result<(), IngestError> {
+        self.seal().await?;
+        while !self.writes.is_empty() {
+            self.wait_one().await?;
+        }
+        Ok(())
+    }
+}
