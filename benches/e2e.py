@@ -72,13 +72,16 @@ def dir_bytes(path):
 
 
 class Cachet:
+    config = None
+
     def __init__(self, work, name):
         self.data = os.path.join(work, name)
         self.port = free_port()
         self.log = open(os.path.join(work, name + ".log"), "w")
         self.proc = subprocess.Popen(
             [os.path.join(ROOT, "target/release/cachet"), "--listen", "127.0.0.1:%d" % self.port,
-             "--data-dir", self.data, "--log", "warn"], stdout=self.log, stderr=self.log)
+             "--data-dir", self.data, "--log", "warn"] + (["--config", Cachet.config] if Cachet.config else []),
+            stdout=self.log, stderr=self.log)
         CHILDREN.append(self.proc)
         self.url = "http://127.0.0.1:%d/main" % self.port
         wait_http(self.url + "/nix-cache-info")
@@ -91,22 +94,34 @@ class Cachet:
         self.proc.wait()
 
 
+CLIENT_CPU = {}
+
+
 def push(work, to, path, netrc=None):
-    """Seconds for `nix copy --to`, from a fresh client cache (a fresh CI runner)."""
+    """Seconds for `nix copy --to`, from a fresh client cache (a fresh CI runner).
+    The client's CPU seconds are kept in CLIENT_CPU under the same key."""
     env = dict(os.environ, NIX_CONFIG=NIX_CONFIG + ("netrc-file = %s\n" % netrc if netrc else ""),
                XDG_CACHE_HOME=tempfile.mkdtemp(dir=work))
+    import resource
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.monotonic()
     sh("nix", "copy", "--to", to, path, env=env)
-    return time.monotonic() - start
+    elapsed = time.monotonic() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    CLIENT_CPU[to] = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return elapsed
 
 
-def fetch(cache, hashes_file, connections, runs):
-    """Median figures of `runs` runs of the fetch client."""
-    out = []
+def fetch(caches, hashes_file, connections, runs):
+    """Median figures of `runs` runs of the fetch client against each cache, the caches
+    taking turns so that drift on a shared machine affects them alike."""
+    out = {c: [] for c in caches}
     for _ in range(runs):
-        out.append(json.loads(sh(os.path.join(ROOT, "target/release/examples/fetch"), "--cache", cache,
-                                 "--hashes", hashes_file, "--connections", str(connections))))
-    return {k: statistics.median(r[k] for r in out) for k in ("narinfo_s", "miss_s", "download_s", "bytes")}
+        for c in caches:
+            out[c].append(json.loads(sh(os.path.join(ROOT, "target/release/examples/fetch"), "--cache", c,
+                                        "--hashes", hashes_file, "--connections", str(connections))))
+    return [{k: statistics.median(r[k] for r in out[c]) for k in ("narinfo_s", "miss_s", "download_s", "bytes")}
+            for c in caches]
 
 
 CHILDREN = []
@@ -125,9 +140,14 @@ def main():
 def run():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--budget-mib", type=int, default=1024, help="closure size (installed MiB)")
-    ap.add_argument("--runs", type=int, default=3, help="fetch runs per measurement (median)")
+    ap.add_argument("--xz-budget-mib", type=int, default=128,
+                    help="closure size for the xz pushes (the client compresses xz at a few MB/s)")
+    ap.add_argument("--runs", type=int, default=5, help="fetch runs per measurement (median)")
+    ap.add_argument("--config", help="a cachet config file to run the server with")
+    ap.add_argument("--skip-xz", action="store_true", help="leave out the xz pushes")
     args = ap.parse_args()
     ensure_tools()
+    Cachet.config = args.config and os.path.abspath(args.config)
     os.environ["NIX_CONFIG"] = NIX_CONFIG
     sh("cargo", "build", "--release", "--quiet", "--manifest-path", os.path.join(ROOT, "Cargo.toml"),
        "--bin", "cachet", "--example", "fetch", capture=False)
@@ -137,6 +157,8 @@ def run():
             "--out-link", os.path.join(work, "v1")).strip()
     v2 = sh(sys.executable, gen, "--budget-mib", str(args.budget_mib), "--salt", "v2",
             "--out-link", os.path.join(work, "v2")).strip()
+    xz_closure = sh(sys.executable, gen, "--budget-mib", str(min(args.xz_budget_mib, args.budget_mib)),
+                    "--salt", "v1", "--out-link", os.path.join(work, "xz")).strip()
     infos = json.loads(sh("nix", "path-info", "--json", "-r", v1))
     nar_bytes = sum(p["narSize"] for p in infos)
     hashes_file = os.path.join(work, "hashes")
@@ -150,13 +172,17 @@ def run():
     cpu0 = cpu_seconds(main_server.proc.pid)
     r["push_cachet_zstd"] = push(work, main_server.url + "?compression=zstd", v1, main_server.netrc)
     r["push_cachet_zstd_cpu"] = cpu_seconds(main_server.proc.pid) - cpu0
+    r["push_cachet_zstd_client_cpu"] = CLIENT_CPU[main_server.url + "?compression=zstd"]
     r["push_file_zstd"] = push(work, "file://%s?compression=zstd" % flat_zstd, v1)
-    xz_server = Cachet(work, "cachet-xz")
-    cpu0 = cpu_seconds(xz_server.proc.pid)
-    r["push_cachet_xz"] = push(work, xz_server.url, v1, xz_server.netrc)
-    r["push_cachet_xz_cpu"] = cpu_seconds(xz_server.proc.pid) - cpu0
-    xz_server.stop()
-    r["push_file_xz"] = push(work, "file://%s" % flat_xz, v1)
+    r["push_file_zstd_client_cpu"] = CLIENT_CPU["file://%s?compression=zstd" % flat_zstd]
+    if not args.skip_xz:
+        xz_server = Cachet(work, "cachet-xz")
+        cpu0 = cpu_seconds(xz_server.proc.pid)
+        r["xz_mib"] = sum(p["narSize"] for p in json.loads(sh("nix", "path-info", "--json", "-r", xz_closure))) / 2**20
+        r["push_cachet_xz"] = push(work, xz_server.url, xz_closure, xz_server.netrc)
+        r["push_cachet_xz_cpu"] = cpu_seconds(xz_server.proc.pid) - cpu0
+        xz_server.stop()
+        r["push_file_xz"] = push(work, "file://%s" % flat_xz, xz_closure)
 
     # Serving: nginx on the zstd file:// cache, sendfile, as a tuned static server.
     nginx_port = free_port()
@@ -174,8 +200,7 @@ http { access_log off; sendfile on; tcp_nopush on; keepalive_requests 100000;
     wait_http("http://127.0.0.1:%d/nix-cache-info" % nginx_port)
     nginx_url = "http://127.0.0.1:%d" % nginx_port
     for conns in (1, 4):
-        r["nginx_%d" % conns] = fetch(nginx_url, hashes_file, conns, args.runs)
-        r["cachet_%d" % conns] = fetch(main_server.url, hashes_file, conns, args.runs)
+        r["nginx_%d" % conns], r["cachet_%d" % conns] = fetch([nginx_url, main_server.url], hashes_file, conns, args.runs)
     nginx.terminate()
     nginx.wait()
 
@@ -184,9 +209,11 @@ http { access_log off; sendfile on; tcp_nopush on; keepalive_requests 100000;
     r["stored_v1"] = dir_bytes(store)
     r["push_cachet_zstd_v2"] = push(work, main_server.url + "?compression=zstd", v2, main_server.netrc)
     r["stored_v1_v2"] = dir_bytes(store)
+    r["objects_v1_v2"] = sum(len(f) for _, _, f in os.walk(store))
     r["flat_v1"] = dir_bytes(os.path.join(flat_zstd, "nar"))
     push(work, "file://%s?compression=zstd" % flat_zstd, v2)
     r["flat_v1_v2"] = dir_bytes(os.path.join(flat_zstd, "nar"))
+    r["flat_objects_v1_v2"] = len(os.listdir(os.path.join(flat_zstd, "nar")))
     r["peak_rss_mib"] = peak_rss_mib(main_server.proc.pid)
     main_server.stop()
     report(r)
@@ -211,12 +238,17 @@ def report(r):
     row("all narinfos, sequential (vs nginx)", r["cachet_1"]["narinfo_s"], r["nginx_1"]["narinfo_s"], 1.5)
     row("as many misses (vs cachet hits)", r["cachet_1"]["miss_s"], r["cachet_1"]["narinfo_s"], 1.0)
     row("push zstd (vs file:// zstd)", r["push_cachet_zstd"], r["push_file_zstd"], 1.3)
-    row("push xz default (vs file:// xz)", r["push_cachet_xz"], r["push_file_xz"], None)
+    if "xz_mib" in r:
+        row("push xz default, %.0f MiB closure (vs file:// xz)" % r["xz_mib"], r["push_cachet_xz"], r["push_file_xz"], None)
     row("stored v1+v2 (vs v1)", r["stored_v1_v2"] / 2**20, r["stored_v1"] / 2**20, 1.2, "MiB")
     row("flat file cache v1+v2 (vs v1)", r["flat_v1_v2"] / 2**20, r["flat_v1"] / 2**20, None, "MiB")
     print("\n".join(rows))
-    print("server CPU during push: zstd %.1f s of %.1f s; xz %.1f s of %.1f s" % (
-        r["push_cachet_zstd_cpu"], r["push_cachet_zstd"], r["push_cachet_xz_cpu"], r["push_cachet_xz"]))
+    print("zstd push, CPU seconds: to cachet, client %.1f + server %.1f in %.1f s; to file://, client %.1f in %.1f s" % (
+        r["push_cachet_zstd_client_cpu"], r["push_cachet_zstd_cpu"], r["push_cachet_zstd"],
+        r["push_file_zstd_client_cpu"], r["push_file_zstd"]))
+    if "xz_mib" in r:
+        print("server CPU during the xz push: %.1f s of %.1f s" % (r["push_cachet_xz_cpu"], r["push_cachet_xz"]))
+    print("objects stored for v1+v2: cachet %d, flat file cache %d" % (r["objects_v1_v2"], r["flat_objects_v1_v2"]))
     print("bytes downloaded: cachet %d, nginx %d" % (r["cachet_1"]["bytes"], r["nginx_1"]["bytes"]))
     print("peak RSS of cachet over the run: %.0f MiB (target < 256)" % r["peak_rss_mib"])
     print(json.dumps(r))

@@ -13,6 +13,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     announce(&app, addr, opened.admin_token_created);
     let router = crate::http::router(app.clone());
+    // Without TCP_NODELAY the last small segment of a response waits for the client's
+    // delayed ACK: tens of milliseconds per NAR.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::warn!(error = %e, "could not set TCP_NODELAY");
+        }
+    });
     axum::serve(listener, router)
         .with_graceful_shutdown(shutdown_signal())
         .await?;

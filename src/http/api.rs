@@ -27,9 +27,7 @@ pub async fn cache_info(
     Path(cache): Path<CacheName>,
     creds: Credentials,
 ) -> Result<Json<CacheInfo>> {
-    let cache = app.caches.get(&cache)?;
-    app.auth
-        .authorize(creds.token(), Some(&cache), Permission::Pull)?;
+    let cache = creds.cache(&app, &cache, Permission::Pull)?;
     Ok(Json(CacheInfo {
         name: cache.name.to_string(),
         public: cache.public,

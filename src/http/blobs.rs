@@ -69,9 +69,7 @@ async fn get_blob(
     key: String,
     content_type: &'static str,
 ) -> Result<Response> {
-    let cache = app.caches.get(&cache)?;
-    app.auth
-        .authorize(creds.token(), Some(&cache), Permission::Pull)?;
+    let cache = creds.cache(app, &cache, Permission::Pull)?;
     let data = app
         .index
         .blob(kind, &cache.name, &key)?
@@ -90,9 +88,7 @@ async fn put_blob(
     key: String,
     body: Body,
 ) -> Result<StatusCode> {
-    let cache = app.caches.get(&cache)?;
-    app.auth
-        .authorize(creds.token(), Some(&cache), Permission::Push)?;
+    let cache = creds.cache(app, &cache, Permission::Push)?;
     let data = small_body(body, app.config.ingest.max_small_body_bytes).await?;
     if kind == BlobKind::Realisation && serde_json::from_slice::<serde_json::Value>(&data).is_err()
     {

@@ -17,9 +17,7 @@ pub async fn get(
     Path(cache): Path<CacheName>,
     creds: Credentials,
 ) -> Result<impl IntoResponse> {
-    let cache = app.caches.get(&cache)?;
-    app.auth
-        .authorize(creds.token(), Some(&cache), Permission::Pull)?;
+    let cache = creds.cache(&app, &cache, Permission::Pull)?;
     Ok((
         [(header::CONTENT_TYPE, "text/x-nix-cache-info")],
         cache_info::render(cache.priority),

@@ -10,8 +10,10 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
 
 use crate::app::App;
-use crate::auth::Token;
+use crate::auth::{Permission, Token};
+use crate::caches::Cache;
 use crate::error::{Error, Result};
+use crate::nix::CacheName;
 
 /// The token a request carries: the HTTP Basic password (what a netrc `password`
 /// produces, with or without a login) or an `Authorization: Bearer` token.
@@ -46,6 +48,13 @@ impl FromRequestParts<Arc<App>> for Credentials {
 impl Credentials {
     pub fn token(&self) -> Option<&Token> {
         self.0.as_ref()
+    }
+
+    /// The cache `name`, if these credentials may do `permission` on it.
+    pub fn cache(&self, app: &App, name: &CacheName, permission: Permission) -> Result<Arc<Cache>> {
+        let cache = app.caches.get(name)?;
+        app.auth.authorize(self.token(), Some(&cache), permission)?;
+        Ok(cache)
     }
 }
 

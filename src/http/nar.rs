@@ -74,9 +74,7 @@ pub async fn get(
     creds: Credentials,
     headers: HeaderMap,
 ) -> Result<Response> {
-    let cache = app.caches.get(&cache)?;
-    app.auth
-        .authorize(creds.token(), Some(&cache), Permission::Pull)?;
+    let cache = creds.cache(&app, &cache, Permission::Pull)?;
     let (manifest, encoding) = served(&app, &cache, &file)?.ok_or(Error::NotFound("NAR"))?;
     let size = encoding.body_size(&manifest);
     let requested = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
@@ -110,9 +108,7 @@ pub async fn head(
     Path((cache, file)): Path<(CacheName, String)>,
     creds: Credentials,
 ) -> Result<Response> {
-    let cache = app.caches.get(&cache)?;
-    app.auth
-        .authorize(creds.token(), Some(&cache), Permission::Pull)?;
+    let cache = creds.cache(&app, &cache, Permission::Pull)?;
     let len = match served(&app, &cache, &file)? {
         Some((manifest, encoding)) => encoding.body_size(&manifest),
         None => {
@@ -132,9 +128,7 @@ pub async fn put(
     body: Body,
 ) -> Result<StatusCode> {
     let (file_hash, compression) = parse_file(&file)?;
-    let cache = app.caches.get(&cache)?;
-    app.auth
-        .authorize(creds.token(), Some(&cache), Permission::Push)?;
+    let cache = creds.cache(&app, &cache, Permission::Push)?;
     let nar = app
         .ingestor
         .ingest(body.into_data_stream(), compression)

@@ -49,9 +49,7 @@ pub async fn get(
     creds: Credentials,
 ) -> Result<Response> {
     let file = parse_file(&file)?;
-    let cache = app.caches.get(&cache)?;
-    app.auth
-        .authorize(creds.token(), Some(&cache), Permission::Pull)?;
+    let cache = creds.cache(&app, &cache, Permission::Pull)?;
     let (File::NarInfo(hash) | File::Listing(hash)) = file;
     let text = app
         .index
@@ -78,9 +76,7 @@ pub async fn put(
     body: Body,
 ) -> Result<StatusCode> {
     let file = parse_file(&file)?;
-    let cache = app.caches.get(&cache)?;
-    app.auth
-        .authorize(creds.token(), Some(&cache), Permission::Push)?;
+    let cache = creds.cache(&app, &cache, Permission::Push)?;
     let body = small_body(body, app.config.ingest.max_narinfo_bytes).await?;
     match file {
         File::NarInfo(hash) => publish::publish(&app, &cache, hash, &body).await?,

@@ -11,6 +11,7 @@ pub mod chunker;
 mod packer;
 pub mod reader;
 
+use std::cell::RefCell;
 use std::io::{self, BufRead, BufReader, Read};
 use std::sync::Arc;
 
@@ -72,6 +73,34 @@ pub struct IngestedNar {
     /// Chunks this upload stored that were not stored before, and their stored bytes.
     pub new_chunks: u64,
     pub new_bytes: u64,
+}
+
+/// Chunks travel from the front thread in batches of about this many bytes, so
+/// per-message and per-task costs are paid per batch, not per chunk.
+const BATCH_BYTES: usize = 256 * 1024;
+
+type Batch = Vec<(ChunkId, Bytes)>;
+
+/// zstd with one reused context per thread: creating a context per chunk cost more
+/// than a tenth of the ingest time.
+fn compress(data: &[u8], level: i32) -> Result<Vec<u8>, IngestError> {
+    thread_local! {
+        static COMPRESSOR: RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> = const { RefCell::new(None) };
+    }
+    let failed = |e: io::Error| {
+        IngestError::Storage(object_store::Error::Generic {
+            store: "zstd",
+            source: Box::new(e),
+        })
+    };
+    COMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.as_ref().is_none_or(|(l, _)| *l != level) {
+            *slot = Some((level, zstd::bulk::Compressor::new(level).map_err(failed)?));
+        }
+        let (_, compressor) = slot.as_mut().expect("just set");
+        compressor.compress(data).map_err(failed)
+    })
 }
 
 /// Marks an I/O error as coming from the request body, not from decoding it.
@@ -148,13 +177,13 @@ impl Ingestor {
         }
         let body = Box::pin(body.map_err(|e| io::Error::other(BodyError(e.to_string()))));
         let reader = tokio_util::io::SyncIoBridge::new(tokio_util::io::StreamReader::new(body));
-        let (tx, mut rx) = mpsc::channel::<(ChunkId, Bytes)>(self.settings.concurrency * 2);
+        let (tx, mut rx) = mpsc::channel::<Batch>(self.settings.concurrency);
         let params = self.settings.chunking;
         let front = tokio::task::spawn_blocking(move || front(reader, compression, params, tx));
 
         let stored = async {
             let mut prepared = futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
-                .map(|(id, data)| self.prepare(id, data))
+                .map(|batch| self.prepare(batch))
                 .buffered(self.settings.concurrency);
             let mut packer = Packer::new(
                 self.packs.clone(),
@@ -162,11 +191,13 @@ impl Ingestor {
                 self.settings.pack_bytes,
             );
             let mut chunks = Vec::new();
-            while let Some(p) = prepared.next().await {
-                chunks.push(match p? {
-                    Prepared::Known(c) => c,
-                    Prepared::New { id, len, frame } => packer.add(id, len, &frame).await?,
-                });
+            while let Some(batch) = prepared.next().await {
+                for p in batch? {
+                    chunks.push(match p {
+                        Prepared::Known(c) => c,
+                        Prepared::New { id, len, frame } => packer.add(id, len, &frame).await?,
+                    });
+                }
             }
             Ok::<_, IngestError>((chunks, packer))
         };
@@ -189,23 +220,29 @@ impl Ingestor {
         })
     }
 
-    /// Looks a chunk up, and compresses it if it is new.
-    async fn prepare(&self, id: ChunkId, data: Bytes) -> Result<Prepared, IngestError> {
-        if let Some(existing) = self.index.chunk(&id)? {
-            return Ok(Prepared::Known(existing));
-        }
+    /// Looks a batch of chunks up, and compresses the new ones with one blocking task.
+    async fn prepare(&self, batch: Batch) -> Result<Vec<Prepared>, IngestError> {
+        let known = batch
+            .iter()
+            .map(|(id, _)| self.index.chunk(id))
+            .collect::<Result<Vec<_>, _>>()?;
         let level = self.settings.zstd_level;
-        let len = data.len() as u32;
-        let frame = tokio::task::spawn_blocking(move || zstd::bulk::compress(&data, level))
-            .await
-            .expect("compression does not panic")
-            .map_err(|e| {
-                IngestError::Storage(object_store::Error::Generic {
-                    store: "zstd",
-                    source: Box::new(e),
+        tokio::task::spawn_blocking(move || {
+            batch
+                .into_iter()
+                .zip(known)
+                .map(|((id, data), known)| match known {
+                    Some(c) => Ok(Prepared::Known(c)),
+                    None => Ok(Prepared::New {
+                        id,
+                        len: data.len() as u32,
+                        frame: compress(&data, level)?,
+                    }),
                 })
-            })?;
-        Ok(Prepared::New { id, len, frame })
+                .collect::<Result<Vec<_>, IngestError>>()
+        })
+        .await
+        .expect("compression does not panic")
     }
 
     /// Makes an ingested NAR known by its NarHash (manifest and listing).
@@ -231,16 +268,26 @@ fn front(
     body: impl Read,
     compression: Compression,
     params: ChunkParams,
-    tx: mpsc::Sender<(ChunkId, Bytes)>,
+    tx: mpsc::Sender<Batch>,
 ) -> Result<Front, IngestError> {
+    let mut batch: Batch = Vec::new();
+    let mut batch_bytes = 0;
+    let send = |batch: &mut Batch| {
+        tx.blocking_send(std::mem::take(batch))
+            .map_err(|_| io::Error::other(StorageGone))
+    };
     let mut file = HashingReader::new(body);
     let (listing, nar_hash, nar_size) = {
         let raw = BufReader::with_capacity(STAGE_BUFFER, &mut file);
         let decoded = decoder(compression, raw).map_err(|e| classify(e, compression))?;
         let emit = |chunk: &[u8]| {
-            let id = ChunkId::of(chunk);
-            tx.blocking_send((id, Bytes::copy_from_slice(chunk)))
-                .map_err(|_| io::Error::other(StorageGone))
+            batch.push((ChunkId::of(chunk), Bytes::copy_from_slice(chunk)));
+            batch_bytes += chunk.len();
+            if batch_bytes >= BATCH_BYTES {
+                batch_bytes = 0;
+                send(&mut batch)?;
+            }
+            Ok(())
         };
         let tee = ChunkingReader::new(decoded, Chunker::new(params), emit);
         let mut nar_input = BufReader::with_capacity(STAGE_BUFFER, tee);
@@ -254,6 +301,9 @@ fn front(
             .map_err(|e| classify(e, compression))?;
         (listing.to_listing_json(), nar_hash, nar_size)
     };
+    if !batch.is_empty() {
+        send(&mut batch).map_err(|e| classify(e, compression))?;
+    }
     // The decoder stops at the end of its stream; nothing may follow it.
     let mut extra = [0u8; 1];
     if file

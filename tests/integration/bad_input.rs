@@ -370,3 +370,52 @@ fn logs_and_realisations_round_trip() {
     assert_eq!(get_status(&server, &trace), 200);
     assert_refused(put(&server, "log/not-a-drv", "x"), 400, "derivation");
 }
+
+#[test]
+fn a_path_pushed_again_with_another_nar_keeps_the_first() {
+    // An unreproducible build: same store path, different contents.
+    let server = Server::start();
+    upload_golden(&server);
+    let original = client()
+        .get(format!("{}/{LEAF}.narinfo", server.url()))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+
+    let other = nar(&Entry::File {
+        executable: false,
+        contents: b"leaf, built again\n",
+    });
+    let url = format!("nar/{}.nar", Sha256::digest(&other).to_nix32());
+    assert_eq!(put(&server, &url, other.clone()).status(), 200);
+    let (text, info) = leaf();
+    let rebuilt = text
+        .replace(&format!("URL: {}", info.url), &format!("URL: {url}"))
+        .replace("Compression: xz", "Compression: none")
+        .replace(
+            &info.nar_hash.to_string(),
+            &Sha256::digest(&other).to_string(),
+        )
+        .replace("NarSize: 120", &format!("NarSize: {}", other.len()))
+        .lines()
+        .filter(|l| !l.starts_with("FileHash") && !l.starts_with("FileSize"))
+        .map(|l| format!("{l}\n"))
+        .collect::<String>();
+    // Accepted (the client must not fail), and the first stays.
+    assert_eq!(
+        put(&server, &format!("{LEAF}.narinfo"), rebuilt).status(),
+        200
+    );
+    let now = client()
+        .get(format!("{}/{LEAF}.narinfo", server.url()))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    assert_eq!(now, original);
+    assert!(
+        server.log().contains("different NarHash"),
+        "the conflict is logged"
+    );
+}
