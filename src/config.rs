@@ -145,7 +145,7 @@ impl Default for IngestConfig {
 impl Default for ServeConfig {
     fn default() -> Self {
         Self {
-            read_bytes: 1024 * 1024,
+            read_bytes: 256 * 1024,
             read_ahead: 4,
         }
     }
