@@ -97,13 +97,14 @@ pub async fn publish(app: &App, cache: &Cache, hash: StorePathHash, body: &[u8])
     let outcome =
         app.index
             .commit_narinfo(&cache.name, &hash, &served.nar_hash, text.as_bytes())?;
+    // Acknowledge only what would survive a crash; a path found already there may
+    // come from a commit whose own flush has not finished yet.
+    let index = app.index.clone();
+    tokio::task::spawn_blocking(move || index.flush())
+        .await
+        .expect("flush does not panic")?;
     match outcome {
         Commit::Written => {
-            // Acknowledge only what would survive a crash.
-            let index = app.index.clone();
-            tokio::task::spawn_blocking(move || index.flush())
-                .await
-                .expect("flush does not panic")?;
             tracing::info!(cache = %cache.name, path = %served.store_path, nar_size = served.nar_size, "published");
         }
         Commit::Exists { nar_hash } if nar_hash == served.nar_hash => {}

@@ -62,7 +62,7 @@ impl Authorizer {
     }
 
     fn is_admin(&self, token: &Token) -> bool {
-        bool::from(token.digest().as_bytes().ct_eq(self.admin.as_bytes()))
+        !token.0.is_empty() && bool::from(token.digest().as_bytes().ct_eq(self.admin.as_bytes()))
     }
 
     /// Allows `permission` on `cache` to the bearer of `token` (None when the request
@@ -103,16 +103,23 @@ pub fn load_or_create_admin_token(data_dir: &Path) -> anyhow::Result<(Token, boo
     }
 }
 
-/// Writes a new file readable by its owner only.
+/// Writes a file readable by its owner only, whole or not at all: written to a
+/// temporary name, synced, then renamed, so a crash never leaves a partial secret.
 pub fn write_secret_file(path: &Path, contents: &str) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
     let mut f = std::fs::OpenOptions::new()
         .write(true)
-        .create_new(true)
+        .create(true)
+        .truncate(true)
         .mode(0o600)
-        .open(path)
-        .map_err(|e| anyhow::anyhow!("creating {}: {e}", path.display()))?;
+        .open(&tmp)
+        .map_err(|e| anyhow::anyhow!("creating {}: {e}", tmp.display()))?;
     f.write_all(contents.as_bytes())?;
     f.write_all(b"\n")?;
     f.sync_all()?;
+    std::fs::rename(&tmp, path).map_err(|e| anyhow::anyhow!("creating {}: {e}", path.display()))?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
     Ok(())
 }

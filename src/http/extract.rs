@@ -26,22 +26,27 @@ impl FromRequestParts<Arc<App>> for Credentials {
         let Some(value) = parts.headers.get(header::AUTHORIZATION) else {
             return Ok(Self(None));
         };
-        let value = value.to_str().map_err(|_| Error::Unauthorized)?;
-        let (scheme, rest) = value.split_once(' ').ok_or(Error::Unauthorized)?;
-        let token = if scheme.eq_ignore_ascii_case("bearer") {
-            rest.trim().to_owned()
-        } else if scheme.eq_ignore_ascii_case("basic") {
-            let decoded = BASE64
-                .decode(rest.trim())
-                .map_err(|_| Error::Unauthorized)?;
-            let pair = String::from_utf8(decoded).map_err(|_| Error::Unauthorized)?;
-            let (login, password) = pair.split_once(':').unwrap_or((pair.as_str(), ""));
-            // A netrc with a login but no password sends the token as the login.
-            if password.is_empty() { login } else { password }.to_owned()
-        } else {
-            return Err(Error::Unauthorized);
-        };
-        Ok(Self((!token.is_empty()).then(|| Token::new(token))))
+        // A header we cannot read is a token that matches nothing: refused for pushes,
+        // and no obstacle to reading a public cache.
+        Ok(Self(Some(Token::new(
+            parse(value.as_bytes()).unwrap_or_default(),
+        ))))
+    }
+}
+
+/// The token of an `Authorization` header, if it has one.
+fn parse(value: &[u8]) -> Option<String> {
+    let value = std::str::from_utf8(value).ok()?;
+    let (scheme, rest) = value.split_once(' ')?;
+    if scheme.eq_ignore_ascii_case("bearer") {
+        Some(rest.trim().to_owned())
+    } else if scheme.eq_ignore_ascii_case("basic") {
+        let pair = String::from_utf8(BASE64.decode(rest.trim()).ok()?).ok()?;
+        let (login, password) = pair.split_once(':').unwrap_or((pair.as_str(), ""));
+        // A netrc with a login but no password sends the token as the login.
+        Some(if password.is_empty() { login } else { password }.to_owned())
+    } else {
+        None
     }
 }
 

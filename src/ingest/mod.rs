@@ -75,6 +75,11 @@ pub struct IngestedNar {
     pub new_bytes: u64,
 }
 
+/// The most memory an xz upload's decoder may take. The body names its dictionary
+/// size; `xz -9` needs 65 MiB to decode and Nix's default level 9 MiB, so this admits
+/// every stream Nix makes and refuses one that asks for gigabytes.
+const XZ_MEMORY_LIMIT: u64 = 80 * 1024 * 1024;
+
 /// Chunks travel from the front thread in batches of about this many bytes, so
 /// per-message and per-task costs are paid per batch, not per chunk.
 const BATCH_BYTES: usize = 256 * 1024;
@@ -256,7 +261,12 @@ fn decoder<'a, R: BufRead + 'a>(compression: Compression, r: R) -> io::Result<Bo
     Ok(match compression {
         Compression::None => Box::new(r),
         // Multi-stream decoders: a stream may be several concatenated streams/frames.
-        Compression::Xz => Box::new(xz2::bufread::XzDecoder::new_multi_decoder(r)),
+        Compression::Xz => {
+            let stream =
+                xz2::stream::Stream::new_stream_decoder(XZ_MEMORY_LIMIT, xz2::stream::CONCATENATED)
+                    .map_err(io::Error::other)?;
+            Box::new(xz2::bufread::XzDecoder::new_stream(r, stream))
+        }
         Compression::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(r)?),
         Compression::Bzip2 => Box::new(bzip2::bufread::MultiBzDecoder::new(r)),
         Compression::Brotli | Compression::Lz4 => unreachable!("refused before reading"),

@@ -62,6 +62,9 @@ impl Sha256 {
 }
 
 fn decode_hex(text: &str) -> Option<[u8; 32]> {
+    if !text.bytes().all(|c| c.is_ascii_hexdigit()) {
+        return None;
+    }
     let mut out = [0u8; 32];
     for (i, pair) in text.as_bytes().chunks(2).enumerate() {
         let s = std::str::from_utf8(pair).ok()?;

@@ -135,7 +135,12 @@ impl NarInfo {
                         set_once(&mut deriver, field, d)?
                     }
                 }
-                "CA" => set_once(&mut ca, field, value.to_owned())?,
+                "CA" => {
+                    if !valid_ca(value) {
+                        return Err(invalid(field, "not text:<hash> or fixed:[r:]<hash>"));
+                    }
+                    set_once(&mut ca, field, value.to_owned())?
+                }
                 _ => unreachable!("every name in SINGLE_FIELDS has an arm"),
             }
         }
@@ -203,15 +208,37 @@ impl NarInfo {
     }
 }
 
+/// A content address as Nix writes it: `text:<algo>:<hash>` or
+/// `fixed:[r:|git:]<algo>:<hash>`. Nix refuses a narinfo whose CA it cannot parse, so
+/// one that slipped through would make the path unreadable for every client.
+fn valid_ca(value: &str) -> bool {
+    let rest = value.strip_prefix("text:").or_else(|| {
+        value.strip_prefix("fixed:").map(|r| {
+            r.strip_prefix("r:")
+                .or_else(|| r.strip_prefix("git:"))
+                .unwrap_or(r)
+        })
+    });
+    let Some((algo, hash)) = rest.and_then(|r| r.split_once(':')) else {
+        return false;
+    };
+    ["md5", "sha1", "sha256", "sha512"].contains(&algo)
+        && !hash.is_empty()
+        && hash
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || b"+/=".contains(&c))
+}
+
 fn parse_references(value: &str) -> Result<Vec<StorePath>, NarInfoError> {
     let mut refs: Vec<StorePath> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
     for (index, word) in value.split(' ').filter(|w| !w.is_empty()).enumerate() {
         let bad = || NarInfoError::InvalidReference {
             index,
             value: word.to_owned(),
         };
         let path = StorePath::from_basename(word).map_err(|_| bad())?;
-        if refs.contains(&path) {
+        if !seen.insert(path.hash()) {
             return Err(bad());
         }
         refs.push(path);
@@ -278,10 +305,26 @@ Sig: cache.example.org-1:Ozsz9HJ8G9A8hrTsgHMhZH4sWcYfOQkxEkTR7L8ivtAeVuO9k4a+NQF
                 SAMPLE.replace("/nix/store/0a5y", "/nix/stor/0a5y"),
                 "StorePath",
             ),
+            (format!("{SAMPLE}CA: fixed:r:sha256\n"), "CA"),
+            (format!("{SAMPLE}CA: nonsense\n"), "CA"),
         ];
         for (text, needle) in cases {
             let err = NarInfo::parse(text.as_bytes()).unwrap_err().to_string();
             assert!(err.contains(needle), "{err:?} should mention {needle:?}");
+        }
+    }
+
+    #[test]
+    fn content_addresses_nix_writes_are_kept() {
+        for ca in [
+            "fixed:r:sha256:1b4i2y0k1mhhk6hmm4axrhv3gq3m9c8rnqbz7sr3gnhv2rlcdhx8",
+            "fixed:sha256:1b4i2y0k1mhhk6hmm4axrhv3gq3m9c8rnqbz7sr3gnhv2rlcdhx8",
+            "text:sha256:1b4i2y0k1mhhk6hmm4axrhv3gq3m9c8rnqbz7sr3gnhv2rlcdhx8",
+        ] {
+            let text = format!("{SAMPLE}CA: {ca}\n");
+            let info = NarInfo::parse(text.as_bytes()).unwrap();
+            assert_eq!(info.ca.as_deref(), Some(ca));
+            assert_eq!(info.render(), text);
         }
     }
 

@@ -53,6 +53,8 @@ struct Read {
     pack: PackId,
     range: Range<u64>,
     pieces: Vec<Piece>,
+    /// Memory the read takes: the bytes read, or decompressed when serving `.nar`.
+    cost: u64,
 }
 
 /// The reads that produce bytes `range` of the body, in order.
@@ -75,20 +77,28 @@ fn plan(m: &Manifest, encoding: Encoding, range: Range<u64>, read_bytes: u64) ->
             Encoding::Zstd => u64::from(c.offset) + part.start..u64::from(c.offset) + part.end,
             Encoding::Plain => u64::from(c.offset)..c.end(),
         };
+        // A decompressed read is bounded by what it decompresses: frames of
+        // well-compressed chunks are small on disk but not in memory.
+        let cost = match encoding {
+            Encoding::Zstd => bytes.end - bytes.start,
+            Encoding::Plain => u64::from(c.len),
+        };
         let piece = Piece { chunk: *c, part };
         match reads.last_mut() {
             Some(r)
                 if r.pack == c.pack
                     && r.range.end == bytes.start
-                    && bytes.end - r.range.start <= read_bytes =>
+                    && r.cost + cost <= read_bytes =>
             {
                 r.range.end = bytes.end;
+                r.cost += cost;
                 r.pieces.push(piece);
             }
             _ => reads.push(Read {
                 pack: c.pack,
                 range: bytes,
                 pieces: vec![piece],
+                cost,
             }),
         }
     }
@@ -200,7 +210,10 @@ mod tests {
         assert_eq!(reads[0].range, 12..15);
         assert_eq!(reads[0].pieces[0].part, 2..5);
         assert_eq!(reads[1].range, 0..1);
-        // Decompressed, the whole frame is read and the part cut after decompression.
+        // Decompressed, the whole frame is read and the part cut after decompression,
+        // and a read is bounded by the bytes it decompresses.
+        assert_eq!(plan(&m, Encoding::Plain, 0..150, 120).len(), 2);
+        assert_eq!(plan(&m, Encoding::Plain, 0..150, 150).len(), 1);
         let plain = plan(&m, Encoding::Plain, 120..130, 1 << 20);
         assert_eq!(plain.len(), 1);
         assert_eq!((plain[0].pack, plain[0].range.clone()), (a, 10..15));

@@ -243,6 +243,20 @@ fn pushing_needs_the_right_token() {
         .unwrap();
     assert_eq!(r.status(), 401);
     assert_eq!(get_status(&server, &format!("{LEAF}.narinfo")), 404);
+    // A header we cannot read does not lock anyone out of a public cache.
+    let r = http
+        .get(format!("{}/nix-cache-info", server.url()))
+        .header("authorization", "Negotiate xyz")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = http
+        .put(&url)
+        .header("authorization", "Basic !!!")
+        .body(nar_file(&info))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 401);
 }
 
 #[test]
