@@ -441,3 +441,54 @@ mod tests {
         rejects(&nar(&deep), "deeper");
     }
 }
+
+#[cfg(test)]
+mod robustness {
+    use super::write::{nar, Entry};
+    use super::*;
+
+    /// Mutated archives (bytes flipped, cut, repeated) are refused or accepted, never a
+    /// panic, whatever the mutation; the parser's limits keep memory small too.
+    #[test]
+    fn mutated_nars_never_panic() {
+        let file = |c: &'static [u8]| Entry::File {
+            executable: true,
+            contents: c,
+        };
+        let base = nar(&Entry::Dir(vec![
+            ("a", file(b"hello")),
+            (
+                "b",
+                Entry::Dir(vec![("c", Entry::Symlink("../a")), ("d", file(b""))]),
+            ),
+        ]));
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..20_000 {
+            let mut m = base.clone();
+            match next() % 4 {
+                0 => {
+                    let i = next() as usize % m.len();
+                    m[i] = next() as u8;
+                }
+                1 => m.truncate(next() as usize % m.len()),
+                2 => {
+                    // A length field set to something huge.
+                    let i = (next() as usize % (m.len() / 8)) * 8;
+                    m[i..i + 8].copy_from_slice(&(next() | 1 << 40).to_le_bytes());
+                }
+                _ => {
+                    let i = next() as usize % m.len();
+                    let tail = m[i..].to_vec();
+                    m.extend_from_slice(&tail);
+                }
+            }
+            let _ = validate(m.as_slice());
+        }
+    }
+}
