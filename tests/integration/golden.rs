@@ -170,6 +170,15 @@ fn cache_admin_shows_the_cache() {
     assert_eq!(info["name"], "main");
     assert_eq!(info["public"], true);
     assert!(info["public_key"].as_str().unwrap().starts_with("main-1:"));
+    // Secrets are readable by their owner only.
+    use std::os::unix::fs::PermissionsExt as _;
+    for secret in ["admin-token", "keys/main.secret"] {
+        let mode = std::fs::metadata(server.data_dir().join(secret))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{secret}");
+    }
     let missing = client()
         .get(format!("{}/_api/v1/caches/nope", server.base()))
         .send()
