@@ -14,3 +14,5 @@ pub mod publish;
 pub mod serve;
 pub mod server;
 pub mod store;
+#[cfg(test)]
+mod testing;

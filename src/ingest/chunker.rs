@@ -121,15 +121,8 @@ mod tests {
     };
 
     fn data(n: usize, seed: u64) -> Vec<u8> {
-        let mut x = seed;
-        (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
+        let mut rng = crate::testing::Xorshift(seed);
+        (0..n).map(|_| rng.next() as u8).collect()
     }
 
     fn chunks_of(bytes: &[u8], piece: usize) -> Vec<Vec<u8>> {

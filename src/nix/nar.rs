@@ -462,13 +462,8 @@ mod robustness {
                 Entry::Dir(vec![("c", Entry::Symlink("../a")), ("d", file(b""))]),
             ),
         ]));
-        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
-        let mut next = || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
+        let mut rng = crate::testing::Xorshift(0x2545_f491_4f6c_dd1d);
+        let mut next = || rng.next();
         for _ in 0..20_000 {
             let mut m = base.clone();
             match next() % 4 {

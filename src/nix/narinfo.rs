@@ -349,13 +349,8 @@ mod robustness {
                     NarHash: sha256:0mdqa9w1p6cmli6976v4wi0sw9r4p5prkj7lzfd1877wk11c9c73\nNarSize: 1\n\
                     References: 0a5ym8j4ycmssbbmrcd1iv3lz8mfghb6-hello\nCA: fixed:r:sha256:abc\nSig: k:AAAA\n";
         let alphabet: &[u8] = b"StorePathURLNarHashSize: /\n-0123456789abcdfgsha256:\xff\x00";
-        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-        let mut next = || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
+        let mut rng = crate::testing::Xorshift(0x9e37_79b9_7f4a_7c15);
+        let mut next = || rng.next();
         for _ in 0..20_000 {
             let mut m = base.as_bytes().to_vec();
             for _ in 0..(next() % 4 + 1) {

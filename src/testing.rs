@@ -1,0 +1,14 @@
+//! Helpers shared by the unit tests.
+
+/// A small deterministic generator (xorshift64): the same inputs on every run, with no
+/// dependency on a random-number crate.
+pub struct Xorshift(pub u64);
+
+impl Xorshift {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
