@@ -23,8 +23,6 @@ pub enum Error {
     Ingest(#[from] IngestError),
     #[error("credentials required")]
     Unauthorized,
-    #[error("this token may not {0}")]
-    Forbidden(&'static str),
     #[error("range not satisfiable for {size} bytes")]
     RangeNotSatisfiable { size: u64 },
     #[error(transparent)]

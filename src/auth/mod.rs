@@ -47,7 +47,6 @@ impl std::fmt::Debug for Token {
 pub enum Permission {
     Pull,
     Push,
-    Admin,
 }
 
 pub struct Authorizer {

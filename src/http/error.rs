@@ -15,7 +15,6 @@ pub fn status(e: &Error) -> StatusCode {
         }
         Error::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
         Error::Unauthorized => StatusCode::UNAUTHORIZED,
-        Error::Forbidden(_) => StatusCode::FORBIDDEN,
         Error::RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
         Error::Ingest(e) => match e {
             IngestError::Unsupported(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,

@@ -42,19 +42,25 @@ fn url_of(file: &str) -> String {
 /// NAR satisfies it.
 fn served(app: &App, cache: &Cache, file: &str) -> Result<Option<(Manifest, Encoding)>> {
     let (hash, compression) = parse_file(file)?;
-    let (nar_hash, encoding) = match compression {
-        Compression::None => (hash, Encoding::Plain),
-        Compression::Zstd if app.index.cache_has_nar(&cache.name, &hash)? => (hash, Encoding::Zstd),
-        Compression::Zstd => match app.index.upload(&cache.name, &url_of(file))? {
-            Some(upload) => (upload.nar_hash, Encoding::Zstd),
-            None => return Ok(None),
-        },
+    let encoding = match compression {
+        Compression::None => Encoding::Plain,
+        Compression::Zstd => Encoding::Zstd,
         _ => return Ok(None),
     };
     // A NAR is readable through a cache only if that cache holds a narinfo for it.
-    if !app.index.cache_has_nar(&cache.name, &nar_hash)? {
-        return Ok(None);
-    }
+    let nar_hash = if app.index.cache_has_nar(&cache.name, &hash)? {
+        hash
+    } else {
+        match app.index.upload(&cache.name, &url_of(file))? {
+            Some(u)
+                if encoding == Encoding::Zstd
+                    && app.index.cache_has_nar(&cache.name, &u.nar_hash)? =>
+            {
+                u.nar_hash
+            }
+            _ => return Ok(None),
+        }
+    };
     Ok(app.index.manifest(&nar_hash)?.map(|m| (m, encoding)))
 }
 
