@@ -54,11 +54,7 @@ impl App {
         )?);
         let storage_path = config.storage_path();
         std::fs::create_dir_all(&storage_path)?;
-        // fsync packs and their directories before a write returns: a narinfo is
-        // acknowledged as durable, and so must be every pack it depends on.
-        let objects =
-            object_store::local::LocalFileSystem::new_with_prefix(&storage_path)?.with_fsync(true);
-        let packs = PackStore::new(Arc::new(objects));
+        let packs = PackStore::local(storage_path)?;
         let ingestor = Ingestor::new(index.clone(), packs.clone(), config.ingest_settings());
         let caches = Caches::open(index.as_ref(), &config)?;
         let (admin_token, admin_token_created) =

@@ -171,8 +171,8 @@ impl Config {
             "serve.read_ahead must be positive"
         );
         anyhow::ensure!(
-            (1..=22).contains(&self.ingest.zstd_level),
-            "ingest.zstd_level must be 1 to 22"
+            (0..=22).contains(&self.ingest.zstd_level),
+            "ingest.zstd_level must be 0 (uncompressed) to 22"
         );
         Ok(())
     }

