@@ -1,11 +1,13 @@
 //! The upload pipeline: decompress, validate the NAR, hash, chunk, skip chunks already
 //! stored, compress and store new ones, all streaming with bounded memory.
 //!
-//! The CPU-bound front (decompression, NAR validation, SHA-256, FastCDC, BLAKE3) runs
-//! on one blocking thread reading the request body synchronously; chunks cross a
-//! bounded channel to async tasks that look them up and compress the new ones (on the
-//! blocking pool), a bounded number at a time, in order; the packer appends new frames
-//! to pack objects. The manifest keeps the chunks' order.
+//! The CPU-bound front runs on two blocking threads, so that one upload uses two
+//! cores: one reads the request body synchronously, hashes it, decompresses it and
+//! hashes the NAR; the other validates the NAR, cuts it into chunks and names them
+//! (FastCDC, BLAKE3). Chunks cross a bounded channel to async tasks that look them up
+//! and compress the new ones (on the blocking pool), a bounded number at a time, in
+//! order; the packer appends new frames to pack objects. The manifest keeps the
+//! chunks' order.
 
 pub mod chunker;
 mod packer;
@@ -25,10 +27,12 @@ use crate::nix::{Compression, Sha256};
 use crate::store::{frame, ChunkId, ChunkRef, Manifest, PackStore};
 use chunker::{ChunkParams, Chunker};
 use packer::Packer;
-use reader::{ChunkingReader, HashingReader};
+use reader::{ChannelReader, ChunkingReader, HashingReader};
 
 /// Buffer size between the stages: large enough that per-call overheads vanish.
 const STAGE_BUFFER: usize = 256 * 1024;
+/// Decompressed buffers in flight between the decoding and the chunking stage.
+const DECODED_BUFFERS: usize = 4;
 
 #[derive(Debug, Clone, Copy)]
 pub struct IngestSettings {
@@ -155,14 +159,6 @@ enum Prepared {
     },
 }
 
-struct Front {
-    nar_hash: Sha256,
-    nar_size: u64,
-    file_hash: Sha256,
-    file_size: u64,
-    listing: Vec<u8>,
-}
-
 impl Ingestor {
     pub fn new(index: Arc<dyn Index>, packs: PackStore, settings: IngestSettings) -> Self {
         Self {
@@ -189,8 +185,12 @@ impl Ingestor {
         let body = Box::pin(body.map_err(|e| io::Error::other(BodyError(e.to_string()))));
         let reader = tokio_util::io::SyncIoBridge::new(tokio_util::io::StreamReader::new(body));
         let (tx, mut rx) = mpsc::channel::<Batch>(self.settings.concurrency);
+        let (nar_tx, nar_rx) = std::sync::mpsc::sync_channel(DECODED_BUFFERS);
         let params = self.settings.chunking;
-        let front = tokio::task::spawn_blocking(move || front(reader, compression, params, tx));
+        let decoding = tokio::task::spawn_blocking(move || decode(reader, compression, nar_tx));
+        let chunking = tokio::task::spawn_blocking(move || {
+            chunk(ChannelReader::new(nar_rx), compression, params, tx)
+        });
 
         let stored = async {
             let mut prepared = futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
@@ -212,20 +212,24 @@ impl Ingestor {
             }
             Ok::<_, IngestError>((chunks, packer))
         };
-        let (stored, front) = tokio::join!(stored, front);
+        let (stored, decoded, listing) = tokio::join!(stored, decoding, chunking);
         let (chunks, mut packer) = stored?;
-        let front = front.expect("the ingest thread does not panic")?;
+        // A body that fails to decode also truncates the NAR the chunking stage sees:
+        // the decoding error is the cause.
+        let decoded = decoded.expect("the decoding stage does not panic")?;
+        let listing = listing.expect("the chunking stage does not panic")?;
+        let decoded = decoded.expect("the decoding stage stops early only when chunking failed");
         // Only a NAR that checked out gets its last pack written.
         packer.finish().await?;
         let (new_chunks, new_bytes) = (packer.new_chunks, packer.new_bytes);
 
         Ok(IngestedNar {
-            nar_hash: front.nar_hash,
-            nar_size: front.nar_size,
-            file_hash: front.file_hash,
-            file_size: front.file_size,
+            nar_hash: decoded.nar_hash,
+            nar_size: decoded.nar_size,
+            file_hash: decoded.file_hash,
+            file_size: decoded.file_size,
             manifest: Manifest { chunks },
-            listing: front.listing,
+            listing,
             new_chunks,
             new_bytes,
         })
@@ -279,47 +283,54 @@ fn decoder<'a, R: BufRead + 'a>(compression: Compression, r: R) -> io::Result<Bo
     })
 }
 
-/// The blocking front of the pipeline.
-fn front(
+/// What the decoding stage found: the body's and the NAR's hash and size.
+struct Decoded {
+    file_hash: Sha256,
+    file_size: u64,
+    nar_hash: Sha256,
+    nar_size: u64,
+}
+
+/// Reads until `buf` is full or the input ends; returns the bytes read.
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match r.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
+/// The first blocking stage: hashes the body (FileHash), decompresses it, hashes the
+/// NAR (NarHash) and sends it on in buffers. `None` when the next stage stopped
+/// first: its error is the one to report.
+fn decode(
     body: impl Read,
     compression: Compression,
-    params: ChunkParams,
-    tx: mpsc::Sender<Batch>,
-) -> Result<Front, IngestError> {
-    let mut batch: Batch = Vec::new();
-    let mut batch_bytes = 0;
-    let send = |batch: &mut Batch| {
-        tx.blocking_send(std::mem::take(batch))
-            .map_err(|_| io::Error::other(StorageGone))
-    };
+    tx: std::sync::mpsc::SyncSender<Vec<u8>>,
+) -> Result<Option<Decoded>, IngestError> {
     let mut file = HashingReader::new(body);
-    let (listing, nar_hash, nar_size) = {
+    let (nar_hash, nar_size) = {
         let raw = BufReader::with_capacity(STAGE_BUFFER, &mut file);
         let decoded = decoder(compression, raw).map_err(|e| classify(e, compression))?;
-        let emit = |chunk: &[u8]| {
-            batch.push((ChunkId::of(chunk), Bytes::copy_from_slice(chunk)));
-            batch_bytes += chunk.len();
-            if batch_bytes >= BATCH_BYTES {
-                batch_bytes = 0;
-                send(&mut batch)?;
+        let mut nar = HashingReader::new(decoded);
+        loop {
+            let mut buf = vec![0u8; STAGE_BUFFER];
+            let n = read_full(&mut nar, &mut buf).map_err(|e| classify(e, compression))?;
+            if n == 0 {
+                break;
             }
-            Ok(())
-        };
-        let tee = ChunkingReader::new(decoded, Chunker::new(params), emit);
-        let mut nar_input = BufReader::with_capacity(STAGE_BUFFER, tee);
-        let listing = nar::validate(&mut nar_input).map_err(|e| match e {
-            NarError::Read(e) => classify(e, compression),
-            e => IngestError::Nar(e),
-        })?;
-        let (nar_hash, nar_size) = nar_input
-            .into_inner()
-            .finish()
-            .map_err(|e| classify(e, compression))?;
-        (listing.to_listing_json(), nar_hash, nar_size)
+            buf.truncate(n);
+            if tx.send(buf).is_err() {
+                return Ok(None);
+            }
+        }
+        nar.finish()
     };
-    if !batch.is_empty() {
-        send(&mut batch).map_err(|e| classify(e, compression))?;
-    }
     // The decoder stops at the end of its stream; nothing may follow it.
     let mut extra = [0u8; 1];
     if file
@@ -330,11 +341,52 @@ fn front(
         return Err(IngestError::TrailingData);
     }
     let (file_hash, file_size) = file.finish();
-    Ok(Front {
-        nar_hash,
-        nar_size,
+    Ok(Some(Decoded {
         file_hash,
         file_size,
-        listing,
-    })
+        nar_hash,
+        nar_size,
+    }))
+}
+
+/// The second blocking stage: validates the NAR and lists it, cuts it into chunks,
+/// names them (BLAKE3) and sends them on in batches. Returns the listing.
+fn chunk(
+    nar: impl Read,
+    compression: Compression,
+    params: ChunkParams,
+    tx: mpsc::Sender<Batch>,
+) -> Result<Vec<u8>, IngestError> {
+    let mut batch: Batch = Vec::new();
+    let mut batch_bytes = 0;
+    let send = |batch: &mut Batch| {
+        tx.blocking_send(std::mem::take(batch))
+            .map_err(|_| io::Error::other(StorageGone))
+    };
+    let listing = {
+        let emit = |chunk: &[u8]| {
+            batch.push((ChunkId::of(chunk), Bytes::copy_from_slice(chunk)));
+            batch_bytes += chunk.len();
+            if batch_bytes >= BATCH_BYTES {
+                batch_bytes = 0;
+                send(&mut batch)?;
+            }
+            Ok(())
+        };
+        let tee = ChunkingReader::new(nar, Chunker::new(params), emit);
+        let mut nar_input = BufReader::with_capacity(STAGE_BUFFER, tee);
+        let listing = nar::validate(&mut nar_input).map_err(|e| match e {
+            NarError::Read(e) => classify(e, compression),
+            e => IngestError::Nar(e),
+        })?;
+        nar_input
+            .into_inner()
+            .finish()
+            .map_err(|e| classify(e, compression))?;
+        listing.to_listing_json()
+    };
+    if !batch.is_empty() {
+        send(&mut batch).map_err(|e| classify(e, compression))?;
+    }
+    Ok(listing)
 }

@@ -1,5 +1,5 @@
-//! `Read` adapters that look at bytes as they pass: hashing and counting, and feeding
-//! the chunker.
+//! `Read` adapters that look at bytes as they pass (hashing and counting, feeding the
+//! chunker), and one that reads what another thread sends.
 
 use std::io::{self, Read};
 
@@ -38,9 +38,9 @@ impl<R: Read> Read for HashingReader<R> {
     }
 }
 
-/// Hashes, counts and chunks everything read through it; `emit` receives each chunk.
+/// Chunks everything read through it; `emit` receives each chunk.
 pub struct ChunkingReader<R, F> {
-    inner: HashingReader<R>,
+    inner: R,
     chunker: Chunker,
     emit: F,
 }
@@ -48,16 +48,15 @@ pub struct ChunkingReader<R, F> {
 impl<R: Read, F: FnMut(&[u8]) -> io::Result<()>> ChunkingReader<R, F> {
     pub fn new(inner: R, chunker: Chunker, emit: F) -> Self {
         Self {
-            inner: HashingReader::new(inner),
+            inner,
             chunker,
             emit,
         }
     }
 
-    /// Emits the last chunks; returns the hash and size of all bytes read.
-    pub fn finish(mut self) -> io::Result<(Sha256, u64)> {
-        self.chunker.finish(&mut self.emit)?;
-        Ok(self.inner.finish())
+    /// Emits the last chunks.
+    pub fn finish(mut self) -> io::Result<()> {
+        self.chunker.finish(&mut self.emit)
     }
 }
 
@@ -65,6 +64,39 @@ impl<R: Read, F: FnMut(&[u8]) -> io::Result<()>> Read for ChunkingReader<R, F> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
         self.chunker.push(&buf[..n], &mut self.emit)?;
+        Ok(n)
+    }
+}
+
+/// Reads the buffers another thread sends, in order; the end of the channel is the
+/// end of the data.
+pub struct ChannelReader {
+    rx: std::sync::mpsc::Receiver<Vec<u8>>,
+    current: Vec<u8>,
+    pos: usize,
+}
+
+impl ChannelReader {
+    pub fn new(rx: std::sync::mpsc::Receiver<Vec<u8>>) -> Self {
+        Self {
+            rx,
+            current: Vec::new(),
+            pos: 0,
+        }
+    }
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.pos == self.current.len() {
+            match self.rx.recv() {
+                Ok(next) => (self.current, self.pos) = (next, 0),
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.current.len() - self.pos);
+        buf[..n].copy_from_slice(&self.current[self.pos..self.pos + n]);
+        self.pos += n;
         Ok(n)
     }
 }
