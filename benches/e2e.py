@@ -3,7 +3,8 @@
 
 In one run on one machine: builds a realistic closure (and its mass rebuild) with the
 project's generator, pushes it with `nix copy --to` to cachet and to file:// caches
-(zstd and the xz default), serves the zstd file:// cache with nginx, fetches the whole
+(zstd and the xz default) and to nginx discarding every upload (the client's floor),
+serves the zstd file:// cache with nginx, fetches the whole
 closure from both with the project's client (benches/fetch.rs) with 1 and 4
 connections, pushes the rebuild, and prints every figure with its ratio and target.
 
@@ -94,6 +95,35 @@ class Cachet:
         self.proc.wait()
 
 
+NGINX = {}
+
+
+def start_nginx(work, name, root, cache_info, location=""):
+    """nginx on a free loopback port serving `root`, where `cache_info` is the path of
+    a nix-cache-info file; returns its URL."""
+    port = free_port()
+    conf = os.path.join(work, "nginx-%s.conf" % name)
+    with open(conf, "w") as f:
+        # Workers run as the invoking user, so they can read the private work directory.
+        f.write("""daemon off; user %s; worker_processes auto; pid %s/nginx-%s.pid; error_log %s/nginx-%s.err;
+events { worker_connections 1024; }
+http { access_log off; sendfile on; tcp_nopush on; keepalive_requests 100000; client_max_body_size 0;
+  types { text/x-nix-narinfo narinfo; } default_type application/octet-stream;
+  server { listen 127.0.0.1:%d; root %s; %s } }
+""" % (__import__("pwd").getpwuid(os.getuid()).pw_name, work, name, work, name, port, root, location))
+    proc = subprocess.Popen(["nginx", "-c", conf, "-p", work])
+    CHILDREN.append(proc)
+    url = "http://127.0.0.1:%d" % port
+    wait_http(url + cache_info)
+    NGINX[url] = proc
+    return url
+
+
+def stop(url):
+    NGINX[url].terminate()
+    NGINX[url].wait()
+
+
 CLIENT_CPU = {}
 
 
@@ -175,6 +205,16 @@ def run():
     r["push_cachet_zstd_client_cpu"] = CLIENT_CPU[main_server.url + "?compression=zstd"]
     r["push_file_zstd"] = push(work, "file://%s?compression=zstd" % flat_zstd, v1)
     r["push_file_zstd_client_cpu"] = CLIENT_CPU["file://%s?compression=zstd" % flat_zstd]
+    # The client's own floor over HTTP: a server that reads every upload and keeps
+    # nothing (nginx discarding request bodies), so no server can push faster.
+    sink_root = os.path.join(work, "sink-root")
+    os.makedirs(os.path.join(sink_root, "main"))
+    with open(os.path.join(sink_root, "main", "nix-cache-info"), "w") as f:
+        f.write("StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 40\n")
+    sink = start_nginx(work, "sink", sink_root, "/main/nix-cache-info",
+                       "location / { if ($request_method = PUT) { return 200; } }")
+    r["push_sink_zstd"] = push(work, sink + "/main?compression=zstd", v1)
+    stop(sink)
     if not args.skip_xz:
         xz_server = Cachet(work, "cachet-xz")
         cpu0 = cpu_seconds(xz_server.proc.pid)
@@ -185,24 +225,10 @@ def run():
         r["push_file_xz"] = push(work, "file://%s" % flat_xz, xz_closure)
 
     # Serving: nginx on the zstd file:// cache, sendfile, as a tuned static server.
-    nginx_port = free_port()
-    conf = os.path.join(work, "nginx.conf")
-    with open(conf, "w") as f:
-        # Workers run as the invoking user, so they can read the private work directory.
-        f.write("""daemon off; user %s; worker_processes auto; pid %s/nginx.pid; error_log %s/nginx.err;
-events { worker_connections 1024; }
-http { access_log off; sendfile on; tcp_nopush on; keepalive_requests 100000;
-  types { text/x-nix-narinfo narinfo; } default_type application/octet-stream;
-  server { listen 127.0.0.1:%d; root %s; } }
-""" % (__import__("pwd").getpwuid(os.getuid()).pw_name, work, work, nginx_port, flat_zstd))
-    nginx = subprocess.Popen(["nginx", "-c", conf, "-p", work])
-    CHILDREN.append(nginx)
-    wait_http("http://127.0.0.1:%d/nix-cache-info" % nginx_port)
-    nginx_url = "http://127.0.0.1:%d" % nginx_port
+    nginx_url = start_nginx(work, "static", flat_zstd, "/nix-cache-info")
     for conns in (1, 4):
         r["nginx_%d" % conns], r["cachet_%d" % conns] = fetch([nginx_url, main_server.url], hashes_file, conns, args.runs)
-    nginx.terminate()
-    nginx.wait()
+    stop(nginx_url)
 
     # Storage: the mass rebuild on top.
     store = os.path.join(main_server.data, "store")
@@ -238,6 +264,7 @@ def report(r):
     row("all narinfos, sequential (vs nginx)", r["cachet_1"]["narinfo_s"], r["nginx_1"]["narinfo_s"], 1.5)
     row("as many misses (vs cachet hits)", r["cachet_1"]["miss_s"], r["cachet_1"]["narinfo_s"], 1.0)
     row("push zstd (vs file:// zstd)", r["push_cachet_zstd"], r["push_file_zstd"], 1.3)
+    row("push zstd to a discarding server (vs file:// zstd)", r["push_sink_zstd"], r["push_file_zstd"], None)
     if "xz_mib" in r:
         row("push xz default, %.0f MiB closure (vs file:// xz)" % r["xz_mib"], r["push_cachet_xz"], r["push_file_xz"], None)
     row("stored v1+v2 (vs v1)", r["stored_v1_v2"] / 2**20, r["stored_v1"] / 2**20, 1.2, "MiB")
