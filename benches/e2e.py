@@ -172,7 +172,7 @@ def run():
     ap.add_argument("--budget-mib", type=int, default=1024, help="closure size (installed MiB)")
     ap.add_argument("--xz-budget-mib", type=int, default=128,
                     help="closure size for the xz pushes (the client compresses xz at a few MB/s)")
-    ap.add_argument("--runs", type=int, default=5, help="fetch runs per measurement (median)")
+    ap.add_argument("--runs", type=int, default=9, help="fetch runs per measurement (median)")
     ap.add_argument("--config", help="a cachet config file to run the server with")
     ap.add_argument("--skip-xz", action="store_true", help="leave out the xz pushes")
     args = ap.parse_args()

@@ -203,6 +203,7 @@ fn pipeline(c: &mut Criterion) {
                         zstd_level: 3,
                         concurrency: 4,
                         pack_bytes: 4 << 20,
+                        max_uploads: 1,
                     };
                     (
                         dir,

@@ -41,6 +41,7 @@ pub struct IngestConfig {
     pub max_narinfo_bytes: usize,
     pub max_small_body_bytes: usize,
     pub pack_bytes: usize,
+    pub max_uploads: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -130,7 +131,7 @@ impl Default for IngestConfig {
             // server's largest cost in a zstd push), for 2% more stored bytes; see
             // BENCHMARKS.md.
             zstd_level: 1,
-            // Enough to keep both cores busy compressing while the front thread reads.
+            // Enough to keep both cores busy compressing while the two front threads read.
             concurrency: 4,
             max_narinfo_bytes: 1024 * 1024,
             // Build logs and realisations.
@@ -138,6 +139,10 @@ impl Default for IngestConfig {
             // Few objects (one PUT per 4 MiB on S3) and large sequential reads when
             // serving, with at most a few packs buffered per upload.
             pack_bytes: 4 * 1024 * 1024,
+            // Each takes two threads and up to about 16 MiB; tokio's blocking pool has
+            // 512 threads. 32 NARs at once serve many CI runners (each sends one NAR
+            // at a time, or two).
+            max_uploads: 32,
         }
     }
 }
@@ -167,6 +172,10 @@ impl Config {
             "ingest.concurrency must be positive"
         );
         anyhow::ensure!(
+            (1..=128).contains(&self.ingest.max_uploads),
+            "ingest.max_uploads must be 1 to 128"
+        );
+        anyhow::ensure!(
             self.serve.read_ahead > 0,
             "serve.read_ahead must be positive"
         );
@@ -183,6 +192,7 @@ impl Config {
             zstd_level: self.ingest.zstd_level,
             concurrency: self.ingest.concurrency,
             pack_bytes: self.ingest.pack_bytes,
+            max_uploads: self.ingest.max_uploads,
         }
     }
 
@@ -211,6 +221,7 @@ mod tests {
         assert_eq!(example.chunking, d.chunking);
         assert_eq!(example.ingest.zstd_level, d.ingest.zstd_level);
         assert_eq!(example.serve.read_ahead, d.serve.read_ahead);
+        assert_eq!(example.ingest.max_uploads, d.ingest.max_uploads);
     }
 
     #[test]

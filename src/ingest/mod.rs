@@ -42,6 +42,8 @@ pub struct IngestSettings {
     pub concurrency: usize,
     /// Size at which a pack object is closed and written.
     pub pack_bytes: usize,
+    /// Uploads ingested at once; more wait their turn.
+    pub max_uploads: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -84,7 +86,7 @@ pub struct IngestedNar {
 /// every stream Nix makes and refuses one that asks for gigabytes.
 const XZ_MEMORY_LIMIT: u64 = 80 * 1024 * 1024;
 
-/// Chunks travel from the front thread in batches of about this many bytes, so
+/// Chunks travel from the chunking stage in batches of about this many bytes, so
 /// per-message and per-task costs are paid per batch, not per chunk.
 const BATCH_BYTES: usize = 256 * 1024;
 
@@ -132,9 +134,6 @@ fn classify(e: io::Error, compression: Compression) -> IngestError {
     let inner = e.get_ref();
     if inner.is_some_and(|i| i.is::<BodyError>()) {
         IngestError::Body(e)
-    } else if inner.is_some_and(|i| i.is::<StorageGone>()) {
-        // Replaced by the storage error the async side reports.
-        IngestError::Body(e)
     } else {
         IngestError::Decompress {
             compression,
@@ -147,6 +146,10 @@ pub struct Ingestor {
     index: Arc<dyn Index>,
     packs: PackStore,
     settings: IngestSettings,
+    /// Each upload holds two threads of the blocking pool for its whole life and
+    /// borrows more to compress; bounding the uploads keeps the pool from running out,
+    /// which would stall every upload, and bounds their memory.
+    uploads: tokio::sync::Semaphore,
 }
 
 /// A chunk on its way to the manifest.
@@ -164,6 +167,7 @@ impl Ingestor {
         Self {
             index,
             packs,
+            uploads: tokio::sync::Semaphore::new(settings.max_uploads),
             settings,
         }
     }
@@ -182,15 +186,15 @@ impl Ingestor {
         if matches!(compression, Compression::Brotli | Compression::Lz4) {
             return Err(IngestError::Unsupported(compression));
         }
+        let _turn = self.uploads.acquire().await.expect("never closed");
         let body = Box::pin(body.map_err(|e| io::Error::other(BodyError(e.to_string()))));
         let reader = tokio_util::io::SyncIoBridge::new(tokio_util::io::StreamReader::new(body));
         let (tx, mut rx) = mpsc::channel::<Batch>(self.settings.concurrency);
         let (nar_tx, nar_rx) = std::sync::mpsc::sync_channel(DECODED_BUFFERS);
         let params = self.settings.chunking;
         let decoding = tokio::task::spawn_blocking(move || decode(reader, compression, nar_tx));
-        let chunking = tokio::task::spawn_blocking(move || {
-            chunk(ChannelReader::new(nar_rx), compression, params, tx)
-        });
+        let chunking =
+            tokio::task::spawn_blocking(move || chunk(ChannelReader::new(nar_rx), params, tx));
 
         let stored = async {
             let mut prepared = futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
@@ -353,10 +357,12 @@ fn decode(
 /// names them (BLAKE3) and sends them on in batches. Returns the listing.
 fn chunk(
     nar: impl Read,
-    compression: Compression,
     params: ChunkParams,
     tx: mpsc::Sender<Batch>,
 ) -> Result<Vec<u8>, IngestError> {
+    // The only reading error here is the storing side having stopped (the decoding
+    // stage ends the channel cleanly), and the storing side's own error is the one
+    // reported; `Body` stands in for it.
     let mut batch: Batch = Vec::new();
     let mut batch_bytes = 0;
     let send = |batch: &mut Batch| {
@@ -376,17 +382,114 @@ fn chunk(
         let tee = ChunkingReader::new(nar, Chunker::new(params), emit);
         let mut nar_input = BufReader::with_capacity(STAGE_BUFFER, tee);
         let listing = nar::validate(&mut nar_input).map_err(|e| match e {
-            NarError::Read(e) => classify(e, compression),
+            NarError::Read(e) => IngestError::Body(e),
             e => IngestError::Nar(e),
         })?;
-        nar_input
-            .into_inner()
-            .finish()
-            .map_err(|e| classify(e, compression))?;
+        nar_input.into_inner().finish().map_err(IngestError::Body)?;
         listing.to_listing_json()
     };
     if !batch.is_empty() {
-        send(&mut batch).map_err(|e| classify(e, compression))?;
+        send(&mut batch).map_err(IngestError::Body)?;
     }
     Ok(listing)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::index::SledIndex;
+    use crate::nix::nar::write::{nar, Entry};
+    use crate::testing::Xorshift;
+
+    fn settings() -> IngestSettings {
+        IngestSettings {
+            chunking: ChunkParams {
+                min_size: 8 * 1024,
+                avg_size: 32 * 1024,
+                max_size: 128 * 1024,
+            },
+            zstd_level: 1,
+            concurrency: 2,
+            pack_bytes: 256 * 1024,
+            max_uploads: 2,
+        }
+    }
+
+    /// An ingestor over a local store in `dir`.
+    fn ingestor(dir: &std::path::Path) -> Ingestor {
+        let index = Arc::new(SledIndex::open(&dir.join("index"), 1 << 20).unwrap());
+        std::fs::create_dir_all(dir.join("store")).unwrap();
+        let packs = PackStore::local(dir.join("store")).unwrap();
+        Ingestor::new(index, packs, settings())
+    }
+
+    /// A NAR of a few MiB of incompressible file contents.
+    fn big_nar() -> Vec<u8> {
+        let contents = Xorshift(3).bytes(3 * 1024 * 1024);
+        nar(&Entry::File {
+            executable: false,
+            contents: &contents,
+        })
+    }
+
+    type Piece = Result<Bytes, String>;
+
+    fn pieces(data: &[u8]) -> Vec<Piece> {
+        data.chunks(64 * 1024)
+            .map(|p| Ok(Bytes::copy_from_slice(p)))
+            .collect()
+    }
+
+    /// Runs an ingest, failing the test rather than hanging if it never ends.
+    async fn ingest(ingestor: &Ingestor, body: Vec<Piece>) -> Result<IngestedNar, IngestError> {
+        let run = ingestor.ingest(futures::stream::iter(body), Compression::None);
+        tokio::time::timeout(Duration::from_secs(60), run)
+            .await
+            .expect("an ingest ends")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_whole_nar_is_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = big_nar();
+        let got = ingest(&ingestor(dir.path()), pieces(&data)).await.unwrap();
+        assert_eq!(got.nar_size, data.len() as u64);
+        assert_eq!(got.manifest.nar_size(), data.len() as u64);
+        assert!(got.manifest.chunks.len() > 10);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_body_that_breaks_off_is_a_body_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut body = pieces(&big_nar());
+        body.truncate(20);
+        body.push(Err("connection reset".into()));
+        let err = ingest(&ingestor(dir.path()), body).await.unwrap_err();
+        assert!(matches!(err, IngestError::Body(_)), "{err:?}");
+        assert!(err.to_string().contains("connection reset"), "{err}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_bad_nar_fails_early_however_long_the_body() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut data = b"not a NAR at all".to_vec();
+        data.extend(Xorshift(5).bytes(40 * 1024 * 1024));
+        let err = ingest(&ingestor(dir.path()), pieces(&data))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, IngestError::Nar(_)), "{err:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failing_store_is_a_storage_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let ingestor = ingestor(dir.path());
+        // Packs cannot be written under a root that has become a file.
+        std::fs::remove_dir_all(dir.path().join("store")).unwrap();
+        std::fs::write(dir.path().join("store"), b"").unwrap();
+        let err = ingest(&ingestor, pieces(&big_nar())).await.unwrap_err();
+        assert!(matches!(err, IngestError::Storage(_)), "{err:?}");
+    }
 }

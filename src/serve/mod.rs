@@ -131,7 +131,9 @@ async fn fetch(store: PackStore, encoding: Encoding, read: Read) -> io::Result<B
     let data = store
         .get_range(&read.pack, read.range.clone())
         .await
-        .inspect_err(|e| tracing::error!(pack = ?read.pack, error = %e, "reading a pack failed while serving"))?;
+        .inspect_err(|e| {
+            tracing::error!(pack = ?read.pack, error = %e, "reading a pack failed while serving");
+        })?;
     match encoding {
         Encoding::Zstd => Ok(data),
         Encoding::Plain => tokio::task::spawn_blocking(move || decompress(&read, &data))

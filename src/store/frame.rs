@@ -1,10 +1,6 @@
-//! Stored frames: every chunk is one independent zstd frame, so any sequence of them
-//! is a valid zstd stream.
-//!
-//! An upload stores its new chunks as *raw* frames: zstd's frame format with stored
-//! (uncompressed) blocks, written at memory speed, so that compression is not on the
-//! path a pushing client waits for. The compactor later replaces them with compressed
-//! frames (see `crate::compact`).
+//! Raw zstd frames: zstd's frame format with stored (uncompressed) blocks, which any
+//! zstd decoder reads. With `ingest.zstd_level = 0` chunks are stored this way, so a
+//! served `.nar.zst` stays a valid zstd stream while no time goes into compression.
 
 /// zstd's frame magic number, little-endian on disk.
 const MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
@@ -22,7 +18,7 @@ pub fn raw_frame_len(len: usize) -> usize {
 }
 
 /// Appends `data` to `out` as one raw zstd frame. `data` must be under 4 GiB (chunks
-/// are at most a few hundred KiB).
+/// are at most `chunking.max_size`, a few MiB at most).
 pub fn write_raw(data: &[u8], out: &mut Vec<u8>) {
     let len = u32::try_from(data.len()).expect("a chunk is under 4 GiB");
     out.reserve(raw_frame_len(data.len()));
@@ -42,7 +38,7 @@ pub fn write_raw(data: &[u8], out: &mut Vec<u8>) {
 
 /// Block header: bit 0 last block, bits 1-2 block type (0: raw), bits 3-23 size.
 fn block_header(size: usize, last: bool) -> [u8; 3] {
-    let v = (size as u32) << 3 | u32::from(last);
+    let v = ((size as u32) << 3) | u32::from(last);
     let b = v.to_le_bytes();
     [b[0], b[1], b[2]]
 }

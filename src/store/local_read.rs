@@ -20,24 +20,37 @@ use rustix::io::{Errno, ReadWriteFlags};
 
 /// Bytes `range` of the file at `path`. A file shorter than the range is an error.
 pub async fn read_range(path: PathBuf, range: Range<u64>) -> io::Result<Bytes> {
-    let len = usize::try_from(range.end - range.start).map_err(io::Error::other)?;
+    let len = range
+        .end
+        .checked_sub(range.start)
+        .and_then(|n| usize::try_from(n).ok())
+        .ok_or_else(|| io::Error::other("an inverted or oversized range"))?;
+    // Opening stays on the async thread: a pack's directory entry and inode are
+    // cached whenever its pages are, and opening per read keeps no file handles.
     let file = File::open(&path)?;
     let mut buf = vec![0u8; len];
-    let cached = read_cached(&file, &mut buf, range.start)?;
+    let cached = read_cached(&file, &mut buf, range.start);
     if cached < len {
-        buf = tokio::task::spawn_blocking(move || {
-            file.read_exact_at(&mut buf[cached..], range.start + cached as u64)
-                .map(|()| buf)
-        })
-        .await
-        .map_err(io::Error::other)??;
+        buf = tokio::task::spawn_blocking(move || read_rest(&file, buf, cached, range.start))
+            .await
+            .map_err(io::Error::other)??;
     }
     Ok(Bytes::from(buf))
 }
 
+/// Reads what `read_cached` left of `buf`, which holds the file's bytes from `offset`
+/// and has its first `done` filled; this may wait on the disk.
+fn read_rest(file: &File, mut buf: Vec<u8>, done: usize, offset: u64) -> io::Result<Vec<u8>> {
+    file.read_exact_at(&mut buf[done..], offset + done as u64)?;
+    Ok(buf)
+}
+
 /// Fills `buf` from `offset` with what the page cache holds, stopping at the first
-/// byte that would need the disk; returns how many bytes it read.
-fn read_cached(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+/// byte that would need the disk; returns how many bytes it read. It never fails:
+/// whatever it could not read (not cached, the end of the file, a filesystem or a
+/// seccomp filter that refuses the call) is left to the blocking read, which reports
+/// real errors.
+fn read_cached(file: &File, buf: &mut [u8], offset: u64) -> usize {
     let mut done = 0;
     while done < buf.len() {
         let mut slice = [IoSliceMut::new(&mut buf[done..])];
@@ -47,20 +60,13 @@ fn read_cached(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
             offset + done as u64,
             ReadWriteFlags::NOWAIT,
         ) {
-            Ok(0) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "pack file is shorter than its records",
-                ))
-            }
+            Ok(0) => break,
             Ok(n) => done += n,
             Err(Errno::INTR) => {}
-            // Not cached, or a filesystem that cannot tell: the blocking read does it.
-            Err(Errno::AGAIN | Errno::OPNOTSUPP | Errno::NOSYS) => break,
-            Err(e) => return Err(e.into()),
+            Err(_) => break,
         }
     }
-    Ok(done)
+    done
 }
 
 #[cfg(test)]
@@ -77,7 +83,16 @@ mod tests {
             let got = read_range(path.clone(), range.clone()).await.unwrap();
             assert_eq!(&got[..], &data[range.start as usize..range.end as usize]);
         }
-        // Out of the page cache, the read finishes on the blocking pool.
+        // Whatever part the page cache had, the blocking read finishes the rest.
+        for done in [0, 1, 4096, 100_000, 249_000] {
+            let mut buf = vec![0u8; 249_000];
+            buf[..done].copy_from_slice(&data[1000..1000 + done]);
+            let file = File::open(&path).unwrap();
+            let got = read_rest(&file, buf, done, 1000).unwrap();
+            assert_eq!(&got[..], &data[1000..250_000], "{done} bytes cached");
+        }
+        // Out of the page cache (where the filesystem honours the advice), a read
+        // still returns the right bytes.
         let file = File::open(&path).unwrap();
         file.sync_all().unwrap();
         rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::DontNeed).unwrap();

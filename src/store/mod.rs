@@ -1,5 +1,6 @@
-//! Chunk storage over `object_store` (local filesystem or S3): zstd frames packed into
-//! pack objects, and the manifests that put them back together into NARs.
+//! Chunk storage over `object_store` (the local filesystem; S3 is the next backend):
+//! zstd frames packed into pack objects, and the manifests that put them back together
+//! into NARs. Local packs are read for serving directly (`local_read`).
 
 pub mod frame;
 mod local_read;

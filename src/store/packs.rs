@@ -36,6 +36,11 @@ impl PackStore {
     /// be every pack it depends on.
     pub fn local(root: PathBuf) -> object_store::Result<Self> {
         let objects = LocalFileSystem::new_with_prefix(&root)?.with_fsync(true);
+        // Reads resolve pack paths as the object store does, from the absolute root.
+        let root = std::fs::canonicalize(&root).map_err(|source| object_store::Error::Generic {
+            store: "local",
+            source: Box::new(source),
+        })?;
         Ok(Self {
             objects: Arc::new(objects),
             local_root: Some(Arc::new(root)),
@@ -62,7 +67,7 @@ impl PackStore {
         match &self.local_root {
             Some(root) => local_read::read_range(root.join(path.as_ref()), range).await,
             None => {
-                let want = range.end - range.start;
+                let want = range.end.saturating_sub(range.start);
                 let data = self.objects.get_range(&path, range).await;
                 let data = data.map_err(io::Error::other)?;
                 if data.len() as u64 != want {
