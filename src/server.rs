@@ -13,11 +13,20 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     announce(&app, addr, opened.admin_token_created);
     let router = crate::http::router(app.clone());
-    // Without TCP_NODELAY the last small segment of a response waits for the client's
-    // delayed ACK: tens of milliseconds per NAR.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+    let send_buffer = app.config.serve.send_buffer_bytes;
+    let listener = axum::serve::ListenerExt::tap_io(listener, move |tcp| {
+        // Without TCP_NODELAY the last small segment of a response waits for the
+        // client's delayed ACK: tens of milliseconds per NAR.
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::warn!(error = %e, "could not set TCP_NODELAY");
+        }
+        // A new connection's send buffer starts at 16 KiB and grows slowly; a NAR
+        // response then stops and wakes the task time and again (see ServeConfig).
+        if send_buffer > 0 {
+            let set = rustix::net::sockopt::set_socket_send_buffer_size(&*tcp, send_buffer);
+            if let Err(e) = set {
+                tracing::warn!(error = %e, "could not set the send buffer size");
+            }
         }
     });
     axum::serve(listener, router)
