@@ -121,8 +121,7 @@ mod tests {
     };
 
     fn data(n: usize, seed: u64) -> Vec<u8> {
-        let mut rng = crate::testing::Xorshift(seed);
-        (0..n).map(|_| rng.next() as u8).collect()
+        crate::testing::Xorshift(seed).bytes(n)
     }
 
     fn chunks_of(bytes: &[u8], piece: usize) -> Vec<Vec<u8>> {

@@ -403,17 +403,13 @@ mod tests {
     use crate::nix::nar::write::{nar, Entry};
     use crate::testing::Xorshift;
 
+    /// The defaults, with small packs so that a few MiB fill several.
     fn settings() -> IngestSettings {
         IngestSettings {
-            chunking: ChunkParams {
-                min_size: 8 * 1024,
-                avg_size: 32 * 1024,
-                max_size: 128 * 1024,
-            },
-            zstd_level: 1,
             concurrency: 2,
             pack_bytes: 256 * 1024,
             max_uploads: 2,
+            ..crate::config::Config::default().ingest_settings()
         }
     }
 
