@@ -15,9 +15,12 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use cachet::index::SledIndex;
 use cachet::ingest::chunker::{ChunkParams, Chunker};
 use cachet::ingest::{IngestSettings, Ingestor};
+use cachet::metrics::Metrics;
 use cachet::nix::nar::{self, write::Entry};
 use cachet::nix::Compression;
+use cachet::store::space::SpaceCheck;
 use cachet::store::PackStore;
+use cachet::testing::Xorshift;
 
 const PARAMS: ChunkParams = ChunkParams {
     min_size: 4096,
@@ -25,19 +28,7 @@ const PARAMS: ChunkParams = ChunkParams {
     max_size: 65536,
 };
 
-/// A deterministic generator (xorshift), so every run sees the same bytes.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
-
-fn file_contents(rng: &mut Rng, size: usize) -> Vec<u8> {
+fn file_contents(rng: &mut Xorshift, size: usize) -> Vec<u8> {
     const WORDS: [&str; 12] = [
         "lib",
         "nix",
@@ -65,7 +56,7 @@ fn file_contents(rng: &mut Rng, size: usize) -> Vec<u8> {
 }
 
 fn sample_nar() -> Vec<u8> {
-    let mut rng = Rng(0x9e3779b97f4a7c15);
+    let mut rng = Xorshift(0x9e3779b97f4a7c15);
     let files: Vec<(String, Vec<u8>)> = (0..160)
         .map(|i| {
             let size = 1024 << (rng.next() % 9); // 1 KiB to 256 KiB
@@ -141,7 +132,7 @@ fn stages(c: &mut Criterion) {
         })
     });
     g.bench_function("nar_validate", |b| {
-        b.iter(|| nar::validate(&nar[..]).unwrap())
+        b.iter(|| nar::validate(&nar[..], std::io::sink(), u64::MAX).unwrap())
     });
     g.bench_function("sha256", |b| b.iter(|| cachet::nix::Sha256::digest(&nar)));
     g.bench_function("fastcdc", |b| b.iter(|| chunks(&nar).len()));
@@ -204,18 +195,19 @@ fn pipeline(c: &mut Criterion) {
                         concurrency: 4,
                         pack_bytes: 4 << 20,
                         max_uploads: 1,
+                        ..cachet::config::Config::default().ingest_settings()
                     };
-                    (
-                        dir,
-                        Ingestor::new(index, PackStore::new(Arc::new(objects)), settings),
-                    )
+                    let packs = PackStore::new(Arc::new(objects), Default::default());
+                    let space = SpaceCheck::new(Vec::new(), 0);
+                    let metrics = Arc::new(Metrics::new());
+                    (dir, Ingestor::new(index, packs, settings, metrics, space))
                 },
                 |(_dir, ingestor)| {
-                    let pieces: Vec<Result<Bytes, std::convert::Infallible>> = body
+                    let pieces: Vec<Result<Bytes, cachet::body::BodyError>> = body
                         .chunks(256 * 1024)
                         .map(|p| Ok(body.slice_ref(p)))
                         .collect();
-                    rt.block_on(ingestor.ingest(futures::stream::iter(pieces), compression))
+                    rt.block_on(ingestor.ingest_nar(futures::stream::iter(pieces), compression))
                         .unwrap()
                 },
                 criterion::BatchSize::PerIteration,

@@ -1,36 +1,45 @@
 //! Everything a request handler can reach, opened once at start.
 
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 use crate::auth::{self, Authorizer, Token};
+use crate::budget::Budget;
 use crate::caches::Caches;
 use crate::config::Config;
 use crate::index::{Index, SledIndex};
 use crate::ingest::Ingestor;
+use crate::metrics::Metrics;
+use crate::serve;
+use crate::store::space::{free_bytes, SpaceCheck};
 use crate::store::PackStore;
 
+/// The server's state, shared by every request.
 pub struct App {
+    /// The configuration it was opened with.
     pub config: Config,
+    /// The metadata.
     pub index: Arc<dyn Index>,
+    /// The chunk storage.
     pub packs: PackStore,
+    /// The upload pipeline.
     pub ingestor: Ingestor,
+    /// Where downloads read from, and their shared read-ahead budget.
+    pub serve: serve::Source,
+    /// The caches and their keys.
     pub caches: Caches,
+    /// Who may do what.
     pub auth: Authorizer,
-    pub stats: Stats,
-}
-
-/// Counters an operator wants to see.
-#[derive(Default)]
-pub struct Stats {
-    /// Pushes of a path already present with a different NarHash (unreproducible builds).
-    pub narinfo_conflicts: AtomicU64,
+    /// What the server counts.
+    pub metrics: Arc<Metrics>,
 }
 
 /// What the first start created, to tell the operator.
 pub struct Opened {
+    /// The server's state.
     pub app: Arc<App>,
+    /// The admin token.
     pub admin_token: Token,
+    /// Whether the token was created by this start.
     pub admin_token_created: bool,
 }
 
@@ -45,33 +54,65 @@ fn create_private_dir(path: &std::path::Path) -> anyhow::Result<()> {
 }
 
 impl App {
+    /// Opens the data directory, the index and the storage; creates what a first start
+    /// needs (the configured caches, their keys, the admin token).
     pub fn open(config: Config) -> anyhow::Result<Opened> {
         config.validate()?;
         create_private_dir(&config.data_dir)?;
-        let index: Arc<dyn Index> = Arc::new(SledIndex::open(
-            &config.data_dir.join("index"),
-            config.index.cache_mib * 1024 * 1024,
-        )?);
+        let explain = |e: anyhow::Error| explain_full_disk(e, &config.data_dir);
+        let index_dir = config.data_dir.join("index");
+        let index: Arc<dyn Index> = Arc::new(
+            SledIndex::open(&index_dir, config.index.cache_mib * 1024 * 1024).map_err(explain)?,
+        );
         let storage_path = config.storage_path();
-        std::fs::create_dir_all(&storage_path)?;
-        let packs = PackStore::local(storage_path)?;
-        let ingestor = Ingestor::new(index.clone(), packs.clone(), config.ingest_settings());
-        let caches = Caches::open(index.as_ref(), &config)?;
+        std::fs::create_dir_all(&storage_path)
+            .map_err(|e| anyhow::anyhow!("creating {}: {e}", storage_path.display()))?;
+        let metrics = Arc::new(Metrics::new());
+        let packs = PackStore::local(storage_path.clone(), metrics.storage_errors.clone())?;
+        let space = SpaceCheck::new(
+            vec![index_dir, storage_path],
+            config.storage.min_free_mib * 1024 * 1024,
+        );
+        let ingestor = Ingestor::new(
+            index.clone(),
+            packs.clone(),
+            config.ingest_settings(),
+            metrics.clone(),
+            space,
+        );
+        let caches = Caches::open(index.as_ref(), &config).map_err(explain)?;
         let (admin_token, admin_token_created) =
-            auth::load_or_create_admin_token(&config.data_dir)?;
+            auth::load_or_create_admin_token(&config.data_dir).map_err(explain)?;
+        let serve = serve::Source {
+            store: packs.clone(),
+            plan: config.serve.read_plan(),
+            read_ahead: Budget::new(config.serve.read_ahead_mib * 1024 * 1024),
+        };
         let app = Arc::new(App {
             auth: Authorizer::new(&admin_token),
             config,
             index,
             packs,
             ingestor,
+            serve,
             caches,
-            stats: Stats::default(),
+            metrics,
         });
         Ok(Opened {
             app,
             admin_token,
             admin_token_created,
         })
+    }
+}
+
+/// Says so when a start failed because the data directory's filesystem is full.
+fn explain_full_disk(e: anyhow::Error, data_dir: &std::path::Path) -> anyhow::Error {
+    match free_bytes(data_dir) {
+        Ok(free) if free < 1024 * 1024 => e.context(format!(
+            "the filesystem of {} is full ({free} bytes free): free some space and start again",
+            data_dir.display()
+        )),
+        _ => e,
     }
 }

@@ -4,26 +4,33 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, RwLock};
 
-use crate::auth::write_secret_file;
 use crate::config::{CacheConfig, Config};
 use crate::error::{Error, Result};
 use crate::index::{CacheRecord, Index};
 use crate::nix::signing::{PublicKey, SecretKey};
 use crate::nix::CacheName;
 
+/// A cache as requests see it.
 pub struct Cache {
+    /// Its name.
     pub name: CacheName,
+    /// Whether anyone may pull from it.
     pub public: bool,
+    /// The priority its `nix-cache-info` announces.
     pub priority: u32,
+    /// The key it signs narinfos with.
     pub key: SecretKey,
+    /// That key's public half, for clients' `trusted-public-keys`.
     pub public_key: PublicKey,
 }
 
+/// Every cache of the server, by name.
 pub struct Caches {
     map: RwLock<HashMap<CacheName, Arc<Cache>>>,
 }
 
 impl Caches {
+    /// The cache `name`; a miss is `NotFound`.
     pub fn get(&self, name: &CacheName) -> Result<Arc<Cache>> {
         self.map
             .read()
@@ -33,6 +40,7 @@ impl Caches {
             .ok_or(Error::NotFound("cache"))
     }
 
+    /// Every cache, by name.
     pub fn all(&self) -> Vec<Arc<Cache>> {
         let mut all: Vec<_> = self
             .map
@@ -46,7 +54,8 @@ impl Caches {
     }
 
     /// Creates the configured caches that are missing (or `main` on an empty data
-    /// directory), then loads every cache and its key.
+    /// directory), updates the settings of those that changed in the config, then
+    /// loads every cache and its key.
     pub fn open(index: &dyn Index, config: &Config) -> anyhow::Result<Self> {
         let mut records = index.caches()?;
         let wanted: Vec<CacheConfig> = if config.caches.is_empty() && records.is_empty() {
@@ -60,23 +69,33 @@ impl Caches {
         } else {
             config.caches.clone()
         };
+        // Only what changed is written: a start on a full disk must not need to write.
+        let mut changed = false;
         for c in wanted {
             if let Some(existing) = records.iter_mut().find(|r| r.name == c.name) {
+                let mut updated = existing.clone();
                 // A configured key file takes over (keys rotate through the config).
                 if let Some(file) = &c.secret_key_file {
-                    existing.secret_key_file = file.clone();
+                    updated.secret_key_file = file.clone();
                 }
-                existing.public = c.public;
-                existing.priority = c.priority;
-                index.put_cache(existing)?;
+                updated.public = c.public;
+                updated.priority = c.priority;
+                if updated != *existing {
+                    index.put_cache(&updated)?;
+                    *existing = updated;
+                    changed = true;
+                }
                 continue;
             }
             let record = create(&c, &config.data_dir)?;
             index.put_cache(&record)?;
             tracing::info!(cache = %record.name, "created cache");
             records.push(record);
+            changed = true;
         }
-        index.flush()?;
+        if changed {
+            index.flush()?;
+        }
         let mut map = HashMap::new();
         for r in records {
             let key = read_key(&r.secret_key_file)?;
@@ -114,7 +133,7 @@ fn create(c: &CacheConfig, data_dir: &Path) -> anyhow::Result<CacheRecord> {
                     .unwrap_or_else(|| format!("{}-1", c.name));
                 let key = SecretKey::generate(&key_name)
                     .map_err(|e| anyhow::anyhow!("key name {key_name:?}: {e}"))?;
-                write_secret_file(&file, &key.to_file_text())?;
+                crate::secret_file::write(&file, &key.to_file_text())?;
             }
             file
         }
@@ -128,10 +147,7 @@ fn create(c: &CacheConfig, data_dir: &Path) -> anyhow::Result<CacheRecord> {
 }
 
 fn read_key(path: &Path) -> anyhow::Result<SecretKey> {
-    let text = zeroize::Zeroizing::new(
-        std::fs::read_to_string(path)
-            .map_err(|e| anyhow::anyhow!("reading key {}: {e}", path.display()))?,
-    );
+    let text = crate::secret_file::read(path)?;
     text.parse()
         .map_err(|e| anyhow::anyhow!("key {}: {e}", path.display()))
 }

@@ -1,24 +1,40 @@
 //! The server's configuration: built-in defaults, then a TOML file, then flags and
-//! `CACHET_*` environment variables (applied by the binary), in that order.
+//! `CACHET_*` environment variables (applied by the binary), in that order. Every limit
+//! is a setting here with its default and what it protects; `config/cachet.toml` shows
+//! them all.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::body::BodyLimits;
 use crate::ingest::chunker::ChunkParams;
 use crate::ingest::IngestSettings;
 use crate::nix::CacheName;
 
+const MIB: u64 = 1024 * 1024;
+
+/// Everything the server is told at start.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
+    /// The address to serve on.
     pub listen: SocketAddr,
+    /// Where metadata, keys, the admin token and local chunks live.
     pub data_dir: PathBuf,
+    /// Connections: how many, and how long they may idle or stall.
+    pub server: ServerConfig,
+    /// Where chunks are stored.
     pub storage: StorageConfig,
+    /// Content-defined chunk sizes.
     pub chunking: ChunkParams,
+    /// Uploads.
     pub ingest: IngestConfig,
+    /// Downloads.
     pub serve: ServeConfig,
+    /// The metadata database.
     pub index: IndexConfig,
     /// Caches created at start when missing. With none, a public `main` is created on
     /// an empty data directory.
@@ -26,24 +42,87 @@ pub struct Config {
     pub caches: Vec<CacheConfig>,
 }
 
+/// Connection limits: what keeps idle, slow or too many clients from locking others
+/// out.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, tag = "type", rename_all = "lowercase")]
-pub enum StorageConfig {
-    /// Chunks on the local filesystem; `path` defaults to `<data_dir>/store`.
-    Local { path: Option<PathBuf> },
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Connections open at once; more are answered 503 and closed. Each takes a file
+    /// descriptor (the server raises its soft limit to the hard one at start and keeps
+    /// this under it) and about 20 KiB while idle.
+    pub max_connections: usize,
+    /// A request head (request line and headers) must arrive within this many seconds
+    /// of its first byte, or the connection is closed (slow-header clients).
+    pub header_timeout_secs: u64,
+    /// A connection with no request for this many seconds is closed (idle clients).
+    pub idle_timeout_secs: u64,
+    /// A response the client stops reading for this many seconds is dropped (slow
+    /// readers holding buffers).
+    pub send_timeout_secs: u64,
+    /// On SIGTERM, requests in flight get this many seconds to finish.
+    pub shutdown_grace_secs: u64,
 }
 
+/// Where chunks are stored. One flat table for every backend, so that the file reads
+/// as operators write it; `validate` refuses settings of another backend.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// The backend.
+    #[serde(rename = "type")]
+    pub backend: StorageBackend,
+    /// For `local`: the directory of the pack files (default `<data_dir>/store`).
+    pub path: Option<PathBuf>,
+    /// Uploads are refused (507) while the filesystem of the storage or of the
+    /// metadata has less than this many MiB free, so that the metadata database never
+    /// meets a full disk mid-write.
+    pub min_free_mib: u64,
+}
+
+/// The chunk storage backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageBackend {
+    /// Chunks on the local filesystem.
+    Local,
+}
+
+/// Uploads.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct IngestConfig {
+    /// zstd level of stored chunks (0: raw frames).
     pub zstd_level: i32,
+    /// Chunk batches compressed at once per upload.
     pub concurrency: usize,
+    /// Largest narinfo or realisation accepted (413 above).
     pub max_narinfo_bytes: usize,
-    pub max_small_body_bytes: usize,
+    /// Largest build log accepted (413 above).
+    #[serde(alias = "max_small_body_bytes")]
+    pub max_log_bytes: u64,
+    /// Size at which a pack object is written.
     pub pack_bytes: usize,
+    /// NARs ingested at once; more wait their turn.
     pub max_uploads: usize,
+    /// Largest NAR accepted, uncompressed (413 above): what a compression bomb can
+    /// cost in CPU time before it is refused.
+    pub max_nar_bytes: u64,
+    /// Most files, directories and symlinks in a NAR (413 above): what bounds the work
+    /// and the size of the listing of an archive of tiny entries.
+    pub max_nar_entries: u64,
+    /// Memory all uploads together may reserve: buffers, packs and decoders. An upload
+    /// waits until its share is free; one whose decoder alone would need more is
+    /// refused (413).
+    pub memory_mib: u64,
+    /// An upload body that makes the server wait this many seconds while sending
+    /// fewer than `body_min_bytes` loses its slot (408): a trickling client holds an
+    /// ingest slot and its memory only this long.
+    pub body_stall_secs: u64,
+    /// See `body_stall_secs`.
+    pub body_min_bytes: u64,
 }
 
+/// Downloads.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServeConfig {
@@ -51,11 +130,16 @@ pub struct ServeConfig {
     pub read_bytes: u64,
     /// Reads in flight ahead of the one being sent, per download.
     pub read_ahead: usize,
+    /// Memory all downloads together may hold in reads ahead. A download always has
+    /// one read in flight; reads ahead of it take from this, and a download finding
+    /// none left goes on one read at a time (many slow readers cannot grow the process).
+    pub read_ahead_mib: u64,
     /// Socket send buffer asked for on every connection; 0 leaves it to the kernel.
     pub send_buffer_bytes: usize,
 }
 
 impl ServeConfig {
+    /// The read sizes of a download.
     pub fn read_plan(&self) -> crate::serve::ReadPlan {
         crate::serve::ReadPlan {
             read_bytes: self.read_bytes,
@@ -64,6 +148,7 @@ impl ServeConfig {
     }
 }
 
+/// The metadata database.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct IndexConfig {
@@ -78,12 +163,16 @@ impl Default for IndexConfig {
     }
 }
 
+/// A cache to create at start.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CacheConfig {
+    /// Its name.
     pub name: CacheName,
+    /// Whether anyone may pull from it.
     #[serde(default = "yes")]
     pub public: bool,
+    /// The priority its `nix-cache-info` announces.
     #[serde(default = "default_priority")]
     pub priority: u32,
     /// Name of the generated key; `<cache>-1` when unset.
@@ -107,7 +196,8 @@ impl Default for Config {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             data_dir: PathBuf::from("./cachet-data"),
-            storage: StorageConfig::Local { path: None },
+            server: ServerConfig::default(),
+            storage: StorageConfig::default(),
             chunking: ChunkParams {
                 // Measured on the benchmark closure (1.3 GiB of NARs, 407 paths) and its
                 // mass rebuild (BENCHMARKS.md): average 16 / 32 / 64 KiB stored both
@@ -126,6 +216,38 @@ impl Default for Config {
     }
 }
 
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            // A CI fleet and its hosts hold a few connections each; 4096 idle ones
+            // take about 80 MiB.
+            max_connections: 4096,
+            // curl sends a whole request head in one write; ten seconds is plenty on
+            // any network a cache serves.
+            header_timeout_secs: 10,
+            // Nix may keep a connection idle while it compresses its next NAR (an xz
+            // NAR of a GiB takes about a minute); reconnecting after that costs little.
+            idle_timeout_secs: 60,
+            // A client that has read nothing for a minute is gone or hostile.
+            send_timeout_secs: 60,
+            // Long enough for an upload of a few GiB to finish; init systems wait
+            // 90 s by default before they kill.
+            shutdown_grace_secs: 60,
+        }
+    }
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            backend: StorageBackend::Local,
+            path: None,
+            // Room for a few large NARs in flight and for the metadata to grow.
+            min_free_mib: 1024,
+        }
+    }
+}
+
 impl Default for IngestConfig {
     fn default() -> Self {
         Self {
@@ -136,15 +258,25 @@ impl Default for IngestConfig {
             // Enough to keep both cores busy compressing while the two front threads read.
             concurrency: 4,
             max_narinfo_bytes: 1024 * 1024,
-            // Build logs and realisations.
-            max_small_body_bytes: 64 * 1024 * 1024,
+            max_log_bytes: 64 * MIB,
             // Few objects (one PUT per 4 MiB on S3) and large sequential reads when
             // serving, with at most a few packs buffered per upload.
             pack_bytes: 4 * 1024 * 1024,
-            // Each takes two threads and up to about 16 MiB; tokio's blocking pool has
-            // 512 threads. 32 NARs at once serve many CI runners (each sends one NAR
-            // at a time, or two).
+            // Each takes two threads of tokio's blocking pool (512); the memory budget
+            // is usually what bounds them.
             max_uploads: 32,
+            // The largest NARs in nixpkgs are a few GiB; 32 GiB leaves room and
+            // bounds a bomb to a minute or two of CPU.
+            max_nar_bytes: 32 * 1024 * MIB,
+            // Far above any real package (a full TeX Live tree has some 200,000).
+            max_nar_entries: 1 << 20,
+            // An upload takes about 21 MiB with the default settings (see
+            // IngestSettings::upload_memory) plus its decoder (2 to 9 MiB for what Nix
+            // writes): about five at once, which keep two cores busy.
+            memory_mib: 128,
+            // A CI runner on a slow link still sends 2 KiB a second.
+            body_stall_secs: 30,
+            body_min_bytes: 64 * 1024,
         }
     }
 }
@@ -154,6 +286,8 @@ impl Default for ServeConfig {
         Self {
             read_bytes: 256 * 1024,
             read_ahead: 4,
+            // Sixty-four downloads at full read-ahead.
+            read_ahead_mib: 64,
             // The kernel's own growth starts at 16 KiB: with it four downloads took
             // 0.267-0.278 s against 0.230-0.235 s with 4 MiB (BENCHMARKS.md). The
             // kernel caps the request at net.core.wmem_max; 4 MiB is also the most its
@@ -164,6 +298,7 @@ impl Default for ServeConfig {
 }
 
 impl Config {
+    /// Reads a TOML file over the defaults.
     pub fn load(path: &Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| anyhow::anyhow!("reading config {}: {e}", path.display()))?;
@@ -172,6 +307,7 @@ impl Config {
         Ok(config)
     }
 
+    /// Refuses settings the server cannot run with.
     pub fn validate(&self) -> anyhow::Result<()> {
         self.chunking.validate().map_err(anyhow::Error::msg)?;
         anyhow::ensure!(
@@ -190,9 +326,31 @@ impl Config {
             (0..=22).contains(&self.ingest.zstd_level),
             "ingest.zstd_level must be 0 (uncompressed) to 22"
         );
+        let upload = self.ingest_settings().upload_memory();
+        anyhow::ensure!(
+            self.ingest.memory_mib * MIB > upload,
+            "ingest.memory_mib must be more than one upload takes ({} MiB with these settings)",
+            upload.div_ceil(MIB)
+        );
+        anyhow::ensure!(
+            self.server.max_connections > 0,
+            "server.max_connections must be positive"
+        );
+        for (name, secs) in [
+            (
+                "server.header_timeout_secs",
+                self.server.header_timeout_secs,
+            ),
+            ("server.idle_timeout_secs", self.server.idle_timeout_secs),
+            ("server.send_timeout_secs", self.server.send_timeout_secs),
+            ("ingest.body_stall_secs", self.ingest.body_stall_secs),
+        ] {
+            anyhow::ensure!(secs > 0, "{name} must be positive");
+        }
         Ok(())
     }
 
+    /// What the ingest pipeline needs of the settings.
     pub fn ingest_settings(&self) -> IngestSettings {
         IngestSettings {
             chunking: self.chunking,
@@ -200,13 +358,25 @@ impl Config {
             concurrency: self.ingest.concurrency,
             pack_bytes: self.ingest.pack_bytes,
             max_uploads: self.ingest.max_uploads,
+            max_nar_bytes: self.ingest.max_nar_bytes,
+            max_nar_entries: self.ingest.max_nar_entries,
+            memory_bytes: self.ingest.memory_mib * MIB,
         }
     }
 
+    /// How slow an upload body may be.
+    pub fn body_limits(&self) -> BodyLimits {
+        BodyLimits {
+            stall_timeout: Duration::from_secs(self.ingest.body_stall_secs),
+            min_bytes: self.ingest.body_min_bytes,
+        }
+    }
+
+    /// The directory of local packs.
     pub fn storage_path(&self) -> PathBuf {
-        match &self.storage {
-            StorageConfig::Local { path } => {
-                path.clone().unwrap_or_else(|| self.data_dir.join("store"))
+        match self.storage.backend {
+            StorageBackend::Local => {
+                (self.storage.path.clone()).unwrap_or_else(|| self.data_dir.join("store"))
             }
         }
     }
@@ -224,16 +394,29 @@ mod tests {
         let example: Config = toml::from_str(&text).unwrap();
         example.validate().unwrap();
         let d = Config::default();
-        assert_eq!(example.listen, d.listen);
-        assert_eq!(example.chunking, d.chunking);
-        assert_eq!(example.ingest.zstd_level, d.ingest.zstd_level);
-        assert_eq!(example.serve.read_ahead, d.serve.read_ahead);
-        assert_eq!(example.ingest.max_uploads, d.ingest.max_uploads);
-        assert_eq!(example.serve.send_buffer_bytes, d.serve.send_buffer_bytes);
+        // Debug shows every setting: the example must list each with its default.
+        assert_eq!(format!("{example:?}"), format!("{d:?}"));
     }
 
     #[test]
     fn unknown_keys_are_errors() {
         assert!(toml::from_str::<Config>("listn = \"127.0.0.1:1\"").is_err());
+        assert!(toml::from_str::<Config>("[storage]\ntype = \"local\"\npth = \"/x\"").is_err());
+    }
+
+    #[test]
+    fn the_default_budget_fits_an_upload_and_the_old_name_still_parses() {
+        let d = Config::default();
+        d.validate().unwrap();
+        let per_upload = d.ingest_settings().upload_memory();
+        assert!(per_upload < 32 * MIB, "{per_upload}");
+        let c: Config = toml::from_str("[ingest]\nmax_small_body_bytes = 5").unwrap();
+        assert_eq!(c.ingest.max_log_bytes, 5);
+        let tight: Config = toml::from_str("[ingest]\nmemory_mib = 8").unwrap();
+        assert!(tight
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("memory_mib"));
     }
 }

@@ -1,18 +1,22 @@
 //! cachet: a self-hosted Nix binary cache server with chunk-level deduplication.
 //! ARCHITECTURE.md maps the modules and their invariants.
+#![warn(missing_docs)]
 
 pub mod app;
 pub mod auth;
+pub mod body;
+pub mod budget;
 pub mod caches;
 pub mod config;
 pub mod error;
 pub mod http;
 pub mod index;
 pub mod ingest;
+pub mod metrics;
 pub mod nix;
 pub mod publish;
+pub mod secret_file;
 pub mod serve;
 pub mod server;
 pub mod store;
-#[cfg(test)]
-mod testing;
+pub mod testing;

@@ -1,12 +1,14 @@
 //! Publishing a narinfo: the commit point of an upload. Every claim the client makes is
 //! checked against what the server itself computed from the NAR it received, the
-//! closure is kept whole, and the server signs what it serves.
+//! closure is kept whole, and the server signs what it serves. It needs only the index
+//! and the cache, so it is tested without a server.
 
-use crate::app::App;
+use std::sync::Arc;
+
 use crate::caches::Cache;
-use crate::error::{Rejection, Result};
-use crate::index::{Commit, Upload};
-use crate::nix::{Compression, NarInfo, Sha256, StorePathHash};
+use crate::error::{Error, Rejection, Result};
+use crate::index::{Commit, Index, IndexError, NarInfoRecord, Upload};
+use crate::nix::{CacheName, Compression, NarInfo, NarUrl, StorePathHash};
 
 fn mismatch(field: &'static str, claimed: impl ToString, actual: impl ToString) -> Rejection {
     Rejection::Mismatch {
@@ -16,39 +18,52 @@ fn mismatch(field: &'static str, claimed: impl ToString, actual: impl ToString) 
     }
 }
 
-/// The URL a NAR is served at: its NarHash, as the stored zstd frames.
-pub fn served_url(nar_hash: &crate::nix::Sha256) -> String {
-    format!("nar/{}.nar.zst", nar_hash.to_nix32())
+/// What a publication did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Published {
+    /// The narinfo is new.
+    New,
+    /// The same path with the same NarHash was there already: nothing changed.
+    Repeat,
+    /// The path was there with another NarHash (an unreproducible build); the first
+    /// stays.
+    Conflict {
+        /// The NarHash kept.
+        kept: crate::nix::Sha256,
+    },
 }
 
 /// The NAR a client's narinfo URL names in this cache: one uploaded under that URL, or
 /// one the cache already serves uncompressed there. The latter happens with
 /// `compression=none`, where Nix names the file by its NarHash: after another runner
 /// published the same NAR, `HEAD` finds it served and the client skips the upload.
-pub fn resolve_nar_url(app: &App, cache: &Cache, url: &str) -> Result<Option<Upload>> {
-    if let Some(upload) = app.index.upload(&cache.name, url)? {
+pub fn resolve_nar_url(
+    index: &dyn Index,
+    cache: &CacheName,
+    url: &NarUrl,
+) -> Result<Option<Upload>> {
+    if let Some(upload) = index.upload(cache, url)? {
         return Ok(Some(upload));
     }
-    let served = url
-        .strip_prefix("nar/")
-        .and_then(Compression::split_nar_file_name)
-        .filter(|(_, c)| *c == Compression::None)
-        .and_then(|(stem, _)| Sha256::from_nix32(stem));
-    let Some(nar_hash) = served else {
-        return Ok(None);
-    };
-    if !app.index.cache_has_nar(&cache.name, &nar_hash)? {
+    if url.compression != Compression::None || !index.cache_has_nar(cache, &url.hash)? {
         return Ok(None);
     }
-    Ok(app.index.manifest(&nar_hash)?.map(|m| Upload {
-        nar_hash,
-        nar_size: m.nar_size(),
-        file_hash: nar_hash,
-        file_size: m.nar_size(),
+    Ok(index.nar(&url.hash)?.map(|nar| Upload {
+        nar_hash: url.hash,
+        nar_size: nar.contents.size(),
+        file_hash: url.hash,
+        file_size: nar.contents.size(),
     }))
 }
 
-pub async fn publish(app: &App, cache: &Cache, hash: StorePathHash, body: &[u8]) -> Result<()> {
+/// Checks the narinfo `body` a client pushed for `hash` to `cache`, signs it and makes
+/// it visible, durably.
+pub async fn publish(
+    index: &Arc<dyn Index>,
+    cache: &Cache,
+    hash: StorePathHash,
+    body: &[u8],
+) -> Result<Published> {
     let claimed = NarInfo::parse(body)?;
     if claimed.store_path.hash() != hash {
         return Err(Rejection::StorePathMismatch {
@@ -56,8 +71,9 @@ pub async fn publish(app: &App, cache: &Cache, hash: StorePathHash, body: &[u8])
         }
         .into());
     }
-    let upload = resolve_nar_url(app, cache, &claimed.url)?
-        .ok_or_else(|| Rejection::UnknownNarUrl(claimed.url.clone()))?;
+    let unknown = || Rejection::UnknownNarUrl(claimed.url.clone());
+    let url: NarUrl = claimed.url.parse().map_err(|_| unknown())?;
+    let upload = resolve_nar_url(index.as_ref(), &cache.name, &url)?.ok_or_else(unknown)?;
     if claimed.nar_hash != upload.nar_hash {
         return Err(mismatch("NarHash", claimed.nar_hash, upload.nar_hash).into());
     }
@@ -71,47 +87,49 @@ pub async fn publish(app: &App, cache: &Cache, hash: StorePathHash, body: &[u8])
         return Err(mismatch("FileSize", s, upload.file_size).into());
     }
     for r in claimed.foreign_references() {
-        if app.index.narinfo(&cache.name, &r.hash())?.is_none() {
+        if index.narinfo(&cache.name, &r.hash())?.is_none() {
             return Err(Rejection::MissingReference(r.full()).into());
         }
     }
-    let manifest = app
-        .index
-        .manifest(&upload.nar_hash)?
-        .ok_or(crate::index::IndexError::Corrupt("upload without manifest"))?;
+    let nar = index.nar(&upload.nar_hash)?.ok_or(IndexError::Corrupt {
+        record: "upload without its NAR",
+        key: format!("{}/{url}", cache.name),
+    })?;
 
+    let file_size = nar.contents.stored_size();
     let mut served = NarInfo {
-        url: served_url(&upload.nar_hash),
+        url: NarUrl::served(upload.nar_hash).to_string(),
         compression: Compression::Zstd,
         // The served bytes are chunk frames, not the client's file: FileHash would need
         // every frame re-read, so it is left out (it is optional and unsigned).
         file_hash: None,
-        file_size: Some(manifest.stored_size()),
+        file_size: Some(file_size),
         ..claimed
     };
     // Our signature replaces any the client made under our key's name.
     served.sigs.retain(|s| s.key_name() != cache.key.name());
     served.sigs.push(cache.key.sign(&served.fingerprint()));
 
-    let text = served.render();
-    let outcome =
-        app.index
-            .commit_narinfo(&cache.name, &hash, &served.nar_hash, text.as_bytes())?;
+    let record = NarInfoRecord {
+        nar_hash: served.nar_hash,
+        nar_size: served.nar_size,
+        file_size,
+        text: served.render().into(),
+    };
+    let outcome = index.commit_narinfo(&cache.name, &hash, &record)?;
     // Acknowledge only what would survive a crash; a path found already there may
     // come from a commit whose own flush has not finished yet.
-    let index = app.index.clone();
-    tokio::task::spawn_blocking(move || index.flush())
+    let flushing = index.clone();
+    tokio::task::spawn_blocking(move || flushing.flush())
         .await
-        .expect("flush does not panic")?;
-    match outcome {
+        .map_err(|e| Error::Internal(format!("flushing the index: {e}")))??;
+    Ok(match outcome {
         Commit::Written => {
             tracing::info!(cache = %cache.name, path = %served.store_path, nar_size = served.nar_size, "published");
+            Published::New
         }
-        Commit::Exists { nar_hash } if nar_hash == served.nar_hash => {}
+        Commit::Exists { nar_hash } if nar_hash == served.nar_hash => Published::Repeat,
         Commit::Exists { nar_hash } => {
-            app.stats
-                .narinfo_conflicts
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tracing::warn!(
                 cache = %cache.name,
                 path = %served.store_path,
@@ -119,7 +137,208 @@ pub async fn publish(app: &App, cache: &Cache, hash: StorePathHash, body: &[u8])
                 refused = %served.nar_hash,
                 "path pushed again with a different NarHash (unreproducible build); keeping the first"
             );
+            Published::Conflict { kept: nar_hash }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::index::{MemoryIndex, NarRecord};
+    use crate::nix::signing::SecretKey;
+    use crate::nix::Sha256;
+    use crate::store::{ChunkId, ChunkRef, Manifest, PackId};
+
+    const LEAF: &str = "0a5ym8j4ycmssbbmrcd1iv3lz8mfghb6";
+    const TOP: &str = "1x5vmr3a5v6aadm0zq9nd6jq2k1rkzgz";
+
+    fn cache() -> Cache {
+        let key = SecretKey::generate("test-1").unwrap();
+        Cache {
+            name: "main".parse().unwrap(),
+            public: true,
+            priority: 40,
+            public_key: key.public(),
+            key,
         }
     }
-    Ok(())
+
+    /// Records a NAR of `nar_size` bytes uploaded under a URL; returns the URL.
+    fn upload(index: &dyn Index, cache: &Cache, seed: &[u8], nar_size: u32) -> (NarUrl, Upload) {
+        let nar_hash = Sha256::digest(seed);
+        let file_hash = Sha256::digest(&[seed, b".xz"].concat());
+        let contents = Manifest {
+            chunks: vec![ChunkRef {
+                id: ChunkId::of(seed),
+                pack: PackId([1; 16]),
+                offset: 0,
+                stored_len: 10,
+                len: nar_size,
+            }],
+        };
+        index
+            .put_nar(
+                &nar_hash,
+                &NarRecord {
+                    contents,
+                    listing: Manifest::default(),
+                },
+            )
+            .unwrap();
+        let url = NarUrl {
+            hash: file_hash,
+            compression: Compression::Xz,
+        };
+        let up = Upload {
+            nar_hash,
+            nar_size: u64::from(nar_size),
+            file_hash,
+            file_size: 7,
+        };
+        index.put_upload(&cache.name, &url, &up).unwrap();
+        (url, up)
+    }
+
+    fn narinfo(path: &str, url: &NarUrl, up: &Upload, refs: &str) -> String {
+        format!(
+            "StorePath: /nix/store/{path}-x\nURL: {url}\nCompression: xz\nFileHash: {}\nFileSize: {}\n\
+             NarHash: {}\nNarSize: {}\nReferences: {refs}\n",
+            up.file_hash, up.file_size, up.nar_hash, up.nar_size
+        )
+    }
+
+    async fn run(
+        index: &Arc<dyn Index>,
+        cache: &Cache,
+        path: &str,
+        text: &str,
+    ) -> Result<Published> {
+        publish(index, cache, path.parse().unwrap(), text.as_bytes()).await
+    }
+
+    #[tokio::test]
+    async fn a_narinfo_that_agrees_with_its_upload_is_signed_and_served() {
+        let index: Arc<dyn Index> = Arc::new(MemoryIndex::new());
+        let cache = cache();
+        let (url, up) = upload(index.as_ref(), &cache, b"leaf", 100);
+        let text = narinfo(LEAF, &url, &up, &format!("{LEAF}-x"));
+        assert_eq!(
+            run(&index, &cache, LEAF, &text).await.unwrap(),
+            Published::New
+        );
+        assert_eq!(
+            run(&index, &cache, LEAF, &text).await.unwrap(),
+            Published::Repeat
+        );
+        let record = index
+            .narinfo(&cache.name, &LEAF.parse().unwrap())
+            .unwrap()
+            .unwrap();
+        let served = NarInfo::parse(&record.text).unwrap();
+        assert_eq!(served.url, NarUrl::served(up.nar_hash).to_string());
+        assert_eq!(served.file_size, Some(10));
+        assert_eq!(served.file_hash, None);
+        assert!(cache
+            .public_key
+            .verify(&served.fingerprint(), &served.sigs[0]));
+        assert_eq!(index.cache_stats(&cache.name).unwrap().paths, 1);
+    }
+
+    #[tokio::test]
+    async fn claims_that_differ_from_the_upload_are_refused() {
+        let index: Arc<dyn Index> = Arc::new(MemoryIndex::new());
+        let cache = cache();
+        let (url, up) = upload(index.as_ref(), &cache, b"leaf", 100);
+        let good = narinfo(LEAF, &url, &up, "");
+        let other = Sha256::digest(b"other");
+        let cases = [
+            (
+                good.replace(&up.nar_hash.to_string(), &other.to_string()),
+                "NarHash",
+            ),
+            (good.replace("NarSize: 100", "NarSize: 101"), "NarSize"),
+            (good.replace("FileSize: 7", "FileSize: 8"), "FileSize"),
+            (
+                good.replace(&up.file_hash.to_string(), &other.to_string()),
+                "FileHash",
+            ),
+            (
+                good.replace(&url.to_string(), "nar/elsewhere.nar.xz"),
+                "names no NAR",
+            ),
+            (
+                good.replace(&url.to_string(), &NarUrl { hash: other, ..url }.to_string()),
+                "names no NAR",
+            ),
+            (
+                narinfo(LEAF, &url, &up, &format!("{TOP}-y")),
+                "push references first",
+            ),
+            (good.replace("NarHash", "NarHosh"), "missing"),
+        ];
+        for (text, reason) in cases {
+            let err = run(&index, &cache, LEAF, &text).await.unwrap_err();
+            assert!(
+                err.to_string().contains(reason),
+                "{err} should say {reason}"
+            );
+        }
+        let err = run(&index, &cache, TOP, &good).await.unwrap_err();
+        assert!(err.to_string().contains("hash in the URL"), "{err}");
+        assert_eq!(
+            index.narinfo(&cache.name, &LEAF.parse().unwrap()).unwrap(),
+            None
+        );
+        // Another cache cannot claim the upload.
+        let elsewhere = Cache {
+            name: "other".parse().unwrap(),
+            ..cache
+        };
+        let err = run(&index, &elsewhere, LEAF, &good).await.unwrap_err();
+        assert!(err.to_string().contains("names no NAR"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_different_nar_for_a_published_path_is_a_conflict_and_the_first_stays() {
+        let index: Arc<dyn Index> = Arc::new(MemoryIndex::new());
+        let cache = cache();
+        let (url1, up1) = upload(index.as_ref(), &cache, b"one", 100);
+        let (url2, up2) = upload(index.as_ref(), &cache, b"two", 100);
+        run(&index, &cache, LEAF, &narinfo(LEAF, &url1, &up1, ""))
+            .await
+            .unwrap();
+        let second = run(&index, &cache, LEAF, &narinfo(LEAF, &url2, &up2, ""))
+            .await
+            .unwrap();
+        assert_eq!(second, Published::Conflict { kept: up1.nar_hash });
+        let record = index
+            .narinfo(&cache.name, &LEAF.parse().unwrap())
+            .unwrap()
+            .unwrap();
+        assert_eq!(record.nar_hash, up1.nar_hash);
+    }
+
+    #[tokio::test]
+    async fn an_uncompressed_url_resolves_to_a_nar_the_cache_serves() {
+        let index: Arc<dyn Index> = Arc::new(MemoryIndex::new());
+        let cache = cache();
+        let (url, up) = upload(index.as_ref(), &cache, b"leaf", 100);
+        run(&index, &cache, LEAF, &narinfo(LEAF, &url, &up, ""))
+            .await
+            .unwrap();
+        let plain = NarUrl {
+            hash: up.nar_hash,
+            compression: Compression::None,
+        };
+        let resolved = resolve_nar_url(index.as_ref(), &cache.name, &plain)
+            .unwrap()
+            .unwrap();
+        assert_eq!((resolved.nar_hash, resolved.file_size), (up.nar_hash, 100));
+        let other: CacheName = "other".parse().unwrap();
+        assert_eq!(
+            resolve_nar_url(index.as_ref(), &other, &plain).unwrap(),
+            None
+        );
+    }
 }

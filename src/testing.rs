@@ -1,10 +1,12 @@
-//! Helpers shared by the unit tests.
+//! Helpers shared by the unit tests, the integration tests and the benchmarks.
 
 /// A small deterministic generator (xorshift64): the same inputs on every run, with no
 /// dependency on a random-number crate.
 pub struct Xorshift(pub u64);
 
 impl Xorshift {
+    /// The next number.
+    #[allow(clippy::should_implement_trait)]
     pub fn next(&mut self) -> u64 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
@@ -12,6 +14,7 @@ impl Xorshift {
         self.0
     }
 
+    /// `len` bytes.
     pub fn bytes(&mut self, len: usize) -> Vec<u8> {
         (0..len).map(|_| self.next() as u8).collect()
     }

@@ -2,14 +2,11 @@
 //! compares in constant time. For now the admin token is the only token; scoped tokens
 //! grow here without touching the handlers, which only ask `authorize`.
 
-use std::io::Write as _;
-use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::Path;
 
 use subtle::ConstantTimeEq as _;
 use zeroize::Zeroizing;
 
-use crate::caches::Cache;
 use crate::error::{Error, Result};
 use crate::nix::Sha256;
 
@@ -17,10 +14,12 @@ use crate::nix::Sha256;
 pub struct Token(Zeroizing<String>);
 
 impl Token {
+    /// A token as received.
     pub fn new(s: String) -> Self {
         Self(Zeroizing::new(s))
     }
 
+    /// A new random token: 32 bytes from the operating system, in hex.
     pub fn generate() -> Self {
         let mut raw = Zeroizing::new([0u8; 32]);
         getrandom::fill(raw.as_mut()).expect("the operating system's random source failed");
@@ -28,6 +27,7 @@ impl Token {
         Self::new(hex)
     }
 
+    /// The secret itself, to write it where its owner will find it.
     pub fn expose(&self) -> &str {
         &self.0
     }
@@ -43,17 +43,22 @@ impl std::fmt::Debug for Token {
     }
 }
 
+/// What a request wants to do to a cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Permission {
+    /// Read narinfos, NARs, listings, logs.
     Pull,
+    /// Upload NARs and publish narinfos, logs, realisations.
     Push,
 }
 
+/// Decides who may do what.
 pub struct Authorizer {
     admin: Sha256,
 }
 
 impl Authorizer {
+    /// An authorizer that knows the admin token.
     pub fn new(admin: &Token) -> Self {
         Self {
             admin: admin.digest(),
@@ -64,15 +69,16 @@ impl Authorizer {
         !token.0.is_empty() && bool::from(token.digest().as_bytes().ct_eq(self.admin.as_bytes()))
     }
 
-    /// Allows `permission` on `cache` to the bearer of `token` (None when the request
-    /// carried no credentials). Anyone may pull from a public cache.
+    /// Allows `permission` to the bearer of `token` (None when the request carried no
+    /// credentials) on a cache that is `public` or not. Anyone may pull from a public
+    /// cache.
     pub fn authorize(
         &self,
         token: Option<&Token>,
-        cache: Option<&Cache>,
+        public: bool,
         permission: Permission,
     ) -> Result<()> {
-        if permission == Permission::Pull && cache.is_some_and(|c| c.public) {
+        if permission == Permission::Pull && public {
             return Ok(());
         }
         match token {
@@ -95,30 +101,40 @@ pub fn load_or_create_admin_token(data_dir: &Path) -> anyhow::Result<(Token, boo
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let token = Token::generate();
-            write_secret_file(&path, token.expose())?;
+            crate::secret_file::write(&path, token.expose())?;
             Ok((token, true))
         }
         Err(e) => Err(anyhow::anyhow!("reading {}: {e}", path.display())),
     }
 }
 
-/// Writes a file readable by its owner only, whole or not at all: written to a
-/// temporary name, synced, then renamed, so a crash never leaves a partial secret.
-pub fn write_secret_file(path: &Path, contents: &str) -> anyhow::Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(|e| anyhow::anyhow!("creating {}: {e}", tmp.display()))?;
-    f.write_all(contents.as_bytes())?;
-    f.write_all(b"\n")?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path).map_err(|e| anyhow::anyhow!("creating {}: {e}", path.display()))?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn public_caches_are_readable_and_everything_else_needs_the_token() {
+        let admin = Token::generate();
+        let auth = Authorizer::new(&admin);
+        let same = Token::new(admin.expose().to_owned());
+        let wrong = Token::new("wrong".into());
+        let empty = Token::new(String::new());
+        assert!(auth.authorize(None, true, Permission::Pull).is_ok());
+        assert!(auth.authorize(Some(&wrong), true, Permission::Pull).is_ok());
+        for (token, public) in [
+            (None, true),
+            (Some(&wrong), true),
+            (Some(&empty), false),
+            (None, false),
+        ] {
+            assert!(matches!(
+                auth.authorize(token, public, Permission::Push),
+                Err(Error::Unauthorized)
+            ));
+        }
+        assert!(auth.authorize(None, false, Permission::Pull).is_err());
+        assert!(auth.authorize(Some(&same), false, Permission::Pull).is_ok());
+        assert!(auth.authorize(Some(&same), true, Permission::Push).is_ok());
+        assert_eq!(format!("{same:?}"), "Token(<redacted>)");
     }
-    Ok(())
 }

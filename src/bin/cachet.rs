@@ -24,14 +24,27 @@ struct Args {
     /// Log filter, e.g. `info` or `cachet=debug,tower_http=debug`.
     #[arg(long, env = "CACHET_LOG", default_value = "info")]
     log: String,
+    /// Log lines as text for people, or as JSON objects for a log collector.
+    #[arg(long, env = "CACHET_LOG_FORMAT", value_enum, default_value = "text")]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&args.log)?)
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_new(&args.log)?;
+    let logs = tracing_subscriber::fmt().with_env_filter(filter);
+    match args.log_format {
+        LogFormat::Text => logs.init(),
+        // One object per line, with the request's span (and its id) in each.
+        LogFormat::Json => logs.json().with_current_span(true).init(),
+    }
     let mut config = match &args.config {
         Some(path) => Config::load(path)?,
         None => Config::default(),

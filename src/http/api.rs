@@ -12,12 +12,18 @@ use crate::auth::Permission;
 use crate::error::Result;
 use crate::nix::CacheName;
 
+/// A cache as the admin API describes it.
 #[derive(Debug, Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct CacheInfo {
+    /// Its name.
     pub name: String,
+    /// Whether anyone may pull from it.
     pub public: bool,
+    /// Its public key, for `trusted-public-keys`.
     pub public_key: String,
+    /// The priority its `nix-cache-info` announces.
     pub priority: u32,
+    /// The store directory its paths live in.
     pub store_dir: String,
 }
 

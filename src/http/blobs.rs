@@ -1,20 +1,22 @@
 //! Build logs (`log/<drv>`) and realisations (`realisations/<id>.doi`, and the
-//! `build-trace-v2/<drv>/<output>.doi` form of current Nix): small blobs, pushed and
-//! fetched whole.
+//! `build-trace-v2/<drv>/<output>.doi` form of current Nix), stored as chunks like NARs
+//! and streamed back.
 
 use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{Path, State};
-use axum::http::{header, HeaderValue, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
 
-use super::extract::{small_body, Credentials};
+use super::content::stream;
+use super::extract::{guarded, small_body, Credentials};
 use crate::app::App;
 use crate::auth::Permission;
 use crate::error::{Error, Result};
 use crate::index::BlobKind;
 use crate::nix::{CacheName, StorePath};
+use crate::serve::Encoding;
 
 fn bad(what: &'static str) -> Error {
     Error::BadPath {
@@ -65,95 +67,139 @@ async fn get_blob(
     app: &App,
     cache: CacheName,
     creds: Credentials,
-    kind: BlobKind,
-    key: String,
+    (kind, key): (BlobKind, String),
+    headers: &HeaderMap,
     content_type: &'static str,
 ) -> Result<Response> {
     let cache = creds.cache(app, &cache, Permission::Pull)?;
-    let data = app
+    let manifest = app
         .index
         .blob(kind, &cache.name, &key)?
         .ok_or(Error::NotFound("file"))?;
-    let mut r = data.into_response();
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-    Ok(r)
+    stream(app, &manifest, Encoding::Plain, headers, content_type)
 }
 
 async fn put_blob(
     app: &App,
     cache: CacheName,
     creds: Credentials,
-    kind: BlobKind,
-    key: String,
+    (kind, key): (BlobKind, String),
     body: Body,
 ) -> Result<StatusCode> {
     let cache = creds.cache(app, &cache, Permission::Push)?;
-    let data = small_body(body, app.config.ingest.max_small_body_bytes).await?;
-    if kind == BlobKind::Realisation && serde_json::from_slice::<serde_json::Value>(&data).is_err()
-    {
-        return Err(Error::BadBody("a realisation must be JSON".into()));
-    }
-    app.index.put_blob(kind, &cache.name, &key, &data)?;
+    let manifest = match kind {
+        // Logs are streamed into chunks: they may be tens of MiB.
+        BlobKind::Log => {
+            let body = guarded(app, body);
+            app.ingestor
+                .ingest_blob(body, app.config.ingest.max_log_bytes)
+                .await?
+        }
+        // A realisation is a small JSON document, checked before it is stored.
+        BlobKind::Realisation => {
+            let data = small_body(app, body, app.config.ingest.max_narinfo_bytes).await?;
+            if serde_json::from_slice::<serde_json::Value>(&data).is_err() {
+                return Err(Error::BadBody("a realisation must be JSON".into()));
+            }
+            let len = data.len() as u64;
+            let body = futures::stream::iter([Ok(data)]);
+            app.ingestor.ingest_blob(body, len).await?
+        }
+    };
+    app.index.put_blob(kind, &cache.name, &key, &manifest)?;
     Ok(StatusCode::OK)
 }
 
 const LOG_TYPE: &str = "text/plain; charset=utf-8";
 const JSON_TYPE: &str = "application/json";
 
+/// `GET log/<drv>`.
 pub async fn get_log(
     State(app): State<Arc<App>>,
     Path((cache, drv)): Path<(CacheName, String)>,
     creds: Credentials,
+    headers: HeaderMap,
 ) -> Result<Response> {
-    let key = drv_key(&drv)?;
-    get_blob(&app, cache, creds, BlobKind::Log, key, LOG_TYPE).await
+    let key = (BlobKind::Log, drv_key(&drv)?);
+    get_blob(&app, cache, creds, key, &headers, LOG_TYPE).await
 }
 
+/// `PUT log/<drv>`.
 pub async fn put_log(
     State(app): State<Arc<App>>,
     Path((cache, drv)): Path<(CacheName, String)>,
     creds: Credentials,
     body: Body,
 ) -> Result<StatusCode> {
-    let key = drv_key(&drv)?;
-    put_blob(&app, cache, creds, BlobKind::Log, key, body).await
+    let key = (BlobKind::Log, drv_key(&drv)?);
+    put_blob(&app, cache, creds, key, body).await
 }
 
+/// `GET realisations/<id>.doi`.
 pub async fn get_realisation(
     State(app): State<Arc<App>>,
     Path((cache, id)): Path<(CacheName, String)>,
     creds: Credentials,
+    headers: HeaderMap,
 ) -> Result<Response> {
-    let key = realisation_key(&id)?;
-    get_blob(&app, cache, creds, BlobKind::Realisation, key, JSON_TYPE).await
+    let key = (BlobKind::Realisation, realisation_key(&id)?);
+    get_blob(&app, cache, creds, key, &headers, JSON_TYPE).await
 }
 
+/// `PUT realisations/<id>.doi`.
 pub async fn put_realisation(
     State(app): State<Arc<App>>,
     Path((cache, id)): Path<(CacheName, String)>,
     creds: Credentials,
     body: Body,
 ) -> Result<StatusCode> {
-    let key = realisation_key(&id)?;
-    put_blob(&app, cache, creds, BlobKind::Realisation, key, body).await
+    let key = (BlobKind::Realisation, realisation_key(&id)?);
+    put_blob(&app, cache, creds, key, body).await
 }
 
+/// `GET build-trace-v2/<drv>/<output>.doi`.
 pub async fn get_trace(
     State(app): State<Arc<App>>,
     Path((cache, drv, out)): Path<(CacheName, String, String)>,
     creds: Credentials,
+    headers: HeaderMap,
 ) -> Result<Response> {
-    let key = trace_key(&drv, &out)?;
-    get_blob(&app, cache, creds, BlobKind::Realisation, key, JSON_TYPE).await
+    let key = (BlobKind::Realisation, trace_key(&drv, &out)?);
+    get_blob(&app, cache, creds, key, &headers, JSON_TYPE).await
 }
 
+/// `PUT build-trace-v2/<drv>/<output>.doi`.
 pub async fn put_trace(
     State(app): State<Arc<App>>,
     Path((cache, drv, out)): Path<(CacheName, String, String)>,
     creds: Credentials,
     body: Body,
 ) -> Result<StatusCode> {
-    let key = trace_key(&drv, &out)?;
-    put_blob(&app, cache, creds, BlobKind::Realisation, key, body).await
+    let key = (BlobKind::Realisation, trace_key(&drv, &out)?);
+    put_blob(&app, cache, creds, key, body).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_validated() {
+        let drv = "7h7qgvs4kgzsn8a6rb273saxyqh4jxlz-hello.drv";
+        assert_eq!(drv_key(drv).unwrap(), drv);
+        assert!(drv_key("7h7qgvs4kgzsn8a6rb273saxyqh4jxlz-hello").is_err());
+        assert!(drv_key("../etc/passwd").is_err());
+        let id = format!("sha256:{}!out.doi", "a".repeat(64));
+        assert_eq!(realisation_key(&id).unwrap(), &id[..id.len() - 4]);
+        for bad in [
+            "sha256:ab!out",
+            "md5:ab!out.doi",
+            "sha256:a/b!out.doi",
+            "sha256:ab!o/t.doi",
+        ] {
+            assert!(realisation_key(bad).is_err(), "{bad}");
+        }
+        assert_eq!(trace_key(drv, "out.doi").unwrap(), format!("{drv}/out"));
+        assert!(trace_key(drv, "..").is_err());
+    }
 }

@@ -1,12 +1,21 @@
-//! The one place errors become HTTP statuses. The match is exhaustive on purpose: a new
-//! error kind must be given a status here, or a malformed input could become a 500.
+//! The one place errors become HTTP statuses. The matches are exhaustive on purpose: a
+//! new error kind must be given a status here, or a malformed input could become a 500.
+//!
+//! A 4xx body says precisely what was wrong, for the client to act on. A 5xx body says
+//! only the status: the error itself may name files, keys or internals, so it goes to
+//! the log, in the request's span, whose id the response carries in `x-request-id`.
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 
+use crate::body::BodyError;
 use crate::error::Error;
+use crate::index::IndexError;
 use crate::ingest::IngestError;
+use crate::nix::nar::NarError;
+use crate::store::space::chain_is_disk_full;
 
+/// The status of an error.
 pub fn status(e: &Error) -> StatusCode {
     match e {
         Error::NotFound(_) => StatusCode::NOT_FOUND,
@@ -14,45 +23,84 @@ pub fn status(e: &Error) -> StatusCode {
             StatusCode::BAD_REQUEST
         }
         Error::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+        Error::Body(e) => body_status(e),
         Error::Unauthorized => StatusCode::UNAUTHORIZED,
         Error::RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
         Error::Ingest(e) => match e {
             IngestError::Unsupported(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            IngestError::Decompress { .. }
-            | IngestError::Nar(_)
-            | IngestError::TrailingData
-            | IngestError::Body(_) => StatusCode::BAD_REQUEST,
+            IngestError::Nar(NarError::TooManyEntries { .. })
+            | IngestError::TooLarge { .. }
+            | IngestError::DecoderMemory { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            IngestError::Decompress { .. } | IngestError::Nar(_) | IngestError::TrailingData => {
+                StatusCode::BAD_REQUEST
+            }
+            IngestError::Body(e) => body_status(e),
+            IngestError::LowSpace(_) => StatusCode::INSUFFICIENT_STORAGE,
             IngestError::Storage(e) => storage_status(e),
-            IngestError::Index(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            IngestError::Index(e) => index_status(e),
+            IngestError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         },
-        Error::Index(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        Error::Index(e) => index_status(e),
         Error::Storage(e) => storage_status(e),
+        Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
 
-/// A chunk that is recorded but missing is corruption (500); any other storage failure
-/// is the backend being unavailable (503, which clients retry).
+/// A client that stalls timed out (408, which clients retry on a new request); a body
+/// that broke off is the client's failure.
+fn body_status(e: &BodyError) -> StatusCode {
+    match e {
+        BodyError::Stalled { .. } => StatusCode::REQUEST_TIMEOUT,
+        BodyError::Broken(_) => StatusCode::BAD_REQUEST,
+    }
+}
+
+/// A chunk that is recorded but missing is corruption (500); a full disk is 507; any
+/// other storage failure is the backend being unavailable (503, which clients retry).
 fn storage_status(e: &object_store::Error) -> StatusCode {
     match e {
         object_store::Error::NotFound { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+        e if chain_is_disk_full(e) => StatusCode::INSUFFICIENT_STORAGE,
         _ => StatusCode::SERVICE_UNAVAILABLE,
     }
+}
+
+/// The metadata on a full disk is 507; any other failure of it is a bug or damage.
+fn index_status(e: &IndexError) -> StatusCode {
+    if e.is_disk_full() {
+        StatusCode::INSUFFICIENT_STORAGE
+    } else {
+        StatusCode::INTERNAL_SERVER_ERROR
+    }
+}
+
+/// A plain-text response of `status` with `text`.
+pub fn text_response(status: StatusCode, text: String) -> Response {
+    let mut response = (status, text).into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+/// The body of a 5xx: the status alone.
+pub fn server_error_text(status: StatusCode) -> String {
+    format!("{}\n", status.canonical_reason().unwrap_or("Server Error"))
 }
 
 impl IntoResponse for Error {
     fn into_response(self) -> Response {
         let status = status(&self);
-        if status.is_server_error() {
-            tracing::error!(error = %self, "request failed");
+        let text = if status.is_server_error() {
+            tracing::error!(error = %self, %status, "request failed");
+            server_error_text(status)
         } else {
             tracing::debug!(error = %self, %status, "request refused");
-        }
-        let mut response = (status, format!("{self}\n")).into_response();
+            format!("{self}\n")
+        };
+        let mut response = text_response(status, text);
         let headers = response.headers_mut();
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("text/plain; charset=utf-8"),
-        );
         match self {
             Error::Unauthorized => {
                 headers.insert(
@@ -73,9 +121,15 @@ impl IntoResponse for Error {
 
 #[cfg(test)]
 mod tests {
+    use std::io;
+
     use super::*;
     use crate::error::Rejection;
     use crate::nix::narinfo::NarInfoError;
+
+    fn full() -> io::Error {
+        io::Error::from(io::ErrorKind::StorageFull)
+    }
 
     #[test]
     fn misses_are_404_and_bad_input_is_4xx() {
@@ -84,7 +138,17 @@ mod tests {
             Error::NarInfo(NarInfoError::MissingField("NarHash")),
             Error::Rejected(Rejection::UnknownNarUrl("nar/x.nar".into())),
             Error::Ingest(IngestError::TrailingData),
-            Error::Ingest(IngestError::Nar(crate::nix::nar::NarError::BadMagic)),
+            Error::Ingest(IngestError::Nar(NarError::BadMagic)),
+            Error::Ingest(IngestError::Nar(NarError::TooManyEntries { max: 1 })),
+            Error::Ingest(IngestError::DecoderMemory {
+                needed_mib: 129,
+                budget_mib: 128,
+            }),
+            Error::Ingest(IngestError::Body(BodyError::Stalled {
+                secs: 1,
+                min_bytes: 1,
+            })),
+            Error::Body(BodyError::Broken("reset".into())),
             Error::TooLarge(1),
             Error::Unauthorized,
             Error::BadPath {
@@ -95,6 +159,10 @@ mod tests {
         for e in client_errors {
             assert!(status(&e).is_client_error(), "{e}");
         }
+    }
+
+    #[test]
+    fn server_errors_are_bugs_full_disks_or_unavailable_backends() {
         let unavailable = object_store::Error::Generic {
             store: "s3",
             source: "down".into(),
@@ -103,5 +171,48 @@ mod tests {
             status(&Error::Storage(unavailable)),
             StatusCode::SERVICE_UNAVAILABLE
         );
+        let disk = object_store::Error::Generic {
+            store: "local",
+            source: Box::new(full()),
+        };
+        assert_eq!(
+            status(&Error::Ingest(IngestError::Storage(disk))),
+            StatusCode::INSUFFICIENT_STORAGE
+        );
+        let sled_full = IndexError::Db(sled::Error::Io(full()));
+        assert_eq!(
+            status(&Error::Index(sled_full)),
+            StatusCode::INSUFFICIENT_STORAGE
+        );
+        let low = crate::store::space::LowSpace {
+            dir: "/x".into(),
+            free_mib: 1,
+            min_mib: 2,
+        };
+        assert_eq!(
+            status(&Error::Ingest(IngestError::LowSpace(low))),
+            StatusCode::INSUFFICIENT_STORAGE
+        );
+        // A failed task or compressor is a bug, never "retry later".
+        assert_eq!(
+            status(&Error::Ingest(IngestError::Internal("zstd".into()))),
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
+        assert_eq!(
+            status(&Error::Index(IndexError::corrupt("narinfo", b"k"))),
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
+    }
+
+    #[tokio::test]
+    async fn server_error_bodies_say_only_the_status_and_client_errors_say_why() {
+        let e = Error::Index(IndexError::corrupt("narinfo", b"/secret/path"));
+        let r = e.into_response();
+        assert_eq!(r.status(), 500);
+        let body = axum::body::to_bytes(r.into_body(), 1024).await.unwrap();
+        assert_eq!(&body[..], b"Internal Server Error\n");
+        let r = Error::Rejected(Rejection::MissingReference("/nix/store/x".into())).into_response();
+        let body = axum::body::to_bytes(r.into_body(), 1024).await.unwrap();
+        assert!(String::from_utf8_lossy(&body).contains("push references first"));
     }
 }

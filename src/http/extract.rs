@@ -1,8 +1,9 @@
-//! Request parts every handler shares: credentials, and reading small bodies.
+//! Request parts every handler shares: credentials, and bodies guarded against
+//! clients that stall.
 
 use std::sync::Arc;
 
-use axum::body::Body;
+use axum::body::{Body, BodyDataStream};
 use axum::extract::FromRequestParts;
 use axum::http::header;
 use axum::http::request::Parts;
@@ -11,6 +12,7 @@ use base64::Engine as _;
 
 use crate::app::App;
 use crate::auth::{Permission, Token};
+use crate::body::Guarded;
 use crate::caches::Cache;
 use crate::error::{Error, Result};
 use crate::nix::CacheName;
@@ -51,6 +53,7 @@ fn parse(value: &[u8]) -> Option<String> {
 }
 
 impl Credentials {
+    /// The token, if the request carried one.
     pub fn token(&self) -> Option<&Token> {
         self.0.as_ref()
     }
@@ -58,20 +61,17 @@ impl Credentials {
     /// The cache `name`, if these credentials may do `permission` on it.
     pub fn cache(&self, app: &App, name: &CacheName, permission: Permission) -> Result<Arc<Cache>> {
         let cache = app.caches.get(name)?;
-        app.auth.authorize(self.token(), Some(&cache), permission)?;
+        app.auth.authorize(self.token(), cache.public, permission)?;
         Ok(cache)
     }
 }
 
-/// Reads a whole body of at most `limit` bytes (413 above it).
-pub async fn small_body(body: Body, limit: usize) -> Result<bytes::Bytes> {
-    axum::body::to_bytes(body, limit).await.map_err(|e| {
-        let too_large = std::error::Error::source(&e)
-            .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
-        if too_large {
-            Error::TooLarge(limit)
-        } else {
-            Error::BadBody(e.to_string())
-        }
-    })
+/// A request body as a stream, cut off when the client stalls (see `crate::body`).
+pub fn guarded(app: &App, body: Body) -> Guarded<BodyDataStream> {
+    crate::body::guard(body.into_data_stream(), app.config.body_limits())
+}
+
+/// Reads a whole body of at most `limit` bytes (413 above it, 408 if it stalls).
+pub async fn small_body(app: &App, body: Body, limit: usize) -> Result<bytes::Bytes> {
+    Ok(crate::body::collect(guarded(app, body), limit as u64).await?)
 }

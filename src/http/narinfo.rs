@@ -1,20 +1,23 @@
-//! `GET`/`HEAD`/`PUT /<cache>/<hash>.narinfo` and `GET /<cache>/<hash>.ls`.
+//! `GET`/`PUT /<cache>/<hash>.narinfo` and `GET /<cache>/<hash>.ls`.
 
 use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{Path, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 
+use super::content::stream;
 use super::extract::{small_body, Credentials};
 use crate::app::App;
 use crate::auth::Permission;
 use crate::error::{Error, Result};
 use crate::nix::{CacheName, StorePathHash};
-use crate::publish;
+use crate::publish::{self, Published};
+use crate::serve::Encoding;
 
 /// What `/<cache>/<file>` names.
+#[derive(Debug, PartialEq, Eq)]
 enum File {
     NarInfo(StorePathHash),
     Listing(StorePathHash),
@@ -36,39 +39,46 @@ fn parse_file(file: &str) -> Result<File> {
     }
 }
 
-fn with_type(body: bytes::Bytes, content_type: &'static str) -> Response {
-    let mut r = body.into_response();
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-    r
-}
-
+/// `GET`: the signed narinfo, or the listing of its NAR.
 pub async fn get(
     State(app): State<Arc<App>>,
     Path((cache, file)): Path<(CacheName, String)>,
     creds: Credentials,
+    headers: HeaderMap,
 ) -> Result<Response> {
     let file = parse_file(&file)?;
     let cache = creds.cache(&app, &cache, Permission::Pull)?;
     let (File::NarInfo(hash) | File::Listing(hash)) = file;
-    let text = app
+    let record = app
         .index
         .narinfo(&cache.name, &hash)?
         .ok_or(Error::NotFound("narinfo"))?;
     match file {
-        File::NarInfo(_) => Ok(with_type(text, "text/x-nix-narinfo")),
+        File::NarInfo(_) => {
+            let mut r = record.text.into_response();
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/x-nix-narinfo"),
+            );
+            Ok(r)
+        }
         File::Listing(_) => {
-            let info = crate::nix::NarInfo::parse(&text)
-                .map_err(|_| crate::index::IndexError::Corrupt("narinfo"))?;
-            let listing = app
+            let nar = app
                 .index
-                .listing(&info.nar_hash)?
+                .nar(&record.nar_hash)?
                 .ok_or(Error::NotFound("listing"))?;
-            Ok(with_type(listing, "application/json"))
+            stream(
+                &app,
+                &nar.listing,
+                Encoding::Plain,
+                &headers,
+                "application/json",
+            )
         }
     }
 }
 
+/// `PUT`: a narinfo to publish; a client's own listing is accepted and not needed.
 pub async fn put(
     State(app): State<Arc<App>>,
     Path((cache, file)): Path<(CacheName, String)>,
@@ -77,12 +87,44 @@ pub async fn put(
 ) -> Result<StatusCode> {
     let file = parse_file(&file)?;
     let cache = creds.cache(&app, &cache, Permission::Push)?;
-    let body = small_body(body, app.config.ingest.max_narinfo_bytes).await?;
+    let body = small_body(&app, body, app.config.ingest.max_narinfo_bytes).await?;
     match file {
-        File::NarInfo(hash) => publish::publish(&app, &cache, hash, &body).await?,
-        // The listing is built from the NAR itself while ingesting; a client's own
-        // (`write-nar-listing=1`) is accepted and not needed.
+        File::NarInfo(hash) => {
+            let published = publish::publish(&app.index, &cache, hash, &body).await?;
+            if let Published::Conflict { .. } = published {
+                app.metrics.narinfo_conflicts.inc();
+            }
+        }
+        // The listing is built from the NAR itself while ingesting
+        // (`write-nar-listing=1` sends the client's own).
         File::Listing(_) => {}
     }
     Ok(StatusCode::OK)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_names_are_parsed_and_others_are_misses() {
+        let h = "7h7qgvs4kgzsn8a6rb273saxyqh4jxlz";
+        let hash: StorePathHash = h.parse().unwrap();
+        assert_eq!(
+            parse_file(&format!("{h}.narinfo")).unwrap(),
+            File::NarInfo(hash)
+        );
+        assert_eq!(parse_file(&format!("{h}.ls")).unwrap(), File::Listing(hash));
+        assert!(matches!(parse_file("favicon.ico"), Err(Error::NotFound(_))));
+        for bad in [
+            "x.narinfo",
+            "7h7qgvs4kgzsn8a6rb273saxyqh4jxle.narinfo",
+            ".ls",
+        ] {
+            assert!(
+                matches!(parse_file(bad), Err(Error::BadPath { .. })),
+                "{bad}"
+            );
+        }
+    }
 }

@@ -1,96 +1,204 @@
-//! Metadata behind one trait: caches, narinfos, NAR manifests and listings, chunk
-//! records, pending uploads, and small blobs (build logs, realisations).
-//! `sled` is the embedded implementation.
+//! Metadata behind one trait: caches, narinfos, NARs (the manifests of their chunks and
+//! of their listings), chunk records, pending uploads, and the manifests of build logs
+//! and realisations. `SledIndex` is the embedded implementation, `MemoryIndex` one for
+//! tests; both pass the same contract suite (`contract`).
+//!
+//! Everything large (NAR contents, listings, logs) lives in the chunk store; the index
+//! holds only where to find it, so no record read to answer a request is large.
 
+mod codec;
+#[cfg(test)]
+pub(crate) mod contract;
+mod memory;
 mod sled_index;
 
 use bytes::Bytes;
 
-use crate::nix::{CacheName, Sha256, StorePathHash};
+use crate::nix::{CacheName, NarUrl, Sha256, StorePathHash};
 use crate::store::{ChunkId, ChunkRef, Manifest};
 
+pub use memory::MemoryIndex;
 pub use sled_index::SledIndex;
 
+/// Why the index could not answer.
 #[derive(Debug, thiserror::Error)]
 pub enum IndexError {
+    /// The database failed (I/O, or its own invariants).
     #[error("metadata database: {0}")]
     Db(#[from] sled::Error),
-    #[error("metadata database: corrupt {0} record")]
-    Corrupt(&'static str),
+    /// A stored record does not decode: the data on disk is damaged or was written by
+    /// an incompatible build.
+    #[error("metadata database: corrupt {record} record under key {key}")]
+    Corrupt {
+        /// Which kind of record.
+        record: &'static str,
+        /// The key it was found under, printable.
+        key: String,
+    },
 }
 
+impl IndexError {
+    /// A `Corrupt` error for the record of `kind` stored under the raw `key`.
+    pub fn corrupt(record: &'static str, key: &[u8]) -> Self {
+        Self::Corrupt {
+            record,
+            key: String::from_utf8_lossy(key)
+                .chars()
+                .map(|c| if c.is_control() { '?' } else { c })
+                .collect(),
+        }
+    }
+
+    /// Whether the database failed because its disk is full.
+    pub fn is_disk_full(&self) -> bool {
+        match self {
+            Self::Db(sled::Error::Io(e)) => crate::store::is_disk_full(e),
+            _ => false,
+        }
+    }
+}
+
+/// What index operations return.
 pub type Result<T> = std::result::Result<T, IndexError>;
 
 /// What a cache is, as recorded at creation.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CacheRecord {
+    /// The cache's name, the first segment of its URLs.
     pub name: CacheName,
+    /// Whether anyone may pull from it without a token.
     pub public: bool,
+    /// The `Priority` its `nix-cache-info` announces (lower wins).
     pub priority: u32,
     /// Where the secret signing key lives (a file of mode 0600).
     pub secret_key_file: std::path::PathBuf,
 }
 
+/// Counts kept per cache as narinfos are committed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    /// Store paths the cache serves.
+    pub paths: u64,
+    /// The sum of their NarSize.
+    pub nar_bytes: u64,
+    /// The sum of their served `.nar.zst` sizes (their stored frames, before the
+    /// sharing of chunks between NARs).
+    pub stored_bytes: u64,
+}
+
 /// A NAR received under a client-chosen URL, waiting for (or used by) a narinfo.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Upload {
+    /// The SHA-256 of the NAR the server decoded.
     pub nar_hash: Sha256,
+    /// Its size.
     pub nar_size: u64,
+    /// The SHA-256 of the body the client sent.
     pub file_hash: Sha256,
+    /// The body's size.
     pub file_size: u64,
+}
+
+/// A stored NAR: its chunks, and the chunks of its `.ls` listing.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct NarRecord {
+    /// The NAR's chunks, in order.
+    pub contents: Manifest,
+    /// The listing's JSON, chunked and stored like the NAR.
+    pub listing: Manifest,
+}
+
+/// A served narinfo and what the server needs of it without parsing the text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NarInfoRecord {
+    /// The NarHash of the NAR it names.
+    pub nar_hash: Sha256,
+    /// Its NarSize.
+    pub nar_size: u64,
+    /// Its FileSize: the bytes of the served `.nar.zst`.
+    pub file_size: u64,
+    /// The narinfo as served, signed.
+    pub text: Bytes,
 }
 
 /// What happened to a narinfo commit.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Commit {
+    /// The narinfo is new and now served.
     Written,
     /// The path was already there; its NarHash is returned to tell a harmless repeat
     /// from a conflicting (unreproducible) rebuild.
     Exists {
+        /// The NarHash of the narinfo that stays.
         nar_hash: Sha256,
     },
 }
 
-/// Small per-cache blobs kept beside the narinfos.
+/// Per-cache files kept beside the narinfos, stored as chunks like NARs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BlobKind {
+    /// `log/<drv>`: a build log.
     Log,
+    /// `realisations/<id>.doi` and `build-trace-v2/<drv>/<output>.doi`.
     Realisation,
 }
 
+/// All metadata, behind one trait so that another database can stand behind it.
+///
+/// Writes that make something visible come after the writes it depends on (chunks
+/// before the NAR that names them, the NAR before its upload, the upload before a
+/// narinfo); implementations must keep that order across a crash: what survives is a
+/// prefix of what was written.
 pub trait Index: Send + Sync + 'static {
+    /// Every cache.
     fn caches(&self) -> Result<Vec<CacheRecord>>;
+    /// Creates or replaces a cache's record.
     fn put_cache(&self, record: &CacheRecord) -> Result<()>;
+    /// The counts of a cache (zero for one with no narinfo).
+    fn cache_stats(&self, cache: &CacheName) -> Result<CacheStats>;
 
+    /// Where a chunk is stored, if it is.
     fn chunk(&self, id: &ChunkId) -> Result<Option<ChunkRef>>;
     /// Records chunks; only after their pack is stored, so a record implies its frame.
     fn put_chunks(&self, chunks: &[ChunkRef]) -> Result<()>;
 
-    fn manifest(&self, nar_hash: &Sha256) -> Result<Option<Manifest>>;
-    fn listing(&self, nar_hash: &Sha256) -> Result<Option<Bytes>>;
+    /// A stored NAR by its NarHash.
+    fn nar(&self, nar_hash: &Sha256) -> Result<Option<NarRecord>>;
     /// Records a NAR; only after every chunk it names is recorded.
-    fn put_nar(&self, nar_hash: &Sha256, manifest: &Manifest, listing: &[u8]) -> Result<()>;
+    fn put_nar(&self, nar_hash: &Sha256, nar: &NarRecord) -> Result<()>;
 
-    fn upload(&self, cache: &CacheName, url: &str) -> Result<Option<Upload>>;
+    /// The upload a client made to `cache` under `url`.
+    fn upload(&self, cache: &CacheName, url: &NarUrl) -> Result<Option<Upload>>;
     /// Records an upload; only after its NAR is recorded.
-    fn put_upload(&self, cache: &CacheName, url: &str, upload: &Upload) -> Result<()>;
+    fn put_upload(&self, cache: &CacheName, url: &NarUrl, upload: &Upload) -> Result<()>;
 
-    fn narinfo(&self, cache: &CacheName, path: &StorePathHash) -> Result<Option<Bytes>>;
+    /// The narinfo `cache` serves for `path`.
+    fn narinfo(&self, cache: &CacheName, path: &StorePathHash) -> Result<Option<NarInfoRecord>>;
     /// The commit point of an upload: makes the narinfo and the cache's claim on its
-    /// NAR visible together, unless the path is already there.
+    /// NAR visible together, and counts it in the cache's stats, unless the path is
+    /// already there.
     fn commit_narinfo(
         &self,
         cache: &CacheName,
         path: &StorePathHash,
-        nar_hash: &Sha256,
-        text: &[u8],
+        record: &NarInfoRecord,
     ) -> Result<Commit>;
     /// Whether `cache` holds a narinfo whose NAR is `nar_hash`.
     fn cache_has_nar(&self, cache: &CacheName, nar_hash: &Sha256) -> Result<bool>;
 
-    fn blob(&self, kind: BlobKind, cache: &CacheName, key: &str) -> Result<Option<Bytes>>;
-    fn put_blob(&self, kind: BlobKind, cache: &CacheName, key: &str, data: &[u8]) -> Result<()>;
+    /// The manifest of a log or realisation.
+    fn blob(&self, kind: BlobKind, cache: &CacheName, key: &str) -> Result<Option<Manifest>>;
+    /// Records a log or realisation; only after its chunks are recorded.
+    fn put_blob(
+        &self,
+        kind: BlobKind,
+        cache: &CacheName,
+        key: &str,
+        manifest: &Manifest,
+    ) -> Result<()>;
 
     /// Makes everything written so far durable.
     fn flush(&self) -> Result<()>;
+    /// Reads and writes a record, to prove the database usable (for `/ready`).
+    fn check(&self) -> Result<()>;
 }

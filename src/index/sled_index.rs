@@ -8,19 +8,25 @@ use std::path::Path;
 use bytes::Bytes;
 use sled::Transactional as _;
 
-use super::{BlobKind, CacheRecord, Commit, Index, IndexError, Result, Upload};
-use crate::nix::{CacheName, Sha256, StorePathHash};
+use super::codec;
+use super::{
+    BlobKind, CacheRecord, CacheStats, Commit, Index, IndexError, NarInfoRecord, NarRecord, Result,
+    Upload,
+};
+use crate::nix::{CacheName, NarUrl, Sha256, StorePathHash};
 use crate::store::{ChunkId, ChunkRef, Manifest};
 
-/// The metadata layout; bumped on any incompatible change.
-const FORMAT_VERSION: &[u8] = b"1";
+/// The metadata layout; bumped on any incompatible change. Format 1 kept listings,
+/// logs and realisations as whole values; format 2 keeps their chunk manifests.
+const FORMAT_VERSION: &[u8] = b"2";
 
+/// The sled database and its trees, one per kind of record.
 pub struct SledIndex {
     db: sled::Db,
     caches: sled::Tree,
+    cache_stats: sled::Tree,
     chunks: sled::Tree,
     nars: sled::Tree,
-    listings: sled::Tree,
     uploads: sled::Tree,
     narinfos: sled::Tree,
     cache_nars: sled::Tree,
@@ -37,23 +43,38 @@ fn scoped(cache: &CacheName, key: &[u8]) -> Vec<u8> {
     k
 }
 
-fn to_bytes(v: sled::IVec) -> Bytes {
-    Bytes::copy_from_slice(&v)
+/// Hex of a binary key, for error messages.
+fn hex(key: &[u8]) -> String {
+    key.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn corrupt_bin(record: &'static str, key: &[u8]) -> IndexError {
+    IndexError::Corrupt {
+        record,
+        key: hex(key),
+    }
 }
 
 impl SledIndex {
+    /// Opens (or creates) the database in `dir` with a page cache of `cache_bytes`.
     pub fn open(dir: &Path, cache_bytes: u64) -> anyhow::Result<Self> {
         let db = sled::Config::new()
             .path(dir)
             .cache_capacity(cache_bytes)
-            .open()?;
+            .open()
+            .map_err(|e| anyhow::anyhow!("opening the metadata in {}: {e}", dir.display()))?;
         match db.get("format_version")? {
-            None => {
+            None if db.tree_names().len() <= 1 && db.is_empty() => {
                 db.insert("format_version", FORMAT_VERSION)?;
             }
+            None => anyhow::bail!(
+                "metadata in {} has no format version; it was not written by cachet",
+                dir.display()
+            ),
             Some(v) if v.as_ref() == FORMAT_VERSION => {}
             Some(v) => anyhow::bail!(
-                "metadata in {} has format {:?}; this build reads {:?}",
+                "metadata in {} has format {:?}; this build reads format {:?} only \
+                 (start from an empty data directory, or use the build that wrote it)",
                 dir.display(),
                 String::from_utf8_lossy(&v),
                 String::from_utf8_lossy(FORMAT_VERSION)
@@ -61,9 +82,9 @@ impl SledIndex {
         }
         Ok(Self {
             caches: db.open_tree("caches")?,
+            cache_stats: db.open_tree("cache_stats")?,
             chunks: db.open_tree("chunks")?,
             nars: db.open_tree("nars")?,
-            listings: db.open_tree("listings")?,
             uploads: db.open_tree("uploads")?,
             narinfos: db.open_tree("narinfos")?,
             cache_nars: db.open_tree("cache_nars")?,
@@ -79,33 +100,22 @@ impl SledIndex {
             BlobKind::Realisation => &self.realisations,
         }
     }
-}
 
-fn encode_upload(u: &Upload) -> [u8; 80] {
-    let mut out = [0u8; 80];
-    out[..32].copy_from_slice(u.nar_hash.as_bytes());
-    out[32..64].copy_from_slice(u.file_hash.as_bytes());
-    out[64..72].copy_from_slice(&u.nar_size.to_le_bytes());
-    out[72..].copy_from_slice(&u.file_size.to_le_bytes());
-    out
-}
-
-fn decode_upload(b: &[u8]) -> Option<Upload> {
-    let b: &[u8; 80] = b.try_into().ok()?;
-    Some(Upload {
-        nar_hash: Sha256::from_bytes(b[..32].try_into().ok()?),
-        file_hash: Sha256::from_bytes(b[32..64].try_into().ok()?),
-        nar_size: u64::from_le_bytes(b[64..72].try_into().ok()?),
-        file_size: u64::from_le_bytes(b[72..].try_into().ok()?),
-    })
+    /// Writes raw bytes under a key of a tree, to test how damaged records are read.
+    #[cfg(test)]
+    fn damage(&self, tree: &str, key: &[u8], value: &[u8]) {
+        self.db.open_tree(tree).unwrap().insert(key, value).unwrap();
+    }
 }
 
 impl Index for SledIndex {
     fn caches(&self) -> Result<Vec<CacheRecord>> {
         self.caches
             .iter()
-            .values()
-            .map(|v| serde_json::from_slice(&v?).map_err(|_| IndexError::Corrupt("cache")))
+            .map(|kv| {
+                let (k, v) = kv?;
+                serde_json::from_slice(&v).map_err(|_| IndexError::corrupt("cache", &k))
+            })
             .collect()
     }
 
@@ -115,10 +125,18 @@ impl Index for SledIndex {
         Ok(())
     }
 
+    fn cache_stats(&self, cache: &CacheName) -> Result<CacheStats> {
+        match self.cache_stats.get(cache.as_str())? {
+            None => Ok(CacheStats::default()),
+            Some(v) => codec::decode_stats(&v)
+                .ok_or_else(|| IndexError::corrupt("cache stats", cache.as_str().as_bytes())),
+        }
+    }
+
     fn chunk(&self, id: &ChunkId) -> Result<Option<ChunkRef>> {
         self.chunks
             .get(id.0)?
-            .map(|v| ChunkRef::decode_location(*id, &v).ok_or(IndexError::Corrupt("chunk")))
+            .map(|v| ChunkRef::decode_location(*id, &v).ok_or_else(|| corrupt_bin("chunk", &id.0)))
             .transpose()
     }
 
@@ -131,81 +149,99 @@ impl Index for SledIndex {
         Ok(())
     }
 
-    fn manifest(&self, nar_hash: &Sha256) -> Result<Option<Manifest>> {
+    fn nar(&self, nar_hash: &Sha256) -> Result<Option<NarRecord>> {
         self.nars
             .get(nar_hash.as_bytes())?
-            .map(|v| Manifest::decode(&v).ok_or(IndexError::Corrupt("manifest")))
+            .map(|v| {
+                codec::decode_nar(&v).ok_or_else(|| IndexError::Corrupt {
+                    record: "NAR",
+                    key: nar_hash.to_string(),
+                })
+            })
             .transpose()
     }
 
-    fn listing(&self, nar_hash: &Sha256) -> Result<Option<Bytes>> {
-        Ok(self.listings.get(nar_hash.as_bytes())?.map(to_bytes))
-    }
-
-    fn put_nar(&self, nar_hash: &Sha256, manifest: &Manifest, listing: &[u8]) -> Result<()> {
-        // The listing first: a manifest (what makes the NAR count as stored) is only
-        // ever seen with its listing beside it.
-        self.listings.insert(nar_hash.as_bytes(), listing)?;
-        self.nars.insert(nar_hash.as_bytes(), manifest.encode())?;
+    fn put_nar(&self, nar_hash: &Sha256, nar: &NarRecord) -> Result<()> {
+        self.nars
+            .insert(nar_hash.as_bytes(), codec::encode_nar(nar))?;
         Ok(())
     }
 
-    fn upload(&self, cache: &CacheName, url: &str) -> Result<Option<Upload>> {
+    fn upload(&self, cache: &CacheName, url: &NarUrl) -> Result<Option<Upload>> {
+        let key = scoped(cache, url.to_string().as_bytes());
         self.uploads
-            .get(scoped(cache, url.as_bytes()))?
-            .map(|v| decode_upload(&v).ok_or(IndexError::Corrupt("upload")))
+            .get(&key)?
+            .map(|v| codec::decode_upload(&v).ok_or_else(|| IndexError::corrupt("upload", &key)))
             .transpose()
     }
 
-    fn put_upload(&self, cache: &CacheName, url: &str, upload: &Upload) -> Result<()> {
-        self.uploads.insert(
-            scoped(cache, url.as_bytes()),
-            encode_upload(upload).as_slice(),
-        )?;
+    fn put_upload(&self, cache: &CacheName, url: &NarUrl, upload: &Upload) -> Result<()> {
+        let key = scoped(cache, url.to_string().as_bytes());
+        self.uploads.insert(key, codec::encode_upload(upload))?;
         Ok(())
     }
 
-    fn narinfo(&self, cache: &CacheName, path: &StorePathHash) -> Result<Option<Bytes>> {
-        Ok(self
-            .narinfos
-            .get(scoped(cache, path.as_bytes()))?
-            .map(|v| to_bytes(v).slice(32..)))
+    fn narinfo(&self, cache: &CacheName, path: &StorePathHash) -> Result<Option<NarInfoRecord>> {
+        let key = scoped(cache, path.as_bytes());
+        self.narinfos
+            .get(&key)?
+            .map(|v| {
+                codec::decode_narinfo(Bytes::copy_from_slice(&v)).ok_or_else(|| {
+                    IndexError::Corrupt {
+                        record: "narinfo",
+                        key: format!("{cache}/{path}"),
+                    }
+                })
+            })
+            .transpose()
     }
 
     fn commit_narinfo(
         &self,
         cache: &CacheName,
         path: &StorePathHash,
-        nar_hash: &Sha256,
-        text: &[u8],
+        record: &NarInfoRecord,
     ) -> Result<Commit> {
-        // A narinfo record is the NarHash followed by the served text, so conflicts
-        // are told apart without parsing.
         let key = scoped(cache, path.as_bytes());
-        let mut value = Vec::with_capacity(32 + text.len());
-        value.extend_from_slice(nar_hash.as_bytes());
-        value.extend_from_slice(text);
-        let mut claim = scoped(cache, nar_hash.as_bytes());
+        let value = codec::encode_narinfo(record);
+        let mut claim = scoped(cache, record.nar_hash.as_bytes());
         claim.extend_from_slice(path.as_bytes());
+        let stats_key = cache.as_str().as_bytes();
 
-        let outcome = (&self.narinfos, &self.cache_nars).transaction(|(narinfos, cache_nars)| {
+        let trees = (&self.narinfos, &self.cache_nars, &self.cache_stats);
+        let outcome = trees.transaction(|(narinfos, cache_nars, cache_stats)| {
             if let Some(existing) = narinfos.get(&key)? {
-                let hash: [u8; 32] = existing[..32]
-                    .try_into()
-                    .expect("records start with 32 bytes");
-                return Ok(Commit::Exists {
-                    nar_hash: Sha256::from_bytes(hash),
-                });
+                return match codec::narinfo_nar_hash(&existing) {
+                    Some(nar_hash) => Ok(Commit::Exists { nar_hash }),
+                    None => sled::transaction::abort(IndexError::Corrupt {
+                        record: "narinfo",
+                        key: format!("{cache}/{path}"),
+                    }),
+                };
             }
+            let mut stats = match cache_stats.get(stats_key)? {
+                None => CacheStats::default(),
+                Some(v) => match codec::decode_stats(&v) {
+                    Some(s) => s,
+                    None => {
+                        return sled::transaction::abort(IndexError::corrupt(
+                            "cache stats",
+                            stats_key,
+                        ))
+                    }
+                },
+            };
+            stats.paths += 1;
+            stats.nar_bytes += record.nar_size;
+            stats.stored_bytes += record.file_size;
             narinfos.insert(key.as_slice(), value.as_slice())?;
             cache_nars.insert(claim.as_slice(), &[])?;
+            cache_stats.insert(stats_key, &codec::encode_stats(&stats))?;
             Ok(Commit::Written)
         });
         outcome.map_err(|e| match e {
             sled::transaction::TransactionError::Storage(e) => IndexError::Db(e),
-            sled::transaction::TransactionError::Abort(()) => {
-                unreachable!("the commit transaction never aborts")
-            }
+            sled::transaction::TransactionError::Abort(e) => e,
         })
     }
 
@@ -219,16 +255,23 @@ impl Index for SledIndex {
             .is_some())
     }
 
-    fn blob(&self, kind: BlobKind, cache: &CacheName, key: &str) -> Result<Option<Bytes>> {
-        Ok(self
-            .blob_tree(kind)
-            .get(scoped(cache, key.as_bytes()))?
-            .map(to_bytes))
+    fn blob(&self, kind: BlobKind, cache: &CacheName, key: &str) -> Result<Option<Manifest>> {
+        let key = scoped(cache, key.as_bytes());
+        self.blob_tree(kind)
+            .get(&key)?
+            .map(|v| Manifest::decode(&v).ok_or_else(|| IndexError::corrupt("blob", &key)))
+            .transpose()
     }
 
-    fn put_blob(&self, kind: BlobKind, cache: &CacheName, key: &str, data: &[u8]) -> Result<()> {
+    fn put_blob(
+        &self,
+        kind: BlobKind,
+        cache: &CacheName,
+        key: &str,
+        manifest: &Manifest,
+    ) -> Result<()> {
         self.blob_tree(kind)
-            .insert(scoped(cache, key.as_bytes()), data)?;
+            .insert(scoped(cache, key.as_bytes()), manifest.encode())?;
         Ok(())
     }
 
@@ -236,63 +279,87 @@ impl Index for SledIndex {
         self.db.flush()?;
         Ok(())
     }
+
+    fn check(&self) -> Result<()> {
+        // A write proves more than a read: after an I/O error (a full disk) sled
+        // refuses every write until it is reopened.
+        self.db.insert("ready_probe", &[])?;
+        self.db.get("format_version")?;
+        Ok(())
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::PackId;
 
-    fn open() -> (tempfile::TempDir, SledIndex) {
+    fn open() -> (tempfile::TempDir, Box<dyn Index>) {
         let dir = tempfile::tempdir().unwrap();
         let index = SledIndex::open(&dir.path().join("db"), 1 << 20).unwrap();
-        (dir, index)
+        (dir, Box::new(index))
+    }
+
+    crate::index::contract::tests!(open);
+
+    fn cache() -> CacheName {
+        "main".parse().unwrap()
     }
 
     #[test]
-    fn commit_is_first_writer_wins() {
-        let (_dir, index) = open();
-        let cache: CacheName = "main".parse().unwrap();
+    fn damaged_records_are_corrupt_errors_that_name_their_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = SledIndex::open(&dir.path().join("db"), 1 << 20).unwrap();
         let path: StorePathHash = "7h7qgvs4kgzsn8a6rb273saxyqh4jxlz".parse().unwrap();
-        let a = Sha256::digest(b"a");
-        let b = Sha256::digest(b"b");
-        assert_eq!(
-            index.commit_narinfo(&cache, &path, &a, b"one").unwrap(),
-            Commit::Written
+        index.damage("narinfos", &scoped(&cache(), path.as_bytes()), b"short");
+        let err = index.narinfo(&cache(), &path).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("corrupt narinfo record under key main/7h7qgvs4"),
+            "{err}"
         );
-        assert_eq!(
-            index.commit_narinfo(&cache, &path, &b, b"two").unwrap(),
-            Commit::Exists { nar_hash: a }
-        );
-        assert_eq!(index.narinfo(&cache, &path).unwrap().unwrap(), &b"one"[..]);
-        assert!(index.cache_has_nar(&cache, &a).unwrap());
-        assert!(!index.cache_has_nar(&cache, &b).unwrap());
-        let other: CacheName = "other".parse().unwrap();
-        assert!(!index.cache_has_nar(&other, &a).unwrap());
-        assert!(index.narinfo(&other, &path).unwrap().is_none());
+        // A commit over a damaged record refuses rather than panicking.
+        let record = NarInfoRecord {
+            nar_hash: Sha256::digest(b"n"),
+            nar_size: 1,
+            file_size: 1,
+            text: Bytes::from_static(b"x"),
+        };
+        let err = index.commit_narinfo(&cache(), &path, &record).unwrap_err();
+        assert!(matches!(err, IndexError::Corrupt { .. }), "{err}");
+
+        let nar = Sha256::digest(b"nar");
+        index.damage("nars", nar.as_bytes(), &[1, 200, 0, 0, 0, 0, 0, 0, 0]);
+        let err = index.nar(&nar).unwrap_err();
+        assert!(err.to_string().contains(&nar.to_string()), "{err}");
+        let id = ChunkId::of(b"c");
+        index.damage("chunks", &id.0, &[0; 3]);
+        assert!(matches!(
+            index.chunk(&id).unwrap_err(),
+            IndexError::Corrupt {
+                record: "chunk",
+                ..
+            }
+        ));
+        index.damage("logs", &scoped(&cache(), b"x.drv"), &[9]);
+        let err = index.blob(BlobKind::Log, &cache(), "x.drv").unwrap_err();
+        assert!(err.to_string().contains("main?x.drv"), "{err}");
+        index.damage("cache_stats", b"main", b"?");
+        assert!(index.cache_stats(&cache()).is_err());
+        index.damage("caches", b"bad", b"{");
+        assert!(index.caches().is_err());
     }
 
     #[test]
-    fn records_round_trip() {
-        let (_dir, index) = open();
-        let cache: CacheName = "main".parse().unwrap();
-        let up = Upload {
-            nar_hash: Sha256::digest(b"n"),
-            nar_size: 9,
-            file_hash: Sha256::digest(b"f"),
-            file_size: 3,
-        };
-        index.put_upload(&cache, "nar/x.nar.xz", &up).unwrap();
-        assert_eq!(index.upload(&cache, "nar/x.nar.xz").unwrap(), Some(up));
-        assert_eq!(index.upload(&cache, "nar/y.nar.xz").unwrap(), None);
-        let c = ChunkRef {
-            id: ChunkId::of(b"c"),
-            pack: PackId::random(),
-            offset: 4,
-            stored_len: 5,
-            len: 6,
-        };
-        index.put_chunks(&[c]).unwrap();
-        assert_eq!(index.chunk(&c.id).unwrap(), Some(c));
+    fn an_older_format_is_refused_with_a_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path().join("db")).unwrap();
+        db.insert("format_version", b"1").unwrap();
+        db.flush().unwrap();
+        drop(db);
+        let err = SledIndex::open(&dir.path().join("db"), 1 << 20)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("format \"1\""), "{err}");
     }
 }

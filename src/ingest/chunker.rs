@@ -6,15 +6,20 @@
 
 use fastcdc::v2020::{self, Normalization};
 
+/// FastCDC's chunk sizes, in bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ChunkParams {
+    /// No cut before this many bytes.
     pub min_size: u32,
+    /// The size cuts aim for.
     pub avg_size: u32,
+    /// A cut at this many bytes at the latest.
     pub max_size: u32,
 }
 
 impl ChunkParams {
+    /// Refuses sizes FastCDC cannot use.
     pub fn validate(&self) -> Result<(), String> {
         let ok = v2020::MINIMUM_MIN as u32 <= self.min_size
             && self.min_size <= self.avg_size
@@ -37,6 +42,7 @@ impl ChunkParams {
     }
 }
 
+/// A FastCDC chunker fed in pieces.
 pub struct Chunker {
     min: usize,
     avg: usize,
@@ -47,6 +53,7 @@ pub struct Chunker {
 }
 
 impl Chunker {
+    /// A chunker with the sizes `p`.
     pub fn new(p: ChunkParams) -> Self {
         // Level 1 keeps most chunks near the average without forcing cuts that
         // would stop identical content from lining up again after a change.

@@ -1,84 +1,203 @@
 //! The upload pipeline: decompress, validate the NAR, hash, chunk, skip chunks already
-//! stored, compress and store new ones, all streaming with bounded memory.
+//! stored, compress and store new ones, all streaming with bounded memory. Build logs
+//! and realisations take the same path without the NAR's decoding and validation, and
+//! a NAR's `.ls` listing, written while it is validated, is chunked and stored beside it.
 //!
 //! The CPU-bound front runs on two blocking threads, so that one upload uses two
 //! cores: one reads the request body synchronously, hashes it, decompresses it and
-//! hashes the NAR; the other validates the NAR, cuts it into chunks and names them
-//! (FastCDC, BLAKE3). Chunks cross a bounded channel to async tasks that look them up
-//! and compress the new ones (on the blocking pool), a bounded number at a time, in
-//! order; the packer appends new frames to pack objects. The manifest keeps the
-//! chunks' order.
+//! hashes the NAR; the other validates the NAR, cuts it (and its listing) into chunks
+//! and names them (FastCDC, BLAKE3). Chunks cross a bounded channel to async tasks that
+//! look them up and compress the new ones (on the blocking pool), a bounded number at a
+//! time, in order; the packer appends new frames to pack objects. The manifests keep
+//! the chunks' order.
+//!
+//! Before it reads a body past its first bytes, an upload takes an ingest slot and
+//! reserves its memory from a budget shared by all uploads (`budget`); an upload whose
+//! client goes away is dropped with its future, and its blocking stages stop at their
+//! next hand-over.
 
 pub mod chunker;
+pub mod decoder;
 mod packer;
 pub mod reader;
 
 use std::cell::RefCell;
-use std::io::{self, BufRead, BufReader, Read};
+use std::io::{self, BufReader, Read, Write as _};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use futures::{Stream, StreamExt as _, TryStreamExt as _};
+use futures::{Stream, StreamExt as _};
 use tokio::sync::mpsc;
 
-use crate::index::{Index, IndexError};
+use crate::body::BodyError;
+use crate::budget::Budget;
+use crate::index::{Index, IndexError, NarRecord};
+use crate::metrics::Metrics;
 use crate::nix::nar::{self, NarError};
 use crate::nix::{Compression, Sha256};
+use crate::store::space::{LowSpace, SpaceCheck};
 use crate::store::{frame, ChunkId, ChunkRef, Manifest, PackStore};
 use chunker::{ChunkParams, Chunker};
 use packer::Packer;
-use reader::{ChannelReader, ChunkingReader, HashingReader};
+use reader::{ChannelReader, ChunkingReader, ChunkingWriter, HashingReader};
 
 /// Buffer size between the stages: large enough that per-call overheads vanish.
 const STAGE_BUFFER: usize = 256 * 1024;
 /// Decompressed buffers in flight between the decoding and the chunking stage.
 const DECODED_BUFFERS: usize = 4;
+/// The listing's JSON is written in small pieces; they reach its chunker in blocks.
+const LISTING_BUFFER: usize = 64 * 1024;
+/// The NAR validator's block for file contents.
+const VALIDATOR_BLOCK: usize = 64 * 1024;
 
+/// How uploads are ingested.
 #[derive(Debug, Clone, Copy)]
 pub struct IngestSettings {
+    /// Chunk sizes.
     pub chunking: ChunkParams,
+    /// zstd level of new chunks (0: raw frames).
     pub zstd_level: i32,
-    /// Chunks compressed at once per upload.
+    /// Chunk batches compressed at once per upload.
     pub concurrency: usize,
     /// Size at which a pack object is closed and written.
     pub pack_bytes: usize,
     /// Uploads ingested at once; more wait their turn.
     pub max_uploads: usize,
+    /// Largest NAR accepted, uncompressed.
+    pub max_nar_bytes: u64,
+    /// Most files, directories and symlinks in one NAR.
+    pub max_nar_entries: u64,
+    /// Memory all uploads together may reserve (see `upload_memory`).
+    pub memory_bytes: u64,
 }
 
+impl IngestSettings {
+    /// The most memory one upload uses besides its decoder: eight stage buffers (two
+    /// read buffers, four queued between the two threads, one being filled and one
+    /// being read), the body's read buffer, the validator's block, the NAR's and the
+    /// listing's chunkers (each up to four maximal chunks and a stage buffer) and the
+    /// listing's buffer, `concurrency` batches in the channel and as many being
+    /// compressed (data and frames), the pack being filled and those being written.
+    /// What grows with the NAR beyond that is its manifest, 60 bytes per chunk (about
+    /// 2 MiB per GiB of NAR at the default chunk size).
+    pub fn upload_memory(&self) -> u64 {
+        let stage = 9 * STAGE_BUFFER + VALIDATOR_BLOCK;
+        let chunkers = 2 * (4 * self.chunking.max_size as usize + STAGE_BUFFER) + LISTING_BUFFER;
+        // A compressed frame may be slightly larger than its chunk.
+        let batches = 2 * self.concurrency * (BATCH_BYTES + self.chunking.max_size as usize) * 2;
+        let packs = (1 + packer::WRITES_IN_FLIGHT)
+            * (self.pack_bytes + 2 * self.chunking.max_size as usize);
+        (stage + chunkers + batches + packs) as u64
+    }
+}
+
+/// Why an upload was not stored.
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
+    /// The body's compression is one the server does not decode.
     #[error("compression {0} is not supported for uploads")]
     Unsupported(Compression),
+    /// The body is not valid in its compression.
     #[error("body does not decompress as {compression}: {source}")]
     Decompress {
+        /// The compression the URL named.
         compression: Compression,
+        /// The decoder's complaint.
         source: io::Error,
     },
+    /// The decompressed body is not a valid NAR.
     #[error("{0}")]
     Nar(NarError),
+    /// Bytes follow the compressed stream.
     #[error("data after the end of the compressed stream")]
     TrailingData,
-    #[error("upload body ended early: {0}")]
-    Body(io::Error),
+    /// The client stalled or the connection broke.
+    #[error("upload body: {0}")]
+    Body(BodyError),
+    /// The content is larger than the server accepts.
+    #[error("the {what} is larger than {limit} bytes ({setting})")]
+    TooLarge {
+        /// What was too large.
+        what: &'static str,
+        /// The limit.
+        limit: u64,
+        /// The setting that sets it.
+        setting: &'static str,
+    },
+    /// The decoder the stream asks for needs more memory than the server allows.
+    #[error("decoding this stream needs {needed_mib} MiB, more than the {budget_mib} MiB the server gives all uploads (ingest.memory_mib)")]
+    DecoderMemory {
+        /// What the stream's header asks for.
+        needed_mib: u64,
+        /// The whole budget.
+        budget_mib: u64,
+    },
+    /// A filesystem the upload would write to is short of space.
+    #[error(transparent)]
+    LowSpace(#[from] LowSpace),
+    /// The chunk storage failed.
     #[error("chunk storage: {0}")]
     Storage(#[from] object_store::Error),
+    /// The metadata failed.
     #[error(transparent)]
     Index(#[from] IndexError),
+    /// A stage failed in a way that is a bug (a panicked task, a failing compressor).
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl IngestError {
+    /// A short name for why, as counted in `cachet_uploads_rejected_total`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Unsupported(_) => "unsupported",
+            Self::Decompress { .. } | Self::TrailingData => "decompress",
+            Self::Nar(NarError::TooManyEntries { .. }) => "too_many_entries",
+            Self::Nar(_) => "bad_nar",
+            Self::Body(BodyError::Stalled { .. }) => "stalled",
+            Self::Body(BodyError::Broken(_)) => "body",
+            Self::TooLarge { .. } => "too_large",
+            Self::DecoderMemory { .. } => "decoder_memory",
+            Self::LowSpace(_) => "disk_full",
+            Self::Storage(_) | Self::Index(_) => "storage",
+            Self::Internal(_) => "internal",
+        }
+    }
 }
 
 /// What an upload turned out to be.
 #[derive(Debug, Clone)]
 pub struct IngestedNar {
+    /// SHA-256 of the NAR.
     pub nar_hash: Sha256,
+    /// Size of the NAR.
     pub nar_size: u64,
+    /// SHA-256 of the body as sent.
     pub file_hash: Sha256,
+    /// Size of the body as sent.
     pub file_size: u64,
-    pub manifest: Manifest,
-    pub listing: Vec<u8>,
+    /// The NAR's chunks and its listing's.
+    pub record: NarRecord,
     /// Chunks this upload stored that were not stored before, and their stored bytes.
     pub new_chunks: u64,
+    /// Stored bytes of those chunks.
     pub new_bytes: u64,
+}
+
+/// What a body holds, which decides the checks it gets.
+#[derive(Debug, Clone, Copy)]
+enum Content {
+    /// A NAR in a compression: decoded, validated and listed.
+    Nar(Compression),
+    /// A file stored as it is (a build log, a realisation), of at most this many bytes.
+    Blob(u64),
+}
+
+/// Which manifest a chunk belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Part {
+    Contents,
+    Listing,
 }
 
 /// The most memory an xz upload's decoder may take. The body names its dictionary
@@ -90,7 +209,7 @@ const XZ_MEMORY_LIMIT: u64 = 80 * 1024 * 1024;
 /// per-message and per-task costs are paid per batch, not per chunk.
 const BATCH_BYTES: usize = 256 * 1024;
 
-type Batch = Vec<(ChunkId, Bytes)>;
+type Batch = Vec<(Part, ChunkId, Bytes)>;
 
 /// One chunk as a stored frame: zstd at `level`, or a raw frame at level 0. zstd uses
 /// one reused context per thread: creating a context per chunk cost more than a tenth
@@ -104,12 +223,9 @@ fn compress(data: &[u8], level: i32) -> Result<Vec<u8>, IngestError> {
     thread_local! {
         static COMPRESSOR: RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> = const { RefCell::new(None) };
     }
-    let failed = |e: io::Error| {
-        IngestError::Storage(object_store::Error::Generic {
-            store: "zstd",
-            source: Box::new(e),
-        })
-    };
+    // zstd fails only on a bad parameter or an allocation failure: a bug, not an
+    // unavailable backend.
+    let failed = |e: io::Error| IngestError::Internal(format!("zstd compression: {e}"));
     COMPRESSOR.with(|cell| {
         let mut slot = cell.borrow_mut();
         if slot.as_ref().is_none_or(|(l, _)| *l != level) {
@@ -120,81 +236,279 @@ fn compress(data: &[u8], level: i32) -> Result<Vec<u8>, IngestError> {
     })
 }
 
-/// Marks an I/O error as coming from the request body, not from decoding it.
+/// Carries a body error through the `io::Read` of the decoding stage.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-pub struct BodyError(pub String);
+struct FromBody(BodyError);
 
 /// The blocking side stops when the storing side has gone away (it failed).
 #[derive(Debug, thiserror::Error)]
 #[error("chunk storage stopped")]
 struct StorageGone;
 
-fn classify(e: io::Error, compression: Compression) -> IngestError {
+/// The body was larger than its limit; found by the decoding stage.
+#[derive(Debug, thiserror::Error)]
+#[error("too large")]
+struct OverLimit;
+
+fn classify(e: io::Error, content: Content, limit: u64) -> IngestError {
     let inner = e.get_ref();
-    if inner.is_some_and(|i| i.is::<BodyError>()) {
-        IngestError::Body(e)
-    } else {
-        IngestError::Decompress {
+    if let Some(FromBody(b)) = inner.and_then(|i| i.downcast_ref::<FromBody>()) {
+        return IngestError::Body(b.clone());
+    }
+    if inner.is_some_and(|i| i.is::<OverLimit>()) {
+        return match content {
+            Content::Nar(_) => IngestError::TooLarge {
+                what: "NAR",
+                limit,
+                setting: "ingest.max_nar_bytes",
+            },
+            Content::Blob(_) => IngestError::TooLarge {
+                what: "file",
+                limit,
+                setting: "ingest.max_log_bytes",
+            },
+        };
+    }
+    match content {
+        Content::Nar(compression) => IngestError::Decompress {
             compression,
             source: e,
+        },
+        Content::Blob(_) => IngestError::Body(BodyError::Broken(e.to_string())),
+    }
+}
+
+/// Turns the failure of a blocking stage's task into an error: it panicked, a bug.
+fn joined<T>(
+    stage: &str,
+    r: Result<Result<T, IngestError>, tokio::task::JoinError>,
+) -> Result<T, IngestError> {
+    r.map_err(|e| IngestError::Internal(format!("the {stage} stage failed: {e}")))?
+}
+
+/// Decrements a gauge when dropped.
+struct GaugeGuard<'a>(&'a prometheus_client::metrics::gauge::Gauge);
+
+impl<'a> GaugeGuard<'a> {
+    fn new(g: &'a prometheus_client::metrics::gauge::Gauge) -> Self {
+        g.inc();
+        Self(g)
+    }
+}
+
+impl Drop for GaugeGuard<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// Counts and logs an upload dropped before it finished: its client went away.
+struct Abandoned<'a> {
+    metrics: &'a Metrics,
+    done: bool,
+}
+
+impl Drop for Abandoned<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.metrics.reject_upload("client_gone");
+            tracing::info!("upload abandoned: the client went away");
         }
     }
 }
 
+/// The upload pipeline, shared by all uploads.
 pub struct Ingestor {
     index: Arc<dyn Index>,
     packs: PackStore,
     settings: IngestSettings,
+    metrics: Arc<Metrics>,
+    space: SpaceCheck,
     /// Each upload holds two threads of the blocking pool for its whole life and
     /// borrows more to compress; bounding the uploads keeps the pool from running out,
-    /// which would stall every upload, and bounds their memory.
-    uploads: tokio::sync::Semaphore,
+    /// which would stall every upload.
+    slots: Arc<tokio::sync::Semaphore>,
+    budget: Budget,
 }
 
 /// A chunk on its way to the manifest.
 enum Prepared {
-    Known(ChunkRef),
+    Known(Part, ChunkRef),
     New {
+        part: Part,
         id: ChunkId,
         len: u32,
         frame: Vec<u8>,
     },
 }
 
+/// What the blocking stages and the storing loop produced.
+struct Stored {
+    decoded: Decoded,
+    contents: Vec<ChunkRef>,
+    listing: Vec<ChunkRef>,
+    new_chunks: u64,
+    new_bytes: u64,
+}
+
 impl Ingestor {
-    pub fn new(index: Arc<dyn Index>, packs: PackStore, settings: IngestSettings) -> Self {
+    /// The pipeline over `index` and `packs`, refusing uploads when `space` is short.
+    pub fn new(
+        index: Arc<dyn Index>,
+        packs: PackStore,
+        settings: IngestSettings,
+        metrics: Arc<Metrics>,
+        space: SpaceCheck,
+    ) -> Self {
         Self {
             index,
             packs,
-            uploads: tokio::sync::Semaphore::new(settings.max_uploads),
+            metrics,
+            space,
+            slots: Arc::new(tokio::sync::Semaphore::new(settings.max_uploads)),
+            budget: Budget::new(settings.memory_bytes),
             settings,
         }
     }
 
-    /// Ingests one compressed NAR from `body`. On success its chunks are stored and
-    /// recorded; nothing names them yet (see `record`).
-    pub async fn ingest<S, E>(
+    /// Ingests one compressed NAR from `body`. On success its chunks and its listing's
+    /// are stored and recorded; nothing names them yet (see `record`).
+    pub async fn ingest_nar<S>(
         &self,
         body: S,
         compression: Compression,
     ) -> Result<IngestedNar, IngestError>
     where
-        S: Stream<Item = Result<Bytes, E>> + Send + 'static,
-        E: std::fmt::Display,
+        S: Stream<Item = Result<Bytes, BodyError>> + Send + Unpin + 'static,
     {
-        if matches!(compression, Compression::Brotli | Compression::Lz4) {
-            return Err(IngestError::Unsupported(compression));
+        let s = self.run(body, Content::Nar(compression)).await?;
+        self.metrics.nars_ingested.inc();
+        self.metrics.nar_bytes_ingested.inc_by(s.decoded.nar_size);
+        Ok(IngestedNar {
+            nar_hash: s.decoded.nar_hash,
+            nar_size: s.decoded.nar_size,
+            file_hash: s.decoded.file_hash,
+            file_size: s.decoded.file_size,
+            record: NarRecord {
+                contents: Manifest { chunks: s.contents },
+                listing: Manifest { chunks: s.listing },
+            },
+            new_chunks: s.new_chunks,
+            new_bytes: s.new_bytes,
+        })
+    }
+
+    /// Stores a file of at most `max_bytes` (a build log, a realisation) as chunks and
+    /// returns its manifest.
+    pub async fn ingest_blob<S>(&self, body: S, max_bytes: u64) -> Result<Manifest, IngestError>
+    where
+        S: Stream<Item = Result<Bytes, BodyError>> + Send + Unpin + 'static,
+    {
+        let s = self.run(body, Content::Blob(max_bytes)).await?;
+        Ok(Manifest { chunks: s.contents })
+    }
+
+    /// Makes an ingested NAR known by its NarHash.
+    pub fn record(&self, nar: &IngestedNar) -> Result<(), IndexError> {
+        self.index.put_nar(&nar.nar_hash, &nar.record)
+    }
+
+    async fn run<S>(&self, body: S, content: Content) -> Result<Stored, IngestError>
+    where
+        S: Stream<Item = Result<Bytes, BodyError>> + Send + Unpin + 'static,
+    {
+        let mut abandoned = Abandoned {
+            metrics: &self.metrics,
+            done: false,
+        };
+        let result = self.run_counted(body, content).await;
+        abandoned.done = true;
+        if let Err(e) = &result {
+            self.metrics.reject_upload(e.reason());
         }
-        let _turn = self.uploads.acquire().await.expect("never closed");
-        let body = Box::pin(body.map_err(|e| io::Error::other(BodyError(e.to_string()))));
+        if let Ok(s) = &result {
+            self.metrics.stored_bytes_added.inc_by(s.new_bytes);
+        }
+        result
+    }
+
+    async fn run_counted<S>(&self, mut body: S, content: Content) -> Result<Stored, IngestError>
+    where
+        S: Stream<Item = Result<Bytes, BodyError>> + Send + Unpin + 'static,
+    {
+        let compression = match content {
+            Content::Nar(c @ (Compression::Brotli | Compression::Lz4)) => {
+                return Err(IngestError::Unsupported(c))
+            }
+            Content::Nar(c) => c,
+            Content::Blob(_) => Compression::None,
+        };
+        self.space.ensure()?;
+        let waiting = GaugeGuard::new(&self.metrics.uploads_waiting);
+        // The first bytes name the decoder's memory; they are read before the upload
+        // waits for its turn, and put back in front of the body.
+        let mut head = Vec::with_capacity(decoder::PEEK_BYTES);
+        while head.len() < decoder::PEEK_BYTES {
+            match body.next().await {
+                Some(data) => head.extend_from_slice(&data.map_err(IngestError::Body)?),
+                None => break,
+            }
+        }
+        let fixed = self.settings.upload_memory();
+        let decoder_limit = XZ_MEMORY_LIMIT.min(self.budget.total().saturating_sub(fixed));
+        let mib = |b: u64| b.div_ceil(1 << 20);
+        let memory = decoder::memory(compression, &head, decoder_limit).map_err(|needed| {
+            IngestError::DecoderMemory {
+                needed_mib: mib(needed),
+                budget_mib: mib(self.budget.total()),
+            }
+        })?;
+        let slot = self
+            .slots
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the slots' semaphore is never closed");
+        let reservation =
+            self.budget
+                .reserve(fixed + memory.bytes)
+                .await
+                .ok_or(IngestError::DecoderMemory {
+                    needed_mib: mib(fixed + memory.bytes),
+                    budget_mib: mib(self.budget.total()),
+                })?;
+        drop(waiting);
+        let _in_flight = GaugeGuard::new(&self.metrics.uploads_in_flight);
+        // The blocking stages hold the turn too: an abandoned upload's threads run
+        // until their next hand-over, and their memory is counted until then.
+        let turn = Arc::new((slot, reservation));
+
+        let body = futures::stream::iter([Ok::<_, BodyError>(Bytes::from(head))]).chain(body);
+        let body = body.map(|r| r.map_err(|e| io::Error::other(FromBody(e))));
         let reader = tokio_util::io::SyncIoBridge::new(tokio_util::io::StreamReader::new(body));
         let (tx, mut rx) = mpsc::channel::<Batch>(self.settings.concurrency);
         let (nar_tx, nar_rx) = std::sync::mpsc::sync_channel(DECODED_BUFFERS);
-        let params = self.settings.chunking;
-        let decoding = tokio::task::spawn_blocking(move || decode(reader, compression, nar_tx));
-        let chunking =
-            tokio::task::spawn_blocking(move || chunk(ChannelReader::new(nar_rx), params, tx));
+        let (params, max_entries) = (self.settings.chunking, self.settings.max_nar_entries);
+        let limit = match content {
+            Content::Nar(_) => self.settings.max_nar_bytes,
+            Content::Blob(max) => max,
+        };
+        let metrics = self.metrics.clone();
+        let decoding = tokio::task::spawn_blocking({
+            let turn = turn.clone();
+            move || {
+                let _turn = turn;
+                decode(reader, content, memory, limit, &metrics, nar_tx)
+            }
+        });
+        let chunking = tokio::task::spawn_blocking({
+            let turn = turn.clone();
+            move || {
+                let _turn = turn;
+                chunk(ChannelReader::new(nar_rx), content, params, max_entries, tx)
+            }
+        });
 
         let stored = async {
             let mut prepared = futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
@@ -203,39 +517,48 @@ impl Ingestor {
             let mut packer = Packer::new(
                 self.packs.clone(),
                 self.index.clone(),
+                self.metrics.clone(),
                 self.settings.pack_bytes,
             );
-            let mut chunks = Vec::new();
+            let (mut contents, mut listing) = (Vec::new(), Vec::new());
             while let Some(batch) = prepared.next().await {
                 for p in batch? {
-                    chunks.push(match p {
-                        Prepared::Known(c) => c,
-                        Prepared::New { id, len, frame } => packer.add(id, len, &frame).await?,
-                    });
+                    let (part, chunk) = match p {
+                        Prepared::Known(part, c) => (part, c),
+                        Prepared::New {
+                            part,
+                            id,
+                            len,
+                            frame,
+                        } => (part, packer.add(id, len, &frame).await?),
+                    };
+                    match part {
+                        Part::Contents => contents.push(chunk),
+                        Part::Listing => listing.push(chunk),
+                    }
                 }
             }
-            Ok::<_, IngestError>((chunks, packer))
+            Ok::<_, IngestError>((contents, listing, packer))
         };
-        let (stored, decoded, listing) = tokio::join!(stored, decoding, chunking);
-        let (chunks, mut packer) = stored?;
-        // A body that fails to decode also truncates the NAR the chunking stage sees:
-        // the decoding error is the cause.
-        let decoded = decoded.expect("the decoding stage does not panic")?;
-        let listing = listing.expect("the chunking stage does not panic")?;
-        let decoded = decoded.expect("the decoding stage stops early only when chunking failed");
-        // Only a NAR that checked out gets its last pack written.
+        let (stored, decoded, chunked) = tokio::join!(stored, decoding, chunking);
+        // A body that fails to decode also truncates the NAR the chunking stage sees,
+        // and a failed store stops both stages: the decoding error, then the storing
+        // error, then the chunking error is the cause.
+        let decoded = joined("decoding", decoded)?;
+        let (contents, listing, mut packer) = stored?;
+        joined("chunking", chunked)?;
+        let decoded = decoded.ok_or_else(|| {
+            IngestError::Internal("the decoding stage stopped before the end".into())
+        })?;
+        // Only content that checked out gets its last pack written.
         packer.finish().await?;
-        let (new_chunks, new_bytes) = (packer.new_chunks, packer.new_bytes);
-
-        Ok(IngestedNar {
-            nar_hash: decoded.nar_hash,
-            nar_size: decoded.nar_size,
-            file_hash: decoded.file_hash,
-            file_size: decoded.file_size,
-            manifest: Manifest { chunks },
+        drop(turn);
+        Ok(Stored {
+            decoded,
+            contents,
             listing,
-            new_chunks,
-            new_bytes,
+            new_chunks: packer.new_chunks,
+            new_bytes: packer.new_bytes,
         })
     }
 
@@ -243,16 +566,17 @@ impl Ingestor {
     async fn prepare(&self, batch: Batch) -> Result<Vec<Prepared>, IngestError> {
         let known = batch
             .iter()
-            .map(|(id, _)| self.index.chunk(id))
+            .map(|(_, id, _)| self.index.chunk(id))
             .collect::<Result<Vec<_>, _>>()?;
         let level = self.settings.zstd_level;
-        tokio::task::spawn_blocking(move || {
+        let compressed = tokio::task::spawn_blocking(move || {
             batch
                 .into_iter()
                 .zip(known)
-                .map(|((id, data), known)| match known {
-                    Some(c) => Ok(Prepared::Known(c)),
+                .map(|((part, id, data), known)| match known {
+                    Some(c) => Ok(Prepared::Known(part, c)),
                     None => Ok(Prepared::New {
+                        part,
                         id,
                         len: data.len() as u32,
                         frame: compress(&data, level)?,
@@ -260,34 +584,12 @@ impl Ingestor {
                 })
                 .collect::<Result<Vec<_>, IngestError>>()
         })
-        .await
-        .expect("compression does not panic")
-    }
-
-    /// Makes an ingested NAR known by its NarHash (manifest and listing).
-    pub fn record(&self, nar: &IngestedNar) -> Result<(), IndexError> {
-        self.index
-            .put_nar(&nar.nar_hash, &nar.manifest, &nar.listing)
+        .await;
+        joined("compression", compressed)
     }
 }
 
-fn decoder<'a, R: BufRead + 'a>(compression: Compression, r: R) -> io::Result<Box<dyn Read + 'a>> {
-    Ok(match compression {
-        Compression::None => Box::new(r),
-        // Multi-stream decoders: a stream may be several concatenated streams/frames.
-        Compression::Xz => {
-            let stream =
-                xz2::stream::Stream::new_stream_decoder(XZ_MEMORY_LIMIT, xz2::stream::CONCATENATED)
-                    .map_err(io::Error::other)?;
-            Box::new(xz2::bufread::XzDecoder::new_stream(r, stream))
-        }
-        Compression::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(r)?),
-        Compression::Bzip2 => Box::new(bzip2::bufread::MultiBzDecoder::new(r)),
-        Compression::Brotli | Compression::Lz4 => unreachable!("refused before reading"),
-    })
-}
-
-/// What the decoding stage found: the body's and the NAR's hash and size.
+/// What the decoding stage found: the body's and the content's hash and size.
 struct Decoded {
     file_hash: Sha256,
     file_size: u64,
@@ -310,23 +612,37 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
 }
 
 /// The first blocking stage: hashes the body (FileHash), decompresses it, hashes the
-/// NAR (NarHash) and sends it on in buffers. `None` when the next stage stopped
-/// first: its error is the one to report.
+/// content (NarHash), holds it to `limit` bytes and sends it on in buffers. `None`
+/// when the next stage stopped first: its error is the one to report.
 fn decode(
     body: impl Read,
-    compression: Compression,
+    content: Content,
+    memory: decoder::DecoderMemory,
+    limit: u64,
+    metrics: &Metrics,
     tx: std::sync::mpsc::SyncSender<Vec<u8>>,
 ) -> Result<Option<Decoded>, IngestError> {
+    let compression = match content {
+        Content::Nar(c) => c,
+        Content::Blob(_) => Compression::None,
+    };
+    let fail = |e| classify(e, content, limit);
     let mut file = HashingReader::new(body);
     let (nar_hash, nar_size) = {
         let raw = BufReader::with_capacity(STAGE_BUFFER, &mut file);
-        let decoded = decoder(compression, raw).map_err(|e| classify(e, compression))?;
+        let decoded = decoder::open(compression, raw, memory).map_err(fail)?;
         let mut nar = HashingReader::new(decoded);
+        let mut total = 0u64;
         loop {
             let mut buf = vec![0u8; STAGE_BUFFER];
-            let n = read_full(&mut nar, &mut buf).map_err(|e| classify(e, compression))?;
+            let n = read_full(&mut nar, &mut buf).map_err(fail)?;
             if n == 0 {
                 break;
+            }
+            total += n as u64;
+            metrics.upload_bytes_decoded.inc_by(n as u64);
+            if total > limit {
+                return Err(fail(io::Error::other(OverLimit)));
             }
             buf.truncate(n);
             if tx.send(buf).is_err() {
@@ -337,11 +653,7 @@ fn decode(
     };
     // The decoder stops at the end of its stream; nothing may follow it.
     let mut extra = [0u8; 1];
-    if file
-        .read(&mut extra)
-        .map_err(|e| classify(e, compression))?
-        != 0
-    {
+    if file.read(&mut extra).map_err(fail)? != 0 {
         return Err(IngestError::TrailingData);
     }
     let (file_hash, file_size) = file.finish();
@@ -353,45 +665,79 @@ fn decode(
     }))
 }
 
-/// The second blocking stage: validates the NAR and lists it, cuts it into chunks,
-/// names them (BLAKE3) and sends them on in batches. Returns the listing.
-fn chunk(
-    nar: impl Read,
-    params: ChunkParams,
+/// Gathers chunks into batches for the storing side.
+struct Batcher {
+    batch: Batch,
+    bytes: usize,
     tx: mpsc::Sender<Batch>,
-) -> Result<Vec<u8>, IngestError> {
+}
+
+impl Batcher {
+    fn push(&mut self, part: Part, chunk: &[u8]) -> io::Result<()> {
+        self.batch
+            .push((part, ChunkId::of(chunk), Bytes::copy_from_slice(chunk)));
+        self.bytes += chunk.len();
+        if self.bytes >= BATCH_BYTES {
+            self.send()?;
+        }
+        Ok(())
+    }
+
+    fn send(&mut self) -> io::Result<()> {
+        self.bytes = 0;
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        self.tx
+            .blocking_send(std::mem::take(&mut self.batch))
+            .map_err(|_| io::Error::other(StorageGone))
+    }
+}
+
+/// The second blocking stage: for a NAR, validates it and writes its listing; cuts the
+/// content (and the listing) into chunks, names them (BLAKE3) and sends them on in
+/// batches.
+fn chunk(
+    input: impl Read,
+    content: Content,
+    params: ChunkParams,
+    max_entries: u64,
+    tx: mpsc::Sender<Batch>,
+) -> Result<(), IngestError> {
     // The only reading error here is the storing side having stopped (the decoding
     // stage ends the channel cleanly), and the storing side's own error is the one
     // reported; `Body` stands in for it.
-    let mut batch: Batch = Vec::new();
-    let mut batch_bytes = 0;
-    let send = |batch: &mut Batch| {
-        tx.blocking_send(std::mem::take(batch))
-            .map_err(|_| io::Error::other(StorageGone))
-    };
-    let listing = {
-        let emit = |chunk: &[u8]| {
-            batch.push((ChunkId::of(chunk), Bytes::copy_from_slice(chunk)));
-            batch_bytes += chunk.len();
-            if batch_bytes >= BATCH_BYTES {
-                batch_bytes = 0;
-                send(&mut batch)?;
-            }
-            Ok(())
-        };
-        let tee = ChunkingReader::new(nar, Chunker::new(params), emit);
-        let mut nar_input = BufReader::with_capacity(STAGE_BUFFER, tee);
-        let listing = nar::validate(&mut nar_input).map_err(|e| match e {
-            NarError::Read(e) => IngestError::Body(e),
-            e => IngestError::Nar(e),
-        })?;
-        nar_input.into_inner().finish().map_err(IngestError::Body)?;
-        listing.to_listing_json()
-    };
-    if !batch.is_empty() {
-        send(&mut batch).map_err(IngestError::Body)?;
+    let gone = |e: io::Error| IngestError::Body(BodyError::Broken(e.to_string()));
+    let batcher = RefCell::new(Batcher {
+        batch: Vec::new(),
+        bytes: 0,
+        tx,
+    });
+    let contents = |c: &[u8]| batcher.borrow_mut().push(Part::Contents, c);
+    let tee = ChunkingReader::new(input, Chunker::new(params), contents);
+    let mut input = BufReader::with_capacity(STAGE_BUFFER, tee);
+    match content {
+        Content::Nar(_) => {
+            let listing_chunks = |c: &[u8]| batcher.borrow_mut().push(Part::Listing, c);
+            let mut listing = io::BufWriter::with_capacity(
+                LISTING_BUFFER,
+                ChunkingWriter::new(Chunker::new(params), listing_chunks),
+            );
+            nar::validate(&mut input, &mut listing, max_entries).map_err(|e| match e {
+                NarError::Read(e) | NarError::Write(e) => gone(e),
+                e => IngestError::Nar(e),
+            })?;
+            listing.flush().map_err(gone)?;
+            let listing = listing.into_inner().map_err(|e| gone(e.into_error()))?;
+            listing.finish().map_err(gone)?;
+        }
+        Content::Blob(_) => {
+            io::copy(&mut input, &mut io::sink()).map_err(gone)?;
+        }
     }
-    Ok(listing)
+    input.into_inner().finish().map_err(gone)?;
+    batcher.borrow_mut().send().map_err(gone)?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -399,7 +745,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::index::SledIndex;
+    use crate::index::MemoryIndex;
     use crate::nix::nar::write::{nar, Entry};
     use crate::testing::Xorshift;
 
@@ -414,11 +760,20 @@ mod tests {
     }
 
     /// An ingestor over a local store in `dir`.
-    fn ingestor(dir: &std::path::Path) -> Ingestor {
-        let index = Arc::new(SledIndex::open(&dir.join("index"), 1 << 20).unwrap());
+    fn ingestor_with(dir: &std::path::Path, settings: IngestSettings) -> Ingestor {
         std::fs::create_dir_all(dir.join("store")).unwrap();
-        let packs = PackStore::local(dir.join("store")).unwrap();
-        Ingestor::new(index, packs, settings())
+        let packs = PackStore::local(dir.join("store"), Default::default()).unwrap();
+        Ingestor::new(
+            Arc::new(MemoryIndex::new()),
+            packs,
+            settings,
+            Arc::new(Metrics::new()),
+            SpaceCheck::new(vec![dir.to_owned()], 0),
+        )
+    }
+
+    fn ingestor(dir: &std::path::Path) -> Ingestor {
+        ingestor_with(dir, settings())
     }
 
     /// A NAR of a few MiB of incompressible file contents.
@@ -430,7 +785,7 @@ mod tests {
         })
     }
 
-    type Piece = Result<Bytes, String>;
+    type Piece = Result<Bytes, BodyError>;
 
     fn pieces(data: &[u8]) -> Vec<Piece> {
         data.chunks(64 * 1024)
@@ -440,20 +795,163 @@ mod tests {
 
     /// Runs an ingest, failing the test rather than hanging if it never ends.
     async fn ingest(ingestor: &Ingestor, body: Vec<Piece>) -> Result<IngestedNar, IngestError> {
-        let run = ingestor.ingest(futures::stream::iter(body), Compression::None);
+        ingest_as(ingestor, body, Compression::None).await
+    }
+
+    async fn ingest_as(
+        ingestor: &Ingestor,
+        body: Vec<Piece>,
+        compression: Compression,
+    ) -> Result<IngestedNar, IngestError> {
+        let run = ingestor.ingest_nar(futures::stream::iter(body), compression);
         tokio::time::timeout(Duration::from_secs(60), run)
             .await
             .expect("an ingest ends")
     }
 
+    /// Reassembles a manifest's content from the packs.
+    async fn content(ingestor: &Ingestor, m: &Manifest) -> Vec<u8> {
+        let source = crate::serve::Source {
+            store: ingestor.packs.clone(),
+            plan: crate::serve::ReadPlan {
+                read_bytes: 1 << 20,
+                read_ahead: 2,
+            },
+            read_ahead: Budget::new(1 << 22),
+        };
+        let body = crate::serve::body(&source, m, crate::serve::Encoding::Plain, 0..m.size());
+        let parts: Vec<Bytes> = body.map(|r| r.unwrap()).collect().await;
+        parts.concat()
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_whole_nar_is_stored() {
+    async fn a_whole_nar_is_stored_with_its_listing() {
         let dir = tempfile::tempdir().unwrap();
         let data = big_nar();
-        let got = ingest(&ingestor(dir.path()), pieces(&data)).await.unwrap();
+        let ingestor = ingestor(dir.path());
+        let got = ingest(&ingestor, pieces(&data)).await.unwrap();
         assert_eq!(got.nar_size, data.len() as u64);
-        assert_eq!(got.manifest.nar_size(), data.len() as u64);
-        assert!(got.manifest.chunks.len() > 10);
+        assert_eq!(got.nar_hash, Sha256::digest(&data));
+        assert_eq!(got.record.contents.size(), data.len() as u64);
+        assert!(got.record.contents.chunks.len() > 10);
+        assert_eq!(content(&ingestor, &got.record.contents).await, data);
+        let listing = content(&ingestor, &got.record.listing).await;
+        let json: serde_json::Value = serde_json::from_slice(&listing).unwrap();
+        assert_eq!(json["root"]["size"], 3 * 1024 * 1024);
+        let m = &ingestor.metrics;
+        assert_eq!(m.nars_ingested.get(), 1);
+        assert_eq!(m.nar_bytes_ingested.get(), data.len() as u64);
+        assert!(m.packs_written.get() > 1);
+        assert_eq!(m.uploads_in_flight.get(), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_listing_as_large_as_its_nar_is_chunked_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let names: Vec<String> = (0..20_000).map(|i| format!("file-{i:06}")).collect();
+        let tree = Entry::Dir(
+            names
+                .iter()
+                .map(|n| {
+                    (
+                        n.as_str(),
+                        Entry::File {
+                            executable: false,
+                            contents: b"",
+                        },
+                    )
+                })
+                .collect(),
+        );
+        let data = nar(&tree);
+        let ingestor = ingestor(dir.path());
+        let got = ingest(&ingestor, pieces(&data)).await.unwrap();
+        assert!(
+            got.record.listing.chunks.len() > 5,
+            "a large listing is several chunks"
+        );
+        let listing = content(&ingestor, &got.record.listing).await;
+        let json: serde_json::Value = serde_json::from_slice(&listing).unwrap();
+        assert_eq!(json["root"]["entries"].as_object().unwrap().len(), 20_000);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn limits_are_held_as_the_nar_streams_in() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = big_nar();
+        let small = ingestor_with(
+            dir.path(),
+            IngestSettings {
+                max_nar_bytes: 1024 * 1024,
+                max_nar_entries: 2,
+                ..settings()
+            },
+        );
+        let err = ingest(&small, pieces(&data)).await.unwrap_err();
+        assert!(
+            matches!(err, IngestError::TooLarge { what: "NAR", .. }),
+            "{err}"
+        );
+        // Refused after about the limit, not after the whole body.
+        assert!(small.metrics.upload_bytes_decoded.get() < 2 * 1024 * 1024);
+        let three = nar(&Entry::Dir(vec![
+            ("a", Entry::Symlink("b")),
+            ("b", Entry::Symlink("a")),
+        ]));
+        let err = ingest(&small, pieces(&three)).await.unwrap_err();
+        assert!(
+            matches!(err, IngestError::Nar(NarError::TooManyEntries { max: 2 })),
+            "{err}"
+        );
+        let text = small.metrics.render();
+        assert!(text.contains("reason=\"too_large\"} 1"), "{text}");
+        assert!(text.contains("reason=\"too_many_entries\"} 1"), "{text}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_decoder_larger_than_the_budget_is_refused_before_reading_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let ingestor = ingestor_with(
+            dir.path(),
+            IngestSettings {
+                memory_bytes: settings().upload_memory() + 32 * 1024 * 1024,
+                ..settings()
+            },
+        );
+        let mut e = zstd::stream::write::Encoder::new(Vec::new(), 1).unwrap();
+        e.window_log(27).unwrap();
+        e.write_all(&big_nar()).unwrap();
+        let body = e.finish().unwrap();
+        let err = ingest_as(&ingestor, pieces(&body), Compression::Zstd)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                IngestError::DecoderMemory {
+                    needed_mib: 129,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!(ingestor.metrics.upload_bytes_decoded.get(), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn blobs_are_stored_as_chunks_up_to_their_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let ingestor = ingestor(dir.path());
+        let log = b"building\n".repeat(100_000);
+        let body = futures::stream::iter(pieces(&log));
+        let m = ingestor.ingest_blob(body, 1 << 20).await.unwrap();
+        assert_eq!(content(&ingestor, &m).await, log);
+        let body = futures::stream::iter(pieces(&log));
+        let err = ingestor.ingest_blob(body, 1000).await.unwrap_err();
+        assert!(
+            matches!(err, IngestError::TooLarge { what: "file", .. }),
+            "{err}"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -461,7 +959,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut body = pieces(&big_nar());
         body.truncate(20);
-        body.push(Err("connection reset".into()));
+        body.push(Err(BodyError::Broken("connection reset".into())));
         let err = ingest(&ingestor(dir.path()), body).await.unwrap_err();
         assert!(matches!(err, IngestError::Body(_)), "{err:?}");
         assert!(err.to_string().contains("connection reset"), "{err}");
@@ -487,5 +985,46 @@ mod tests {
         std::fs::write(dir.path().join("store"), b"").unwrap();
         let err = ingest(&ingestor, pieces(&big_nar())).await.unwrap_err();
         assert!(matches!(err, IngestError::Storage(_)), "{err:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_upload_dropped_midway_stops_and_frees_its_turn() {
+        let dir = tempfile::tempdir().unwrap();
+        let ingestor = Arc::new(ingestor_with(
+            dir.path(),
+            IngestSettings {
+                max_uploads: 1,
+                ..settings()
+            },
+        ));
+        // A body that sends a little, then nothing, until its connection closes (as
+        // hyper's does when the client goes away and the handler is dropped).
+        let data = big_nar();
+        let (tx, rx) = mpsc::channel::<Piece>(1);
+        let body = Box::pin(futures::stream::unfold(rx, |mut rx| async {
+            rx.recv().await.map(|p| (p, rx))
+        }));
+        let running = {
+            let ingestor = ingestor.clone();
+            tokio::spawn(
+                async move { ingestor.ingest_nar(body, Compression::None).await.map(drop) },
+            )
+        };
+        tx.send(Ok(Bytes::copy_from_slice(&data[..1 << 20])))
+            .await
+            .unwrap();
+        while ingestor.metrics.uploads_in_flight.get() == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        running.abort();
+        let _ = running.await;
+        drop(tx);
+        // The one slot is free again: another upload goes through.
+        let got = ingest(&ingestor, pieces(&data)).await.unwrap();
+        assert_eq!(got.nar_size, data.len() as u64);
+        assert!(ingestor
+            .metrics
+            .render()
+            .contains("reason=\"client_gone\"} 1"));
     }
 }

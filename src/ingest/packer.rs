@@ -9,36 +9,52 @@ use tokio::task::JoinHandle;
 
 use super::IngestError;
 use crate::index::Index;
+use crate::metrics::Metrics;
 use crate::store::{ChunkId, ChunkRef, PackId, PackStore};
 
 /// Packs written at once per upload; more would only queue in the object store.
-const WRITES_IN_FLIGHT: usize = 2;
+pub const WRITES_IN_FLIGHT: usize = 2;
+
+/// A pack being written, and the chunks it holds.
+struct Write {
+    task: JoinHandle<Result<(), IngestError>>,
+    chunks: Vec<ChunkId>,
+}
 
 pub struct Packer {
     store: PackStore,
     index: Arc<dyn Index>,
+    metrics: Arc<Metrics>,
     target: usize,
     pack: PackId,
     buf: Vec<u8>,
     in_buf: Vec<ChunkRef>,
-    /// Chunks this upload packed: a chunk repeated within one NAR is stored once even
-    /// before its pack is written and recorded.
-    packed: HashMap<ChunkId, ChunkRef>,
-    writes: VecDeque<JoinHandle<Result<(), IngestError>>>,
+    /// Chunks packed by this upload whose records are not written yet: a chunk
+    /// repeated within one NAR is stored once even before its pack is recorded. Once
+    /// recorded, the index answers for them, so this stays as small as the packs in
+    /// flight whatever the NAR's size.
+    unrecorded: HashMap<ChunkId, ChunkRef>,
+    writes: VecDeque<Write>,
     pub new_chunks: u64,
     pub new_bytes: u64,
 }
 
 impl Packer {
-    pub fn new(store: PackStore, index: Arc<dyn Index>, target: usize) -> Self {
+    pub fn new(
+        store: PackStore,
+        index: Arc<dyn Index>,
+        metrics: Arc<Metrics>,
+        target: usize,
+    ) -> Self {
         Self {
             store,
             index,
+            metrics,
             target,
             pack: PackId::random(),
             buf: Vec::new(),
             in_buf: Vec::new(),
-            packed: HashMap::new(),
+            unrecorded: HashMap::new(),
             writes: VecDeque::new(),
             new_chunks: 0,
             new_bytes: 0,
@@ -52,7 +68,7 @@ impl Packer {
         len: u32,
         frame: &[u8],
     ) -> Result<ChunkRef, IngestError> {
-        if let Some(c) = self.packed.get(&id) {
+        if let Some(c) = self.unrecorded.get(&id) {
             return Ok(*c);
         }
         let chunk = ChunkRef {
@@ -64,7 +80,7 @@ impl Packer {
         };
         self.buf.extend_from_slice(frame);
         self.in_buf.push(chunk);
-        self.packed.insert(id, chunk);
+        self.unrecorded.insert(id, chunk);
         self.new_chunks += 1;
         self.new_bytes += frame.len() as u64;
         if self.buf.len() >= self.target {
@@ -88,21 +104,33 @@ impl Packer {
             Vec::with_capacity(self.target + 65536),
         ));
         let chunks = std::mem::take(&mut self.in_buf);
+        let ids = chunks.iter().map(|c| c.id).collect();
         let pack = std::mem::replace(&mut self.pack, PackId::random());
-        let (store, index) = (self.store.clone(), self.index.clone());
-        self.writes.push_back(tokio::spawn(async move {
+        let (store, index, metrics) =
+            (self.store.clone(), self.index.clone(), self.metrics.clone());
+        let task = tokio::spawn(async move {
             store.put(&pack, data).await?;
+            metrics.packs_written.inc();
+            metrics.chunks_written.inc_by(chunks.len() as u64);
             index.put_chunks(&chunks)?;
             Ok(())
-        }));
+        });
+        self.writes.push_back(Write { task, chunks: ids });
         Ok(())
     }
 
     async fn wait_one(&mut self) -> Result<(), IngestError> {
-        match self.writes.pop_front() {
-            Some(w) => w.await.expect("pack writes do not panic"),
-            None => Ok(()),
+        let Some(write) = self.writes.pop_front() else {
+            return Ok(());
+        };
+        write
+            .task
+            .await
+            .map_err(|e| IngestError::Internal(format!("writing a pack: {e}")))??;
+        for id in write.chunks {
+            self.unrecorded.remove(&id);
         }
+        Ok(())
     }
 
     /// Writes the last pack and waits until every pack is stored and recorded.

@@ -1,5 +1,5 @@
-//! `Read` adapters that look at bytes as they pass (hashing and counting, feeding the
-//! chunker), and one that reads what another thread sends.
+//! `Read` and `Write` adapters that look at bytes as they pass (hashing and counting,
+//! feeding a chunker), and one that reads what another thread sends.
 
 use std::io::{self, Read};
 
@@ -16,6 +16,7 @@ pub struct HashingReader<R> {
 }
 
 impl<R: Read> HashingReader<R> {
+    /// Wraps `inner`.
     pub fn new(inner: R) -> Self {
         Self {
             inner,
@@ -24,6 +25,7 @@ impl<R: Read> HashingReader<R> {
         }
     }
 
+    /// The SHA-256 and the count of what was read.
     pub fn finish(self) -> (Sha256, u64) {
         (Sha256::from_bytes(self.hasher.finalize().into()), self.len)
     }
@@ -46,6 +48,7 @@ pub struct ChunkingReader<R, F> {
 }
 
 impl<R: Read, F: FnMut(&[u8]) -> io::Result<()>> ChunkingReader<R, F> {
+    /// Chunks what is read from `inner`.
     pub fn new(inner: R, chunker: Chunker, emit: F) -> Self {
         Self {
             inner,
@@ -68,6 +71,35 @@ impl<R: Read, F: FnMut(&[u8]) -> io::Result<()>> Read for ChunkingReader<R, F> {
     }
 }
 
+/// Chunks everything written to it; `emit` receives each chunk.
+pub struct ChunkingWriter<F> {
+    chunker: Chunker,
+    emit: F,
+}
+
+impl<F: FnMut(&[u8]) -> io::Result<()>> ChunkingWriter<F> {
+    /// Chunks what is written.
+    pub fn new(chunker: Chunker, emit: F) -> Self {
+        Self { chunker, emit }
+    }
+
+    /// Emits the last chunks.
+    pub fn finish(mut self) -> io::Result<()> {
+        self.chunker.finish(&mut self.emit)
+    }
+}
+
+impl<F: FnMut(&[u8]) -> io::Result<()>> io::Write for ChunkingWriter<F> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.chunker.push(buf, &mut self.emit)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 /// Reads the buffers another thread sends, in order; the end of the channel is the
 /// end of the data.
 pub struct ChannelReader {
@@ -77,6 +109,7 @@ pub struct ChannelReader {
 }
 
 impl ChannelReader {
+    /// Reads what `rx` receives.
     pub fn new(rx: std::sync::mpsc::Receiver<Vec<u8>>) -> Self {
         Self {
             rx,

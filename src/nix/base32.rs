@@ -8,6 +8,7 @@ pub const fn encoded_len(n: usize) -> usize {
     (n * 8).div_ceil(5)
 }
 
+/// Nix's base32 of `bytes`.
 pub fn encode(bytes: &[u8]) -> String {
     let len = encoded_len(bytes.len());
     let mut out = String::with_capacity(len);

@@ -3,15 +3,18 @@
 use std::fmt;
 use std::str::FromStr;
 
+/// A valid cache name.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
 #[serde(transparent)]
 pub struct CacheName(String);
 
+/// A string that is not a valid cache name.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("cache name must be 1 to 64 of a-z, 0-9, '-', '_', '.', starting with a letter or digit")]
 pub struct BadCacheName;
 
 impl CacheName {
+    /// The name.
     pub fn as_str(&self) -> &str {
         &self.0
     }

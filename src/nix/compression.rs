@@ -3,16 +3,24 @@
 use std::fmt;
 use std::str::FromStr;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A compression Nix names in narinfos and NAR URLs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Compression {
+    /// Uncompressed.
     None,
+    /// xz (Nix's default for uploads).
     Xz,
+    /// zstd.
     Zstd,
+    /// bzip2 (what a narinfo without `Compression` means).
     Bzip2,
+    /// brotli (not decoded by this server).
     Brotli,
+    /// lz4 (not decoded by this server).
     Lz4,
 }
 
+/// A compression name Nix does not know.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("unknown compression {0:?}")]
 pub struct UnknownCompression(pub String);

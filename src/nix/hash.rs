@@ -12,24 +12,30 @@ use super::base32;
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Sha256([u8; 32]);
 
+/// Why a string is not a SHA-256 hash.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum HashError {
+    /// Another algorithm than SHA-256.
     #[error("hash must be sha256")]
     UnsupportedAlgorithm,
+    /// A digest in no encoding Nix accepts.
     #[error("hash digest is not valid nix32, base16, base64 or SRI")]
     BadDigest,
 }
 
 impl Sha256 {
+    /// The digest `bytes`.
     pub const fn from_bytes(bytes: [u8; 32]) -> Self {
         Self(bytes)
     }
 
+    /// The SHA-256 of `data`.
     pub fn digest(data: &[u8]) -> Self {
         use sha2::Digest as _;
         Self(sha2::Sha256::digest(data).into())
     }
 
+    /// The digest's bytes.
     pub fn as_bytes(&self) -> &[u8; 32] {
         &self.0
     }
@@ -39,10 +45,12 @@ impl Sha256 {
         base32::encode(&self.0)
     }
 
+    /// Parses the 52-letter nix32 form.
     pub fn from_nix32(text: &str) -> Option<Self> {
         base32::decode::<32>(text).map(Self)
     }
 
+    /// The digest in lower-case hex.
     pub fn to_hex(&self) -> String {
         self.0.iter().map(|b| format!("{b:02x}")).collect()
     }

@@ -1,13 +1,12 @@
-//! A streaming NAR (`nix-archive-1`) validator that also builds the `.ls` listing.
+//! A streaming NAR (`nix-archive-1`) validator that also writes the `.ls` listing.
 //!
-//! It pulls from any `Read` and keeps only names and symlink targets in memory: file
-//! contents pass through in blocks, so a NAR of any size is checked in constant memory
-//! (plus the listing, which grows with the number of entries, not their size).
+//! It pulls from any `Read` and keeps only the current name, symlink target and one
+//! flag per directory level in memory: file contents pass through in blocks, and the
+//! listing's JSON is written out as the archive is read (entries come in order, so
+//! the JSON can be written depth first). A NAR of any size or number of entries is
+//! checked in constant memory.
 
-use std::collections::BTreeMap;
-use std::io::{self, Read};
-
-use serde::Serialize;
+use std::io::{self, Read, Write};
 
 /// Current Nix's limits; older clients never produce more.
 const MAX_NAME: usize = 255;
@@ -16,89 +15,110 @@ const MAX_DEPTH: usize = 64;
 /// The longest token the grammar has (`nix-archive-1`, `executable`, ...).
 const MAX_TOKEN: usize = 16;
 
+/// Why bytes are not a valid NAR, or could not be checked.
 #[derive(Debug, thiserror::Error)]
 pub enum NarError {
+    /// The input ended inside the archive.
     #[error("NAR is truncated")]
     Truncated,
+    /// The input does not start with `nix-archive-1`.
     #[error("not a NAR: bad magic")]
     BadMagic,
+    /// A token other than the grammar's.
     #[error("NAR: expected {expected:?} at byte {offset}")]
-    Unexpected { expected: &'static str, offset: u64 },
+    Unexpected {
+        /// What the grammar allows there.
+        expected: &'static str,
+        /// Where the string starts.
+        offset: u64,
+    },
+    /// A name, target or token over its limit.
     #[error("NAR: string at byte {offset} is longer than {max} bytes")]
-    TooLong { offset: u64, max: usize },
+    TooLong {
+        /// Where the string's length is.
+        offset: u64,
+        /// The limit for that string.
+        max: usize,
+    },
+    /// Padding bytes that are not zero.
     #[error("NAR: non-zero padding at byte {0}")]
     Padding(u64),
+    /// An entry name Nix refuses (empty, `.`, `..`, with `/` or NUL).
     #[error("NAR: invalid entry name {0:?}")]
     BadName(String),
+    /// Directory entries not in strictly increasing byte order.
     #[error("NAR: entry {0:?} is out of order or repeated")]
     Unsorted(String),
+    /// Directories nested deeper than Nix allows.
     #[error("NAR: nested deeper than {MAX_DEPTH} levels")]
     TooDeep,
+    /// More files, directories and symlinks than the limit the caller set.
+    #[error("NAR has more than {max} entries")]
+    TooManyEntries {
+        /// The limit.
+        max: u64,
+    },
+    /// Bytes after the archive's end.
     #[error("NAR: data after the end of the archive")]
     TrailingData,
     /// An error of the underlying reader (a decompressor, the network), not of the NAR.
     #[error("{0}")]
     Read(#[source] io::Error),
+    /// The listing could not be written.
+    #[error("writing the listing: {0}")]
+    Write(#[source] io::Error),
 }
 
-/// The `.ls` listing Nix's binary cache format defines.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(tag = "type", rename_all = "lowercase")]
-pub enum Node {
-    Regular {
-        size: u64,
-        #[serde(skip_serializing_if = "std::ops::Not::not")]
-        executable: bool,
-        #[serde(rename = "narOffset")]
-        nar_offset: u64,
-    },
-    Symlink {
-        target: String,
-    },
-    Directory {
-        entries: BTreeMap<String, Node>,
-    },
+/// What a valid archive held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Summary {
+    /// Files, directories and symlinks, the root included.
+    pub entries: u64,
+    /// The archive's size in bytes.
+    pub size: u64,
 }
 
-#[derive(Serialize)]
-struct Listing<'a> {
-    version: u32,
-    root: &'a Node,
-}
-
-impl Node {
-    /// The JSON body of `<hash>.ls`.
-    pub fn to_listing_json(&self) -> Vec<u8> {
-        serde_json::to_vec(&Listing {
-            version: 1,
-            root: self,
-        })
-        .expect("a listing always serialises")
-    }
-}
-
-struct Parser<R> {
+struct Parser<R, W> {
     r: R,
     pos: u64,
     block: Vec<u8>,
+    listing: W,
+    entries: u64,
+    max_entries: u64,
 }
 
-/// Reads one whole NAR from `r`, checks every rule, and returns its listing.
-/// `r` must end exactly where the NAR does.
-pub fn validate<R: Read>(r: R) -> Result<Node, NarError> {
+/// Reads one whole NAR from `r`, checks every rule, and writes its `.ls` listing (the
+/// JSON Nix's binary cache format defines) to `listing`. At most `max_entries` files,
+/// directories and symlinks are accepted. `r` must end exactly where the NAR does.
+pub fn validate<R: Read, W: Write>(
+    r: R,
+    listing: W,
+    max_entries: u64,
+) -> Result<Summary, NarError> {
     let mut p = Parser {
         r,
         pos: 0,
         block: vec![0; 64 * 1024],
+        listing,
+        entries: 0,
+        max_entries,
     };
     if p.bytes(MAX_TOKEN)? != b"nix-archive-1" {
         return Err(NarError::BadMagic);
     }
-    let root = p.node(0)?;
+    p.out(b"{\"version\":1,\"root\":")?;
+    p.node(0)?;
+    p.out(b"}")?;
+    p.listing.flush().map_err(NarError::Write)?;
     let mut extra = [0u8; 1];
     loop {
         match p.r.read(&mut extra) {
-            Ok(0) => return Ok(root),
+            Ok(0) => {
+                return Ok(Summary {
+                    entries: p.entries,
+                    size: p.pos,
+                })
+            }
             Ok(_) => return Err(NarError::TrailingData),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(NarError::Read(e)),
@@ -106,7 +126,19 @@ pub fn validate<R: Read>(r: R) -> Result<Node, NarError> {
     }
 }
 
-impl<R: Read> Parser<R> {
+impl<R: Read, W: Write> Parser<R, W> {
+    fn out(&mut self, json: &[u8]) -> Result<(), NarError> {
+        self.listing.write_all(json).map_err(NarError::Write)
+    }
+
+    /// A JSON string; names and targets that are not UTF-8 are shown lossily, as the
+    /// listing is for people and tools that browse, not for restoring files.
+    fn out_str(&mut self, s: &[u8]) -> Result<(), NarError> {
+        let s = String::from_utf8_lossy(s);
+        serde_json::to_writer(&mut self.listing, s.as_ref())
+            .map_err(|e| NarError::Write(io::Error::other(e)))
+    }
+
     fn fill(&mut self, buf: &mut [u8]) -> Result<(), NarError> {
         self.r.read_exact(buf).map_err(|e| match e.kind() {
             io::ErrorKind::UnexpectedEof => NarError::Truncated,
@@ -165,15 +197,21 @@ impl<R: Read> Parser<R> {
         })
     }
 
-    fn node(&mut self, depth: usize) -> Result<Node, NarError> {
+    fn node(&mut self, depth: usize) -> Result<(), NarError> {
         if depth > MAX_DEPTH {
             return Err(NarError::TooDeep);
+        }
+        self.entries += 1;
+        if self.entries > self.max_entries {
+            return Err(NarError::TooManyEntries {
+                max: self.max_entries,
+            });
         }
         self.expect("(")?;
         self.expect("type")?;
         let offset = self.pos;
-        let node = match self.token("regular, symlink or directory")?.as_slice() {
-            b"regular" => self.regular()?,
+        match self.token("regular, symlink or directory")?.as_slice() {
+            b"regular" => self.regular(),
             b"symlink" => {
                 self.expect("target")?;
                 let offset = self.pos;
@@ -185,22 +223,19 @@ impl<R: Read> Parser<R> {
                     });
                 }
                 self.expect(")")?;
-                Node::Symlink {
-                    target: String::from_utf8_lossy(&target).into_owned(),
-                }
+                self.out(b"{\"type\":\"symlink\",\"target\":")?;
+                self.out_str(&target)?;
+                self.out(b"}")
             }
-            b"directory" => self.directory(depth)?,
-            _ => {
-                return Err(NarError::Unexpected {
-                    expected: "regular, symlink or directory",
-                    offset,
-                });
-            }
-        };
-        Ok(node)
+            b"directory" => self.directory(depth),
+            _ => Err(NarError::Unexpected {
+                expected: "regular, symlink or directory",
+                offset,
+            }),
+        }
     }
 
-    fn regular(&mut self) -> Result<Node, NarError> {
+    fn regular(&mut self) -> Result<(), NarError> {
         let offset = self.pos;
         let executable = match self.token("executable or contents")?.as_slice() {
             b"executable" => {
@@ -218,6 +253,15 @@ impl<R: Read> Parser<R> {
         };
         let size = self.u64()?;
         let nar_offset = self.pos;
+        let executable = if executable {
+            ",\"executable\":true"
+        } else {
+            ""
+        };
+        let entry = format!(
+            "{{\"type\":\"regular\",\"size\":{size}{executable},\"narOffset\":{nar_offset}}}"
+        );
+        self.out(entry.as_bytes())?;
         let mut left = size;
         let mut block = std::mem::take(&mut self.block);
         while left > 0 {
@@ -227,21 +271,16 @@ impl<R: Read> Parser<R> {
         }
         self.block = block;
         self.padding(size)?;
-        self.expect(")")?;
-        Ok(Node::Regular {
-            size,
-            executable,
-            nar_offset,
-        })
+        self.expect(")")
     }
 
-    fn directory(&mut self, depth: usize) -> Result<Node, NarError> {
-        let mut entries = BTreeMap::new();
+    fn directory(&mut self, depth: usize) -> Result<(), NarError> {
+        self.out(b"{\"type\":\"directory\",\"entries\":{")?;
         let mut previous: Option<Vec<u8>> = None;
         loop {
             let offset = self.pos;
             match self.token("entry or )")?.as_slice() {
-                b")" => return Ok(Node::Directory { entries }),
+                b")" => return self.out(b"}}"),
                 b"entry" => {}
                 _ => {
                     return Err(NarError::Unexpected {
@@ -253,23 +292,26 @@ impl<R: Read> Parser<R> {
             self.expect("(")?;
             self.expect("name")?;
             let name = self.bytes(MAX_NAME)?;
-            let shown = String::from_utf8_lossy(&name).into_owned();
             if name.is_empty()
                 || name == b"."
                 || name == b".."
                 || name.contains(&b'/')
                 || name.contains(&0)
             {
-                return Err(NarError::BadName(shown));
+                return Err(NarError::BadName(String::from_utf8_lossy(&name).into()));
             }
             // Byte order, strictly increasing: this also rules out duplicates.
             if previous.as_ref().is_some_and(|p| *p >= name) {
-                return Err(NarError::Unsorted(shown));
+                return Err(NarError::Unsorted(String::from_utf8_lossy(&name).into()));
             }
+            if previous.is_some() {
+                self.out(b",")?;
+            }
+            self.out_str(&name)?;
+            self.out(b":")?;
             self.expect("node")?;
-            let child = self.node(depth + 1)?;
+            self.node(depth + 1)?;
             self.expect(")")?;
-            entries.insert(shown, child);
             previous = Some(name);
         }
     }
@@ -285,14 +327,20 @@ pub mod write {
 
     /// An in-memory tree to serialise.
     pub enum Entry<'a> {
+        /// A regular file.
         File {
+            /// Whether it is executable.
             executable: bool,
+            /// Its bytes.
             contents: &'a [u8],
         },
+        /// A symlink to the target.
         Symlink(&'a str),
+        /// A directory of named entries, in the order to write them.
         Dir(Vec<(&'a str, Entry<'a>)>),
     }
 
+    /// The NAR of the tree `root`.
     pub fn nar(root: &Entry) -> Vec<u8> {
         let mut out = Vec::new();
         string(&mut out, b"nix-archive-1");
@@ -366,11 +414,18 @@ mod tests {
         ]))
     }
 
+    /// Validates `bytes` and returns the parsed listing.
+    fn list(bytes: &[u8]) -> Result<serde_json::Value, NarError> {
+        let mut listing = Vec::new();
+        let summary = validate(bytes, &mut listing, u64::MAX)?;
+        assert_eq!(summary.size, bytes.len() as u64);
+        Ok(serde_json::from_slice(&listing).expect("the listing is JSON"))
+    }
+
     #[test]
     fn accepts_a_valid_nar_and_lists_it() {
         let bytes = sample();
-        let root = validate(bytes.as_slice()).unwrap();
-        let json: serde_json::Value = serde_json::from_slice(&root.to_listing_json()).unwrap();
+        let json = list(&bytes).unwrap();
         let hello = &json["root"]["entries"]["bin"]["entries"]["hello"];
         assert_eq!(hello["executable"], true);
         assert_eq!(hello["size"], 18);
@@ -386,14 +441,38 @@ mod tests {
             executable: false,
             contents: b"",
         });
-        assert!(matches!(
-            validate(bytes.as_slice()).unwrap(),
-            Node::Regular { size: 0, .. }
-        ));
+        let json = list(&bytes).unwrap();
+        assert_eq!(json["root"]["type"], "regular");
+        assert_eq!(json["root"]["size"], 0);
+    }
+
+    #[test]
+    fn names_are_escaped_and_entries_counted() {
+        let file = || Entry::File {
+            executable: false,
+            contents: b"x",
+        };
+        let bytes = nar(&Entry::Dir(vec![
+            ("a\"q", file()),
+            ("b", Entry::Dir(vec![("c", Entry::Symlink("\u{7f}<\n>"))])),
+        ]));
+        let json = list(&bytes).unwrap();
+        assert_eq!(json["root"]["entries"]["a\"q"]["size"], 1);
+        assert_eq!(
+            json["root"]["entries"]["b"]["entries"]["c"]["target"],
+            "\u{7f}<\n>"
+        );
+        // The root, a"q, b and c.
+        let entries = validate(&bytes[..], std::io::sink(), 4).unwrap().entries;
+        assert_eq!(entries, 4);
+        let err = validate(&bytes[..], std::io::sink(), 3).unwrap_err();
+        assert!(matches!(err, NarError::TooManyEntries { max: 3 }), "{err}");
     }
 
     fn rejects(bytes: &[u8], needle: &str) {
-        let err = validate(bytes).unwrap_err().to_string();
+        let err = validate(bytes, std::io::sink(), u64::MAX)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains(needle), "{err:?} should mention {needle:?}");
     }
 
@@ -483,7 +562,7 @@ mod robustness {
                     m.extend_from_slice(&tail);
                 }
             }
-            let _ = validate(m.as_slice());
+            let _ = validate(m.as_slice(), std::io::sink(), 1000);
         }
     }
 }

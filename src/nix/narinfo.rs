@@ -7,35 +7,64 @@ use super::hash::Sha256;
 use super::signing::{self, Signature};
 use super::store_path::StorePath;
 
+/// A narinfo: what a binary cache says of one store path.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NarInfo {
+    /// The store path.
     pub store_path: StorePath,
+    /// Where its NAR is, relative to the cache.
     pub url: String,
+    /// The compression of the file at `url`.
     pub compression: Compression,
+    /// The SHA-256 of the file at `url`.
     pub file_hash: Option<Sha256>,
+    /// The size of the file at `url`.
     pub file_size: Option<u64>,
+    /// The SHA-256 of the NAR.
     pub nar_hash: Sha256,
+    /// The size of the NAR.
     pub nar_size: u64,
+    /// The store paths it refers to (itself included, if it does).
     pub references: Vec<StorePath>,
+    /// The derivation that built it.
     pub deriver: Option<StorePath>,
+    /// Signatures of its fingerprint.
     pub sigs: Vec<Signature>,
+    /// Its content address, if it has one.
     pub ca: Option<String>,
 }
 
+/// Why a narinfo does not parse.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum NarInfoError {
+    /// It is not text.
     #[error("narinfo is not UTF-8")]
     NotUtf8,
+    /// A line (1-based) is not `Key: value`.
     #[error("narinfo line {0} is not `Key: value`")]
     MalformedLine(usize),
+    /// A field that may appear once appears twice.
     #[error("narinfo field {0} appears more than once")]
     DuplicateField(&'static str),
+    /// A required field is missing.
     #[error("narinfo field {0} is missing")]
     MissingField(&'static str),
+    /// A field's value is malformed.
     #[error("narinfo field {field} is invalid: {reason}")]
-    InvalidField { field: &'static str, reason: String },
+    InvalidField {
+        /// Which field.
+        field: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A reference is malformed or repeated.
     #[error("narinfo reference {index} ({value:?}) is invalid or repeated")]
-    InvalidReference { index: usize, value: String },
+    InvalidReference {
+        /// Its position in `References`.
+        index: usize,
+        /// The word.
+        value: String,
+    },
 }
 
 fn invalid(field: &'static str, reason: impl ToString) -> NarInfoError {
@@ -71,6 +100,7 @@ fn parse_size(field: &'static str, v: &str) -> Result<u64, NarInfoError> {
 }
 
 impl NarInfo {
+    /// Parses a narinfo as Nix writes it.
     pub fn parse(bytes: &[u8]) -> Result<Self, NarInfoError> {
         let text = std::str::from_utf8(bytes).map_err(|_| NarInfoError::NotUtf8)?;
         let mut store_path = None;
@@ -193,6 +223,7 @@ impl NarInfo {
         out
     }
 
+    /// What its signatures sign.
     pub fn fingerprint(&self) -> String {
         signing::fingerprint(
             &self.store_path,

@@ -10,12 +10,16 @@ use ed25519_dalek::{Signer as _, Verifier as _};
 use super::hash::Sha256;
 use super::store_path::StorePath;
 
+/// Why a key does not parse.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum KeyError {
+    /// Not `<name>:<base64>`.
     #[error("key must be <name>:<base64>")]
     Syntax,
+    /// An empty name, or one with spaces or colons.
     #[error("key name must be non-empty and printable without spaces or colons")]
     BadName,
+    /// Not a key of the right length.
     #[error("key is not base64 of the right length")]
     BadKey,
 }
@@ -29,6 +33,7 @@ fn split_named(s: &str) -> Result<(&str, Vec<u8>), KeyError> {
     Ok((name, bytes))
 }
 
+/// Whether Nix accepts `name` as a key name.
 pub fn valid_key_name(name: &str) -> bool {
     !name.is_empty() && name.bytes().all(|c| c.is_ascii_graphic() && c != b':')
 }
@@ -42,6 +47,7 @@ pub struct SecretKey {
 }
 
 impl SecretKey {
+    /// A new random key named `name`.
     pub fn generate(name: &str) -> Result<Self, KeyError> {
         if !valid_key_name(name) {
             return Err(KeyError::BadName);
@@ -54,10 +60,12 @@ impl SecretKey {
         })
     }
 
+    /// The key's name.
     pub fn name(&self) -> &str {
         &self.name
     }
 
+    /// Its public half.
     pub fn public(&self) -> PublicKey {
         PublicKey {
             name: self.name.clone(),
@@ -65,6 +73,7 @@ impl SecretKey {
         }
     }
 
+    /// Signs a narinfo's fingerprint.
     pub fn sign(&self, fingerprint: &str) -> Signature {
         Signature {
             key_name: self.name.clone(),
@@ -113,6 +122,7 @@ pub struct PublicKey {
 }
 
 impl PublicKey {
+    /// The key's name.
     pub fn name(&self) -> &str {
         &self.name
     }
@@ -164,6 +174,7 @@ pub struct Signature {
 }
 
 impl Signature {
+    /// The name of the key that made it.
     pub fn key_name(&self) -> &str {
         &self.key_name
     }

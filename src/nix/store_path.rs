@@ -5,25 +5,32 @@ use std::str::FromStr;
 
 use super::base32;
 
+/// The store directory every path served lives in.
 pub const STORE_DIR: &str = "/nix/store";
 
 /// The 160-bit hash part of a store path, the key a binary cache files narinfos under.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct StorePathHash([u8; 20]);
 
+/// Why a string is not a store path.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StorePathError {
+    /// The hash part is not 32 nix32 letters.
     #[error("store path hash must be 32 nix32 letters")]
     BadHash,
+    /// The name part is not one Nix allows.
     #[error("store path name is empty, too long, or has a character Nix does not allow")]
     BadName,
+    /// It is not under the store directory.
     #[error("store path is not under {STORE_DIR}")]
     WrongStoreDir,
 }
 
 impl StorePathHash {
+    /// Letters of the hash in its nix32 form.
     pub const TEXT_LEN: usize = 32;
 
+    /// The hash's bytes.
     pub fn as_bytes(&self) -> &[u8; 20] {
         &self.0
     }
@@ -96,14 +103,17 @@ impl StorePath {
         Self::from_basename(base)
     }
 
+    /// The hash part.
     pub fn hash(&self) -> StorePathHash {
         self.hash
     }
 
+    /// The name part.
     pub fn name(&self) -> &str {
         &self.name
     }
 
+    /// The full path, under the store directory.
     pub fn full(&self) -> String {
         format!("{STORE_DIR}/{self}")
     }

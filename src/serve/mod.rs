@@ -1,6 +1,7 @@
-//! NAR bodies built from manifests: the stored zstd frames concatenated as they are
-//! (`.nar.zst`), or decompressed on the fly (`.nar`), with byte ranges and a bounded
-//! read-ahead. Frames that lie next to each other in a pack are fetched with one read.
+//! Bodies built from manifests (NARs, listings, logs): the stored zstd frames
+//! concatenated as they are (`.nar.zst`), or decompressed on the fly (`.nar`, `.ls`,
+//! logs), with byte ranges and a bounded read-ahead. Frames that lie next to each
+//! other in a pack are fetched with one read.
 
 pub mod range;
 
@@ -8,10 +9,14 @@ use std::io;
 use std::ops::Range;
 
 use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::stream::FuturesOrdered;
 use futures::{Stream, StreamExt as _};
 
+use crate::budget::{Budget, Reservation};
 use crate::store::{ChunkRef, Manifest, PackId, PackStore};
 
+/// How a stored content is sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Encoding {
     /// The stored frames, which together are one valid zstd stream.
@@ -28,6 +33,7 @@ impl Encoding {
         })
     }
 
+    /// The bytes of `m` sent in this encoding.
     pub fn body_size(self, m: &Manifest) -> u64 {
         m.chunks.iter().map(|c| self.size_of(c)).sum()
     }
@@ -36,7 +42,9 @@ impl Encoding {
 /// How reads are sized and how many run ahead of the one being sent.
 #[derive(Debug, Clone, Copy)]
 pub struct ReadPlan {
+    /// Largest single read from a pack.
     pub read_bytes: u64,
+    /// Reads ahead of the one being sent.
     pub read_ahead: usize,
 }
 
@@ -142,17 +150,80 @@ async fn fetch(store: PackStore, encoding: Encoding, read: Read) -> io::Result<B
     }
 }
 
-/// The body bytes in `range`.
+/// Where a download's bytes come from, and how much it may read ahead.
+#[derive(Clone)]
+pub struct Source {
+    /// The packs.
+    pub store: PackStore,
+    /// Read sizes and depth.
+    pub plan: ReadPlan,
+    /// Memory for reads ahead, shared by all downloads.
+    pub read_ahead: Budget,
+}
+
+/// The body bytes in `range`. One read is always in flight; up to `read_ahead` more
+/// run ahead of it while the shared budget has room for them, so many slow readers
+/// hold one read each, not `read_ahead`.
 pub fn body(
-    store: PackStore,
+    source: &Source,
     manifest: &Manifest,
     encoding: Encoding,
     range: Range<u64>,
-    reads: ReadPlan,
 ) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
-    futures::stream::iter(plan(manifest, encoding, range, reads.read_bytes))
-        .map(move |read| fetch(store.clone(), encoding, read))
-        .buffered(reads.read_ahead)
+    let reads = plan(manifest, encoding, range, source.plan.read_bytes);
+    Reads {
+        pending: reads.into_iter(),
+        in_flight: FuturesOrdered::new(),
+        store: source.store.clone(),
+        budget: source.read_ahead.clone(),
+        depth: 1 + source.plan.read_ahead,
+        encoding,
+    }
+}
+
+type Fetch = BoxFuture<'static, (io::Result<Bytes>, Option<Reservation>)>;
+
+/// The reads of one body, started in order as room allows.
+struct Reads {
+    pending: std::vec::IntoIter<Read>,
+    in_flight: FuturesOrdered<Fetch>,
+    store: PackStore,
+    budget: Budget,
+    depth: usize,
+    encoding: Encoding,
+}
+
+impl Stream for Reads {
+    type Item = io::Result<Bytes>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        while this.in_flight.len() < this.depth {
+            let Some(next) = this.pending.as_slice().first() else {
+                break;
+            };
+            let held = if this.in_flight.is_empty() {
+                None
+            } else {
+                match this.budget.try_reserve(next.cost) {
+                    Some(r) => Some(r),
+                    None => break,
+                }
+            };
+            let read = this.pending.next().expect("just looked at it");
+            let (store, encoding) = (this.store.clone(), this.encoding);
+            this.in_flight.push_back(Box::pin(async move {
+                (fetch(store, encoding, read).await, held)
+            }));
+        }
+        // The reservation is returned as the bytes leave for the connection.
+        this.in_flight
+            .poll_next_unpin(cx)
+            .map(|done| done.map(|(bytes, _held)| bytes))
+    }
 }
 
 #[cfg(test)]

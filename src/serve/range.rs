@@ -2,6 +2,7 @@
 
 use std::ops::Range;
 
+/// A range outside the body.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Unsatisfiable;
 

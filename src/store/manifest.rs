@@ -12,10 +12,12 @@ use std::fmt;
 pub struct ChunkId(pub [u8; 32]);
 
 impl ChunkId {
+    /// The id of the chunk `data`.
     pub fn of(data: &[u8]) -> Self {
         Self(*blake3::hash(data).as_bytes())
     }
 
+    /// In lower-case hex.
     pub fn to_hex(&self) -> String {
         blake3::Hash::from_bytes(self.0).to_hex().to_string()
     }
@@ -32,12 +34,14 @@ impl fmt::Debug for ChunkId {
 pub struct PackId(pub [u8; 16]);
 
 impl PackId {
+    /// A new random pack name.
     pub fn random() -> Self {
         let mut id = [0u8; 16];
         getrandom::fill(&mut id).expect("the operating system's random source failed");
         Self(id)
     }
 
+    /// In lower-case hex.
     pub fn to_hex(&self) -> String {
         self.0.iter().map(|b| format!("{b:02x}")).collect()
     }
@@ -52,10 +56,15 @@ impl fmt::Debug for PackId {
 /// One chunk: which, where its frame is, and its sizes stored and uncompressed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ChunkRef {
+    /// Which chunk.
     pub id: ChunkId,
+    /// The pack holding its frame.
     pub pack: PackId,
+    /// Where the frame starts in the pack.
     pub offset: u32,
+    /// The frame's size.
     pub stored_len: u32,
+    /// The chunk's size uncompressed.
     pub len: u32,
 }
 
@@ -68,6 +77,7 @@ fn u32_at(b: &[u8], at: usize) -> u32 {
 }
 
 impl ChunkRef {
+    /// The record of where the chunk is, without its id.
     pub fn encode_location(&self) -> [u8; LOCATION_LEN] {
         let mut out = [0u8; LOCATION_LEN];
         out[..16].copy_from_slice(&self.pack.0);
@@ -77,6 +87,7 @@ impl ChunkRef {
         out
     }
 
+    /// Reads `encode_location`'s record of the chunk `id`.
     pub fn decode_location(id: ChunkId, b: &[u8]) -> Option<Self> {
         if b.len() != LOCATION_LEN {
             return None;
@@ -96,10 +107,11 @@ impl ChunkRef {
     }
 }
 
-/// The chunks of one NAR in order. Concatenating their frames gives a valid zstd
-/// stream of the whole NAR.
+/// The chunks of one NAR (or listing, or log) in order. Concatenating their frames
+/// gives a valid zstd stream of the whole content.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Manifest {
+    /// The chunks, in order.
     pub chunks: Vec<ChunkRef>,
 }
 
@@ -112,10 +124,12 @@ impl Manifest {
         self.chunks.iter().map(|c| u64::from(c.stored_len)).sum()
     }
 
-    pub fn nar_size(&self) -> u64 {
+    /// Size of the content the chunks make up (a NAR's NarSize).
+    pub fn size(&self) -> u64 {
         self.chunks.iter().map(|c| u64::from(c.len)).sum()
     }
 
+    /// The versioned record of the manifest.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(1 + self.chunks.len() * ENCODED_LEN);
         out.push(MANIFEST_V1);
@@ -126,6 +140,7 @@ impl Manifest {
         out
     }
 
+    /// Reads `encode`'s record; `None` if it is damaged.
     pub fn decode(b: &[u8]) -> Option<Self> {
         let (&version, rest) = b.split_first()?;
         if version != MANIFEST_V1 || rest.len() % ENCODED_LEN != 0 {
@@ -165,7 +180,7 @@ mod tests {
         };
         assert_eq!(Manifest::decode(&m.encode()), Some(m.clone()));
         assert_eq!(m.stored_size(), 17);
-        assert_eq!(m.nar_size(), 109);
+        assert_eq!(m.size(), 109);
         assert_eq!(m.chunks[1].end(), 17);
         assert_eq!(Manifest::decode(&[2]), None);
         assert_eq!(Manifest::decode(&[1, 0]), None);

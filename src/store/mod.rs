@@ -6,6 +6,8 @@ pub mod frame;
 mod local_read;
 pub mod manifest;
 pub mod packs;
+pub mod space;
 
 pub use manifest::{ChunkId, ChunkRef, Manifest, PackId};
 pub use packs::PackStore;
+pub use space::is_disk_full;

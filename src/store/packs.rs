@@ -11,30 +11,38 @@ use bytes::Bytes;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt as _, PutPayload};
+use prometheus_client::metrics::counter::Counter;
 
 use super::local_read;
 use super::manifest::PackId;
 
+/// The pack objects, wherever they are stored.
 #[derive(Clone)]
 pub struct PackStore {
     objects: Arc<dyn ObjectStore>,
     /// The directory of a local store, read directly when serving.
     local_root: Option<Arc<PathBuf>>,
+    /// Failed reads and writes, for the metrics.
+    errors: Counter,
 }
+
+/// The object `/ready` writes, reads and deletes to prove the storage usable.
+const PROBE: &str = "ready-probe";
 
 impl PackStore {
     /// Packs in any object store, read through it.
-    pub fn new(objects: Arc<dyn ObjectStore>) -> Self {
+    pub fn new(objects: Arc<dyn ObjectStore>, errors: Counter) -> Self {
         Self {
             objects,
             local_root: None,
+            errors,
         }
     }
 
     /// Packs in the directory `root`, which must exist. Writes fsync the pack and its
     /// directory before they return: a narinfo is acknowledged as durable, and so must
     /// be every pack it depends on.
-    pub fn local(root: PathBuf) -> object_store::Result<Self> {
+    pub fn local(root: PathBuf, errors: Counter) -> object_store::Result<Self> {
         let objects = LocalFileSystem::new_with_prefix(&root)?.with_fsync(true);
         // Reads resolve pack paths as the object store does, from the absolute root.
         let root = std::fs::canonicalize(&root).map_err(|source| object_store::Error::Generic {
@@ -44,6 +52,7 @@ impl PackStore {
         Ok(Self {
             objects: Arc::new(objects),
             local_root: Some(Arc::new(root)),
+            errors,
         })
     }
 
@@ -52,32 +61,96 @@ impl PackStore {
         Path::from(format!("packs/{}/{}", &hex[..2], hex))
     }
 
+    fn count<T, E>(&self, r: Result<T, E>) -> Result<T, E> {
+        if r.is_err() {
+            self.errors.inc();
+        }
+        r
+    }
+
     /// Writes a pack. object_store writes atomically (a temporary file renamed into
     /// place on local disk, one PUT on S3), so a killed process never leaves half a pack.
     pub async fn put(&self, id: &PackId, data: Bytes) -> object_store::Result<()> {
-        self.objects
+        let put = self
+            .objects
             .put(&Self::path(id), PutPayload::from_bytes(data))
-            .await
-            .map(drop)
+            .await;
+        self.count(put).map(drop)
     }
 
     /// Bytes `range` of a pack; fewer bytes than asked is an error.
     pub async fn get_range(&self, id: &PackId, range: Range<u64>) -> io::Result<Bytes> {
         let path = Self::path(id);
-        match &self.local_root {
+        let got = match &self.local_root {
             Some(root) => local_read::read_range(root.join(path.as_ref()), range).await,
             None => {
                 let want = range.end.saturating_sub(range.start);
-                let data = self.objects.get_range(&path, range).await;
-                let data = data.map_err(io::Error::other)?;
-                if data.len() as u64 != want {
-                    return Err(io::Error::new(
+                match self.objects.get_range(&path, range).await {
+                    Ok(data) if data.len() as u64 == want => Ok(data),
+                    Ok(_) => Err(io::Error::new(
                         io::ErrorKind::UnexpectedEof,
                         "pack is shorter than its records",
-                    ));
+                    )),
+                    Err(e) => Err(io::Error::other(e)),
                 }
-                Ok(data)
             }
+        };
+        self.count(got)
+    }
+
+    /// Proves the storage usable: a local root must still be a directory (a storage
+    /// mount gone missing must not be silently recreated empty), and a small object
+    /// can be written, read back and deleted.
+    pub async fn check(&self) -> object_store::Result<()> {
+        let path = Path::from(PROBE);
+        let checked = async {
+            if let Some(root) = &self.local_root {
+                let meta = std::fs::metadata(root.as_path()).map_err(|source| {
+                    object_store::Error::Generic {
+                        store: "local",
+                        source: Box::new(source),
+                    }
+                })?;
+                if !meta.is_dir() {
+                    return Err(object_store::Error::Generic {
+                        store: "local",
+                        source: format!("{} is not a directory", root.display()).into(),
+                    });
+                }
+            }
+            self.objects
+                .put(&path, PutPayload::from_static(b"ready"))
+                .await?;
+            self.objects.get(&path).await?.bytes().await?;
+            self.objects.delete(&path).await
         }
+        .await;
+        self.count(checked)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn check_fails_when_the_root_is_replaced_and_recovers() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("store");
+        std::fs::create_dir(&root).unwrap();
+        let errors = Counter::default();
+        let store = PackStore::local(root.clone(), errors.clone()).unwrap();
+        store.check().await.unwrap();
+        let id = PackId::random();
+        store.put(&id, Bytes::from_static(b"frames")).await.unwrap();
+        assert_eq!(&store.get_range(&id, 1..4).await.unwrap()[..], b"ram");
+        std::fs::rename(&root, dir.path().join("moved")).unwrap();
+        std::fs::write(&root, b"not a directory").unwrap();
+        assert!(store.check().await.is_err());
+        assert!(store.get_range(&id, 0..1).await.is_err());
+        assert_eq!(errors.get(), 2);
+        std::fs::remove_file(&root).unwrap();
+        std::fs::rename(dir.path().join("moved"), &root).unwrap();
+        store.check().await.unwrap();
     }
 }

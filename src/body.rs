@@ -1,0 +1,237 @@
+//! Request bodies as they arrive from clients, guarded against clients that stall.
+//!
+//! A client that trickles an upload (one byte a second, say) would otherwise hold an
+//! ingest slot and its memory for as long as it likes. The guard counts only the time
+//! the server spends waiting for the client, not time the server itself is busy (a
+//! body is not read while its chunks are being stored), and it asks for a minimum of
+//! bytes in that time, so a trickle is cut as surely as silence.
+
+use std::future::Future as _;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures::{Stream, StreamExt as _};
+use tokio::time::{Instant, Sleep};
+
+/// How slow a body may be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BodyLimits {
+    /// Waiting this long for fewer than `min_bytes` makes the body stalled.
+    pub stall_timeout: Duration,
+    /// Bytes a client must send per `stall_timeout` of waiting (0: any progress will do).
+    pub min_bytes: u64,
+}
+
+/// Why a body could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BodyError {
+    /// The client sent too little for too long.
+    #[error("the client sent fewer than {min_bytes} bytes in {secs} s of waiting")]
+    Stalled {
+        /// The stall timeout, in seconds.
+        secs: u64,
+        /// The bytes it should have sent in that time.
+        min_bytes: u64,
+    },
+    /// The connection failed or the body was malformed.
+    #[error("{0}")]
+    Broken(String),
+}
+
+/// A body stream cut off with `BodyError::Stalled` when the client stalls.
+pub struct Guarded<S> {
+    inner: S,
+    limits: BodyLimits,
+    /// Time spent waiting since the client last sent `min_bytes`.
+    waited: Duration,
+    /// Bytes since then.
+    bytes: u64,
+    /// When the current wait began, while `inner` is pending.
+    pending_since: Option<Instant>,
+    timer: Option<Pin<Box<Sleep>>>,
+    done: bool,
+}
+
+/// Guards `body` with `limits`.
+pub fn guard<S>(body: S, limits: BodyLimits) -> Guarded<S> {
+    Guarded {
+        inner: body,
+        limits,
+        waited: Duration::ZERO,
+        bytes: 0,
+        pending_since: None,
+        timer: None,
+        done: false,
+    }
+}
+
+impl<S, E> Stream for Guarded<S>
+where
+    S: Stream<Item = Result<Bytes, E>> + Unpin,
+    E: std::fmt::Display,
+{
+    type Item = Result<Bytes, BodyError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        if this.done {
+            return Poll::Ready(None);
+        }
+        match this.inner.poll_next_unpin(cx) {
+            Poll::Ready(item) => {
+                if let Some(since) = this.pending_since.take() {
+                    this.waited += since.elapsed();
+                }
+                Poll::Ready(match item {
+                    Some(Ok(data)) => {
+                        this.bytes += data.len() as u64;
+                        if this.bytes >= this.limits.min_bytes {
+                            (this.waited, this.bytes) = (Duration::ZERO, 0);
+                        }
+                        Some(Ok(data))
+                    }
+                    Some(Err(e)) => {
+                        this.done = true;
+                        Some(Err(BodyError::Broken(e.to_string())))
+                    }
+                    None => {
+                        this.done = true;
+                        None
+                    }
+                })
+            }
+            Poll::Pending => {
+                let since = *this.pending_since.get_or_insert_with(Instant::now);
+                let deadline = since + this.limits.stall_timeout.saturating_sub(this.waited);
+                let timer = this
+                    .timer
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                if timer.deadline() != deadline {
+                    timer.as_mut().reset(deadline);
+                }
+                if timer.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                this.done = true;
+                Poll::Ready(Some(Err(BodyError::Stalled {
+                    secs: this.limits.stall_timeout.as_secs(),
+                    min_bytes: this.limits.min_bytes,
+                })))
+            }
+        }
+    }
+}
+
+/// Why a small body was not read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CollectError {
+    /// It was larger than the limit.
+    #[error("request body is larger than {0} bytes")]
+    TooLarge(u64),
+    /// The client stalled, or the connection failed.
+    #[error(transparent)]
+    Body(#[from] BodyError),
+}
+
+/// Reads a whole body of at most `limit` bytes.
+pub async fn collect<S>(mut body: S, limit: u64) -> Result<Bytes, CollectError>
+where
+    S: Stream<Item = Result<Bytes, BodyError>> + Unpin,
+{
+    let mut out = BytesMut::new();
+    while let Some(data) = body.next().await {
+        let data = data?;
+        if (out.len() + data.len()) as u64 > limit {
+            return Err(CollectError::TooLarge(limit));
+        }
+        out.extend_from_slice(&data);
+    }
+    Ok(out.freeze())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: BodyLimits = BodyLimits {
+        stall_timeout: Duration::from_secs(10),
+        min_bytes: 100,
+    };
+
+    /// A body that sends `piece` bytes every `every`, `count` times.
+    fn trickle(
+        piece: usize,
+        every: Duration,
+        count: usize,
+    ) -> impl Stream<Item = Result<Bytes, String>> + Unpin {
+        Box::pin(futures::stream::unfold(0, move |n| async move {
+            if n == count {
+                return None;
+            }
+            tokio::time::sleep(every).await;
+            Some((Ok(Bytes::from(vec![0u8; piece])), n + 1))
+        }))
+    }
+
+    async fn read_all<S: Stream<Item = Result<Bytes, E>> + Unpin, E: std::fmt::Display>(
+        body: S,
+    ) -> Result<u64, BodyError> {
+        let mut guarded = guard(body, LIMITS);
+        let mut n = 0;
+        while let Some(d) = guarded.next().await {
+            n += d?.len() as u64;
+        }
+        Ok(n)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_steady_body_passes_however_long_it_takes() {
+        // 100 bytes every 9 s: slow, but enough per stall window.
+        let n = read_all(trickle(100, Duration::from_secs(9), 20))
+            .await
+            .unwrap();
+        assert_eq!(n, 2000);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_trickle_is_cut_like_silence() {
+        let started = Instant::now();
+        let err = read_all(trickle(1, Duration::from_secs(1), 1000))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, BodyError::Stalled { secs: 10, .. }), "{err}");
+        assert_eq!(started.elapsed().as_secs(), 10);
+        let err = read_all(futures::stream::pending::<Result<Bytes, String>>())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, BodyError::Stalled { .. }));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn time_the_server_is_busy_does_not_count() {
+        // 20 bytes a second meets the minimum of 100 bytes per 10 s of waiting.
+        let mut guarded = guard(trickle(20, Duration::from_secs(1), 30), LIMITS);
+        let mut n = 0;
+        while let Some(d) = guarded.next().await {
+            n += d.unwrap().len();
+            // The server takes its time between reads; the client waits, unblamed.
+            tokio::time::sleep(Duration::from_secs(60)).await;
+        }
+        assert_eq!(n, 600);
+    }
+
+    #[tokio::test]
+    async fn collect_stops_at_the_limit() {
+        let body = || guard(trickle(10, Duration::ZERO, 5), LIMITS);
+        assert_eq!(collect(body(), 50).await.unwrap().len(), 50);
+        assert_eq!(
+            collect(body(), 49).await.unwrap_err(),
+            CollectError::TooLarge(49)
+        );
+        let broken = futures::stream::iter([Ok(Bytes::new()), Err("reset".to_string())]);
+        let err = collect(guard(broken, LIMITS), 10).await.unwrap_err();
+        assert_eq!(err, CollectError::Body(BodyError::Broken("reset".into())));
+    }
+}

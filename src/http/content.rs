@@ -1,0 +1,48 @@
+//! Responses of stored content (NARs, listings, logs): the bytes of a manifest, whole
+//! or the `Range` asked for, streamed from the packs.
+
+use axum::body::Body;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+
+use crate::app::App;
+use crate::error::{Error, Result};
+use crate::serve::{self, range, Encoding};
+use crate::store::Manifest;
+
+/// A response of the bytes of `manifest` in `encoding`, whole or the `Range` asked
+/// for: NARs, listings and logs are all served this way.
+pub fn stream(
+    app: &App,
+    manifest: &Manifest,
+    encoding: Encoding,
+    headers: &HeaderMap,
+    content_type: &'static str,
+) -> Result<Response> {
+    let size = encoding.body_size(manifest);
+    let requested = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
+    let range = range::parse(requested, size).map_err(|_| Error::RangeNotSatisfiable { size })?;
+    let (status, span) = match &range {
+        Some(r) => (StatusCode::PARTIAL_CONTENT, r.clone()),
+        None => (StatusCode::OK, 0..size),
+    };
+    let len = span.end - span.start;
+    let body = serve::body(&app.serve, manifest, encoding, span.clone());
+    let mut response = (status, Body::from_stream(body)).into_response();
+    content_headers(&mut response, content_type, len);
+    if range.is_some() {
+        let v = format!("bytes {}-{}/{size}", span.start, span.end - 1);
+        response.headers_mut().insert(
+            header::CONTENT_RANGE,
+            HeaderValue::from_str(&v).expect("ASCII"),
+        );
+    }
+    Ok(response)
+}
+
+pub fn content_headers(r: &mut Response, content_type: &'static str, len: u64) {
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+}

@@ -1,0 +1,76 @@
+//! `/health` (the process answers), `/ready` (the index and the storage are usable)
+//! and `/metrics` (Prometheus text), for orchestrators and monitoring. None needs a
+//! token: they say nothing about the caches' contents.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::Json;
+use serde::Serialize;
+
+use crate::app::App;
+
+/// What `/health` and `/ready` answer.
+#[derive(Debug, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct Status {
+    /// `ok` or `unavailable`.
+    pub status: String,
+    /// Per part, `ok` or why not (`/ready` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub index: Option<String>,
+    /// See `index`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub storage: Option<String>,
+}
+
+/// `GET /health`: liveness.
+pub async fn health() -> Json<Status> {
+    Json(Status {
+        status: "ok".into(),
+        index: None,
+        storage: None,
+    })
+}
+
+fn verdict<E: std::fmt::Display>(part: &str, r: Result<(), E>) -> String {
+    match r {
+        Ok(()) => "ok".into(),
+        Err(e) => {
+            tracing::warn!(error = %e, "{part} is not ready");
+            "unavailable".into()
+        }
+    }
+}
+
+/// `GET /ready`: 200 when the metadata can be written and the storage written, read
+/// and deleted; 503 otherwise, naming the part that is not.
+pub async fn ready(State(app): State<Arc<App>>) -> impl IntoResponse {
+    let index = app.index.clone();
+    let index = match tokio::task::spawn_blocking(move || index.check()).await {
+        Ok(r) => verdict("the index", r),
+        Err(e) => verdict("the index", Err(e)),
+    };
+    let storage = verdict("the storage", app.packs.check().await);
+    let ok = index == "ok" && storage == "ok";
+    let status = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = Status {
+        status: if ok { "ok" } else { "unavailable" }.into(),
+        index: Some(index),
+        storage: Some(storage),
+    };
+    (status, Json(body))
+}
+
+/// `GET /metrics`.
+pub async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
+        app.metrics.render(),
+    )
+}

@@ -1,0 +1,226 @@
+//! Pages for people: `GET /` lists the public caches, `GET /<cache>/` shows how to use
+//! a cache (its public key, the nix.conf lines, the `nix copy` line) and what it holds.
+//! Plain HTML, no JavaScript; every value shown is escaped, since the `Host` header and
+//! key names come from outside.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap};
+use axum::response::{Html, IntoResponse, Response};
+
+use super::extract::Credentials;
+use crate::app::App;
+use crate::auth::Permission;
+use crate::caches::Cache;
+use crate::error::Result;
+use crate::index::CacheStats;
+use crate::nix::CacheName;
+
+/// Text made safe inside HTML elements and attribute values.
+pub fn escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Bytes as people read them.
+fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["bytes", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} bytes")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+const STYLE: &str = "body{font-family:system-ui,sans-serif;max-width:52em;margin:2em auto;\
+padding:0 1em;line-height:1.5;color:#222}\
+pre{background:#f4f4f4;padding:.6em .8em;border-radius:4px;overflow-x:auto;\
+user-select:all}\
+dt{font-weight:600}dd{margin:0 0 .8em}h1 small{font-weight:400;color:#666}";
+
+fn page(title: &str, body: &str) -> String {
+    format!(
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
+         <meta name=\"viewport\" content=\"width=device-width,initial-scale=1\">\
+         <title>{}</title><style>{STYLE}</style></head>\n<body>\n{body}</body></html>\n",
+        escape(title)
+    )
+}
+
+/// A labelled value in a block that selects whole on click, for copying.
+fn copyable(out: &mut String, id: &str, label: &str, value: &str) {
+    let _ = writeln!(
+        out,
+        "<dt>{}</dt><dd><pre id=\"{id}\">{}</pre></dd>",
+        escape(label),
+        escape(value)
+    );
+}
+
+/// The cache's page; `base` is the server's URL as the client reached it.
+pub fn render_cache(cache: &Cache, stats: &CacheStats, base: &str) -> String {
+    let url = format!("{base}/{}", cache.name);
+    let key = cache.public_key.to_string();
+    let host = base
+        .split_once("://")
+        .map_or(base, |(_, rest)| rest)
+        .split([':', '/'])
+        .next()
+        .unwrap_or_default();
+    let mut body = String::new();
+    let visibility = if cache.public { "public" } else { "private" };
+    let _ = write!(
+        body,
+        "<h1>{} <small id=\"visibility\">{visibility}</small></h1>\n\
+         <p>A Nix binary cache: <span id=\"paths\">{}</span> store paths, \
+         <span id=\"nar-bytes\">{}</span> of NARs, \
+         <span id=\"stored-bytes\">{}</span> compressed.</p>\n<dl>\n",
+        escape(cache.name.as_str()),
+        stats.paths,
+        escape(&human(stats.nar_bytes)),
+        escape(&human(stats.stored_bytes)),
+    );
+    copyable(&mut body, "public-key", "Public key", &key);
+    copyable(
+        &mut body,
+        "nix-conf",
+        "In nix.conf, to substitute from it",
+        &format!("extra-substituters = {url}\nextra-trusted-public-keys = {key}"),
+    );
+    if !cache.public {
+        copyable(
+            &mut body,
+            "netrc",
+            "In the netrc file named by nix.conf's netrc-file, with a token",
+            &format!("machine {host} password <token>"),
+        );
+    }
+    copyable(
+        &mut body,
+        "push",
+        "To push a build (with a push token in the netrc file)",
+        &format!("nix copy --to '{url}?compression=zstd' ./result"),
+    );
+    body.push_str("</dl>\n");
+    page(&format!("{} · cachet", cache.name), &body)
+}
+
+/// The server's page: its public caches.
+pub fn render_index(caches: &[Arc<Cache>]) -> String {
+    let mut body =
+        String::from("<h1>cachet</h1>\n<p>Nix binary caches on this server:</p>\n<ul>\n");
+    let public: Vec<_> = caches.iter().filter(|c| c.public).collect();
+    for c in &public {
+        let name = escape(c.name.as_str());
+        let _ = writeln!(body, "<li><a href=\"/{name}/\">{name}</a></li>");
+    }
+    if public.is_empty() {
+        body.push_str("<li>none public</li>\n");
+    }
+    body.push_str("</ul>\n");
+    page("cachet", &body)
+}
+
+/// The server's URL as the client reached it: the `Host` it asked for, behind a
+/// reverse proxy the scheme it forwarded.
+fn base_url(headers: &HeaderMap) -> String {
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("localhost");
+    let scheme = headers
+        .get("x-forwarded-proto")
+        .and_then(|h| h.to_str().ok())
+        .filter(|p| *p == "https")
+        .unwrap_or("http");
+    format!("{scheme}://{host}")
+}
+
+/// `GET /<cache>/`.
+pub async fn cache(
+    State(app): State<Arc<App>>,
+    Path(cache): Path<CacheName>,
+    creds: Credentials,
+    headers: HeaderMap,
+) -> Result<Response> {
+    let cache = creds.cache(&app, &cache, Permission::Pull)?;
+    let stats = app.index.cache_stats(&cache.name)?;
+    Ok(Html(render_cache(&cache, &stats, &base_url(&headers))).into_response())
+}
+
+/// `GET /`.
+pub async fn index(State(app): State<Arc<App>>) -> Html<String> {
+    Html(render_index(&app.caches.all()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nix::signing::SecretKey;
+
+    const MARKUP: &str = "<script>alert('x')</script>&\"";
+
+    #[test]
+    fn every_value_shown_is_escaped() {
+        // Key names may hold any printable character but ':'.
+        let key = SecretKey::generate("<script>alert('x')</script>&\"").unwrap();
+        let cache = Cache {
+            name: "main".parse().unwrap(),
+            public: false,
+            priority: 40,
+            public_key: key.public(),
+            key,
+        };
+        let stats = CacheStats {
+            paths: 3,
+            nar_bytes: 3 << 30,
+            stored_bytes: 1000,
+        };
+        let html = render_cache(&cache, &stats, &format!("http://{MARKUP}"));
+        assert!(!html.contains("<script>"), "{html}");
+        assert!(!html.contains(MARKUP));
+        assert!(html.contains("&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;&amp;&quot;"));
+        assert!(html.contains("<span id=\"paths\">3</span>"));
+        assert!(html.contains("3.0 GiB") && html.contains("1000 bytes"));
+        assert!(
+            html.contains("id=\"netrc\""),
+            "a private cache shows the netrc line"
+        );
+        assert!(html.contains("private"));
+    }
+
+    #[test]
+    fn the_index_lists_public_caches_only() {
+        let make = |name: &str, public| {
+            let key = SecretKey::generate("k-1").unwrap();
+            Arc::new(Cache {
+                name: name.parse().unwrap(),
+                public,
+                priority: 40,
+                public_key: key.public(),
+                key,
+            })
+        };
+        let html = render_index(&[make("open", true), make("secret", false)]);
+        assert!(html.contains("href=\"/open/\""));
+        assert!(!html.contains("secret"));
+    }
+}

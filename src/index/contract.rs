@@ -1,0 +1,203 @@
+//! The contract every `Index` implementation must keep, as test cases over
+//! `&dyn Index`. An implementation runs them all with
+//! `crate::index::contract::tests!(open)`, where `open()` returns a guard to keep
+//! alive (a temporary directory, say) and a fresh, empty index.
+
+use bytes::Bytes;
+
+use super::*;
+use crate::store::PackId;
+
+fn cache(name: &str) -> CacheName {
+    name.parse().unwrap()
+}
+
+fn chunk(n: u8) -> ChunkRef {
+    ChunkRef {
+        id: ChunkId([n; 32]),
+        pack: PackId([n; 16]),
+        offset: u32::from(n),
+        stored_len: 10,
+        len: 20,
+    }
+}
+
+fn narinfo(nar: &[u8], text: &'static str) -> NarInfoRecord {
+    NarInfoRecord {
+        nar_hash: Sha256::digest(nar),
+        nar_size: 100,
+        file_size: 40,
+        text: Bytes::from_static(text.as_bytes()),
+    }
+}
+
+fn path(n: u8) -> StorePathHash {
+    let letters = "0123456789abcdfghijklmnpqrsvwxyz";
+    let c = letters.as_bytes()[usize::from(n) % 32] as char;
+    c.to_string().repeat(32).parse().unwrap()
+}
+
+pub fn caches_are_created_and_replaced(index: &dyn Index) {
+    assert!(index.caches().unwrap().is_empty());
+    let mut record = CacheRecord {
+        name: cache("main"),
+        public: true,
+        priority: 40,
+        secret_key_file: "/keys/main".into(),
+    };
+    index.put_cache(&record).unwrap();
+    record.public = false;
+    index.put_cache(&record).unwrap();
+    let other = CacheRecord {
+        name: cache("other"),
+        ..record.clone()
+    };
+    index.put_cache(&other).unwrap();
+    let mut all = index.caches().unwrap();
+    all.sort_by(|a, b| a.name.cmp(&b.name));
+    assert_eq!(all, vec![record, other]);
+}
+
+pub fn chunks_and_nars_round_trip(index: &dyn Index) {
+    assert_eq!(index.chunk(&chunk(1).id).unwrap(), None);
+    index.put_chunks(&[chunk(1), chunk(2)]).unwrap();
+    assert_eq!(index.chunk(&chunk(2).id).unwrap(), Some(chunk(2)));
+    // The last record of a chunk wins (two uploads may store the same chunk).
+    let moved = ChunkRef {
+        offset: 99,
+        ..chunk(1)
+    };
+    index.put_chunks(&[moved]).unwrap();
+    assert_eq!(index.chunk(&moved.id).unwrap(), Some(moved));
+
+    let h = Sha256::digest(b"nar");
+    assert_eq!(index.nar(&h).unwrap(), None);
+    let record = NarRecord {
+        contents: Manifest {
+            chunks: vec![chunk(1), chunk(2), chunk(1)],
+        },
+        listing: Manifest {
+            chunks: vec![chunk(3)],
+        },
+    };
+    index.put_nar(&h, &record).unwrap();
+    assert_eq!(index.nar(&h).unwrap(), Some(record));
+}
+
+pub fn uploads_belong_to_their_cache(index: &dyn Index) {
+    let url: NarUrl = format!("nar/{}.nar.xz", Sha256::digest(b"f").to_nix32())
+        .parse()
+        .unwrap();
+    let up = Upload {
+        nar_hash: Sha256::digest(b"n"),
+        nar_size: 9,
+        file_hash: Sha256::digest(b"f"),
+        file_size: 3,
+    };
+    index.put_upload(&cache("main"), &url, &up).unwrap();
+    assert_eq!(index.upload(&cache("main"), &url).unwrap(), Some(up));
+    assert_eq!(index.upload(&cache("other"), &url).unwrap(), None);
+    let zst = NarUrl {
+        compression: crate::nix::Compression::Zstd,
+        ..url
+    };
+    assert_eq!(index.upload(&cache("main"), &zst).unwrap(), None);
+}
+
+pub fn the_first_narinfo_wins_and_is_counted_once(index: &dyn Index) {
+    let (main, other) = (cache("main"), cache("other"));
+    let first = narinfo(b"a", "one");
+    let second = narinfo(b"b", "two");
+    assert_eq!(index.cache_stats(&main).unwrap(), CacheStats::default());
+    assert_eq!(
+        index.commit_narinfo(&main, &path(1), &first).unwrap(),
+        Commit::Written
+    );
+    assert_eq!(
+        index.commit_narinfo(&main, &path(1), &second).unwrap(),
+        Commit::Exists {
+            nar_hash: first.nar_hash
+        }
+    );
+    assert_eq!(index.narinfo(&main, &path(1)).unwrap(), Some(first.clone()));
+    assert!(index.cache_has_nar(&main, &first.nar_hash).unwrap());
+    assert!(!index.cache_has_nar(&main, &second.nar_hash).unwrap());
+    assert!(!index.cache_has_nar(&other, &first.nar_hash).unwrap());
+    assert_eq!(index.narinfo(&other, &path(1)).unwrap(), None);
+    // A second path with the same NAR: the claim holds while either is there.
+    index.commit_narinfo(&main, &path(2), &first).unwrap();
+    assert_eq!(
+        index.cache_stats(&main).unwrap(),
+        CacheStats {
+            paths: 2,
+            nar_bytes: 200,
+            stored_bytes: 80
+        }
+    );
+    assert_eq!(index.cache_stats(&other).unwrap(), CacheStats::default());
+}
+
+pub fn blobs_are_kept_per_kind_and_cache(index: &dyn Index) {
+    let m = Manifest {
+        chunks: vec![chunk(4)],
+    };
+    let main = cache("main");
+    index.put_blob(BlobKind::Log, &main, "x.drv", &m).unwrap();
+    assert_eq!(
+        index.blob(BlobKind::Log, &main, "x.drv").unwrap(),
+        Some(m.clone())
+    );
+    assert_eq!(
+        index.blob(BlobKind::Realisation, &main, "x.drv").unwrap(),
+        None
+    );
+    assert_eq!(
+        index.blob(BlobKind::Log, &cache("other"), "x.drv").unwrap(),
+        None
+    );
+    let replaced = Manifest {
+        chunks: vec![chunk(5), chunk(6)],
+    };
+    index
+        .put_blob(BlobKind::Log, &main, "x.drv", &replaced)
+        .unwrap();
+    assert_eq!(
+        index.blob(BlobKind::Log, &main, "x.drv").unwrap(),
+        Some(replaced)
+    );
+}
+
+pub fn flush_and_check_succeed(index: &dyn Index) {
+    index.put_chunks(&[chunk(7)]).unwrap();
+    index.flush().unwrap();
+    index.check().unwrap();
+    assert_eq!(index.chunk(&chunk(7).id).unwrap(), Some(chunk(7)));
+}
+
+/// One `#[test]` per contract case, for the index `$open()` makes.
+macro_rules! tests {
+    ($open:path) => {
+        crate::index::contract::tests!(@cases $open;
+            caches_are_created_and_replaced,
+            chunks_and_nars_round_trip,
+            uploads_belong_to_their_cache,
+            the_first_narinfo_wins_and_is_counted_once,
+            blobs_are_kept_per_kind_and_cache,
+            flush_and_check_succeed
+        );
+    };
+    (@cases $open:path; $($name:ident),*) => {
+        mod contract {
+            use super::*;
+            $(
+                #[test]
+                fn $name() {
+                    let (_guard, index) = $open();
+                    crate::index::contract::$name(index.as_ref());
+                }
+            )*
+        }
+    };
+}
+
+pub(crate) use tests;

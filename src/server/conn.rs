@@ -1,0 +1,359 @@
+//! One client connection: its socket wrapped so that idle, slow-header and
+//! stalled-reader clients are cut off, and its requests marked busy while they run.
+//!
+//! A connection is *idle* from its start and from the end of each response until the
+//! next request is dispatched. While idle, it must send the first byte of a request
+//! within the idle timeout and the rest of the request head within the header timeout
+//! of that byte. While busy, reading waits as long as the handler likes (a body that
+//! stalls is the handler's to cut, see `crate::body`). Writing must make progress
+//! within the send timeout, busy or not.
+
+use std::future::Future as _;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use prometheus_client::metrics::counter::Counter;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
+
+use crate::metrics::{Metrics, ReasonLabels};
+
+/// The timeouts of a connection.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// From idle to the first byte of a request.
+    pub idle: Duration,
+    /// From a request's first byte to the end of its head.
+    pub header: Duration,
+    /// A write that makes no progress this long fails.
+    pub send: Duration,
+}
+
+/// What the connection's service tells its socket.
+pub struct ConnState {
+    /// Requests being handled (HTTP/1.1 handles one at a time).
+    busy: AtomicUsize,
+    /// When the connection last became idle, in milliseconds since `origin`.
+    idle_since: AtomicU64,
+    origin: Instant,
+}
+
+impl ConnState {
+    /// A connection opened now, idle.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self {
+            busy: AtomicUsize::new(0),
+            idle_since: AtomicU64::new(0),
+            origin: Instant::now(),
+        })
+    }
+
+    /// A request was dispatched; it ends when the returned guard drops (with the
+    /// response body, or with the handler if the client went away).
+    pub fn begin(self: &Arc<Self>) -> Busy {
+        self.busy.fetch_add(1, Ordering::Relaxed);
+        Busy(self.clone())
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.origin.elapsed().as_millis() as u64
+    }
+}
+
+/// A request in progress on a connection.
+pub struct Busy(Arc<ConnState>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        let state = &self.0;
+        state.idle_since.store(state.now_ms(), Ordering::Relaxed);
+        state.busy.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A socket with the connection's timeouts, counting the bytes that cross it.
+pub struct Timed<T> {
+    inner: T,
+    state: Arc<ConnState>,
+    timeouts: Timeouts,
+    metrics: Arc<Metrics>,
+    /// The idle period the read deadline belongs to (`idle_since` when last seen).
+    idle_period: Option<u64>,
+    /// When the first byte of the next request arrived in this idle period.
+    first_byte: Option<Instant>,
+    read_timer: Option<Pin<Box<Sleep>>>,
+    write_stalled_since: Option<Instant>,
+    write_timer: Option<Pin<Box<Sleep>>>,
+}
+
+impl<T> Timed<T> {
+    /// Wraps `inner`, whose service marks its requests in `state`.
+    pub fn new(inner: T, state: Arc<ConnState>, timeouts: Timeouts, metrics: Arc<Metrics>) -> Self {
+        Self {
+            inner,
+            state,
+            timeouts,
+            metrics,
+            idle_period: None,
+            first_byte: None,
+            read_timer: None,
+            write_stalled_since: None,
+            write_timer: None,
+        }
+    }
+
+    fn timed_out(&self, reason: &'static str) {
+        self.metrics
+            .connections_timed_out
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+        tracing::debug!(reason, "closing a connection on a timeout");
+    }
+
+    /// The read deadline now, if the connection is idle, and which timeout it is.
+    fn read_deadline(&mut self) -> Option<(Instant, &'static str)> {
+        if self.state.busy.load(Ordering::Relaxed) > 0 {
+            self.idle_period = None;
+            return None;
+        }
+        let since = self.state.idle_since.load(Ordering::Relaxed);
+        if self.idle_period != Some(since) {
+            self.idle_period = Some(since);
+            self.first_byte = None;
+        }
+        Some(match self.first_byte {
+            Some(first) => (first + self.timeouts.header, "header"),
+            None => (
+                self.state.origin + Duration::from_millis(since) + self.timeouts.idle,
+                "idle",
+            ),
+        })
+    }
+}
+
+/// Polls `timer` set to `deadline`; ready once it has passed.
+fn expired(timer: &mut Option<Pin<Box<Sleep>>>, deadline: Instant, cx: &mut Context<'_>) -> bool {
+    let timer = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+    if timer.deadline() != deadline {
+        timer.as_mut().reset(deadline);
+    }
+    timer.as_mut().poll(cx).is_ready()
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Timed<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        let before = buf.filled().len();
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                let n = buf.filled().len() - before;
+                this.metrics.bytes_received.inc_by(n as u64);
+                if n > 0 && this.read_deadline().is_some() && this.first_byte.is_none() {
+                    this.first_byte = Some(Instant::now());
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => {
+                let Some((deadline, which)) = this.read_deadline() else {
+                    return Poll::Pending;
+                };
+                if !expired(&mut this.read_timer, deadline, cx) {
+                    return Poll::Pending;
+                }
+                this.timed_out(which);
+                Poll::Ready(match which {
+                    // An idle connection just ends, as if the client had closed it.
+                    "idle" => Ok(()),
+                    _ => Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "the request head took too long",
+                    )),
+                })
+            }
+        }
+    }
+}
+
+impl<T> Timed<T> {
+    /// Applies the send timeout to the outcome of a write-side poll.
+    fn progress<R>(
+        &mut self,
+        polled: Poll<io::Result<R>>,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<R>> {
+        match polled {
+            Poll::Ready(r) => {
+                self.write_stalled_since = None;
+                Poll::Ready(r)
+            }
+            Poll::Pending => {
+                let since = *self.write_stalled_since.get_or_insert_with(Instant::now);
+                if !expired(&mut self.write_timer, since + self.timeouts.send, cx) {
+                    return Poll::Pending;
+                }
+                self.timed_out("send");
+                Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the client stopped reading",
+                )))
+            }
+        }
+    }
+
+    fn count_sent(counter: &Counter, r: &Poll<io::Result<usize>>) {
+        if let Poll::Ready(Ok(n)) = r {
+            counter.inc_by(*n as u64);
+        }
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Timed<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_write(cx, buf);
+        Self::count_sent(&this.metrics.bytes_sent, &polled);
+        this.progress(polled, cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        Self::count_sent(&this.metrics.bytes_sent, &polled);
+        this.progress(polled, cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_flush(cx);
+        this.progress(polled, cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_shutdown(cx);
+        this.progress(polled, cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    use super::*;
+
+    const T: Timeouts = Timeouts {
+        idle: Duration::from_secs(60),
+        header: Duration::from_secs(10),
+        send: Duration::from_secs(30),
+    };
+
+    fn pair() -> (
+        Timed<tokio::io::DuplexStream>,
+        tokio::io::DuplexStream,
+        Arc<ConnState>,
+        Arc<Metrics>,
+    ) {
+        let (server, client) = tokio::io::duplex(64);
+        let state = ConnState::new();
+        let metrics = Arc::new(Metrics::new());
+        (
+            Timed::new(server, state.clone(), T, metrics.clone()),
+            client,
+            state,
+            metrics,
+        )
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_connection_ends_after_the_idle_timeout() {
+        let (mut server, _client, _, metrics) = pair();
+        let started = Instant::now();
+        let mut buf = [0u8; 8];
+        assert_eq!(
+            server.read(&mut buf).await.unwrap(),
+            0,
+            "an idle timeout reads as EOF"
+        );
+        assert_eq!(started.elapsed(), T.idle);
+        assert!(metrics.render().contains("reason=\"idle\"} 1"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_head_is_cut_after_the_header_timeout_from_its_first_byte() {
+        let (mut server, mut client, _, _) = pair();
+        let reading = tokio::spawn(async move {
+            let mut buf = [0u8; 8];
+            let mut n = 0;
+            loop {
+                match server.read(&mut buf).await {
+                    Ok(0) => return Ok(n),
+                    Ok(k) => n += k,
+                    Err(e) => return Err(e),
+                }
+            }
+        });
+        tokio::time::sleep(Duration::from_secs(50)).await;
+        // One byte a second: the head would take 30 s; the server stops reading it
+        // (and the client's writes fail) after 10.
+        for _ in 0..30 {
+            if client.write_all(b"G").await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        let err = reading.await.unwrap().unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_busy_connection_waits_and_idles_again_after_its_response() {
+        let (mut server, mut client, state, _) = pair();
+        let busy = state.begin();
+        let mut buf = [0u8; 8];
+        let read = tokio::time::timeout(Duration::from_secs(3600), server.read(&mut buf)).await;
+        assert!(read.is_err(), "no timeout while a request runs");
+        client.write_all(b"x").await.unwrap();
+        assert_eq!(server.read(&mut buf).await.unwrap(), 1);
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        drop(busy);
+        let started = Instant::now();
+        assert_eq!(server.read(&mut buf).await.unwrap(), 0);
+        assert_eq!(
+            started.elapsed(),
+            T.idle,
+            "the idle period starts when the response ends"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_stops_reading_is_cut_after_the_send_timeout() {
+        let (mut server, _client, state, metrics) = pair();
+        let _busy = state.begin();
+        let err = server.write_all(&[0u8; 1024]).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        let text = metrics.render();
+        assert!(text.contains("reason=\"send\"} 1"), "{text}");
+        assert!(text.contains("cachet_http_sent_bytes_total 64"), "{text}");
+    }
+}

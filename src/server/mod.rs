@@ -1,0 +1,285 @@
+//! Starting and stopping the server, and the connections: accepted up to a cap (with a
+//! clear refusal beyond it), each with TCP_NODELAY, a large send buffer and the
+//! timeouts of `conn`, served by hyper over the router, and drained on SIGTERM.
+
+mod conn;
+
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::AsyncWriteExt as _;
+use tokio::net::{TcpListener, TcpStream};
+use tower::ServiceExt as _;
+
+use crate::app::App;
+use crate::config::Config;
+pub use conn::Timeouts;
+use conn::{ConnState, Timed};
+
+/// File descriptors kept for the index, pack reads and refusals beyond those the
+/// connections take.
+const RESERVED_FILES: u64 = 256;
+/// Refusals written at once; beyond that, connections over the cap are just closed.
+const MAX_REFUSING: usize = 64;
+
+/// Raises the soft limit on open files to the hard limit (a server started by a shell
+/// or an init system often gets 1,024) and returns the limit now in force.
+pub fn raise_open_files() -> u64 {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let limit = getrlimit(Resource::Nofile);
+    let (Some(current), Some(maximum)) = (limit.current, limit.maximum) else {
+        return u64::MAX; // unlimited
+    };
+    if current < maximum {
+        let raised = rustix::process::Rlimit {
+            current: Some(maximum),
+            maximum: Some(maximum),
+        };
+        match setrlimit(Resource::Nofile, raised) {
+            Ok(()) => return maximum,
+            Err(e) => {
+                tracing::warn!(error = %e, current, maximum, "could not raise the open-file limit")
+            }
+        }
+    }
+    current
+}
+
+/// The connection cap that the open-file limit allows: each connection takes one
+/// descriptor and may read a pack with another.
+pub fn connection_cap(configured: usize, open_files: u64) -> usize {
+    let allowed = open_files.saturating_sub(RESERVED_FILES) / 2;
+    configured
+        .min(usize::try_from(allowed).unwrap_or(usize::MAX))
+        .max(1)
+}
+
+/// Opens the data directory, listens, and serves until SIGTERM or Ctrl-C.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let listen = config.listen;
+    let open_files = raise_open_files();
+    let opened = App::open(config)?;
+    let app = opened.app;
+    let listener = TcpListener::bind(listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("listening on {listen}: {e}"))?;
+    let addr = listener.local_addr()?;
+    announce(&app, addr, opened.admin_token_created);
+    let cap = connection_cap(app.config.server.max_connections, open_files);
+    if cap < app.config.server.max_connections {
+        tracing::warn!(
+            open_files,
+            max_connections = cap,
+            "the open-file limit allows fewer connections than server.max_connections"
+        );
+    }
+    serve(listener, app.clone(), cap, shutdown_signal()).await;
+    app.index.flush()?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Serves connections from `listener`, at most `cap` at once, until `shutdown`; then
+/// stops accepting and waits (up to the configured grace) for requests in flight.
+pub async fn serve(
+    listener: TcpListener,
+    app: Arc<App>,
+    cap: usize,
+    shutdown: impl Future<Output = ()>,
+) {
+    let router = crate::http::router(app.clone());
+    let s = &app.config.server;
+    let timeouts = Timeouts {
+        idle: Duration::from_secs(s.idle_timeout_secs),
+        header: Duration::from_secs(s.header_timeout_secs),
+        send: Duration::from_secs(s.send_timeout_secs),
+    };
+    let open = Arc::new(AtomicUsize::new(0));
+    let refusing = Arc::new(AtomicUsize::new(0));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let tcp = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    // Out of file descriptors (or a connection reset before it was
+                    // accepted): wait a little rather than spin, and go on.
+                    tracing::warn!(error = %e, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        if open.load(Ordering::Relaxed) >= cap {
+            app.metrics.connections_refused.inc();
+            if refusing.fetch_add(1, Ordering::Relaxed) < MAX_REFUSING {
+                let refusing = refusing.clone();
+                tokio::spawn(async move {
+                    refuse(tcp).await;
+                    refusing.fetch_sub(1, Ordering::Relaxed);
+                });
+            } else {
+                refusing.fetch_sub(1, Ordering::Relaxed);
+            }
+            continue;
+        }
+        configure(&tcp, app.config.serve.send_buffer_bytes);
+        open.fetch_add(1, Ordering::Relaxed);
+        app.metrics.connections_open.inc();
+        let state = ConnState::new();
+        let io = TokioIo::new(Timed::new(
+            tcp,
+            state.clone(),
+            timeouts,
+            app.metrics.clone(),
+        ));
+        let router = router.clone();
+        let service =
+            hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                let busy = state.begin();
+                let router = router.clone();
+                async move {
+                    let response = router.oneshot(req.map(axum::body::Body::new)).await?;
+                    // The request counts as busy until its body is sent or dropped.
+                    Ok::<_, std::convert::Infallible>(response.map(|b| {
+                        axum::body::Body::new(Tracked {
+                            inner: b,
+                            _busy: busy,
+                        })
+                    }))
+                }
+            });
+        let connection = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            // The idle and header timeouts are the connection's own (see `conn`).
+            .header_read_timeout(None)
+            .serve_connection(io, service);
+        let connection = graceful.watch(connection);
+        let (open, metrics) = (open.clone(), app.metrics.clone());
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+            open.fetch_sub(1, Ordering::Relaxed);
+            metrics.connections_open.dec();
+        });
+    }
+    drop(listener);
+    tracing::info!("shutting down: waiting for requests in flight");
+    let grace = Duration::from_secs(app.config.server.shutdown_grace_secs);
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("requests still in flight after the grace period; stopping anyway");
+    }
+}
+
+/// TCP_NODELAY, and a send buffer large enough that a NAR response does not stall.
+fn configure(tcp: &TcpStream, send_buffer: usize) {
+    // Without TCP_NODELAY the last small segment of a response waits for the
+    // client's delayed ACK: tens of milliseconds per NAR.
+    if let Err(e) = tcp.set_nodelay(true) {
+        tracing::warn!(error = %e, "could not set TCP_NODELAY");
+    }
+    // A new connection's send buffer starts at 16 KiB and grows slowly; a NAR
+    // response then stops and wakes the task time and again (see ServeConfig).
+    if send_buffer > 0 {
+        if let Err(e) = rustix::net::sockopt::set_socket_send_buffer_size(tcp, send_buffer) {
+            tracing::warn!(error = %e, "could not set the send buffer size");
+        }
+    }
+}
+
+/// Answers a connection over the cap with a 503 (which clients retry) and closes it.
+async fn refuse(mut tcp: TcpStream) {
+    const BODY: &str = "too many connections; try again shortly\n";
+    let response = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\n\
+         content-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n{BODY}",
+        BODY.len()
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        tcp.write_all(response.as_bytes()).await?;
+        tcp.shutdown().await
+    })
+    .await;
+}
+
+/// A response body that keeps its request marked busy until it is done.
+struct Tracked {
+    inner: axum::body::Body,
+    _busy: conn::Busy,
+}
+
+impl http_body::Body for Tracked {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Tells the operator what clients need: the keys, and the nix.conf and netrc lines.
+fn announce(app: &App, addr: std::net::SocketAddr, token_created: bool) {
+    let token_file = app.config.data_dir.join("admin-token");
+    tracing::info!(%addr, data_dir = %app.config.data_dir.display(), "cachet listening");
+    for cache in app.caches.all() {
+        let url = format!("http://{addr}/{}", cache.name);
+        tracing::info!(
+            cache = %cache.name,
+            public = cache.public,
+            "public key {}; in nix.conf: `extra-substituters = {url}` and `extra-trusted-public-keys = {}`",
+            cache.public_key,
+            cache.public_key
+        );
+    }
+    if token_created {
+        tracing::info!(
+            "created the admin token in {}; to push, put `machine {} password <token>` in a netrc file and set `netrc-file` in nix.conf",
+            token_file.display(),
+            addr.ip()
+        );
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cap_leaves_room_for_files() {
+        assert_eq!(connection_cap(4096, 1 << 20), 4096);
+        assert_eq!(connection_cap(4096, 1024), 384);
+        assert_eq!(connection_cap(4096, 100), 1);
+        assert_eq!(connection_cap(10, u64::MAX), 10);
+    }
+}
