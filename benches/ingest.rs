@@ -207,8 +207,13 @@ fn pipeline(c: &mut Criterion) {
                         .chunks(256 * 1024)
                         .map(|p| Ok(body.slice_ref(p)))
                         .collect();
-                    rt.block_on(ingestor.ingest_nar(futures::stream::iter(pieces), compression))
-                        .unwrap()
+                    let peer = cachet::body::Peer::always();
+                    rt.block_on(ingestor.ingest_nar(
+                        futures::stream::iter(pieces),
+                        compression,
+                        peer,
+                    ))
+                    .unwrap()
                 },
                 criterion::BatchSize::PerIteration,
             )

@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # Runs the whole test suite. Installs what the tests drive when it is missing: the real
-# Nix client (Debian's nix-bin, used single-user as root) and python3 for the closure
-# generator. Extra arguments go to `cargo test`.
+# Nix client (Debian's nix-bin, used single-user as root), python3 for the closure
+# generator, Chromium for the page test, and a current Nix client (Debian 13's
+# nix-bin in a chroot, made once by scripts/nix-current.sh and kept in
+# $CACHET_NIX_CURRENT, default /var/tmp/cachet-nix-current). Runs as root: the tests
+# use Nix single-user, chroots and a small tmpfs. Extra arguments go to `cargo test`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 missing=()
 command -v nix >/dev/null 2>&1 || missing+=(nix-bin)
 command -v python3 >/dev/null 2>&1 || missing+=(python3)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 if [ "${#missing[@]}" -gt 0 ]; then
   echo "installing ${missing[*]}" >&2
   sudo=""
@@ -15,5 +19,8 @@ if [ "${#missing[@]}" -gt 0 ]; then
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
+
+export CACHET_NIX_CURRENT="${CACHET_NIX_CURRENT:-/var/tmp/cachet-nix-current}"
+scripts/nix-current.sh "$CACHET_NIX_CURRENT" >/dev/null
 
 cargo test "$@"

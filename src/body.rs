@@ -1,4 +1,5 @@
-//! Request bodies as they arrive from clients, guarded against clients that stall.
+//! Request bodies as they arrive from clients, guarded against clients that stall, and
+//! the clients themselves: whether one is still connected.
 //!
 //! A client that trickles an upload (one byte a second, say) would otherwise hold an
 //! ingest slot and its memory for as long as it likes. The guard counts only the time
@@ -8,12 +9,43 @@
 
 use std::future::Future as _;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures::{Stream, StreamExt as _};
 use tokio::time::{Instant, Sleep};
+
+/// Whether the client of a request is still connected. An HTTP server notices a client
+/// that goes away only when it next reads or writes; a long upload whose body has
+/// arrived whole (a compression bomb, say) is neither, so its ingest asks this between
+/// buffers and stops when the client has gone.
+#[derive(Clone)]
+pub struct Peer(Arc<dyn Fn() -> bool + Send + Sync>);
+
+impl Peer {
+    /// A peer that has gone when `gone` says so.
+    pub fn new(gone: impl Fn() -> bool + Send + Sync + 'static) -> Self {
+        Self(Arc::new(gone))
+    }
+
+    /// A peer that never goes away (for uploads not from a connection).
+    pub fn always() -> Self {
+        Self::new(|| false)
+    }
+
+    /// Whether the client has closed its connection.
+    pub fn gone(&self) -> bool {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Peer")
+    }
+}
 
 /// How slow a body may be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -13,6 +13,7 @@ use super::content::stream;
 use super::extract::{guarded, small_body, Credentials};
 use crate::app::App;
 use crate::auth::Permission;
+use crate::body::Peer;
 use crate::error::{Error, Result};
 use crate::index::BlobKind;
 use crate::nix::{CacheName, StorePath};
@@ -84,7 +85,7 @@ async fn put_blob(
     cache: CacheName,
     creds: Credentials,
     (kind, key): (BlobKind, String),
-    body: Body,
+    (peer, body): (Peer, Body),
 ) -> Result<StatusCode> {
     let cache = creds.cache(app, &cache, Permission::Push)?;
     let manifest = match kind {
@@ -92,7 +93,7 @@ async fn put_blob(
         BlobKind::Log => {
             let body = guarded(app, body);
             app.ingestor
-                .ingest_blob(body, app.config.ingest.max_log_bytes)
+                .ingest_blob(body, app.config.ingest.max_log_bytes, peer)
                 .await?
         }
         // A realisation is a small JSON document, checked before it is stored.
@@ -103,7 +104,7 @@ async fn put_blob(
             }
             let len = data.len() as u64;
             let body = futures::stream::iter([Ok(data)]);
-            app.ingestor.ingest_blob(body, len).await?
+            app.ingestor.ingest_blob(body, len, peer).await?
         }
     };
     app.index.put_blob(kind, &cache.name, &key, &manifest)?;
@@ -129,10 +130,11 @@ pub async fn put_log(
     State(app): State<Arc<App>>,
     Path((cache, drv)): Path<(CacheName, String)>,
     creds: Credentials,
+    peer: Peer,
     body: Body,
 ) -> Result<StatusCode> {
     let key = (BlobKind::Log, drv_key(&drv)?);
-    put_blob(&app, cache, creds, key, body).await
+    put_blob(&app, cache, creds, key, (peer, body)).await
 }
 
 /// `GET realisations/<id>.doi`.
@@ -151,10 +153,11 @@ pub async fn put_realisation(
     State(app): State<Arc<App>>,
     Path((cache, id)): Path<(CacheName, String)>,
     creds: Credentials,
+    peer: Peer,
     body: Body,
 ) -> Result<StatusCode> {
     let key = (BlobKind::Realisation, realisation_key(&id)?);
-    put_blob(&app, cache, creds, key, body).await
+    put_blob(&app, cache, creds, key, (peer, body)).await
 }
 
 /// `GET build-trace-v2/<drv>/<output>.doi`.
@@ -173,10 +176,11 @@ pub async fn put_trace(
     State(app): State<Arc<App>>,
     Path((cache, drv, out)): Path<(CacheName, String, String)>,
     creds: Credentials,
+    peer: Peer,
     body: Body,
 ) -> Result<StatusCode> {
     let key = (BlobKind::Realisation, trace_key(&drv, &out)?);
-    put_blob(&app, cache, creds, key, body).await
+    put_blob(&app, cache, creds, key, (peer, body)).await
 }
 
 #[cfg(test)]

@@ -35,6 +35,8 @@ pub fn status(e: &Error) -> StatusCode {
                 StatusCode::BAD_REQUEST
             }
             IngestError::Body(e) => body_status(e),
+            // Nobody reads this answer; a 4xx keeps it out of the server errors.
+            IngestError::ClientGone => StatusCode::BAD_REQUEST,
             IngestError::LowSpace(_) => StatusCode::INSUFFICIENT_STORAGE,
             IngestError::Storage(e) => storage_status(e),
             IngestError::Index(e) => index_status(e),

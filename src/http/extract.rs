@@ -12,7 +12,7 @@ use base64::Engine as _;
 
 use crate::app::App;
 use crate::auth::{Permission, Token};
-use crate::body::Guarded;
+use crate::body::{Guarded, Peer};
 use crate::caches::Cache;
 use crate::error::{Error, Result};
 use crate::nix::CacheName;
@@ -66,6 +66,20 @@ impl Credentials {
     }
 }
 
+/// The connection's client, as the server put it in the request (a request that did
+/// not come from a connection has one that never leaves).
+impl FromRequestParts<Arc<App>> for Peer {
+    type Rejection = Error;
+
+    async fn from_request_parts(parts: &mut Parts, _: &Arc<App>) -> Result<Self> {
+        Ok(parts
+            .extensions
+            .get::<Peer>()
+            .cloned()
+            .unwrap_or_else(Peer::always))
+    }
+}
+
 /// A request body as a stream, cut off when the client stalls (see `crate::body`).
 pub fn guarded(app: &App, body: Body) -> Guarded<BodyDataStream> {
     crate::body::guard(body.into_data_stream(), app.config.body_limits())
@@ -74,4 +88,27 @@ pub fn guarded(app: &App, body: Body) -> Guarded<BodyDataStream> {
 /// Reads a whole body of at most `limit` bytes (413 above it, 408 if it stalls).
 pub async fn small_body(app: &App, body: Body, limit: usize) -> Result<bytes::Bytes> {
     Ok(crate::body::collect(guarded(app, body), limit as u64).await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn basic(pair: &str) -> String {
+        format!("Basic {}", BASE64.encode(pair))
+    }
+
+    #[test]
+    fn tokens_come_from_basic_passwords_logins_or_bearer() {
+        assert_eq!(parse(basic(":tok").as_bytes()).as_deref(), Some("tok"));
+        assert_eq!(parse(basic("ci:tok").as_bytes()).as_deref(), Some("tok"));
+        // A netrc with a login and no password sends the token as the login.
+        assert_eq!(parse(basic("tok:").as_bytes()).as_deref(), Some("tok"));
+        assert_eq!(parse(basic("tok").as_bytes()).as_deref(), Some("tok"));
+        assert_eq!(parse(b"Bearer  tok ").as_deref(), Some("tok"));
+        assert_eq!(parse(b"bearer tok").as_deref(), Some("tok"));
+        for bad in [&b"Basic !!!"[..], b"Digest x", b"Bearer", b"\xff\xfe"] {
+            assert_eq!(parse(bad), None, "{bad:?}");
+        }
+    }
 }

@@ -13,6 +13,7 @@ use super::content::{content_headers, stream};
 use super::extract::{guarded, Credentials};
 use crate::app::App;
 use crate::auth::Permission;
+use crate::body::Peer;
 use crate::caches::Cache;
 use crate::error::{Error, Rejection, Result};
 use crate::index::Upload;
@@ -96,13 +97,14 @@ pub async fn put(
     State(app): State<Arc<App>>,
     Path((cache, file)): Path<(CacheName, String)>,
     creds: Credentials,
+    peer: Peer,
     body: Body,
 ) -> Result<StatusCode> {
     let url = parse_file(&file)?;
     let cache = creds.cache(&app, &cache, Permission::Push)?;
     let nar = app
         .ingestor
-        .ingest_nar(guarded(&app, body), url.compression)
+        .ingest_nar(guarded(&app, body), url.compression, peer)
         .await?;
     // Nix names the file after the SHA-256 of the bytes it sends; holding uploads to
     // that keeps one URL from standing for two different bodies.

@@ -105,18 +105,21 @@ pub fn render_cache(cache: &Cache, stats: &CacheStats, base: &str) -> String {
         "In nix.conf, to substitute from it",
         &format!("extra-substituters = {url}\nextra-trusted-public-keys = {key}"),
     );
-    if !cache.public {
-        copyable(
-            &mut body,
-            "netrc",
-            "In the netrc file named by nix.conf's netrc-file, with a token",
-            &format!("machine {host} password <token>"),
-        );
-    }
+    let netrc_use = if cache.public {
+        "to push"
+    } else {
+        "to pull and to push"
+    };
+    copyable(
+        &mut body,
+        "netrc",
+        &format!("In the netrc file that nix.conf's netrc-file names, {netrc_use}"),
+        &format!("machine {host} password <token>"),
+    );
     copyable(
         &mut body,
         "push",
-        "To push a build (with a push token in the netrc file)",
+        "To push a build",
         &format!("nix copy --to '{url}?compression=zstd' ./result"),
     );
     body.push_str("</dl>\n");
@@ -201,8 +204,8 @@ mod tests {
         assert!(html.contains("<span id=\"paths\">3</span>"));
         assert!(html.contains("3.0 GiB") && html.contains("1000 bytes"));
         assert!(
-            html.contains("id=\"netrc\""),
-            "a private cache shows the netrc line"
+            html.contains("to pull and to push"),
+            "a private cache needs its token to pull"
         );
         assert!(html.contains("private"));
     }

@@ -29,7 +29,7 @@ use bytes::Bytes;
 use futures::{Stream, StreamExt as _};
 use tokio::sync::mpsc;
 
-use crate::body::BodyError;
+use crate::body::{BodyError, Peer};
 use crate::budget::Budget;
 use crate::index::{Index, IndexError, NarRecord};
 use crate::metrics::Metrics;
@@ -141,6 +141,9 @@ pub enum IngestError {
     /// The metadata failed.
     #[error(transparent)]
     Index(#[from] IndexError),
+    /// The client closed its connection before the upload was stored.
+    #[error("the client went away")]
+    ClientGone,
     /// A stage failed in a way that is a bug (a panicked task, a failing compressor).
     #[error("internal error: {0}")]
     Internal(String),
@@ -160,6 +163,7 @@ impl IngestError {
             Self::DecoderMemory { .. } => "decoder_memory",
             Self::LowSpace(_) => "disk_full",
             Self::Storage(_) | Self::Index(_) => "storage",
+            Self::ClientGone => "client_gone",
             Self::Internal(_) => "internal",
         }
     }
@@ -378,11 +382,12 @@ impl Ingestor {
         &self,
         body: S,
         compression: Compression,
+        peer: Peer,
     ) -> Result<IngestedNar, IngestError>
     where
         S: Stream<Item = Result<Bytes, BodyError>> + Send + Unpin + 'static,
     {
-        let s = self.run(body, Content::Nar(compression)).await?;
+        let s = self.run(body, Content::Nar(compression), peer).await?;
         self.metrics.nars_ingested.inc();
         self.metrics.nar_bytes_ingested.inc_by(s.decoded.nar_size);
         Ok(IngestedNar {
@@ -401,11 +406,16 @@ impl Ingestor {
 
     /// Stores a file of at most `max_bytes` (a build log, a realisation) as chunks and
     /// returns its manifest.
-    pub async fn ingest_blob<S>(&self, body: S, max_bytes: u64) -> Result<Manifest, IngestError>
+    pub async fn ingest_blob<S>(
+        &self,
+        body: S,
+        max_bytes: u64,
+        peer: Peer,
+    ) -> Result<Manifest, IngestError>
     where
         S: Stream<Item = Result<Bytes, BodyError>> + Send + Unpin + 'static,
     {
-        let s = self.run(body, Content::Blob(max_bytes)).await?;
+        let s = self.run(body, Content::Blob(max_bytes), peer).await?;
         Ok(Manifest { chunks: s.contents })
     }
 
@@ -414,7 +424,7 @@ impl Ingestor {
         self.index.put_nar(&nar.nar_hash, &nar.record)
     }
 
-    async fn run<S>(&self, body: S, content: Content) -> Result<Stored, IngestError>
+    async fn run<S>(&self, body: S, content: Content, peer: Peer) -> Result<Stored, IngestError>
     where
         S: Stream<Item = Result<Bytes, BodyError>> + Send + Unpin + 'static,
     {
@@ -422,7 +432,7 @@ impl Ingestor {
             metrics: &self.metrics,
             done: false,
         };
-        let result = self.run_counted(body, content).await;
+        let result = self.run_counted(body, content, peer).await;
         abandoned.done = true;
         if let Err(e) = &result {
             self.metrics.reject_upload(e.reason());
@@ -433,7 +443,12 @@ impl Ingestor {
         result
     }
 
-    async fn run_counted<S>(&self, mut body: S, content: Content) -> Result<Stored, IngestError>
+    async fn run_counted<S>(
+        &self,
+        mut body: S,
+        content: Content,
+        peer: Peer,
+    ) -> Result<Stored, IngestError>
     where
         S: Stream<Item = Result<Bytes, BodyError>> + Send + Unpin + 'static,
     {
@@ -499,7 +514,7 @@ impl Ingestor {
             let turn = turn.clone();
             move || {
                 let _turn = turn;
-                decode(reader, content, memory, limit, &metrics, nar_tx)
+                decode(reader, content, memory, limit, (&metrics, &peer), nar_tx)
             }
         });
         let chunking = tokio::task::spawn_blocking({
@@ -612,14 +627,15 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
 }
 
 /// The first blocking stage: hashes the body (FileHash), decompresses it, hashes the
-/// content (NarHash), holds it to `limit` bytes and sends it on in buffers. `None`
-/// when the next stage stopped first: its error is the one to report.
+/// content (NarHash), holds it to `limit` bytes and sends it on in buffers, and stops
+/// when the client has gone. `None` when the next stage stopped first: its error is
+/// the one to report.
 fn decode(
     body: impl Read,
     content: Content,
     memory: decoder::DecoderMemory,
     limit: u64,
-    metrics: &Metrics,
+    (metrics, peer): (&Metrics, &Peer),
     tx: std::sync::mpsc::SyncSender<Vec<u8>>,
 ) -> Result<Option<Decoded>, IngestError> {
     let compression = match content {
@@ -643,6 +659,10 @@ fn decode(
             metrics.upload_bytes_decoded.inc_by(n as u64);
             if total > limit {
                 return Err(fail(io::Error::other(OverLimit)));
+            }
+            // One peek at the socket per 256 KiB decoded: nothing next to the work.
+            if peer.gone() {
+                return Err(IngestError::ClientGone);
             }
             buf.truncate(n);
             if tx.send(buf).is_err() {
@@ -803,7 +823,7 @@ mod tests {
         body: Vec<Piece>,
         compression: Compression,
     ) -> Result<IngestedNar, IngestError> {
-        let run = ingestor.ingest_nar(futures::stream::iter(body), compression);
+        let run = ingestor.ingest_nar(futures::stream::iter(body), compression, Peer::always());
         tokio::time::timeout(Duration::from_secs(60), run)
             .await
             .expect("an ingest ends")
@@ -944,14 +964,48 @@ mod tests {
         let ingestor = ingestor(dir.path());
         let log = b"building\n".repeat(100_000);
         let body = futures::stream::iter(pieces(&log));
-        let m = ingestor.ingest_blob(body, 1 << 20).await.unwrap();
+        let m = ingestor
+            .ingest_blob(body, 1 << 20, Peer::always())
+            .await
+            .unwrap();
         assert_eq!(content(&ingestor, &m).await, log);
         let body = futures::stream::iter(pieces(&log));
-        let err = ingestor.ingest_blob(body, 1000).await.unwrap_err();
+        let err = ingestor
+            .ingest_blob(body, 1000, Peer::always())
+            .await
+            .unwrap_err();
         assert!(
             matches!(err, IngestError::TooLarge { what: "file", .. }),
             "{err}"
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_upload_whose_client_left_stops_though_its_body_is_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let ingestor = ingestor(dir.path());
+        // The client is there for the first few buffers, then gone.
+        let asked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let peer = {
+            let asked = asked.clone();
+            Peer::new(move || asked.fetch_add(1, std::sync::atomic::Ordering::Relaxed) >= 3)
+        };
+        let data = big_nar();
+        let body = futures::stream::iter(pieces(&data));
+        let err = ingestor
+            .ingest_nar(body, Compression::None, peer)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, IngestError::ClientGone), "{err}");
+        let decoded = ingestor.metrics.upload_bytes_decoded.get();
+        assert!(
+            decoded <= 4 * STAGE_BUFFER as u64,
+            "{decoded} bytes decoded"
+        );
+        assert!(ingestor
+            .metrics
+            .render()
+            .contains("reason=\"client_gone\"} 1"));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1006,9 +1060,12 @@ mod tests {
         }));
         let running = {
             let ingestor = ingestor.clone();
-            tokio::spawn(
-                async move { ingestor.ingest_nar(body, Compression::None).await.map(drop) },
-            )
+            tokio::spawn(async move {
+                ingestor
+                    .ingest_nar(body, Compression::None, Peer::always())
+                    .await
+                    .map(drop)
+            })
         };
         tx.send(Ok(Bytes::copy_from_slice(&data[..1 << 20])))
             .await

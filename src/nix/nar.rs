@@ -566,3 +566,104 @@ mod robustness {
         }
     }
 }
+
+/// The `nix-nar` crate as a second, independent implementation: archives it makes of
+/// real directory trees validate here, and the listing written here says what its
+/// decoder reads.
+#[cfg(test)]
+mod second_implementation {
+    use std::collections::BTreeMap;
+    use std::io::Read as _;
+    use std::os::unix::fs::PermissionsExt as _;
+
+    use super::*;
+
+    /// What one entry of an archive is: (type, size, executable, offset, target).
+    type Seen = BTreeMap<String, (String, u64, bool, u64, String)>;
+
+    fn flatten(path: &str, node: &serde_json::Value, out: &mut Seen) {
+        let kind = node["type"].as_str().unwrap().to_owned();
+        let size = node["size"].as_u64().unwrap_or(0);
+        let executable = node["executable"].as_bool().unwrap_or(false);
+        let offset = node["narOffset"].as_u64().unwrap_or(0);
+        let target = node["target"].as_str().unwrap_or("").to_owned();
+        out.insert(path.to_owned(), (kind, size, executable, offset, target));
+        if let Some(entries) = node["entries"].as_object() {
+            for (name, child) in entries {
+                let p = if path.is_empty() {
+                    name.clone()
+                } else {
+                    format!("{path}/{name}")
+                };
+                flatten(&p, child, out);
+            }
+        }
+    }
+
+    fn build_tree(root: &std::path::Path) {
+        let mut rng = crate::testing::Xorshift(11);
+        let write = |p: &str, data: &[u8], mode: u32| {
+            let path = root.join(p);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(&path, data).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        };
+        write("bin/hello", b"#!/bin/sh\necho hello\n", 0o755);
+        write("lib/libbig.so", &rng.bytes(300_000), 0o644);
+        write("share/doc/README", b"read me\n", 0o644);
+        write("share/empty-file", b"", 0o644);
+        write("share/na\u{ef}ve \u{2603}", b"unicode name\n", 0o644);
+        write("a/b/c/d/e/f/g/h/deep", b"deep\n", 0o644);
+        std::fs::create_dir_all(root.join("share/empty-dir")).unwrap();
+        std::os::unix::fs::symlink("bin/hello", root.join("hello")).unwrap();
+        std::os::unix::fs::symlink("../lib", root.join("share/lib")).unwrap();
+    }
+
+    #[test]
+    fn archives_of_the_nix_nar_crate_validate_and_the_listings_agree() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("out");
+        build_tree(&root);
+        let mut archive = Vec::new();
+        nix_nar::Encoder::new(&root)
+            .unwrap()
+            .read_to_end(&mut archive)
+            .unwrap();
+
+        let mut listing = Vec::new();
+        let summary = validate(&archive[..], &mut listing, u64::MAX).unwrap();
+        assert_eq!(summary.size, archive.len() as u64);
+        let json: serde_json::Value = serde_json::from_slice(&listing).unwrap();
+        let mut ours = Seen::new();
+        flatten("", &json["root"], &mut ours);
+
+        let decoder = nix_nar::Decoder::new(&archive[..]).unwrap();
+        let mut theirs = Seen::new();
+        for entry in decoder.entries().unwrap() {
+            let entry = entry.unwrap();
+            let path = entry.path.map(|p| p.to_string()).unwrap_or_default();
+            let seen = match entry.content {
+                nix_nar::Content::Directory => ("directory".into(), 0, false, 0, String::new()),
+                nix_nar::Content::Symlink { target } => {
+                    ("symlink".into(), 0, false, 0, target.to_string())
+                }
+                nix_nar::Content::File {
+                    executable,
+                    size,
+                    offset,
+                    ..
+                } => ("regular".into(), size, executable, offset, String::new()),
+            };
+            theirs.insert(path, seen);
+        }
+        assert_eq!(ours, theirs);
+        assert_eq!(summary.entries, theirs.len() as u64);
+        assert!(theirs.len() > 15, "the tree has every kind of entry");
+        // The offsets point at the contents.
+        let (_, size, _, offset, _) = &ours["bin/hello"];
+        assert_eq!(
+            &archive[*offset as usize..(*offset + *size) as usize],
+            b"#!/bin/sh\necho hello\n"
+        );
+    }
+}

@@ -22,6 +22,23 @@ use tokio::time::{Instant, Sleep};
 
 use crate::metrics::{Metrics, ReasonLabels};
 
+/// Watches a connection's socket (through a duplicate of its descriptor) for the
+/// client closing it: a peek that finds the end of the stream. Data waiting (a next
+/// request) is not an end.
+pub fn watch_peer(tcp: &tokio::net::TcpStream) -> std::io::Result<crate::body::Peer> {
+    use rustix::net::RecvFlags;
+    let fd = rustix::io::fcntl_dupfd_cloexec(tcp, 0)?;
+    Ok(crate::body::Peer::new(move || {
+        let mut byte = [0u8; 1];
+        match rustix::net::recv(&fd, &mut byte, RecvFlags::PEEK | RecvFlags::DONTWAIT) {
+            Ok((_, 0)) => true,
+            Ok(_) => false,
+            Err(rustix::io::Errno::AGAIN | rustix::io::Errno::INTR) => false,
+            Err(_) => true,
+        }
+    }))
+}
+
 /// The timeouts of a connection.
 #[derive(Debug, Clone, Copy)]
 pub struct Timeouts {

@@ -22,6 +22,9 @@ use conn::{ConnState, Timed};
 /// File descriptors kept for the index, pack reads and refusals beyond those the
 /// connections take.
 const RESERVED_FILES: u64 = 256;
+/// Descriptors a connection may take: its socket, the duplicate that watches for the
+/// client leaving, and a pack being read for it.
+const FILES_PER_CONNECTION: u64 = 3;
 /// Refusals written at once; beyond that, connections over the cap are just closed.
 const MAX_REFUSING: usize = 64;
 
@@ -48,10 +51,9 @@ pub fn raise_open_files() -> u64 {
     current
 }
 
-/// The connection cap that the open-file limit allows: each connection takes one
-/// descriptor and may read a pack with another.
+/// The connection cap that the open-file limit allows.
 pub fn connection_cap(configured: usize, open_files: u64) -> usize {
-    let allowed = open_files.saturating_sub(RESERVED_FILES) / 2;
+    let allowed = open_files.saturating_sub(RESERVED_FILES) / FILES_PER_CONNECTION;
     configured
         .min(usize::try_from(allowed).unwrap_or(usize::MAX))
         .max(1)
@@ -129,6 +131,14 @@ pub async fn serve(
             continue;
         }
         configure(&tcp, app.config.serve.send_buffer_bytes);
+        let peer = match conn::watch_peer(&tcp) {
+            Ok(peer) => peer,
+            Err(e) => {
+                // Out of descriptors: this connection would not get far either.
+                tracing::warn!(error = %e, "could not watch a connection");
+                continue;
+            }
+        };
         open.fetch_add(1, Ordering::Relaxed);
         app.metrics.connections_open.inc();
         let state = ConnState::new();
@@ -140,9 +150,10 @@ pub async fn serve(
         ));
         let router = router.clone();
         let service =
-            hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+            hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
                 let busy = state.begin();
                 let router = router.clone();
+                req.extensions_mut().insert(peer.clone());
                 async move {
                     let response = router.oneshot(req.map(axum::body::Body::new)).await?;
                     // The request counts as busy until its body is sent or dropped.
@@ -278,7 +289,7 @@ mod tests {
     #[test]
     fn the_cap_leaves_room_for_files() {
         assert_eq!(connection_cap(4096, 1 << 20), 4096);
-        assert_eq!(connection_cap(4096, 1024), 384);
+        assert_eq!(connection_cap(4096, 1024), 256);
         assert_eq!(connection_cap(4096, 100), 1);
         assert_eq!(connection_cap(10, u64::MAX), 10);
     }

@@ -7,33 +7,6 @@ use reqwest::blocking::Response;
 use crate::golden::{nar_file, narinfo_text, upload_golden, LEAF, TOP};
 use crate::harness::{client, Server};
 
-fn put(server: &Server, path: &str, body: impl Into<reqwest::blocking::Body>) -> Response {
-    client()
-        .put(format!("{}/{path}", server.url()))
-        .bearer_auth(server.token())
-        .body(body)
-        .send()
-        .unwrap()
-}
-
-fn get_status(server: &Server, path: &str) -> u16 {
-    client()
-        .get(format!("{}/{path}", server.url()))
-        .send()
-        .unwrap()
-        .status()
-        .as_u16()
-}
-
-fn head_status(server: &Server, path: &str) -> u16 {
-    client()
-        .head(format!("{}/{path}", server.url()))
-        .send()
-        .unwrap()
-        .status()
-        .as_u16()
-}
-
 fn assert_refused(r: Response, status: u16, reason: &str) {
     let got = r.status().as_u16();
     let text = r.text().unwrap();
@@ -58,11 +31,11 @@ fn narinfos_that_do_not_match_their_nar_are_refused() {
 
     // A narinfo whose NAR was never uploaded here.
     assert_refused(
-        put(&server, &narinfo, text.clone()),
+        server.put(&narinfo, text.clone()),
         400,
         "names no NAR uploaded",
     );
-    assert_eq!(put(&server, &info.url, nar_file(&info)).status(), 200);
+    assert_eq!(server.put(&info.url, nar_file(&info)).status(), 200);
 
     let other_hash = Sha256::digest(b"something else");
     let cases = [
@@ -99,16 +72,16 @@ fn narinfos_that_do_not_match_their_nar_are_refused() {
         ),
     ];
     for (body, reason) in cases {
-        assert_refused(put(&server, &narinfo, body), 400, reason);
+        assert_refused(server.put(&narinfo, body), 400, reason);
         assert_eq!(
-            get_status(&server, &narinfo),
+            server.get_status(&narinfo),
             404,
             "nothing became visible after {reason}"
         );
     }
     // A body over the narinfo limit.
     assert_refused(
-        put(&server, &narinfo, vec![b'a'; 1024 * 1024 + 1]),
+        server.put(&narinfo, vec![b'a'; 1024 * 1024 + 1]),
         413,
         "larger than",
     );
@@ -116,28 +89,25 @@ fn narinfos_that_do_not_match_their_nar_are_refused() {
     // The top path names the leaf, which is not in the cache yet.
     let top = narinfo_text(TOP);
     let top_info = NarInfo::parse(top.as_bytes()).unwrap();
-    assert_eq!(
-        put(&server, &top_info.url, nar_file(&top_info)).status(),
-        200
-    );
+    assert_eq!(server.put(&top_info.url, nar_file(&top_info)).status(), 200);
     assert_refused(
-        put(&server, &format!("{TOP}.narinfo"), top),
+        server.put(&format!("{TOP}.narinfo"), top),
         400,
         "not in this cache",
     );
-    assert_eq!(get_status(&server, &format!("{TOP}.narinfo")), 404);
+    assert_eq!(server.get_status(&format!("{TOP}.narinfo")), 404);
     // The NAR uploaded for it is not served: only a narinfo makes a NAR readable.
     let served_url = format!("nar/{}.nar.zst", top_info.nar_hash.to_nix32());
-    assert_eq!(get_status(&server, &served_url), 404);
+    assert_eq!(server.get_status(&served_url), 404);
 
     // The unmodified narinfo still goes through after all that.
-    assert_eq!(put(&server, &narinfo, text).status(), 200);
-    assert_eq!(get_status(&server, &narinfo), 200);
+    assert_eq!(server.put(&narinfo, text).status(), 200);
+    assert_eq!(server.get_status(&narinfo), 200);
 }
 
 fn upload_raw_nar(server: &Server, body: Vec<u8>) -> Response {
     let url = format!("nar/{}.nar", Sha256::digest(&body).to_nix32());
-    put(server, &url, body)
+    server.put(&url, body)
 }
 
 #[test]
@@ -176,7 +146,7 @@ fn bodies_that_are_not_valid_nars_are_refused() {
         let url = format!("nar/{}.nar", Sha256::digest(&body).to_nix32());
         assert_refused(upload_raw_nar(&server, body), 400, reason);
         assert_eq!(
-            head_status(&server, &url),
+            server.head_status(&url),
             404,
             "nothing stored after {reason}"
         );
@@ -190,15 +160,15 @@ fn bodies_that_are_not_valid_nars_are_refused() {
     // A compressed body that does not decompress, and a URL naming another body.
     let garbage = b"this is not xz at all".to_vec();
     let url = format!("nar/{}.nar.xz", Sha256::digest(&garbage).to_nix32());
-    assert_refused(put(&server, &url, garbage), 400, "does not decompress");
+    assert_refused(server.put(&url, garbage), 400, "does not decompress");
     let wrong_name = format!("nar/{}.nar", Sha256::digest(b"other").to_nix32());
     assert_refused(
-        put(&server, &wrong_name, good.clone()),
+        server.put(&wrong_name, good.clone()),
         400,
         "does not name the hash",
     );
-    assert_eq!(head_status(&server, &wrong_name), 404);
-    assert_refused(put(&server, "nar/abc.nar.lz4", good.clone()), 400, "nix32");
+    assert_eq!(server.head_status(&wrong_name), 404);
+    assert_refused(server.put("nar/abc.nar.lz4", good.clone()), 400, "nix32");
 
     // The good one is accepted.
     assert_eq!(upload_raw_nar(&server, good).status(), 200);
@@ -227,7 +197,7 @@ fn pushing_needs_the_right_token() {
         .send()
         .unwrap();
     assert_eq!(r.status(), 401);
-    assert_eq!(head_status(&server, &info.url), 404);
+    assert_eq!(server.head_status(&info.url), 404);
     // A netrc without a login sends the token as the Basic password of an empty user.
     let r = http
         .put(&url)
@@ -242,7 +212,7 @@ fn pushing_needs_the_right_token() {
         .send()
         .unwrap();
     assert_eq!(r.status(), 401);
-    assert_eq!(get_status(&server, &format!("{LEAF}.narinfo")), 404);
+    assert_eq!(server.get_status(&format!("{LEAF}.narinfo")), 404);
     // A header we cannot read does not lock anyone out of a public cache.
     let r = http
         .get(format!("{}/nix-cache-info", server.url()))
@@ -274,7 +244,7 @@ fn misses_are_404_and_traversal_goes_nowhere() {
         "no-such-file",
     ];
     for m in misses {
-        assert_eq!(get_status(&server, m), 404, "{m}");
+        assert_eq!(server.get_status(m), 404, "{m}");
     }
     assert_eq!(
         client()
@@ -309,10 +279,8 @@ fn nar_downloads_support_ranges_and_plain_nar() {
     let server = Server::start();
     upload_golden(&server);
     let info = NarInfo::parse(
-        client()
-            .get(format!("{}/{TOP}.narinfo", server.url()))
-            .send()
-            .unwrap()
+        server
+            .get(&format!("{TOP}.narinfo"))
             .text()
             .unwrap()
             .as_bytes(),
@@ -366,23 +334,20 @@ fn logs_and_realisations_round_trip() {
     let server = Server::start();
     let drv = "4yncvzfm86cppqd91p6dvnpbbdx5d126-golden-top.drv";
     assert_eq!(
-        put(&server, &format!("log/{drv}"), "building\n").status(),
+        server.put(&format!("log/{drv}"), "building\n").status(),
         200
     );
-    let log = client()
-        .get(format!("{}/log/{drv}", server.url()))
-        .send()
-        .unwrap();
+    let log = server.get(&format!("log/{drv}"));
     assert_eq!(log.status(), 200);
     assert_eq!(log.text().unwrap(), "building\n");
     let id = "realisations/sha256:1b4i2y0k1mhhk6hmm4axrhv3gq3m9c8rnqbz7sr3gnhv2rlcdhx8!out.doi";
-    assert_eq!(put(&server, id, r#"{"id":"x"}"#).status(), 200);
-    assert_eq!(get_status(&server, id), 200);
-    assert_refused(put(&server, id, "not json"), 400, "json");
+    assert_eq!(server.put(id, r#"{"id":"x"}"#).status(), 200);
+    assert_eq!(server.get_status(id), 200);
+    assert_refused(server.put(id, "not json"), 400, "json");
     let trace = format!("build-trace-v2/{drv}/out.doi");
-    assert_eq!(put(&server, &trace, r#"{"x":1}"#).status(), 200);
-    assert_eq!(get_status(&server, &trace), 200);
-    assert_refused(put(&server, "log/not-a-drv", "x"), 400, "derivation");
+    assert_eq!(server.put(&trace, r#"{"x":1}"#).status(), 200);
+    assert_eq!(server.get_status(&trace), 200);
+    assert_refused(server.put("log/not-a-drv", "x"), 400, "derivation");
 }
 
 #[test]
@@ -390,19 +355,14 @@ fn a_path_pushed_again_with_another_nar_keeps_the_first() {
     // An unreproducible build: same store path, different contents.
     let server = Server::start();
     upload_golden(&server);
-    let original = client()
-        .get(format!("{}/{LEAF}.narinfo", server.url()))
-        .send()
-        .unwrap()
-        .text()
-        .unwrap();
+    let original = server.get(&format!("{LEAF}.narinfo")).text().unwrap();
 
     let other = nar(&Entry::File {
         executable: false,
         contents: b"leaf, built again\n",
     });
     let url = format!("nar/{}.nar", Sha256::digest(&other).to_nix32());
-    assert_eq!(put(&server, &url, other.clone()).status(), 200);
+    assert_eq!(server.put(&url, other.clone()).status(), 200);
     let (text, info) = leaf();
     let rebuilt = text
         .replace(&format!("URL: {}", info.url), &format!("URL: {url}"))
@@ -418,15 +378,10 @@ fn a_path_pushed_again_with_another_nar_keeps_the_first() {
         .collect::<String>();
     // Accepted (the client must not fail), and the first stays.
     assert_eq!(
-        put(&server, &format!("{LEAF}.narinfo"), rebuilt).status(),
+        server.put(&format!("{LEAF}.narinfo"), rebuilt).status(),
         200
     );
-    let now = client()
-        .get(format!("{}/{LEAF}.narinfo", server.url()))
-        .send()
-        .unwrap()
-        .text()
-        .unwrap();
+    let now = server.get(&format!("{LEAF}.narinfo")).text().unwrap();
     assert_eq!(now, original);
     assert!(
         server.log().contains("different NarHash"),

@@ -8,7 +8,9 @@ use std::time::Duration;
 use cachet::nix::nar::write::{nar, Entry};
 use cachet::nix::Sha256;
 
-use crate::harness::{client, closure, ok, push, NixHost, Server};
+use crate::harness::{closure, ok, with_each_client, Nix, NixHost, Server};
+
+with_each_client!(a_killed_server_restarts_and_everything_it_serves_verifies);
 
 #[test]
 fn a_client_that_disconnects_mid_upload_leaves_nothing() {
@@ -36,51 +38,26 @@ fn a_client_that_disconnects_mid_upload_leaves_nothing() {
     drop(stream);
     std::thread::sleep(Duration::from_millis(300));
 
-    let http = client();
-    assert_eq!(
-        http.head(format!("{}{url}", server.base()))
-            .send()
-            .unwrap()
-            .status(),
-        404
-    );
+    let file = url.strip_prefix("/main/").unwrap();
+    assert_eq!(server.head_status(file), 404);
     // The server is still serving, and the same upload completes when sent whole.
-    let r = http
-        .put(format!("{}{url}", server.base()))
-        .bearer_auth(server.token())
-        .body(body)
-        .send()
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    assert_eq!(
-        http.head(format!("{}{url}", server.base()))
-            .send()
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(server.put(file, body).status(), 200);
+    assert_eq!(server.head_status(file), 200);
 }
 
 /// Downloads every narinfo the server serves for `paths`, and checks each NAR.
-fn check_served(server: &Server, paths: &[String]) -> usize {
-    let http = client();
+pub fn check_served(server: &Server, paths: &[String]) -> usize {
     let mut served = 0;
     for p in paths {
         let hash = &p["/nix/store/".len()..][..32];
-        let r = http
-            .get(format!("{}/{hash}.narinfo", server.url()))
-            .send()
-            .unwrap();
+        let r = server.get(&format!("{hash}.narinfo"));
         match r.status().as_u16() {
             404 => continue,
             200 => {}
             s => panic!("narinfo {hash}: status {s}"),
         }
         let info = cachet::nix::NarInfo::parse(&r.bytes().unwrap()).unwrap();
-        let body = http
-            .get(format!("{}/{}", server.url(), info.url))
-            .send()
-            .unwrap();
+        let body = server.get(&info.url);
         assert_eq!(body.status(), 200, "the NAR of a served narinfo is there");
         let nar = zstd::decode_all(&body.bytes().unwrap()[..]).unwrap();
         assert_eq!(Sha256::digest(&nar), info.nar_hash, "{p}");
@@ -89,14 +66,14 @@ fn check_served(server: &Server, paths: &[String]) -> usize {
     served
 }
 
-#[test]
-fn a_killed_server_restarts_and_everything_it_serves_verifies() {
+fn a_killed_server_restarts_and_everything_it_serves_verifies(nix: Nix) {
     let mut server = Server::start();
     let c = closure(48, "v1");
     let paths: Vec<String> = c.nar_hashes.keys().cloned().collect();
     // Kill at several moments of an upload in flight: after the k-th publication.
     for k in [1usize, 8, 20] {
-        let host = NixHost::new(&server);
+        let host = NixHost::new(&server, nix);
+        host.import(&c);
         let to = format!("{}?compression=zstd", server.url());
         let before = server.log().matches("published").count();
         let mut child = host
@@ -126,10 +103,11 @@ fn a_killed_server_restarts_and_everything_it_serves_verifies() {
         );
     }
     // Pushing again completes the closure, and the real client verifies all of it.
-    let pusher = NixHost::new(&server);
-    ok(push(&pusher, &server, "zstd", &c.top));
+    let pusher = NixHost::new(&server, nix);
+    ok(pusher.push(&server, "zstd", &c));
     assert_eq!(check_served(&server, &paths), paths.len());
     // Another machine (the pusher's own client cache holds its unsigned narinfos)
     // verifies every signature and every NAR.
-    ok(NixHost::new(&server).nix(&["store", "verify", "--store", &server.url(), "-r", &c.top]));
+    let verifier = NixHost::new(&server, nix);
+    ok(verifier.nix(&["store", "verify", "--store", &server.url(), "-r", &c.top]));
 }

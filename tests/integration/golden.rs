@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use cachet::nix::signing::{PublicKey, SecretKey};
 use cachet::nix::NarInfo;
 
-use crate::harness::{client, ok, NixHost, Server};
+use crate::harness::{client, ok, Nix, NixHost, Server};
 
 pub fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -59,23 +59,12 @@ fn our_signatures_are_the_ones_nix_makes() {
 
 /// Uploads the golden closure as `nix copy` would: NARs, then narinfos, leaf first.
 pub fn upload_golden(server: &Server) {
-    let http = client();
     for hash in [LEAF, TOP] {
         let text = narinfo_text(hash);
         let info = NarInfo::parse(text.as_bytes()).unwrap();
-        let r = http
-            .put(format!("{}/{}", server.url(), info.url))
-            .bearer_auth(server.token())
-            .body(nar_file(&info))
-            .send()
-            .unwrap();
+        let r = server.put(&info.url, nar_file(&info));
         assert_eq!(r.status(), 200, "{}", r.text().unwrap());
-        let r = http
-            .put(format!("{}/{hash}.narinfo", server.url()))
-            .bearer_auth(server.token())
-            .body(text)
-            .send()
-            .unwrap();
+        let r = server.put(&format!("{hash}.narinfo"), text);
         assert_eq!(r.status(), 200, "{}", r.text().unwrap());
     }
 }
@@ -84,13 +73,9 @@ pub fn upload_golden(server: &Server) {
 fn the_served_narinfo_has_nix_format_and_a_signature_nix_accepts() {
     let server = Server::start();
     upload_golden(&server);
-    let http = client();
     let pk = server.public_key();
     for hash in [TOP, LEAF] {
-        let r = http
-            .get(format!("{}/{hash}.narinfo", server.url()))
-            .send()
-            .unwrap();
+        let r = server.get(&format!("{hash}.narinfo"));
         assert_eq!(r.status(), 200);
         assert_eq!(r.headers()["content-type"], "text/x-nix-narinfo");
         let served = r.text().unwrap();
@@ -98,10 +83,7 @@ fn the_served_narinfo_has_nix_format_and_a_signature_nix_accepts() {
         let info = NarInfo::parse(served.as_bytes()).unwrap();
 
         // Field for field what Nix writes, with the URL and sizes of what we serve.
-        let nar = http
-            .get(format!("{}/{}", server.url(), info.url))
-            .send()
-            .unwrap();
+        let nar = server.get(&info.url);
         assert_eq!(nar.status(), 200);
         let body = nar.bytes().unwrap();
         let ours = info.sigs.iter().find(|s| s.key_name() == "main-1").unwrap();
@@ -126,7 +108,7 @@ fn the_served_narinfo_has_nix_format_and_a_signature_nix_accepts() {
         assert!(key.verify(&info.fingerprint(), ours));
     }
     // And the real client agrees: it checks the signature and the NAR contents.
-    let host = NixHost::new(&server);
+    let host = NixHost::new(&server, Nix::V2_8);
     let top = format!("/nix/store/{TOP}-golden-top");
     ok(host.nix(&["store", "verify", "--store", &server.url(), "-r", &top]));
 }
@@ -135,10 +117,7 @@ fn the_served_narinfo_has_nix_format_and_a_signature_nix_accepts() {
 fn listing_is_built_from_the_nar() {
     let server = Server::start();
     upload_golden(&server);
-    let r = client()
-        .get(format!("{}/{LEAF}.ls", server.url()))
-        .send()
-        .unwrap();
+    let r = server.get(&format!("{LEAF}.ls"));
     assert_eq!(r.status(), 200);
     let json: serde_json::Value = r.json().unwrap();
     assert_eq!(json["version"], 1);
@@ -201,19 +180,10 @@ fn the_url_a_client_uploaded_under_serves_the_nar_once_published() {
         "nar/{}.nar.zst",
         cachet::nix::Sha256::digest(&zst).to_nix32()
     );
-    let http = client();
-    let put = |path: &str, body: Vec<u8>| {
-        http.put(format!("{}/{path}", server.url()))
-            .bearer_auth(server.token())
-            .body(body)
-            .send()
-            .unwrap()
-            .status()
-    };
+    let put = |path: &str, body: Vec<u8>| server.put(path, body).status();
     assert_eq!(put(&url, zst.clone()), 200);
-    let get = || http.get(format!("{}/{url}", server.url())).send().unwrap();
     assert_eq!(
-        get().status(),
+        server.get_status(&url),
         404,
         "not readable before a narinfo names it"
     );
@@ -229,7 +199,7 @@ fn the_url_a_client_uploaded_under_serves_the_nar_once_published() {
             &format!("FileSize: {}", zst.len()),
         );
     assert_eq!(put(&format!("{LEAF}.narinfo"), mine.into_bytes()), 200);
-    let body = get();
+    let body = server.get(&url);
     assert_eq!(body.status(), 200);
     assert_eq!(zstd::decode_all(&body.bytes().unwrap()[..]).unwrap(), nar);
 }

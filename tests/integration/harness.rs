@@ -1,5 +1,7 @@
 //! Real processes for the integration tests: the `cachet` binary on a loopback port,
-//! and the real `nix` client, each "host" with its own client cache and settings.
+//! and the real `nix` client, each "host" with its own client cache and settings. Two
+//! clients: Debian 12's Nix 2.8 on this machine, and a current one (Debian 13's Nix
+//! 2.26) in a chroot that `scripts/test.sh` prepares (`scripts/nix-current.sh`).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -7,6 +9,10 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use cachet::nix::Sha256;
+use reqwest::blocking::Response;
+
+/// An HTTP client with a generous timeout.
 pub fn client() -> reqwest::blocking::Client {
     reqwest::blocking::Client::builder()
         .timeout(Duration::from_secs(120))
@@ -22,11 +28,26 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// A `cachet` process on a loopback port, with its data in a temporary directory.
 pub struct Server {
     child: Option<Child>,
     pub port: u16,
     pub dir: tempfile::TempDir,
+    data_dir: PathBuf,
     extra_args: Vec<String>,
+    /// The soft open-file limit to start it under, if any.
+    open_files: Option<u64>,
+}
+
+/// How to start a server.
+#[derive(Default)]
+pub struct Start<'a> {
+    /// The TOML config, if any.
+    pub config: Option<&'a str>,
+    /// Another data directory (a small filesystem, say).
+    pub data_dir: Option<PathBuf>,
+    /// A soft limit on open files to start it under.
+    pub open_files: Option<u64>,
 }
 
 impl Server {
@@ -35,31 +56,67 @@ impl Server {
     }
 
     pub fn start_with(extra_args: &[&str]) -> Self {
+        Self::launch(Start::default(), extra_args)
+    }
+
+    /// A server with `config` as its configuration file.
+    pub fn with_config(config: &str) -> Self {
+        Self::launch(
+            Start {
+                config: Some(config),
+                ..Start::default()
+            },
+            &[],
+        )
+    }
+
+    pub fn launch(start: Start, extra_args: &[&str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut args: Vec<String> = extra_args.iter().map(|s| s.to_string()).collect();
+        if let Some(config) = start.config {
+            let path = dir.path().join("cachet.toml");
+            std::fs::write(&path, config).unwrap();
+            args.extend(["--config".into(), path.display().to_string()]);
+        }
         let mut s = Self {
             child: None,
             port: free_port(),
-            dir: tempfile::tempdir().unwrap(),
-            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            data_dir: start.data_dir.unwrap_or_else(|| dir.path().join("data")),
+            dir,
+            extra_args: args,
+            open_files: start.open_files,
         };
         s.spawn();
+        s.wait_ready();
         s
     }
 
     pub fn data_dir(&self) -> PathBuf {
-        self.dir.path().join("data")
+        self.data_dir.clone()
     }
 
+    /// Starts the process; it may exit at once (see `exited`).
     fn spawn(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.dir.path().join("server.log"))
             .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_cachet"))
+        let bin = env!("CARGO_BIN_EXE_cachet");
+        let mut cmd = match self.open_files {
+            // prlimit execs the server, so the child's pid is the server's.
+            Some(n) => {
+                let mut c = Command::new("prlimit");
+                c.arg(format!("--nofile={n}:")).arg("--").arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        };
+        let child = cmd
             .arg("--listen")
             .arg(format!("127.0.0.1:{}", self.port))
             .arg("--data-dir")
-            .arg(self.data_dir())
+            .arg(&self.data_dir)
             .args(&self.extra_args)
             .env("CACHET_LOG", "info")
             .stdout(log.try_clone().unwrap())
@@ -67,15 +124,18 @@ impl Server {
             .spawn()
             .expect("starting cachet");
         self.child = Some(child);
+    }
+
+    fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Ok(r) = client()
-                .get(format!("{}/nix-cache-info", self.url()))
-                .send()
-            {
+            if let Ok(r) = client().get(format!("{}/health", self.base())).send() {
                 if r.status().is_success() {
                     return;
                 }
+            }
+            if let Some(status) = self.exited() {
+                panic!("cachet exited ({status}):\n{}", self.log());
             }
             assert!(
                 Instant::now() < deadline,
@@ -86,19 +146,45 @@ impl Server {
         }
     }
 
+    /// The exit status, if the process has exited.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.as_mut().and_then(|c| c.try_wait().unwrap())
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// The process's peak resident memory so far, in KiB.
+    pub fn peak_rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmHWM in /proc/<pid>/status")
     }
 
     /// SIGKILL: no shutdown code runs.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
-            c.kill().unwrap();
+            let _ = c.kill();
             c.wait().unwrap();
         }
     }
 
     pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+        self.wait_ready();
+    }
+
+    /// Restarts the process without waiting for it to serve.
+    pub fn restart_unchecked(&mut self) {
         self.kill();
         self.spawn();
     }
@@ -119,13 +205,50 @@ impl Server {
             .to_owned()
     }
 
-    pub fn public_key(&self) -> String {
-        let info: serde_json::Value = client()
-            .get(format!("{}/_api/v1/caches/main", self.base()))
+    /// `GET` of a path under the `main` cache, without credentials.
+    pub fn get(&self, path: &str) -> Response {
+        client()
+            .get(format!("{}/{path}", self.url()))
             .send()
             .unwrap()
-            .json()
-            .unwrap();
+    }
+
+    /// The status of `get`.
+    pub fn get_status(&self, path: &str) -> u16 {
+        self.get(path).status().as_u16()
+    }
+
+    /// The status of a `HEAD` of a path under the `main` cache.
+    pub fn head_status(&self, path: &str) -> u16 {
+        client()
+            .head(format!("{}/{path}", self.url()))
+            .send()
+            .unwrap()
+            .status()
+            .as_u16()
+    }
+
+    /// `PUT` of a path under the `main` cache with the admin token.
+    pub fn put(&self, path: &str, body: impl Into<reqwest::blocking::Body>) -> Response {
+        client()
+            .put(format!("{}/{path}", self.url()))
+            .bearer_auth(self.token())
+            .body(body)
+            .send()
+            .unwrap()
+    }
+
+    /// `GET` of a path of the server (not of a cache) with the admin token.
+    pub fn admin_get(&self, path: &str) -> Response {
+        client()
+            .get(format!("{}{path}", self.base()))
+            .bearer_auth(self.token())
+            .send()
+            .unwrap()
+    }
+
+    pub fn public_key(&self) -> String {
+        let info: serde_json::Value = self.admin_get("/_api/v1/caches/main").json().unwrap();
         info["public_key"].as_str().unwrap().to_owned()
     }
 
@@ -154,40 +277,101 @@ impl Drop for Server {
     }
 }
 
+/// Which real Nix client a host runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Nix {
+    /// Debian 12's nix-bin, on this machine.
+    V2_8,
+    /// Debian 13's nix-bin, in the chroot `CACHET_NIX_CURRENT` names.
+    Current,
+}
+
+/// The root of the current client's chroot.
+fn current_root() -> PathBuf {
+    let root = std::env::var_os("CACHET_NIX_CURRENT").expect(
+        "CACHET_NIX_CURRENT names the chroot of the current Nix client; \
+         scripts/test.sh prepares it (scripts/nix-current.sh)",
+    );
+    PathBuf::from(root)
+}
+
 /// One machine's `nix`: its own client cache (Nix caches narinfos it pushed, so a
-/// pusher would never ask the server again), its own netrc and trusted key.
+/// pusher would never ask the server again), its own netrc and trusted key, and for
+/// the current client its own store (the chroot's /nix is this host's).
 pub struct NixHost {
     pub dir: tempfile::TempDir,
+    pub nix: Nix,
     config: String,
 }
 
+const BASE_NIX_CONFIG: &str =
+    "experimental-features = nix-command\nsandbox = false\nsubstituters =\nbuild-users-group =\n";
+
 impl NixHost {
-    pub fn new(server: &Server) -> Self {
-        Self::with_token(server, Some(&server.token()))
+    pub fn new(server: &Server, nix: Nix) -> Self {
+        Self::with_token(server, Some(&server.token()), nix)
     }
 
-    pub fn with_token(server: &Server, token: Option<&str>) -> Self {
+    pub fn with_token(server: &Server, token: Option<&str>, nix: Nix) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let netrc = dir.path().join("netrc");
         let line = token
             .map(|t| format!("machine 127.0.0.1 password {t}\n"))
             .unwrap_or_default();
-        std::fs::write(&netrc, line).unwrap();
-        let config = format!(
-            "experimental-features = nix-command\nsandbox = false\nsubstituters =\n\
-             build-users-group =\nnetrc-file = {}\nrequire-sigs = true\n\
+        std::fs::write(dir.path().join("netrc"), line).unwrap();
+        let mut host = Self {
+            dir,
+            nix,
+            config: String::new(),
+        };
+        host.config = format!(
+            "{BASE_NIX_CONFIG}netrc-file = {}\nrequire-sigs = true\n\
              trusted-public-keys = {}\nconnect-timeout = 5\n",
-            netrc.display(),
+            host.path("netrc"),
             server.public_key()
         );
-        Self { dir, config }
+        host
     }
 
+    /// A path of this host's directory as its `nix` sees it.
+    pub fn path(&self, name: &str) -> String {
+        match self.nix {
+            Nix::V2_8 => self.dir.path().join(name).display().to_string(),
+            Nix::Current => format!("/mnt/{name}"),
+        }
+    }
+
+    /// A command of this host's Nix: on this machine, or in the chroot with this host's
+    /// directory at /mnt and its store at /nix, in a mount namespace of its own so
+    /// that nothing stays mounted.
     pub fn cmd(&self, program: &str) -> Command {
-        let mut c = Command::new(program);
-        c.env("NIX_CONFIG", &self.config)
-            .env("XDG_CACHE_HOME", self.dir.path().join("cache"))
-            .stdin(Stdio::null());
+        let mut c = match self.nix {
+            Nix::V2_8 => {
+                let mut c = Command::new(program);
+                c.env("NIX_CONFIG", &self.config)
+                    .env("XDG_CACHE_HOME", self.dir.path().join("cache"));
+                c
+            }
+            Nix::Current => {
+                let mut c = Command::new("unshare");
+                c.args(["--mount", "--propagation", "private", "sh", "-ec"])
+                    .arg(
+                        "root=$1 host=$2; shift 2; mkdir -p \"$host/nix\"; \
+                         mount -t proc proc \"$root/proc\"; \
+                         mount --bind \"$host/nix\" \"$root/nix\"; \
+                         mount --bind \"$host\" \"$root/mnt\"; \
+                         exec chroot \"$root\" \"$@\"",
+                    )
+                    .arg("sh")
+                    .arg(current_root())
+                    .arg(self.dir.path())
+                    .args(["env", "-i", "PATH=/usr/bin:/bin", "HOME=/mnt/home"])
+                    .arg("XDG_CACHE_HOME=/mnt/cache")
+                    .arg(format!("NIX_CONFIG={}", self.config))
+                    .arg(program);
+                c
+            }
+        };
+        c.stdin(Stdio::null());
         c
     }
 
@@ -195,10 +379,91 @@ impl NixHost {
         self.cmd("nix").args(args).output().expect("running nix")
     }
 
-    /// A fresh chroot store for this host.
+    /// A fresh chroot store of this host, as its `nix` names it.
     pub fn store(&self, name: &str) -> String {
-        self.dir.path().join(name).display().to_string()
+        self.path(name)
     }
+
+    /// Makes the closure available to this host's Nix: the current client's store is
+    /// its own, so the closure built on this machine is exported into it.
+    pub fn import(&self, closure: &Closure) {
+        if self.nix == Nix::V2_8 {
+            return;
+        }
+        let paths: Vec<&str> = closure.nar_hashes.keys().map(String::as_str).collect();
+        let export = Command::new("nix-store")
+            .arg("--export")
+            .args(&paths)
+            .env("NIX_CONFIG", BASE_NIX_CONFIG)
+            .output()
+            .expect("nix-store --export");
+        assert!(
+            export.status.success(),
+            "nix-store --export: {}",
+            String::from_utf8_lossy(&export.stderr)
+        );
+        let mut import = self
+            .cmd("nix-store")
+            .arg("--import")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::io::Write::write_all(import.stdin.as_mut().unwrap(), &export.stdout).unwrap();
+        drop(import.stdin.take());
+        ok(import.wait_with_output().unwrap());
+    }
+
+    /// NarHash of every path in the closure of `top`, in `store` (this host's own when
+    /// `None`), from this host's Nix.
+    pub fn nar_hashes(&self, store: Option<&str>, top: &str) -> BTreeMap<String, Sha256> {
+        let mut args = vec!["path-info", "--json", "-r", top];
+        if let Some(s) = store {
+            args.extend(["--store", s]);
+        }
+        parse_path_info(&ok(self.nix(&args)))
+            .into_iter()
+            .map(|(p, info)| (p, info.0))
+            .collect()
+    }
+
+    /// Pushes `top` with `nix copy --to`, as a CI runner does.
+    pub fn push(&self, server: &Server, compression: &str, closure: &Closure) -> Output {
+        self.import(closure);
+        let to = format!("{}?compression={compression}", server.url());
+        self.nix(&["copy", "--to", &to, &closure.top])
+    }
+
+    /// Copies `top` into a fresh chroot store of this host, checking signatures, and
+    /// returns the NarHashes that arrived.
+    pub fn pull(&self, server: &Server, store_name: &str, top: &str) -> BTreeMap<String, Sha256> {
+        let store = self.store(store_name);
+        ok(self.nix(&["copy", "--from", &server.url(), "--to", &store, top]));
+        self.nar_hashes(Some(&store), top)
+    }
+}
+
+/// `nix path-info --json`'s paths with their (NarHash, NarSize): an array of objects
+/// with `path` in Nix 2.8, an object keyed by path in current Nix (null for a path
+/// that is not valid).
+pub fn parse_path_info(json: &str) -> BTreeMap<String, (Sha256, u64)> {
+    let value: serde_json::Value = serde_json::from_str(json).unwrap();
+    let entries: Vec<(String, serde_json::Value)> = match value {
+        serde_json::Value::Array(items) => items
+            .into_iter()
+            .map(|i| (i["path"].as_str().unwrap().to_owned(), i))
+            .collect(),
+        serde_json::Value::Object(map) => map.into_iter().collect(),
+        other => panic!("unexpected path-info output {other}"),
+    };
+    entries
+        .into_iter()
+        .filter_map(|(path, info)| {
+            let hash = info.get("narHash")?.as_str()?.parse().ok()?;
+            Some((path, (hash, info["narSize"].as_u64()?)))
+        })
+        .collect()
 }
 
 pub fn ok(out: Output) -> String {
@@ -212,9 +477,6 @@ pub fn ok(out: Output) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-const BASE_NIX_CONFIG: &str =
-    "experimental-features = nix-command\nsandbox = false\nsubstituters =\nbuild-users-group =\n";
-
 pub fn local_nix(args: &[&str]) -> Output {
     Command::new("nix")
         .args(args)
@@ -227,27 +489,8 @@ pub fn local_nix(args: &[&str]) -> Output {
 pub struct Closure {
     pub top: String,
     /// Every path of the closure and its NarHash, from the local store.
-    pub nar_hashes: BTreeMap<String, String>,
+    pub nar_hashes: BTreeMap<String, Sha256>,
     pub nar_bytes: u64,
-}
-
-/// NarHash (as Nix prints it) of every path in the closure of `top`, in `store`.
-pub fn nar_hashes(store: Option<&str>, top: &str) -> BTreeMap<String, String> {
-    let mut args = vec!["path-info", "--json", "-r", top];
-    if let Some(s) = store {
-        args.extend(["--store", s]);
-    }
-    let json: serde_json::Value = serde_json::from_str(&ok(local_nix(&args))).unwrap();
-    json.as_array()
-        .unwrap()
-        .iter()
-        .map(|p| {
-            (
-                p["path"].as_str().unwrap().to_owned(),
-                p["narHash"].as_str().unwrap().to_owned(),
-            )
-        })
-        .collect()
 }
 
 /// Builds (once per test run) a closure from this machine's Debian packages with the
@@ -255,7 +498,7 @@ pub fn nar_hashes(store: Option<&str>, top: &str) -> BTreeMap<String, String> {
 pub fn closure(budget_mib: u32, salt: &str) -> Closure {
     static BUILT: OnceLock<Mutex<BTreeMap<(u32, String), Closure>>> = OnceLock::new();
     let built = BUILT.get_or_init(Default::default);
-    let mut built = built.lock().unwrap();
+    let mut built = built.lock().unwrap_or_else(|e| e.into_inner());
     let key = (budget_mib, salt.to_owned());
     if let Some(c) = built.get(&key) {
         return c.clone();
@@ -277,39 +520,26 @@ pub fn closure(budget_mib: u32, salt: &str) -> Closure {
         .output()
         .expect("running the closure generator");
     let top = ok(out).trim().to_owned();
-    let nar_hashes = nar_hashes(None, &top);
-    let json: serde_json::Value =
-        serde_json::from_str(&ok(local_nix(&["path-info", "--json", "-r", &top]))).unwrap();
-    let nar_bytes = json
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["narSize"].as_u64().unwrap())
-        .sum();
+    let info = parse_path_info(&ok(local_nix(&["path-info", "--json", "-r", &top])));
     let c = Closure {
         top,
-        nar_hashes,
-        nar_bytes,
+        nar_bytes: info.values().map(|(_, size)| size).sum(),
+        nar_hashes: info.into_iter().map(|(p, (h, _))| (p, h)).collect(),
     };
     built.insert(key, c.clone());
     c
 }
 
-/// Pushes `path` with `nix copy --to`, as a CI runner does.
-pub fn push(host: &NixHost, server: &Server, compression: &str, path: &str) -> Output {
-    let to = format!("{}?compression={compression}", server.url());
-    host.nix(&["copy", "--to", &to, path])
+/// Runs each named test function (`fn(Nix)`) once with each real client, as
+/// `nix_2_8::<name>` and `nix_current::<name>`.
+macro_rules! with_each_client {
+    ($($name:ident),* $(,)?) => {
+        mod nix_2_8 {
+            $(#[test] fn $name() { super::$name(crate::harness::Nix::V2_8) })*
+        }
+        mod nix_current {
+            $(#[test] fn $name() { super::$name(crate::harness::Nix::Current) })*
+        }
+    };
 }
-
-/// Copies `top` into a fresh chroot store of `host`, checking signatures, and returns
-/// the NarHashes that arrived.
-pub fn pull(
-    host: &NixHost,
-    server: &Server,
-    store_name: &str,
-    top: &str,
-) -> BTreeMap<String, String> {
-    let store = host.store(store_name);
-    ok(host.nix(&["copy", "--from", &server.url(), "--to", &store, top]));
-    nar_hashes(Some(&store), top)
-}
+pub(crate) use with_each_client;

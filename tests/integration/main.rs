@@ -6,4 +6,6 @@ mod harness;
 mod bad_input;
 mod crash;
 mod golden;
+mod hostile;
 mod nix_client;
+mod ops;

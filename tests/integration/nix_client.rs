@@ -1,19 +1,31 @@
-//! The real Nix client pushing and pulling closures.
+//! The real Nix clients, 2.8 and current, pushing and pulling closures.
 
-use crate::harness::{closure, ok, pull, push, Closure, NixHost, Server};
+use crate::harness::{
+    closure, ok, parse_path_info, with_each_client, Closure, Nix, NixHost, Server,
+};
+
+with_each_client!(
+    round_trip_xz,
+    round_trip_zstd,
+    round_trip_none,
+    uncompressed_chunks_round_trip,
+    a_different_key_does_not_verify,
+    concurrent_pushes_of_overlapping_closures,
+    pushing_again_stores_nothing_and_a_rebuild_stores_little,
+);
 
 /// Push with one compression, pull into a fresh store that trusts only the cache's key.
-fn round_trip(compression: &str) {
-    round_trip_through(&Server::start(), compression);
+fn round_trip(compression: &str, nix: Nix) {
+    round_trip_through(&Server::start(), compression, nix);
 }
 
-fn round_trip_through(server: &Server, compression: &str) -> Closure {
+fn round_trip_through(server: &Server, compression: &str, nix: Nix) -> Closure {
     let c = closure(48, "v1");
-    let ci = NixHost::new(server);
-    ok(push(&ci, server, compression, &c.top));
+    let ci = NixHost::new(server, nix);
+    ok(ci.push(server, compression, &c));
 
-    let host = NixHost::new(server);
-    let arrived = pull(&host, server, "store", &c.top);
+    let host = NixHost::new(server, nix);
+    let arrived = host.pull(server, "store", &c.top);
     assert_eq!(arrived, c.nar_hashes, "every path arrives with its NarHash");
     assert!(
         arrived.len() > 30,
@@ -42,34 +54,46 @@ fn round_trip_through(server: &Server, compression: &str) -> Closure {
         ])
         .output()
         .unwrap());
-    let got = crate::harness::nar_hashes(Some(&store), leaf);
+    let got = host.nar_hashes(Some(&store), leaf);
     assert_eq!(got.get(leaf.as_str()), c.nar_hashes.get(leaf.as_str()));
+
+    // Over HTTP, `nix path-info` sees the closure and `nix store ls` lists a path as
+    // the pusher's own store does (from the `.ls` listing the server built).
+    let info = parse_path_info(&ok(host.nix(&[
+        "path-info",
+        "--json",
+        "--store",
+        &url,
+        "-r",
+        &c.top,
+    ])));
+    let hashes: std::collections::BTreeMap<_, _> =
+        info.into_iter().map(|(p, (h, _))| (p, h)).collect();
+    assert_eq!(hashes, c.nar_hashes);
+    let remote = ok(host.nix(&["store", "ls", "--store", &url, "-lR", leaf]));
+    let local = ok(ci.nix(&["store", "ls", "-lR", leaf]));
+    assert_eq!(remote, local);
+    assert!(remote.contains("libc.so.6"), "{remote}");
     c
 }
 
-#[test]
-fn round_trip_xz() {
-    round_trip("xz");
+fn round_trip_xz(nix: Nix) {
+    round_trip("xz", nix);
 }
 
-#[test]
-fn round_trip_zstd() {
-    round_trip("zstd");
+fn round_trip_zstd(nix: Nix) {
+    round_trip("zstd", nix);
 }
 
-#[test]
-fn round_trip_none() {
-    round_trip("none");
+fn round_trip_none(nix: Nix) {
+    round_trip("none", nix);
 }
 
 /// `zstd_level = 0` stores chunks as raw zstd frames: served `.nar.zst` bodies are
 /// still valid zstd, and the packs hold about the NAR bytes themselves.
-#[test]
-fn uncompressed_chunks_round_trip() {
-    let config = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(config.path(), "[ingest]\nzstd_level = 0\n").unwrap();
-    let server = Server::start_with(&["--config", config.path().to_str().unwrap()]);
-    let c = round_trip_through(&server, "zstd");
+fn uncompressed_chunks_round_trip(nix: Nix) {
+    let server = Server::with_config("[ingest]\nzstd_level = 0\n");
+    let c = round_trip_through(&server, "zstd", nix);
     let (_, stored) = server.chunk_files();
     // Compressed at level 1 the same closure takes about a third of its NAR bytes;
     // raw, only what repeats within the closure is saved.
@@ -80,12 +104,11 @@ fn uncompressed_chunks_round_trip() {
     );
 }
 
-#[test]
-fn a_different_key_does_not_verify() {
+fn a_different_key_does_not_verify(nix: Nix) {
     let server = Server::start();
     let c = closure(48, "v1");
-    ok(push(&NixHost::new(&server), &server, "zstd", &c.top));
-    let host = NixHost::new(&server);
+    ok(NixHost::new(&server, nix).push(&server, "zstd", &c));
+    let host = NixHost::new(&server, nix);
     // The cache's own key verifies every path, NAR contents included...
     ok(host.nix(&["store", "verify", "--store", &server.url(), "-r", &c.top]));
     // ...and a key the cache did not sign with does not.
@@ -105,8 +128,7 @@ fn a_different_key_does_not_verify() {
     );
 }
 
-#[test]
-fn concurrent_pushes_of_overlapping_closures() {
+fn concurrent_pushes_of_overlapping_closures(nix: Nix) {
     let server = Server::start();
     let closures = [
         closure(24, "v1"),
@@ -121,17 +143,17 @@ fn concurrent_pushes_of_overlapping_closures() {
             .zip(compressions)
             .map(|(c, comp)| {
                 let server = &server;
-                s.spawn(move || push(&NixHost::new(server), server, comp, &c.top))
+                s.spawn(move || NixHost::new(server, nix).push(server, comp, c))
             })
             .collect();
         for h in handles {
             ok(h.join().unwrap());
         }
     });
-    let host = NixHost::new(&server);
+    let host = NixHost::new(&server, nix);
     for (i, c) in closures.iter().enumerate().take(3) {
         assert_eq!(
-            pull(&host, &server, &format!("store{i}"), &c.top),
+            host.pull(&server, &format!("store{i}"), &c.top),
             c.nar_hashes
         );
     }
@@ -145,17 +167,16 @@ fn concurrent_pushes_of_overlapping_closures() {
     ]));
 }
 
-#[test]
-fn pushing_again_stores_nothing_and_a_rebuild_stores_little() {
+fn pushing_again_stores_nothing_and_a_rebuild_stores_little(nix: Nix) {
     let server = Server::start();
     let v1 = closure(48, "v1");
     let v2 = closure(48, "v2");
-    ok(push(&NixHost::new(&server), &server, "zstd", &v1.top));
+    ok(NixHost::new(&server, nix).push(&server, "zstd", &v1));
     let after_v1 = server.chunk_files();
 
     // A second runner (its own client cache, so it asks the server) pushing the same
     // closure with another compression writes no chunk.
-    ok(push(&NixHost::new(&server), &server, "xz", &v1.top));
+    ok(NixHost::new(&server, nix).push(&server, "xz", &v1));
     assert_eq!(
         server.chunk_files(),
         after_v1,
@@ -163,7 +184,7 @@ fn pushing_again_stores_nothing_and_a_rebuild_stores_little() {
     );
 
     // A mass rebuild: every store path differs, file contents only where hashes sit.
-    ok(push(&NixHost::new(&server), &server, "zstd", &v2.top));
+    ok(NixHost::new(&server, nix).push(&server, "zstd", &v2));
     let after_v2 = server.chunk_files();
     let added = after_v2.1 - after_v1.1;
     eprintln!(
@@ -178,6 +199,6 @@ fn pushing_again_stores_nothing_and_a_rebuild_stores_little() {
         "a rebuild should store far less than the closure's size: {added} of {}",
         v1.nar_bytes
     );
-    let host = NixHost::new(&server);
-    assert_eq!(pull(&host, &server, "v2", &v2.top), v2.nar_hashes);
+    let host = NixHost::new(&server, nix);
+    assert_eq!(host.pull(&server, "v2", &v2.top), v2.nar_hashes);
 }
