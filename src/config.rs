@@ -272,8 +272,9 @@ impl Default for IngestConfig {
             max_nar_entries: 1 << 20,
             // An upload takes about 21 MiB with the default settings (see
             // IngestSettings::upload_memory) plus its decoder (2 to 9 MiB for what Nix
-            // writes): about five at once, which keep two cores busy.
-            memory_mib: 128,
+            // writes): four at once, which keep two cores busy. With the sled cache
+            // and the read-ahead budget this keeps the server under 256 MiB.
+            memory_mib: 96,
             // A CI runner on a slow link still sends 2 KiB a second.
             body_stall_secs: 30,
             body_min_bytes: 64 * 1024,
@@ -286,8 +287,8 @@ impl Default for ServeConfig {
         Self {
             read_bytes: 256 * 1024,
             read_ahead: 4,
-            // Sixty-four downloads at full read-ahead.
-            read_ahead_mib: 64,
+            // Thirty-two downloads at full read-ahead; more go on one read at a time.
+            read_ahead_mib: 32,
             // The kernel's own growth starts at 16 KiB: with it four downloads took
             // 0.267-0.278 s against 0.230-0.235 s with 4 MiB (BENCHMARKS.md). The
             // kernel caps the request at net.core.wmem_max; 4 MiB is also the most its
