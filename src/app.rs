@@ -23,7 +23,7 @@ pub struct App {
     pub packs: PackStore,
     /// The upload pipeline.
     pub ingestor: Ingestor,
-    /// Where downloads read from, and their shared read-ahead budget.
+    /// Where downloads read from, and the memory they share.
     pub serve: serve::Source,
     /// The caches and their keys.
     pub caches: Caches,
@@ -31,7 +31,21 @@ pub struct App {
     pub auth: Authorizer,
     /// What the server counts.
     pub metrics: Arc<Metrics>,
+    /// The last readiness check, reused for a second.
+    ready: tokio::sync::Mutex<Option<(std::time::Instant, Readiness)>>,
 }
+
+/// Whether the parts the server needs are usable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Readiness {
+    /// The metadata can be read and written.
+    pub index: bool,
+    /// The storage can be written, read and deleted from.
+    pub storage: bool,
+}
+
+/// How long a readiness check stands: probes are writes, and anyone may ask.
+const READINESS_TTL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// What the first start created, to tell the operator.
 pub struct Opened {
@@ -85,8 +99,9 @@ impl App {
             auth::load_or_create_admin_token(&config.data_dir).map_err(explain)?;
         let serve = serve::Source {
             store: packs.clone(),
+            index: index.clone(),
             plan: config.serve.read_plan(),
-            read_ahead: Budget::new(config.serve.read_ahead_mib * 1024 * 1024),
+            memory: Budget::new(config.serve.memory_mib * 1024 * 1024),
         };
         let app = Arc::new(App {
             auth: Authorizer::new(&admin_token),
@@ -97,12 +112,48 @@ impl App {
             serve,
             caches,
             metrics,
+            ready: tokio::sync::Mutex::new(None),
         });
         Ok(Opened {
             app,
             admin_token,
             admin_token_created,
         })
+    }
+}
+
+impl App {
+    /// Checks the index and the storage, at most once a second: callers at once share
+    /// one check, and one a moment later its result.
+    pub async fn readiness(&self) -> Readiness {
+        let mut last = self.ready.lock().await;
+        if let Some((at, r)) = *last {
+            if at.elapsed() < READINESS_TTL {
+                return r;
+            }
+        }
+        let index = self.index.clone();
+        let index = match tokio::task::spawn_blocking(move || index.check()).await {
+            Ok(Ok(())) => true,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "the index is not ready");
+                false
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "the index check failed");
+                false
+            }
+        };
+        let storage = match self.packs.check().await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "the storage is not ready");
+                false
+            }
+        };
+        let r = Readiness { index, storage };
+        *last = Some((std::time::Instant::now(), r));
+        r
     }
 }
 

@@ -2,12 +2,11 @@
 //! the clients themselves: whether one is still connected.
 //!
 //! A client that trickles an upload (one byte a second, say) would otherwise hold an
-//! ingest slot and its memory for as long as it likes. The guard counts only the time
-//! the server spends waiting for the client, not time the server itself is busy (a
-//! body is not read while its chunks are being stored), and it asks for a minimum of
-//! bytes in that time, so a trickle is cut as surely as silence.
+//! ingest slot and its memory for as long as it likes. The guard (`crate::stall`)
+//! counts only the time the server spends waiting for the client, not time the server
+//! itself is busy (a body is not read while its chunks are being stored), and it asks
+//! for a minimum of bytes in that time, so a trickle is cut as surely as silence.
 
-use std::future::Future as _;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -15,7 +14,8 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures::{Stream, StreamExt as _};
-use tokio::time::{Instant, Sleep};
+
+use crate::stall::Stall;
 
 /// Whether the client of a request is still connected. An HTTP server notices a client
 /// that goes away only when it next reads or writes; a long upload whose body has
@@ -76,13 +76,7 @@ pub enum BodyError {
 pub struct Guarded<S> {
     inner: S,
     limits: BodyLimits,
-    /// Time spent waiting since the client last sent `min_bytes`.
-    waited: Duration,
-    /// Bytes since then.
-    bytes: u64,
-    /// When the current wait began, while `inner` is pending.
-    pending_since: Option<Instant>,
-    timer: Option<Pin<Box<Sleep>>>,
+    stall: Stall,
     done: bool,
 }
 
@@ -90,11 +84,8 @@ pub struct Guarded<S> {
 pub fn guard<S>(body: S, limits: BodyLimits) -> Guarded<S> {
     Guarded {
         inner: body,
+        stall: Stall::new(limits.stall_timeout, limits.min_bytes),
         limits,
-        waited: Duration::ZERO,
-        bytes: 0,
-        pending_since: None,
-        timer: None,
         done: false,
     }
 }
@@ -112,40 +103,20 @@ where
             return Poll::Ready(None);
         }
         match this.inner.poll_next_unpin(cx) {
-            Poll::Ready(item) => {
-                if let Some(since) = this.pending_since.take() {
-                    this.waited += since.elapsed();
-                }
-                Poll::Ready(match item {
-                    Some(Ok(data)) => {
-                        this.bytes += data.len() as u64;
-                        if this.bytes >= this.limits.min_bytes {
-                            (this.waited, this.bytes) = (Duration::ZERO, 0);
-                        }
-                        Some(Ok(data))
-                    }
-                    Some(Err(e)) => {
-                        this.done = true;
-                        Some(Err(BodyError::Broken(e.to_string())))
-                    }
-                    None => {
-                        this.done = true;
-                        None
-                    }
-                })
+            Poll::Ready(Some(Ok(data))) => {
+                this.stall.progressed(data.len() as u64);
+                Poll::Ready(Some(Ok(data)))
             }
+            Poll::Ready(Some(Err(e))) => {
+                this.done = true;
+                Poll::Ready(Some(Err(BodyError::Broken(e.to_string()))))
+            }
+            Poll::Ready(None) => {
+                this.done = true;
+                Poll::Ready(None)
+            }
+            Poll::Pending if !this.stall.waiting(cx) => Poll::Pending,
             Poll::Pending => {
-                let since = *this.pending_since.get_or_insert_with(Instant::now);
-                let deadline = since + this.limits.stall_timeout.saturating_sub(this.waited);
-                let timer = this
-                    .timer
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-                if timer.deadline() != deadline {
-                    timer.as_mut().reset(deadline);
-                }
-                if timer.as_mut().poll(cx).is_pending() {
-                    return Poll::Pending;
-                }
                 this.done = true;
                 Poll::Ready(Some(Err(BodyError::Stalled {
                     secs: this.limits.stall_timeout.as_secs(),
@@ -185,6 +156,8 @@ where
 
 #[cfg(test)]
 mod tests {
+    use tokio::time::Instant;
+
     use super::*;
 
     const LIMITS: BodyLimits = BodyLimits {

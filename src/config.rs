@@ -47,18 +47,21 @@ pub struct Config {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
-    /// Connections open at once; more are answered 503 and closed. Each takes a file
-    /// descriptor (the server raises its soft limit to the hard one at start and keeps
-    /// this under it) and about 20 KiB while idle.
+    /// Connections open at once; more are answered 503 and closed. Each takes up to
+    /// three file descriptors (the server raises its soft limit to the hard one at
+    /// start and keeps this under what that allows) and some memory (see
+    /// ARCHITECTURE.md).
     pub max_connections: usize,
     /// A request head (request line and headers) must arrive within this many seconds
     /// of its first byte, or the connection is closed (slow-header clients).
     pub header_timeout_secs: u64,
     /// A connection with no request for this many seconds is closed (idle clients).
     pub idle_timeout_secs: u64,
-    /// A response the client stops reading for this many seconds is dropped (slow
-    /// readers holding buffers).
+    /// A response that keeps the server waiting this many seconds while the client
+    /// takes fewer than `send_min_bytes` is dropped (slow readers holding buffers).
     pub send_timeout_secs: u64,
+    /// See `send_timeout_secs`.
+    pub send_min_bytes: u64,
     /// On SIGTERM, requests in flight get this many seconds to finish.
     pub shutdown_grace_secs: u64,
 }
@@ -130,10 +133,10 @@ pub struct ServeConfig {
     pub read_bytes: u64,
     /// Reads in flight ahead of the one being sent, per download.
     pub read_ahead: usize,
-    /// Memory all downloads together may hold in reads ahead. A download always has
-    /// one read in flight; reads ahead of it take from this, and a download finding
-    /// none left goes on one read at a time (many slow readers cannot grow the process).
-    pub read_ahead_mib: u64,
+    /// Memory all downloads together may hold in bytes read and not yet sent. A
+    /// download waits for its share of it for its next read, and reads ahead only
+    /// with what is free: many slow readers cannot grow the process.
+    pub memory_mib: u64,
     /// Socket send buffer asked for on every connection; 0 leaves it to the kernel.
     pub send_buffer_bytes: usize,
 }
@@ -228,8 +231,9 @@ impl Default for ServerConfig {
             // Nix may keep a connection idle while it compresses its next NAR (an xz
             // NAR of a GiB takes about a minute); reconnecting after that costs little.
             idle_timeout_secs: 60,
-            // A client that has read nothing for a minute is gone or hostile.
+            // A client that reads less than a KiB a second is gone or hostile.
             send_timeout_secs: 60,
+            send_min_bytes: 64 * 1024,
             // Long enough for an upload of a few GiB to finish; init systems wait
             // 90 s by default before they kill.
             shutdown_grace_secs: 60,
@@ -270,10 +274,10 @@ impl Default for IngestConfig {
             max_nar_bytes: 32 * 1024 * MIB,
             // Far above any real package (a full TeX Live tree has some 200,000).
             max_nar_entries: 1 << 20,
-            // An upload takes about 21 MiB with the default settings (see
-            // IngestSettings::upload_memory) plus its decoder (2 to 9 MiB for what Nix
-            // writes): four at once, which keep two cores busy. With the sled cache
-            // and the read-ahead budget this keeps the server under 256 MiB.
+            // An upload takes 22.7 MiB with the default settings (see
+            // IngestSettings::upload_memory) plus its decoder (2.5 to 8.5 MiB for what
+            // Nix writes): three at once, which keep two cores busy. With the sled
+            // cache and the download budget this keeps the server under 256 MiB.
             memory_mib: 96,
             // A CI runner on a slow link still sends 2 KiB a second.
             body_stall_secs: 30,
@@ -287,8 +291,9 @@ impl Default for ServeConfig {
         Self {
             read_bytes: 256 * 1024,
             read_ahead: 4,
-            // Thirty-two downloads at full read-ahead; more go on one read at a time.
-            read_ahead_mib: 32,
+            // A download at full speed holds about 1.5 MiB (its reads ahead, and what
+            // the connection is sending): twenty-six of them; more share it.
+            memory_mib: 40,
             // The kernel's own growth starts at 16 KiB: with it four downloads took
             // 0.267-0.278 s against 0.230-0.235 s with 4 MiB (BENCHMARKS.md). The
             // kernel caps the request at net.core.wmem_max; 4 MiB is also the most its
@@ -322,6 +327,10 @@ impl Config {
         anyhow::ensure!(
             self.serve.read_ahead > 0,
             "serve.read_ahead must be positive"
+        );
+        anyhow::ensure!(
+            self.serve.memory_mib * MIB >= 2 * self.serve.read_bytes,
+            "serve.memory_mib must hold at least two reads of serve.read_bytes"
         );
         anyhow::ensure!(
             (0..=22).contains(&self.ingest.zstd_level),

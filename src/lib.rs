@@ -18,5 +18,6 @@ pub mod publish;
 pub mod secret_file;
 pub mod serve;
 pub mod server;
+pub mod stall;
 pub mod store;
 pub mod testing;

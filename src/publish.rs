@@ -148,7 +148,7 @@ mod tests {
     use crate::index::{MemoryIndex, NarRecord};
     use crate::nix::signing::SecretKey;
     use crate::nix::Sha256;
-    use crate::store::{ChunkId, ChunkRef, Manifest, PackId};
+    use crate::store::{ManifestId, Segment, Stored};
 
     const LEAF: &str = "0a5ym8j4ycmssbbmrcd1iv3lz8mfghb6";
     const TOP: &str = "1x5vmr3a5v6aadm0zq9nd6jq2k1rkzgz";
@@ -168,24 +168,16 @@ mod tests {
     fn upload(index: &dyn Index, cache: &Cache, seed: &[u8], nar_size: u32) -> (NarUrl, Upload) {
         let nar_hash = Sha256::digest(seed);
         let file_hash = Sha256::digest(&[seed, b".xz"].concat());
-        let contents = Manifest {
-            chunks: vec![ChunkRef {
-                id: ChunkId::of(seed),
-                pack: PackId([1; 16]),
-                offset: 0,
-                stored_len: 10,
-                len: nar_size,
-            }],
+        // Publishing reads a NAR's sizes, not its chunks: the record is enough.
+        let stored = |size, stored_size| Stored {
+            id: ManifestId::random(),
+            segments: vec![Segment { size, stored_size }],
         };
-        index
-            .put_nar(
-                &nar_hash,
-                &NarRecord {
-                    contents,
-                    listing: Manifest::default(),
-                },
-            )
-            .unwrap();
+        let record = NarRecord {
+            contents: stored(u64::from(nar_size), 10),
+            listing: stored(50, 20),
+        };
+        index.put_nar(&nar_hash, &record).unwrap();
         let url = NarUrl {
             hash: file_hash,
             compression: Compression::Xz,

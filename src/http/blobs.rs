@@ -73,11 +73,11 @@ async fn get_blob(
     content_type: &'static str,
 ) -> Result<Response> {
     let cache = creds.cache(app, &cache, Permission::Pull)?;
-    let manifest = app
+    let stored = app
         .index
         .blob(kind, &cache.name, &key)?
         .ok_or(Error::NotFound("file"))?;
-    stream(app, &manifest, Encoding::Plain, headers, content_type)
+    stream(app, &stored, Encoding::Plain, headers, content_type)
 }
 
 async fn put_blob(
@@ -88,7 +88,7 @@ async fn put_blob(
     (peer, body): (Peer, Body),
 ) -> Result<StatusCode> {
     let cache = creds.cache(app, &cache, Permission::Push)?;
-    let manifest = match kind {
+    let stored = match kind {
         // Logs are streamed into chunks: they may be tens of MiB.
         BlobKind::Log => {
             let body = guarded(app, body);
@@ -107,7 +107,7 @@ async fn put_blob(
             app.ingestor.ingest_blob(body, len, peer).await?
         }
     };
-    app.index.put_blob(kind, &cache.name, &key, &manifest)?;
+    app.index.put_blob(kind, &cache.name, &key, &stored)?;
     Ok(StatusCode::OK)
 }
 

@@ -8,18 +8,18 @@ use axum::response::{IntoResponse, Response};
 use crate::app::App;
 use crate::error::{Error, Result};
 use crate::serve::{self, range, Encoding};
-use crate::store::Manifest;
+use crate::store::Stored;
 
-/// A response of the bytes of `manifest` in `encoding`, whole or the `Range` asked
+/// A response of the bytes of `stored` in `encoding`, whole or the `Range` asked
 /// for: NARs, listings and logs are all served this way.
 pub fn stream(
     app: &App,
-    manifest: &Manifest,
+    stored: &Stored,
     encoding: Encoding,
     headers: &HeaderMap,
     content_type: &'static str,
 ) -> Result<Response> {
-    let size = encoding.body_size(manifest);
+    let size = encoding.body_size(stored);
     let requested = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
     let range = range::parse(requested, size).map_err(|_| Error::RangeNotSatisfiable { size })?;
     let (status, span) = match &range {
@@ -27,7 +27,7 @@ pub fn stream(
         None => (StatusCode::OK, 0..size),
     };
     let len = span.end - span.start;
-    let body = serve::body(&app.serve, manifest, encoding, span.clone());
+    let body = serve::body(&app.serve, stored, encoding, span.clone());
     let mut response = (status, Body::from_stream(body)).into_response();
     content_headers(&mut response, content_type, len);
     if range.is_some() {
@@ -40,6 +40,7 @@ pub fn stream(
     Ok(response)
 }
 
+/// The headers of a response of stored content: its type, its length, ranges served.
 pub fn content_headers(r: &mut Response, content_type: &'static str, len: u64) {
     let h = r.headers_mut();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));

@@ -34,35 +34,21 @@ pub async fn health() -> Json<Status> {
     })
 }
 
-fn verdict<E: std::fmt::Display>(part: &str, r: Result<(), E>) -> String {
-    match r {
-        Ok(()) => "ok".into(),
-        Err(e) => {
-            tracing::warn!(error = %e, "{part} is not ready");
-            "unavailable".into()
-        }
-    }
-}
-
 /// `GET /ready`: 200 when the metadata can be written and the storage written, read
 /// and deleted; 503 otherwise, naming the part that is not.
 pub async fn ready(State(app): State<Arc<App>>) -> impl IntoResponse {
-    let index = app.index.clone();
-    let index = match tokio::task::spawn_blocking(move || index.check()).await {
-        Ok(r) => verdict("the index", r),
-        Err(e) => verdict("the index", Err(e)),
-    };
-    let storage = verdict("the storage", app.packs.check().await);
-    let ok = index == "ok" && storage == "ok";
+    let r = app.readiness().await;
+    let word = |ok: bool| if ok { "ok" } else { "unavailable" }.to_owned();
+    let ok = r.index && r.storage;
     let status = if ok {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
     let body = Status {
-        status: if ok { "ok" } else { "unavailable" }.into(),
-        index: Some(index),
-        storage: Some(storage),
+        status: word(ok),
+        index: Some(word(r.index)),
+        storage: Some(word(r.storage)),
     };
     (status, Json(body))
 }

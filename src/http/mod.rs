@@ -137,7 +137,37 @@ pub fn family(path: &str) -> &'static str {
 
 #[cfg(test)]
 mod tests {
+    use tower::ServiceExt as _;
+
     use super::*;
+
+    #[tokio::test]
+    async fn a_panicking_handler_costs_its_request_a_500() {
+        let router: Router = Router::new()
+            .route(
+                "/boom",
+                get(|| async {
+                    if true {
+                        panic!("a bug");
+                    }
+                    "unreachable"
+                }),
+            )
+            .route("/fine", get(|| async { "fine" }))
+            .layer(CatchPanicLayer::custom(panicked));
+        let call = |path: &'static str| {
+            let request = axum::http::Request::get(path)
+                .body(axum::body::Body::empty())
+                .unwrap();
+            router.clone().oneshot(request)
+        };
+        let r = call("/boom").await.unwrap();
+        assert_eq!(r.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let body = axum::body::to_bytes(r.into_body(), 1024).await.unwrap();
+        assert_eq!(&body[..], b"Internal Server Error\n");
+        // The router still serves.
+        assert_eq!(call("/fine").await.unwrap().status(), StatusCode::OK);
+    }
 
     #[test]
     fn paths_fall_into_a_few_families() {

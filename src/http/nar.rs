@@ -19,7 +19,7 @@ use crate::error::{Error, Rejection, Result};
 use crate::index::Upload;
 use crate::nix::{CacheName, Compression, NarUrl};
 use crate::serve::Encoding;
-use crate::store::Manifest;
+use crate::store::Stored;
 
 /// The NAR URL a file name under `nar/` gives.
 fn parse_file(file: &str) -> Result<NarUrl> {
@@ -34,7 +34,7 @@ fn parse_file(file: &str) -> Result<NarUrl> {
 /// served because Nix keeps the narinfo it pushed in its own cache (for a month), so
 /// the pushing machine fetches the URL it chose rather than ours; any zstd stream of the
 /// NAR satisfies it.
-fn served(app: &App, cache: &Cache, url: &NarUrl) -> Result<Option<(Manifest, Encoding)>> {
+fn served(app: &App, cache: &Cache, url: &NarUrl) -> Result<Option<(Stored, Encoding)>> {
     let encoding = match url.compression {
         Compression::None => Encoding::Plain,
         Compression::Zstd => Encoding::Zstd,
@@ -68,8 +68,8 @@ pub async fn get(
 ) -> Result<Response> {
     let url = parse_file(&file)?;
     let cache = creds.cache(&app, &cache, Permission::Pull)?;
-    let (manifest, encoding) = served(&app, &cache, &url)?.ok_or(Error::NotFound("NAR"))?;
-    stream(&app, &manifest, encoding, &headers, NAR_TYPE)
+    let (stored, encoding) = served(&app, &cache, &url)?.ok_or(Error::NotFound("NAR"))?;
+    stream(&app, &stored, encoding, &headers, NAR_TYPE)
 }
 
 /// `HEAD`: whether the NAR is served, or uploaded and waiting for its narinfo.
@@ -81,7 +81,7 @@ pub async fn head(
     let url = parse_file(&file)?;
     let cache = creds.cache(&app, &cache, Permission::Pull)?;
     let len = match served(&app, &cache, &url)? {
-        Some((manifest, encoding)) => encoding.body_size(&manifest),
+        Some((stored, encoding)) => encoding.body_size(&stored),
         None => {
             let upload = app.index.upload(&cache.name, &url)?;
             upload.ok_or(Error::NotFound("NAR"))?.file_size
@@ -128,7 +128,7 @@ pub async fn put(
         cache = %cache.name,
         %url,
         nar_size = nar.nar_size,
-        chunks = nar.record.contents.chunks.len(),
+        segments = nar.record.contents.segments.len(),
         new_chunks = nar.new_chunks,
         new_bytes = nar.new_bytes,
         "NAR received"

@@ -75,16 +75,22 @@ fn copyable(out: &mut String, id: &str, label: &str, value: &str) {
     );
 }
 
+/// The host name of a URL, without its port: what a netrc `machine` line names.
+fn host_of(url: &str) -> &str {
+    let authority = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let authority = authority.split('/').next().unwrap_or_default();
+    match authority.strip_prefix('[') {
+        // An IPv6 literal, `[::1]:8080`.
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => authority.split(':').next().unwrap_or_default(),
+    }
+}
+
 /// The cache's page; `base` is the server's URL as the client reached it.
 pub fn render_cache(cache: &Cache, stats: &CacheStats, base: &str) -> String {
     let url = format!("{base}/{}", cache.name);
     let key = cache.public_key.to_string();
-    let host = base
-        .split_once("://")
-        .map_or(base, |(_, rest)| rest)
-        .split([':', '/'])
-        .next()
-        .unwrap_or_default();
+    let host = host_of(base);
     let mut body = String::new();
     let visibility = if cache.public { "public" } else { "private" };
     let _ = write!(
@@ -208,6 +214,14 @@ mod tests {
             "a private cache needs its token to pull"
         );
         assert!(html.contains("private"));
+    }
+
+    #[test]
+    fn netrc_lines_name_the_host_without_its_port() {
+        assert_eq!(host_of("http://cache.example:8080"), "cache.example");
+        assert_eq!(host_of("https://cache.example"), "cache.example");
+        assert_eq!(host_of("http://[::1]:8080"), "::1");
+        assert_eq!(host_of("http://10.0.0.1"), "10.0.0.1");
     }
 
     #[test]

@@ -6,7 +6,7 @@ use bytes::Bytes;
 
 use super::{CacheStats, NarInfoRecord, NarRecord, Upload};
 use crate::nix::Sha256;
-use crate::store::Manifest;
+use crate::store::{ManifestId, Segment, Stored};
 
 /// Reads `N` bytes at `at`.
 fn array<const N: usize>(b: &[u8], at: usize) -> Option<[u8; N]> {
@@ -70,15 +70,43 @@ pub fn decode_narinfo(b: Bytes) -> Option<NarInfoRecord> {
 /// Version of the NAR record layout.
 const NAR_V1: u8 = 1;
 
-pub fn encode_nar(r: &NarRecord) -> Vec<u8> {
-    let contents = r.contents.encode();
-    let listing = r.listing.encode();
-    let mut out = Vec::with_capacity(17 + contents.len() + listing.len());
-    out.push(NAR_V1);
-    for part in [contents, listing] {
-        out.extend_from_slice(&(part.len() as u64).to_le_bytes());
-        out.extend_from_slice(&part);
+/// A stored content: its manifest's id, its number of segments, each one's sizes.
+pub fn encode_stored(s: &Stored, out: &mut Vec<u8>) {
+    out.extend_from_slice(&s.id.0);
+    out.extend_from_slice(&(s.segments.len() as u32).to_le_bytes());
+    for seg in &s.segments {
+        out.extend_from_slice(&seg.size.to_le_bytes());
+        out.extend_from_slice(&seg.stored_size.to_le_bytes());
     }
+}
+
+/// Reads `encode_stored`'s bytes at `*at`, moving `*at` past them.
+fn decode_stored_at(b: &[u8], at: &mut usize) -> Option<Stored> {
+    let id = ManifestId(array(b, *at)?);
+    let count = u32::from_le_bytes(array(b, *at + 16)?) as usize;
+    *at += 20;
+    let mut segments = Vec::with_capacity(count.min(b.len() / 16));
+    for _ in 0..count {
+        segments.push(Segment {
+            size: u64_at(b, *at)?,
+            stored_size: u64_at(b, *at + 8)?,
+        });
+        *at += 16;
+    }
+    Some(Stored { id, segments })
+}
+
+/// Reads a record that is one stored content and nothing else.
+pub fn decode_stored(b: &[u8]) -> Option<Stored> {
+    let mut at = 0;
+    let s = decode_stored_at(b, &mut at)?;
+    (at == b.len()).then_some(s)
+}
+
+pub fn encode_nar(r: &NarRecord) -> Vec<u8> {
+    let mut out = vec![NAR_V1];
+    encode_stored(&r.contents, &mut out);
+    encode_stored(&r.listing, &mut out);
     out
 }
 
@@ -87,21 +115,19 @@ pub fn decode_nar(b: &[u8]) -> Option<NarRecord> {
     if version != NAR_V1 {
         return None;
     }
-    // Each part is its length, then a manifest; nothing may follow the second.
-    let part = |at: usize| -> Option<(&[u8], usize)> {
-        let len = usize::try_from(u64_at(rest, at)?).ok()?;
-        let end = (at + 8).checked_add(len)?;
-        Some((rest.get(at + 8..end)?, end))
-    };
-    let (contents, end) = part(0)?;
-    let (listing, end) = part(end)?;
-    if end != rest.len() {
-        return None;
-    }
-    Some(NarRecord {
-        contents: Manifest::decode(contents)?,
-        listing: Manifest::decode(listing)?,
-    })
+    let mut at = 0;
+    let contents = decode_stored_at(rest, &mut at)?;
+    let listing = decode_stored_at(rest, &mut at)?;
+    (at == rest.len()).then_some(NarRecord { contents, listing })
+}
+
+/// A segment's key: its manifest's id, then its index (big-endian, so a manifest's
+/// segments sort in order).
+pub fn segment_key(id: &ManifestId, index: u32) -> [u8; 20] {
+    let mut k = [0u8; 20];
+    k[..16].copy_from_slice(&id.0);
+    k[16..].copy_from_slice(&index.to_be_bytes());
+    k
 }
 
 pub fn encode_stats(s: &CacheStats) -> [u8; 24] {
@@ -126,30 +152,36 @@ pub fn decode_stats(b: &[u8]) -> Option<CacheStats> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{ChunkId, ChunkRef, PackId};
 
     #[test]
     fn records_round_trip_and_short_ones_are_refused() {
-        let chunk = |n| ChunkRef {
-            id: ChunkId([n; 32]),
-            pack: PackId([n; 16]),
-            offset: 1,
-            stored_len: 2,
-            len: 3,
+        let stored = |n: u8, count: u64| Stored {
+            id: ManifestId([n; 16]),
+            segments: (0..count)
+                .map(|i| Segment {
+                    size: 100 + i,
+                    stored_size: 40 + i,
+                })
+                .collect(),
         };
         let nar = NarRecord {
-            contents: Manifest {
-                chunks: vec![chunk(1), chunk(2)],
-            },
-            listing: Manifest {
-                chunks: vec![chunk(3)],
-            },
+            contents: stored(1, 3),
+            listing: stored(2, 1),
         };
         let encoded = encode_nar(&nar);
         assert_eq!(decode_nar(&encoded), Some(nar));
         for cut in 0..encoded.len() {
             assert_eq!(decode_nar(&encoded[..cut]), None, "cut at {cut}");
         }
+        assert_eq!(decode_nar(&[encoded.as_slice(), &[0]].concat()), None);
+        let mut blob = Vec::new();
+        encode_stored(&stored(3, 0), &mut blob);
+        assert_eq!(decode_stored(&blob), Some(stored(3, 0)));
+        assert_eq!(decode_stored(&blob[..19]), None);
+        // A count far beyond the record is refused without reserving memory for it.
+        let mut lying = blob.clone();
+        lying[16..20].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(decode_stored(&lying), None);
         let info = NarInfoRecord {
             nar_hash: Sha256::digest(b"n"),
             nar_size: 7,

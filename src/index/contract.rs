@@ -6,7 +6,7 @@
 use bytes::Bytes;
 
 use super::*;
-use crate::store::PackId;
+use crate::store::{PackId, Segment};
 
 fn cache(name: &str) -> CacheName {
     name.parse().unwrap()
@@ -72,16 +72,40 @@ pub fn chunks_and_nars_round_trip(index: &dyn Index) {
 
     let h = Sha256::digest(b"nar");
     assert_eq!(index.nar(&h).unwrap(), None);
+    let stored = |n: u8, segments: usize| Stored {
+        id: ManifestId([n; 16]),
+        segments: vec![
+            Segment {
+                size: 20,
+                stored_size: 10
+            };
+            segments
+        ],
+    };
     let record = NarRecord {
-        contents: Manifest {
-            chunks: vec![chunk(1), chunk(2), chunk(1)],
-        },
-        listing: Manifest {
-            chunks: vec![chunk(3)],
-        },
+        contents: stored(1, 2),
+        listing: stored(2, 1),
     };
     index.put_nar(&h, &record).unwrap();
     assert_eq!(index.nar(&h).unwrap(), Some(record));
+}
+
+pub fn segments_are_kept_by_manifest_and_index(index: &dyn Index) {
+    let (a, b) = (ManifestId([1; 16]), ManifestId([2; 16]));
+    let seg = |chunks: &[u8]| Manifest {
+        chunks: chunks.iter().map(|&n| chunk(n)).collect(),
+    };
+    assert_eq!(index.segment(&a, 0).unwrap(), None);
+    index.put_segment(&a, 0, &seg(&[1, 2])).unwrap();
+    index.put_segment(&a, 1, &seg(&[3])).unwrap();
+    index.put_segment(&b, 0, &seg(&[4])).unwrap();
+    assert_eq!(index.segment(&a, 0).unwrap(), Some(seg(&[1, 2])));
+    assert_eq!(index.segment(&a, 1).unwrap(), Some(seg(&[3])));
+    assert_eq!(index.segment(&a, 2).unwrap(), None);
+    assert_eq!(index.segment(&b, 0).unwrap(), Some(seg(&[4])));
+    // A manifest of no chunks is a segment like another.
+    index.put_segment(&b, 1, &Manifest::default()).unwrap();
+    assert_eq!(index.segment(&b, 1).unwrap(), Some(Manifest::default()));
 }
 
 pub fn uploads_belong_to_their_cache(index: &dyn Index) {
@@ -138,14 +162,20 @@ pub fn the_first_narinfo_wins_and_is_counted_once(index: &dyn Index) {
 }
 
 pub fn blobs_are_kept_per_kind_and_cache(index: &dyn Index) {
-    let m = Manifest {
-        chunks: vec![chunk(4)],
+    let stored = |n: u8| Stored {
+        id: ManifestId([n; 16]),
+        segments: vec![Segment {
+            size: 9,
+            stored_size: 5,
+        }],
     };
     let main = cache("main");
-    index.put_blob(BlobKind::Log, &main, "x.drv", &m).unwrap();
+    index
+        .put_blob(BlobKind::Log, &main, "x.drv", &stored(1))
+        .unwrap();
     assert_eq!(
         index.blob(BlobKind::Log, &main, "x.drv").unwrap(),
-        Some(m.clone())
+        Some(stored(1))
     );
     assert_eq!(
         index.blob(BlobKind::Realisation, &main, "x.drv").unwrap(),
@@ -155,15 +185,12 @@ pub fn blobs_are_kept_per_kind_and_cache(index: &dyn Index) {
         index.blob(BlobKind::Log, &cache("other"), "x.drv").unwrap(),
         None
     );
-    let replaced = Manifest {
-        chunks: vec![chunk(5), chunk(6)],
-    };
     index
-        .put_blob(BlobKind::Log, &main, "x.drv", &replaced)
+        .put_blob(BlobKind::Log, &main, "x.drv", &stored(2))
         .unwrap();
     assert_eq!(
         index.blob(BlobKind::Log, &main, "x.drv").unwrap(),
-        Some(replaced)
+        Some(stored(2))
     );
 }
 
@@ -180,6 +207,7 @@ macro_rules! tests {
         crate::index::contract::tests!(@cases $open;
             caches_are_created_and_replaced,
             chunks_and_nars_round_trip,
+            segments_are_kept_by_manifest_and_index,
             uploads_belong_to_their_cache,
             the_first_narinfo_wins_and_is_counted_once,
             blobs_are_kept_per_kind_and_cache,

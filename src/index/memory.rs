@@ -9,18 +9,19 @@ use super::{
     BlobKind, CacheRecord, CacheStats, Commit, Index, NarInfoRecord, NarRecord, Result, Upload,
 };
 use crate::nix::{CacheName, NarUrl, Sha256, StorePathHash};
-use crate::store::{ChunkId, ChunkRef, Manifest};
+use crate::store::{ChunkId, ChunkRef, Manifest, ManifestId, Stored};
 
 #[derive(Default)]
 struct State {
     caches: BTreeMap<CacheName, CacheRecord>,
     stats: BTreeMap<CacheName, CacheStats>,
     chunks: BTreeMap<ChunkId, ChunkRef>,
+    segments: BTreeMap<(ManifestId, u32), Manifest>,
     nars: BTreeMap<Sha256, NarRecord>,
     uploads: BTreeMap<(CacheName, NarUrl), Upload>,
     narinfos: BTreeMap<(CacheName, StorePathHash), NarInfoRecord>,
     claims: BTreeSet<(CacheName, Sha256)>,
-    blobs: BTreeMap<(u8, CacheName, String), Manifest>,
+    blobs: BTreeMap<(u8, CacheName, String), Stored>,
 }
 
 /// Metadata held in memory only; everything is lost when it is dropped.
@@ -69,6 +70,16 @@ impl Index for MemoryIndex {
 
     fn put_chunks(&self, chunks: &[ChunkRef]) -> Result<()> {
         self.with(|s| s.chunks.extend(chunks.iter().map(|c| (c.id, *c))))
+    }
+
+    fn segment(&self, id: &ManifestId, index: u32) -> Result<Option<Manifest>> {
+        self.with(|s| s.segments.get(&(*id, index)).cloned())
+    }
+
+    fn put_segment(&self, id: &ManifestId, index: u32, chunks: &Manifest) -> Result<()> {
+        self.with(|s| {
+            s.segments.insert((*id, index), chunks.clone());
+        })
     }
 
     fn nar(&self, nar_hash: &Sha256) -> Result<Option<NarRecord>> {
@@ -122,7 +133,7 @@ impl Index for MemoryIndex {
         self.with(|s| s.claims.contains(&(cache.clone(), *nar_hash)))
     }
 
-    fn blob(&self, kind: BlobKind, cache: &CacheName, key: &str) -> Result<Option<Manifest>> {
+    fn blob(&self, kind: BlobKind, cache: &CacheName, key: &str) -> Result<Option<Stored>> {
         self.with(|s| {
             s.blobs
                 .get(&(kind_tag(kind), cache.clone(), key.to_owned()))
@@ -135,12 +146,12 @@ impl Index for MemoryIndex {
         kind: BlobKind,
         cache: &CacheName,
         key: &str,
-        manifest: &Manifest,
+        stored: &Stored,
     ) -> Result<()> {
         self.with(|s| {
             s.blobs.insert(
                 (kind_tag(kind), cache.clone(), key.to_owned()),
-                manifest.clone(),
+                stored.clone(),
             );
         })
     }

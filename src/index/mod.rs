@@ -1,10 +1,12 @@
-//! Metadata behind one trait: caches, narinfos, NARs (the manifests of their chunks and
-//! of their listings), chunk records, pending uploads, and the manifests of build logs
-//! and realisations. `SledIndex` is the embedded implementation, `MemoryIndex` one for
-//! tests; both pass the same contract suite (`contract`).
+//! Metadata behind one trait: caches, narinfos, NARs (where the manifests of their
+//! chunks and of their listings are), chunk records, pending uploads, build logs and
+//! realisations, and the segments of every manifest. `SledIndex` is the embedded
+//! implementation, `MemoryIndex` one for tests; both pass the same contract suite
+//! (`contract`).
 //!
-//! Everything large (NAR contents, listings, logs) lives in the chunk store; the index
-//! holds only where to find it, so no record read to answer a request is large.
+//! Everything large (NAR contents, listings, logs) lives in the chunk store, and the
+//! manifests that list their chunks are kept in segments of at most `SEGMENT_CHUNKS`
+//! chunks: no record read to answer a request is large.
 
 mod codec;
 #[cfg(test)]
@@ -15,7 +17,7 @@ mod sled_index;
 use bytes::Bytes;
 
 use crate::nix::{CacheName, NarUrl, Sha256, StorePathHash};
-use crate::store::{ChunkId, ChunkRef, Manifest};
+use crate::store::{ChunkId, ChunkRef, Manifest, ManifestId, Stored};
 
 pub use memory::MemoryIndex;
 pub use sled_index::SledIndex;
@@ -100,12 +102,12 @@ pub struct Upload {
 }
 
 /// A stored NAR: its chunks, and the chunks of its `.ls` listing.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NarRecord {
-    /// The NAR's chunks, in order.
-    pub contents: Manifest,
+    /// The NAR.
+    pub contents: Stored,
     /// The listing's JSON, chunked and stored like the NAR.
-    pub listing: Manifest,
+    pub listing: Stored,
 }
 
 /// A served narinfo and what the server needs of it without parsing the text.
@@ -162,9 +164,14 @@ pub trait Index: Send + Sync + 'static {
     /// Records chunks; only after their pack is stored, so a record implies its frame.
     fn put_chunks(&self, chunks: &[ChunkRef]) -> Result<()>;
 
+    /// Segment `index` of the manifest `id`.
+    fn segment(&self, id: &ManifestId, index: u32) -> Result<Option<Manifest>>;
+    /// Records a segment of a manifest; only after every chunk it names is recorded.
+    fn put_segment(&self, id: &ManifestId, index: u32, chunks: &Manifest) -> Result<()>;
+
     /// A stored NAR by its NarHash.
     fn nar(&self, nar_hash: &Sha256) -> Result<Option<NarRecord>>;
-    /// Records a NAR; only after every chunk it names is recorded.
+    /// Records a NAR; only after the segments of its manifests are recorded.
     fn put_nar(&self, nar_hash: &Sha256, nar: &NarRecord) -> Result<()>;
 
     /// The upload a client made to `cache` under `url`.
@@ -186,16 +193,11 @@ pub trait Index: Send + Sync + 'static {
     /// Whether `cache` holds a narinfo whose NAR is `nar_hash`.
     fn cache_has_nar(&self, cache: &CacheName, nar_hash: &Sha256) -> Result<bool>;
 
-    /// The manifest of a log or realisation.
-    fn blob(&self, kind: BlobKind, cache: &CacheName, key: &str) -> Result<Option<Manifest>>;
-    /// Records a log or realisation; only after its chunks are recorded.
-    fn put_blob(
-        &self,
-        kind: BlobKind,
-        cache: &CacheName,
-        key: &str,
-        manifest: &Manifest,
-    ) -> Result<()>;
+    /// Where a log or realisation is stored.
+    fn blob(&self, kind: BlobKind, cache: &CacheName, key: &str) -> Result<Option<Stored>>;
+    /// Records a log or realisation; only after its segments are recorded.
+    fn put_blob(&self, kind: BlobKind, cache: &CacheName, key: &str, stored: &Stored)
+        -> Result<()>;
 
     /// Makes everything written so far durable.
     fn flush(&self) -> Result<()>;

@@ -14,10 +14,11 @@ use super::{
     Upload,
 };
 use crate::nix::{CacheName, NarUrl, Sha256, StorePathHash};
-use crate::store::{ChunkId, ChunkRef, Manifest};
+use crate::store::{ChunkId, ChunkRef, Manifest, ManifestId, Stored};
 
 /// The metadata layout; bumped on any incompatible change. Format 1 kept listings,
-/// logs and realisations as whole values; format 2 keeps their chunk manifests.
+/// logs and realisations as whole values and manifests whole; format 2 keeps every
+/// content as chunks, its manifest in segments.
 const FORMAT_VERSION: &[u8] = b"2";
 
 /// The sled database and its trees, one per kind of record.
@@ -26,6 +27,7 @@ pub struct SledIndex {
     caches: sled::Tree,
     cache_stats: sled::Tree,
     chunks: sled::Tree,
+    segments: sled::Tree,
     nars: sled::Tree,
     uploads: sled::Tree,
     narinfos: sled::Tree,
@@ -84,6 +86,7 @@ impl SledIndex {
             caches: db.open_tree("caches")?,
             cache_stats: db.open_tree("cache_stats")?,
             chunks: db.open_tree("chunks")?,
+            segments: db.open_tree("segments")?,
             nars: db.open_tree("nars")?,
             uploads: db.open_tree("uploads")?,
             narinfos: db.open_tree("narinfos")?,
@@ -146,6 +149,20 @@ impl Index for SledIndex {
             batch.insert(&c.id.0, &c.encode_location());
         }
         self.chunks.apply_batch(batch)?;
+        Ok(())
+    }
+
+    fn segment(&self, id: &ManifestId, index: u32) -> Result<Option<Manifest>> {
+        let key = codec::segment_key(id, index);
+        self.segments
+            .get(key)?
+            .map(|v| Manifest::decode(&v).ok_or_else(|| corrupt_bin("segment", &key)))
+            .transpose()
+    }
+
+    fn put_segment(&self, id: &ManifestId, index: u32, chunks: &Manifest) -> Result<()> {
+        self.segments
+            .insert(codec::segment_key(id, index), chunks.encode())?;
         Ok(())
     }
 
@@ -255,11 +272,11 @@ impl Index for SledIndex {
             .is_some())
     }
 
-    fn blob(&self, kind: BlobKind, cache: &CacheName, key: &str) -> Result<Option<Manifest>> {
+    fn blob(&self, kind: BlobKind, cache: &CacheName, key: &str) -> Result<Option<Stored>> {
         let key = scoped(cache, key.as_bytes());
         self.blob_tree(kind)
             .get(&key)?
-            .map(|v| Manifest::decode(&v).ok_or_else(|| IndexError::corrupt("blob", &key)))
+            .map(|v| codec::decode_stored(&v).ok_or_else(|| IndexError::corrupt("blob", &key)))
             .transpose()
     }
 
@@ -268,10 +285,12 @@ impl Index for SledIndex {
         kind: BlobKind,
         cache: &CacheName,
         key: &str,
-        manifest: &Manifest,
+        stored: &Stored,
     ) -> Result<()> {
+        let mut value = Vec::new();
+        codec::encode_stored(stored, &mut value);
         self.blob_tree(kind)
-            .insert(scoped(cache, key.as_bytes()), manifest.encode())?;
+            .insert(scoped(cache, key.as_bytes()), value)?;
         Ok(())
     }
 
@@ -329,6 +348,19 @@ mod tests {
 
         let nar = Sha256::digest(b"nar");
         index.damage("nars", nar.as_bytes(), &[1, 200, 0, 0, 0, 0, 0, 0, 0]);
+        let id = ManifestId([4; 16]);
+        index.damage("segments", &codec::segment_key(&id, 2), &[1, 2, 3]);
+        let err = index.segment(&id, 2).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                IndexError::Corrupt {
+                    record: "segment",
+                    ..
+                }
+            ),
+            "{err}"
+        );
         let err = index.nar(&nar).unwrap_err();
         assert!(err.to_string().contains(&nar.to_string()), "{err}");
         let id = ChunkId::of(b"c");
@@ -356,10 +388,19 @@ mod tests {
         db.insert("format_version", b"1").unwrap();
         db.flush().unwrap();
         drop(db);
-        let err = SledIndex::open(&dir.path().join("db"), 1 << 20)
-            .err()
-            .unwrap()
-            .to_string();
+        // sled's background thread lets go of the database's lock a moment after
+        // the last handle is dropped.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let err = loop {
+            let err = SledIndex::open(&dir.path().join("db"), 1 << 20)
+                .err()
+                .unwrap()
+                .to_string();
+            if !err.contains("could not acquire lock") || std::time::Instant::now() > deadline {
+                break err;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
         assert!(err.contains("format \"1\""), "{err}");
     }
 }

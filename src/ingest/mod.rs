@@ -36,7 +36,9 @@ use crate::metrics::Metrics;
 use crate::nix::nar::{self, NarError};
 use crate::nix::{Compression, Sha256};
 use crate::store::space::{LowSpace, SpaceCheck};
-use crate::store::{frame, ChunkId, ChunkRef, Manifest, PackStore};
+use crate::store::{
+    frame, ChunkId, ChunkRef, Manifest, ManifestId, PackStore, Segment, Stored, SEGMENT_CHUNKS,
+};
 use chunker::{ChunkParams, Chunker};
 use packer::Packer;
 use reader::{ChannelReader, ChunkingReader, ChunkingWriter, HashingReader};
@@ -72,22 +74,25 @@ pub struct IngestSettings {
 }
 
 impl IngestSettings {
-    /// The most memory one upload uses besides its decoder: eight stage buffers (two
-    /// read buffers, four queued between the two threads, one being filled and one
-    /// being read), the body's read buffer, the validator's block, the NAR's and the
-    /// listing's chunkers (each up to four maximal chunks and a stage buffer) and the
-    /// listing's buffer, `concurrency` batches in the channel and as many being
-    /// compressed (data and frames), the pack being filled and those being written.
-    /// What grows with the NAR beyond that is its manifest, 60 bytes per chunk (about
-    /// 2 MiB per GiB of NAR at the default chunk size).
+    /// The most memory one upload uses besides its decoder: nine stage buffers (the
+    /// body's, two read buffers, four queued between the two threads, one being
+    /// filled and one being read), the validator's block, the NAR's and the listing's
+    /// chunkers (each up to four maximal chunks and a stage buffer) and the listing's
+    /// buffer; batches of chunks: `concurrency` in the channel, one being filled, as
+    /// many being compressed (data and frames), and the one being packed; the pack
+    /// being filled and those being written; and one segment of each manifest. It does
+    /// not grow with the NAR.
     pub fn upload_memory(&self) -> u64 {
+        let max_chunk = self.chunking.max_size as usize;
         let stage = 9 * STAGE_BUFFER + VALIDATOR_BLOCK;
-        let chunkers = 2 * (4 * self.chunking.max_size as usize + STAGE_BUFFER) + LISTING_BUFFER;
-        // A compressed frame may be slightly larger than its chunk.
-        let batches = 2 * self.concurrency * (BATCH_BYTES + self.chunking.max_size as usize) * 2;
-        let packs = (1 + packer::WRITES_IN_FLIGHT)
-            * (self.pack_bytes + 2 * self.chunking.max_size as usize);
-        (stage + chunkers + batches + packs) as u64
+        let chunkers = 2 * (4 * max_chunk + STAGE_BUFFER) + LISTING_BUFFER;
+        // A batch ends with the chunk that took it past its size; a compressed frame
+        // may be slightly larger than its chunk.
+        let batch = BATCH_BYTES + max_chunk;
+        let batches = (3 * self.concurrency + 3) * batch;
+        let packs = (1 + packer::WRITES_IN_FLIGHT) * (self.pack_bytes + 2 * max_chunk);
+        let segments = 2 * SEGMENT_CHUNKS * std::mem::size_of::<ChunkRef>();
+        (stage + chunkers + batches + packs + segments) as u64
     }
 }
 
@@ -200,14 +205,14 @@ enum Content {
 /// Which manifest a chunk belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Part {
-    Contents,
-    Listing,
+    Contents = 0,
+    Listing = 1,
 }
 
-/// The most memory an xz upload's decoder may take. The body names its dictionary
-/// size; `xz -9` needs 65 MiB to decode and Nix's default level 9 MiB, so this admits
-/// every stream Nix makes and refuses one that asks for gigabytes.
-const XZ_MEMORY_LIMIT: u64 = 80 * 1024 * 1024;
+/// The most memory one upload's decoder may take, if the budget allows. `xz -9` needs
+/// 65 MiB to decode and Nix's default level 9 MiB, zstd's level 19 8 MiB, so this
+/// admits every stream Nix makes and refuses one that asks for gigabytes.
+const MAX_DECODER_MEMORY: u64 = 80 * 1024 * 1024;
 
 /// Chunks travel from the chunking stage in batches of about this many bytes, so
 /// per-message and per-task costs are paid per batch, not per chunk.
@@ -348,12 +353,46 @@ enum Prepared {
 }
 
 /// What the blocking stages and the storing loop produced.
-struct Stored {
+struct Ingested {
     decoded: Decoded,
-    contents: Vec<ChunkRef>,
-    listing: Vec<ChunkRef>,
+    contents: Stored,
+    listing: Stored,
     new_chunks: u64,
     new_bytes: u64,
+}
+
+/// The manifest of one part of an upload, written to the index a segment at a time.
+struct Segments {
+    stored: Stored,
+    current: Manifest,
+}
+
+impl Segments {
+    fn new() -> Self {
+        Self {
+            stored: Stored {
+                id: ManifestId::random(),
+                segments: Vec::new(),
+            },
+            current: Manifest::default(),
+        }
+    }
+
+    fn is_full(&self) -> bool {
+        self.current.chunks.len() >= SEGMENT_CHUNKS
+    }
+
+    /// Records the current segment; only once its chunks are recorded.
+    fn write(&mut self, index: &dyn Index) -> Result<(), IndexError> {
+        if self.current.chunks.is_empty() {
+            return Ok(());
+        }
+        let i = self.stored.segments.len() as u32;
+        index.put_segment(&self.stored.id, i, &self.current)?;
+        self.stored.segments.push(Segment::of(&self.current));
+        self.current.chunks.clear();
+        Ok(())
+    }
 }
 
 impl Ingestor {
@@ -388,16 +427,14 @@ impl Ingestor {
         S: Stream<Item = Result<Bytes, BodyError>> + Send + Unpin + 'static,
     {
         let s = self.run(body, Content::Nar(compression), peer).await?;
-        self.metrics.nars_ingested.inc();
-        self.metrics.nar_bytes_ingested.inc_by(s.decoded.nar_size);
         Ok(IngestedNar {
             nar_hash: s.decoded.nar_hash,
             nar_size: s.decoded.nar_size,
             file_hash: s.decoded.file_hash,
             file_size: s.decoded.file_size,
             record: NarRecord {
-                contents: Manifest { chunks: s.contents },
-                listing: Manifest { chunks: s.listing },
+                contents: s.contents,
+                listing: s.listing,
             },
             new_chunks: s.new_chunks,
             new_bytes: s.new_bytes,
@@ -405,26 +442,29 @@ impl Ingestor {
     }
 
     /// Stores a file of at most `max_bytes` (a build log, a realisation) as chunks and
-    /// returns its manifest.
+    /// returns where it is.
     pub async fn ingest_blob<S>(
         &self,
         body: S,
         max_bytes: u64,
         peer: Peer,
-    ) -> Result<Manifest, IngestError>
+    ) -> Result<Stored, IngestError>
     where
         S: Stream<Item = Result<Bytes, BodyError>> + Send + Unpin + 'static,
     {
         let s = self.run(body, Content::Blob(max_bytes), peer).await?;
-        Ok(Manifest { chunks: s.contents })
+        Ok(s.contents)
     }
 
-    /// Makes an ingested NAR known by its NarHash.
+    /// Makes an ingested NAR known by its NarHash, once its upload is found right.
     pub fn record(&self, nar: &IngestedNar) -> Result<(), IndexError> {
-        self.index.put_nar(&nar.nar_hash, &nar.record)
+        self.index.put_nar(&nar.nar_hash, &nar.record)?;
+        self.metrics.nars_ingested.inc();
+        self.metrics.nar_bytes_ingested.inc_by(nar.nar_size);
+        Ok(())
     }
 
-    async fn run<S>(&self, body: S, content: Content, peer: Peer) -> Result<Stored, IngestError>
+    async fn run<S>(&self, body: S, content: Content, peer: Peer) -> Result<Ingested, IngestError>
     where
         S: Stream<Item = Result<Bytes, BodyError>> + Send + Unpin + 'static,
     {
@@ -448,7 +488,7 @@ impl Ingestor {
         mut body: S,
         content: Content,
         peer: Peer,
-    ) -> Result<Stored, IngestError>
+    ) -> Result<Ingested, IngestError>
     where
         S: Stream<Item = Result<Bytes, BodyError>> + Send + Unpin + 'static,
     {
@@ -471,7 +511,7 @@ impl Ingestor {
             }
         }
         let fixed = self.settings.upload_memory();
-        let decoder_limit = XZ_MEMORY_LIMIT.min(self.budget.total().saturating_sub(fixed));
+        let decoder_limit = MAX_DECODER_MEMORY.min(self.budget.total().saturating_sub(fixed));
         let mib = |b: u64| b.div_ceil(1 << 20);
         let memory = decoder::memory(compression, &head, decoder_limit).map_err(|needed| {
             IngestError::DecoderMemory {
@@ -535,7 +575,7 @@ impl Ingestor {
                 self.metrics.clone(),
                 self.settings.pack_bytes,
             );
-            let (mut contents, mut listing) = (Vec::new(), Vec::new());
+            let mut parts = [Segments::new(), Segments::new()];
             while let Some(batch) = prepared.next().await {
                 for p in batch? {
                     let (part, chunk) = match p {
@@ -547,31 +587,36 @@ impl Ingestor {
                             frame,
                         } => (part, packer.add(id, len, &frame).await?),
                     };
-                    match part {
-                        Part::Contents => contents.push(chunk),
-                        Part::Listing => listing.push(chunk),
+                    let segments = &mut parts[part as usize];
+                    segments.current.chunks.push(chunk);
+                    // A full segment is recorded once the packs of its chunks are.
+                    if segments.is_full() {
+                        packer.finish().await?;
+                        segments.write(self.index.as_ref())?;
                     }
                 }
             }
-            Ok::<_, IngestError>((contents, listing, packer))
+            Ok::<_, IngestError>((parts, packer))
         };
         let (stored, decoded, chunked) = tokio::join!(stored, decoding, chunking);
         // A body that fails to decode also truncates the NAR the chunking stage sees,
         // and a failed store stops both stages: the decoding error, then the storing
         // error, then the chunking error is the cause.
         let decoded = joined("decoding", decoded)?;
-        let (contents, listing, mut packer) = stored?;
+        let ([mut contents, mut listing], mut packer) = stored?;
         joined("chunking", chunked)?;
         let decoded = decoded.ok_or_else(|| {
             IngestError::Internal("the decoding stage stopped before the end".into())
         })?;
-        // Only content that checked out gets its last pack written.
+        // Only content that checked out gets its last pack and segments written.
         packer.finish().await?;
+        contents.write(self.index.as_ref())?;
+        listing.write(self.index.as_ref())?;
         drop(turn);
-        Ok(Stored {
+        Ok(Ingested {
             decoded,
-            contents,
-            listing,
+            contents: contents.stored,
+            listing: listing.stored,
             new_chunks: packer.new_chunks,
             new_bytes: packer.new_bytes,
         })
@@ -829,19 +874,35 @@ mod tests {
             .expect("an ingest ends")
     }
 
-    /// Reassembles a manifest's content from the packs.
-    async fn content(ingestor: &Ingestor, m: &Manifest) -> Vec<u8> {
+    /// Reassembles a stored content from the packs.
+    async fn content(ingestor: &Ingestor, stored: &Stored) -> Vec<u8> {
         let source = crate::serve::Source {
             store: ingestor.packs.clone(),
+            index: ingestor.index.clone(),
             plan: crate::serve::ReadPlan {
                 read_bytes: 1 << 20,
                 read_ahead: 2,
             },
-            read_ahead: Budget::new(1 << 22),
+            memory: Budget::new(1 << 22),
         };
-        let body = crate::serve::body(&source, m, crate::serve::Encoding::Plain, 0..m.size());
+        let whole = 0..stored.size();
+        let body = crate::serve::body(&source, stored, crate::serve::Encoding::Plain, whole);
         let parts: Vec<Bytes> = body.map(|r| r.unwrap()).collect().await;
         parts.concat()
+    }
+
+    /// The chunks of a stored content, from its segments.
+    fn chunks(ingestor: &Ingestor, stored: &Stored) -> Vec<ChunkRef> {
+        (0..stored.segments.len() as u32)
+            .flat_map(|i| {
+                ingestor
+                    .index
+                    .segment(&stored.id, i)
+                    .unwrap()
+                    .unwrap()
+                    .chunks
+            })
+            .collect()
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -853,14 +914,21 @@ mod tests {
         assert_eq!(got.nar_size, data.len() as u64);
         assert_eq!(got.nar_hash, Sha256::digest(&data));
         assert_eq!(got.record.contents.size(), data.len() as u64);
-        assert!(got.record.contents.chunks.len() > 10);
+        assert!(chunks(&ingestor, &got.record.contents).len() > 10);
         assert_eq!(content(&ingestor, &got.record.contents).await, data);
         let listing = content(&ingestor, &got.record.listing).await;
         let json: serde_json::Value = serde_json::from_slice(&listing).unwrap();
         assert_eq!(json["root"]["size"], 3 * 1024 * 1024);
         let m = &ingestor.metrics;
+        // A NAR counts as ingested once it is recorded (its upload found right).
+        assert_eq!(m.nars_ingested.get(), 0);
+        ingestor.record(&got).unwrap();
         assert_eq!(m.nars_ingested.get(), 1);
         assert_eq!(m.nar_bytes_ingested.get(), data.len() as u64);
+        assert_eq!(
+            ingestor.index.nar(&got.nar_hash).unwrap(),
+            Some(got.record.clone())
+        );
         assert!(m.packs_written.get() > 1);
         assert_eq!(m.uploads_in_flight.get(), 0);
     }
@@ -887,7 +955,7 @@ mod tests {
         let ingestor = ingestor(dir.path());
         let got = ingest(&ingestor, pieces(&data)).await.unwrap();
         assert!(
-            got.record.listing.chunks.len() > 5,
+            chunks(&ingestor, &got.record.listing).len() > 5,
             "a large listing is several chunks"
         );
         let listing = content(&ingestor, &got.record.listing).await;

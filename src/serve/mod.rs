@@ -1,12 +1,17 @@
-//! Bodies built from manifests (NARs, listings, logs): the stored zstd frames
+//! Bodies of stored contents (NARs, listings, logs): the stored zstd frames
 //! concatenated as they are (`.nar.zst`), or decompressed on the fly (`.nar`, `.ls`,
 //! logs), with byte ranges and a bounded read-ahead. Frames that lie next to each
-//! other in a pack are fetched with one read.
+//! other in a pack are fetched with one read. A body loads its manifest a segment at a
+//! time, and every byte it has read and not yet sent (in its own queue or in the
+//! connection's) holds part of a budget all downloads share: memory stays bounded
+//! however large the NARs and however slow the readers.
 
 pub mod range;
 
+use std::collections::VecDeque;
 use std::io;
 use std::ops::Range;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
@@ -14,7 +19,8 @@ use futures::stream::FuturesOrdered;
 use futures::{Stream, StreamExt as _};
 
 use crate::budget::{Budget, Reservation};
-use crate::store::{ChunkRef, Manifest, PackId, PackStore};
+use crate::index::Index;
+use crate::store::{ChunkRef, Manifest, PackId, PackStore, Segment, Stored};
 
 /// How a stored content is sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,9 +39,16 @@ impl Encoding {
         })
     }
 
-    /// The bytes of `m` sent in this encoding.
-    pub fn body_size(self, m: &Manifest) -> u64 {
-        m.chunks.iter().map(|c| self.size_of(c)).sum()
+    fn segment_size(self, s: &Segment) -> u64 {
+        match self {
+            Encoding::Zstd => s.stored_size,
+            Encoding::Plain => s.size,
+        }
+    }
+
+    /// The bytes of `stored` sent in this encoding.
+    pub fn body_size(self, stored: &Stored) -> u64 {
+        stored.segments.iter().map(|s| self.segment_size(s)).sum()
     }
 }
 
@@ -150,47 +163,118 @@ async fn fetch(store: PackStore, encoding: Encoding, read: Read) -> io::Result<B
     }
 }
 
-/// Where a download's bytes come from, and how much it may read ahead.
+/// Where a download's bytes come from, and the memory all downloads share.
 #[derive(Clone)]
 pub struct Source {
     /// The packs.
     pub store: PackStore,
+    /// The segments of manifests.
+    pub index: Arc<dyn Index>,
     /// Read sizes and depth.
     pub plan: ReadPlan,
-    /// Memory for reads ahead, shared by all downloads.
-    pub read_ahead: Budget,
+    /// Memory for bytes read and not yet sent, shared by all downloads.
+    pub memory: Budget,
 }
 
-/// The body bytes in `range`. One read is always in flight; up to `read_ahead` more
-/// run ahead of it while the shared budget has room for them, so many slow readers
-/// hold one read each, not `read_ahead`.
+/// The body bytes in `range` of `stored`. One read is always under way, waiting for
+/// its share of the memory if need be; up to `read_ahead` more run ahead of it while
+/// the budget has room for them without waiting.
 pub fn body(
     source: &Source,
-    manifest: &Manifest,
+    stored: &Stored,
     encoding: Encoding,
     range: Range<u64>,
 ) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
-    let reads = plan(manifest, encoding, range, source.plan.read_bytes);
     Reads {
-        pending: reads.into_iter(),
-        in_flight: FuturesOrdered::new(),
-        store: source.store.clone(),
-        budget: source.read_ahead.clone(),
-        depth: 1 + source.plan.read_ahead,
+        source: source.clone(),
+        stored: stored.clone(),
         encoding,
+        range,
+        next_segment: 0,
+        segment_start: 0,
+        pending: VecDeque::new(),
+        in_flight: FuturesOrdered::new(),
+        failed: false,
     }
 }
 
-type Fetch = BoxFuture<'static, (io::Result<Bytes>, Option<Reservation>)>;
+type Fetch = BoxFuture<'static, io::Result<Bytes>>;
 
-/// The reads of one body, started in order as room allows.
+/// The reads of one body, planned a segment at a time, started in order as room allows.
 struct Reads {
-    pending: std::vec::IntoIter<Read>,
-    in_flight: FuturesOrdered<Fetch>,
-    store: PackStore,
-    budget: Budget,
-    depth: usize,
+    source: Source,
+    stored: Stored,
     encoding: Encoding,
+    range: Range<u64>,
+    /// The next segment to plan, and where it starts in the body.
+    next_segment: usize,
+    segment_start: u64,
+    pending: VecDeque<Read>,
+    in_flight: FuturesOrdered<Fetch>,
+    failed: bool,
+}
+
+impl Reads {
+    /// Plans the reads of the next segment that overlaps the range; false when none is
+    /// left.
+    fn plan_next_segment(&mut self) -> io::Result<bool> {
+        while let Some(seg) = self.stored.segments.get(self.next_segment) {
+            let index = self.next_segment;
+            let start = self.segment_start;
+            let end = start + self.encoding.segment_size(seg);
+            self.next_segment += 1;
+            self.segment_start = end;
+            if end <= self.range.start || start == end {
+                continue;
+            }
+            if start >= self.range.end {
+                break;
+            }
+            let chunks = self
+                .source
+                .index
+                .segment(&self.stored.id, index as u32)
+                .map_err(io::Error::other)?
+                .ok_or_else(|| io::Error::other("a recorded segment is missing"))?;
+            let part = self.range.start.max(start) - start..self.range.end.min(end) - start;
+            let reads = plan(&chunks, self.encoding, part, self.source.plan.read_bytes);
+            self.pending.extend(reads);
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    fn start(&mut self, read: Read, held: Option<Reservation>) {
+        let (store, budget, encoding) = (
+            self.source.store.clone(),
+            self.source.memory.clone(),
+            self.encoding,
+        );
+        self.in_flight.push_back(Box::pin(async move {
+            let held = match held {
+                Some(r) => r,
+                None => budget
+                    .reserve(read.cost)
+                    .await
+                    .ok_or_else(|| io::Error::other("a read is larger than serve.memory_mib"))?,
+            };
+            let data = fetch(store, encoding, read).await?;
+            // The share is returned when the connection has sent the bytes.
+            Ok(Bytes::from_owner(Held { data, _held: held }))
+        }));
+    }
+}
+
+/// Bytes with the share of the budget they hold.
+struct Held {
+    data: Bytes,
+    _held: Reservation,
+}
+
+impl AsRef<[u8]> for Held {
+    fn as_ref(&self) -> &[u8] {
+        &self.data
+    }
 }
 
 impl Stream for Reads {
@@ -201,28 +285,38 @@ impl Stream for Reads {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Self::Item>> {
         let this = &mut *self;
-        while this.in_flight.len() < this.depth {
-            let Some(next) = this.pending.as_slice().first() else {
-                break;
-            };
-            let held = if this.in_flight.is_empty() {
-                None
-            } else {
-                match this.budget.try_reserve(next.cost) {
-                    Some(r) => Some(r),
-                    None => break,
-                }
-            };
-            let read = this.pending.next().expect("just looked at it");
-            let (store, encoding) = (this.store.clone(), this.encoding);
-            this.in_flight.push_back(Box::pin(async move {
-                (fetch(store, encoding, read).await, held)
-            }));
+        if this.failed {
+            return std::task::Poll::Ready(None);
         }
-        // The reservation is returned as the bytes leave for the connection.
-        this.in_flight
-            .poll_next_unpin(cx)
-            .map(|done| done.map(|(bytes, _held)| bytes))
+        while this.in_flight.len() < 1 + this.source.plan.read_ahead {
+            if this.pending.is_empty() {
+                match this.plan_next_segment() {
+                    Ok(true) => continue,
+                    Ok(false) => break,
+                    Err(e) => {
+                        tracing::error!(error = %e, "reading a manifest failed while serving");
+                        this.failed = true;
+                        return std::task::Poll::Ready(Some(Err(e)));
+                    }
+                }
+            }
+            let cost = this.pending.front().expect("not empty").cost;
+            // Reads take what is free; the next one waits for its share when none is
+            // under way, and nothing runs ahead of it meanwhile: reads complete in
+            // order, so one started ahead would hold memory the waiting one needs.
+            let held = match this.source.memory.try_reserve(cost) {
+                Some(r) => Some(r),
+                None if this.in_flight.is_empty() => None,
+                None => break,
+            };
+            let waits = held.is_none();
+            let read = this.pending.pop_front().expect("not empty");
+            this.start(read, held);
+            if waits {
+                break;
+            }
+        }
+        this.in_flight.poll_next_unpin(cx)
     }
 }
 
@@ -282,6 +376,136 @@ mod tests {
         assert_eq!(plain.len(), 1);
         assert_eq!((plain[0].pack, plain[0].range.clone()), (a, 10..15));
         assert_eq!(plain[0].pieces[0].part, 20..30);
-        assert_eq!(Encoding::Plain.body_size(&m), 355);
+        let total: u64 = m.chunks.iter().map(|c| u64::from(c.len)).sum();
+        assert_eq!(total, 355);
+    }
+}
+
+/// A body read through the index and real packs, a segment at a time.
+#[cfg(test)]
+mod segmented {
+    use super::*;
+    use crate::index::MemoryIndex;
+    use crate::store::{ChunkId, ManifestId};
+    use crate::testing::Xorshift;
+
+    /// Seven chunks of random bytes, as zstd frames in one pack, listed in segments
+    /// of three, three and one chunks.
+    async fn stored(dir: &std::path::Path, memory: u64) -> (Source, Stored, Vec<u8>) {
+        let store = PackStore::local(dir.to_owned(), Default::default()).unwrap();
+        let index: Arc<dyn Index> = Arc::new(MemoryIndex::new());
+        let (pack, mut frames, mut plain, mut chunks) =
+            (PackId::random(), Vec::new(), Vec::new(), Vec::new());
+        let mut rng = Xorshift(21);
+        for n in 0..7u32 {
+            let data = rng.bytes(1000 + 500 * n as usize);
+            let frame = zstd::bulk::compress(&data, 1).unwrap();
+            chunks.push(ChunkRef {
+                id: ChunkId::of(&data),
+                pack,
+                offset: frames.len() as u32,
+                stored_len: frame.len() as u32,
+                len: data.len() as u32,
+            });
+            frames.extend_from_slice(&frame);
+            plain.extend_from_slice(&data);
+        }
+        store.put(&pack, Bytes::from(frames)).await.unwrap();
+        let id = ManifestId::random();
+        let mut segments = Vec::new();
+        for (i, part) in chunks.chunks(3).enumerate() {
+            let m = Manifest {
+                chunks: part.to_vec(),
+            };
+            index.put_segment(&id, i as u32, &m).unwrap();
+            segments.push(Segment::of(&m));
+        }
+        let source = Source {
+            store,
+            index,
+            plan: ReadPlan {
+                read_bytes: 2048,
+                read_ahead: 3,
+            },
+            memory: Budget::new(memory),
+        };
+        (source, Stored { id, segments }, plain)
+    }
+
+    /// The body, each piece dropped as it is read (as a connection does once it sent it).
+    async fn read(
+        source: &Source,
+        s: &Stored,
+        e: Encoding,
+        range: Range<u64>,
+    ) -> io::Result<Vec<u8>> {
+        let mut body = Box::pin(body(source, s, e, range));
+        let mut out = Vec::new();
+        while let Some(piece) = body.next().await {
+            out.extend_from_slice(&piece?);
+        }
+        Ok(out)
+    }
+
+    #[tokio::test]
+    async fn every_range_of_every_encoding_crosses_segments_right() {
+        let dir = tempfile::tempdir().unwrap();
+        let (source, stored, plain) = stored(dir.path(), 1 << 20).await;
+        assert_eq!(stored.segments.len(), 3);
+        assert_eq!(Encoding::Plain.body_size(&stored), plain.len() as u64);
+        let whole = read(&source, &stored, Encoding::Plain, 0..stored.size())
+            .await
+            .unwrap();
+        assert_eq!(whole, plain);
+        let frames = read(&source, &stored, Encoding::Zstd, 0..stored.stored_size())
+            .await
+            .unwrap();
+        assert_eq!(zstd::decode_all(&frames[..]).unwrap(), plain);
+        let n = plain.len() as u64;
+        for range in [0..1, 5..4000, 2999..3001, 4000..n, n - 1..n, 100..n - 100] {
+            let got = read(&source, &stored, Encoding::Plain, range.clone())
+                .await
+                .unwrap();
+            assert_eq!(
+                got,
+                plain[range.start as usize..range.end as usize],
+                "{range:?}"
+            );
+            let end = range.end.min(stored.stored_size());
+            let part = read(&source, &stored, Encoding::Zstd, range.start..end)
+                .await
+                .unwrap();
+            assert_eq!(
+                part,
+                frames[range.start as usize..end as usize],
+                "{range:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_budget_of_one_read_still_serves_everything_in_turn() {
+        let dir = tempfile::tempdir().unwrap();
+        // Room for one 2 KiB read at a time, shared by two downloads.
+        let (source, stored, plain) = stored(dir.path(), 4096).await;
+        let alone = read(&source, &stored, Encoding::Plain, 0..stored.size());
+        assert_eq!(alone.await.unwrap(), plain);
+        let (a, b) = tokio::join!(
+            read(&source, &stored, Encoding::Plain, 0..stored.size()),
+            read(&source, &stored, Encoding::Plain, 0..stored.size()),
+        );
+        assert_eq!(a.unwrap(), plain);
+        assert_eq!(b.unwrap(), plain);
+    }
+
+    #[tokio::test]
+    async fn a_missing_segment_fails_the_body() {
+        let dir = tempfile::tempdir().unwrap();
+        let (source, mut stored, _) = stored(dir.path(), 1 << 20).await;
+        stored.id = ManifestId::random();
+        let err = read(&source, &stored, Encoding::Plain, 0..stored.size())
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("missing"), "{err}");
     }
 }

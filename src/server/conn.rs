@@ -1,14 +1,14 @@
 //! One client connection: its socket wrapped so that idle, slow-header and
-//! stalled-reader clients are cut off, and its requests marked busy while they run.
+//! slow-reader clients are cut off, and its requests marked busy while they run.
 //!
 //! A connection is *idle* from its start and from the end of each response until the
 //! next request is dispatched. While idle, it must send the first byte of a request
 //! within the idle timeout and the rest of the request head within the header timeout
 //! of that byte. While busy, reading waits as long as the handler likes (a body that
-//! stalls is the handler's to cut, see `crate::body`). Writing must make progress
-//! within the send timeout, busy or not.
+//! stalls is the handler's to cut, see `crate::body`). Writing must move at least the
+//! send minimum per send timeout of waiting on the client, busy or not, so a reader
+//! that takes a byte now and then is cut like one that takes nothing.
 
-use std::future::Future as _;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -16,25 +16,30 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
 use crate::metrics::{Metrics, ReasonLabels};
+use crate::stall::{self, Stall};
 
 /// Watches a connection's socket (through a duplicate of its descriptor) for the
-/// client closing it: a peek that finds the end of the stream. Data waiting (a next
-/// request) is not an end.
+/// client closing it. `POLLRDHUP` reports the client's end of stream as soon as it
+/// arrives, even behind body bytes the server has not read yet (a peek would see the
+/// bytes, not the end); a reset reports as an error.
 pub fn watch_peer(tcp: &tokio::net::TcpStream) -> std::io::Result<crate::body::Peer> {
-    use rustix::net::RecvFlags;
+    use rustix::event::{PollFd, PollFlags};
     let fd = rustix::io::fcntl_dupfd_cloexec(tcp, 0)?;
+    let now = rustix::event::Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     Ok(crate::body::Peer::new(move || {
-        let mut byte = [0u8; 1];
-        match rustix::net::recv(&fd, &mut byte, RecvFlags::PEEK | RecvFlags::DONTWAIT) {
-            Ok((_, 0)) => true,
-            Ok(_) => false,
-            Err(rustix::io::Errno::AGAIN | rustix::io::Errno::INTR) => false,
-            Err(_) => true,
+        let mut fds = [PollFd::new(&fd, PollFlags::RDHUP)];
+        match rustix::event::poll(&mut fds, Some(&now)) {
+            Ok(_) => fds[0]
+                .revents()
+                .intersects(PollFlags::RDHUP | PollFlags::HUP | PollFlags::ERR),
+            Err(_) => false,
         }
     }))
 }
@@ -46,15 +51,20 @@ pub struct Timeouts {
     pub idle: Duration,
     /// From a request's first byte to the end of its head.
     pub header: Duration,
-    /// A write that makes no progress this long fails.
+    /// Waiting this long on a client that takes fewer than `send_min_bytes` fails the
+    /// write.
     pub send: Duration,
+    /// See `send`.
+    pub send_min_bytes: u64,
 }
 
 /// What the connection's service tells its socket.
 pub struct ConnState {
     /// Requests being handled (HTTP/1.1 handles one at a time).
     busy: AtomicUsize,
-    /// When the connection last became idle, in milliseconds since `origin`.
+    /// Responses ended so far: each starts an idle period.
+    periods: AtomicU64,
+    /// When the current idle period began, in milliseconds since `origin`.
     idle_since: AtomicU64,
     origin: Instant,
 }
@@ -64,6 +74,7 @@ impl ConnState {
     pub fn new() -> Arc<Self> {
         Arc::new(Self {
             busy: AtomicUsize::new(0),
+            periods: AtomicU64::new(0),
             idle_since: AtomicU64::new(0),
             origin: Instant::now(),
         })
@@ -75,10 +86,6 @@ impl ConnState {
         self.busy.fetch_add(1, Ordering::Relaxed);
         Busy(self.clone())
     }
-
-    fn now_ms(&self) -> u64 {
-        self.origin.elapsed().as_millis() as u64
-    }
 }
 
 /// A request in progress on a connection.
@@ -87,9 +94,20 @@ pub struct Busy(Arc<ConnState>);
 impl Drop for Busy {
     fn drop(&mut self) {
         let state = &self.0;
-        state.idle_since.store(state.now_ms(), Ordering::Relaxed);
+        let now = state.origin.elapsed().as_millis() as u64;
+        state.idle_since.store(now, Ordering::Relaxed);
+        state.periods.fetch_add(1, Ordering::Relaxed);
         state.busy.fetch_sub(1, Ordering::Relaxed);
     }
+}
+
+/// Which read timeout applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReadTimeout {
+    /// No request has begun since the connection became idle.
+    Idle,
+    /// A request head has begun.
+    Header,
 }
 
 /// A socket with the connection's timeouts, counting the bytes that cross it.
@@ -98,13 +116,12 @@ pub struct Timed<T> {
     state: Arc<ConnState>,
     timeouts: Timeouts,
     metrics: Arc<Metrics>,
-    /// The idle period the read deadline belongs to (`idle_since` when last seen).
+    /// The idle period the read deadline belongs to.
     idle_period: Option<u64>,
     /// When the first byte of the next request arrived in this idle period.
     first_byte: Option<Instant>,
     read_timer: Option<Pin<Box<Sleep>>>,
-    write_stalled_since: Option<Instant>,
-    write_timer: Option<Pin<Box<Sleep>>>,
+    sending: Stall,
 }
 
 impl<T> Timed<T> {
@@ -113,13 +130,12 @@ impl<T> Timed<T> {
         Self {
             inner,
             state,
-            timeouts,
             metrics,
             idle_period: None,
             first_byte: None,
             read_timer: None,
-            write_stalled_since: None,
-            write_timer: None,
+            sending: Stall::new(timeouts.send, timeouts.send_min_bytes),
+            timeouts,
         }
     }
 
@@ -132,33 +148,51 @@ impl<T> Timed<T> {
     }
 
     /// The read deadline now, if the connection is idle, and which timeout it is.
-    fn read_deadline(&mut self) -> Option<(Instant, &'static str)> {
+    fn read_deadline(&mut self) -> Option<(Instant, ReadTimeout)> {
         if self.state.busy.load(Ordering::Relaxed) > 0 {
-            self.idle_period = None;
             return None;
         }
-        let since = self.state.idle_since.load(Ordering::Relaxed);
-        if self.idle_period != Some(since) {
-            self.idle_period = Some(since);
+        let period = self.state.periods.load(Ordering::Relaxed);
+        if self.idle_period != Some(period) {
+            self.idle_period = Some(period);
             self.first_byte = None;
         }
         Some(match self.first_byte {
-            Some(first) => (first + self.timeouts.header, "header"),
-            None => (
-                self.state.origin + Duration::from_millis(since) + self.timeouts.idle,
-                "idle",
-            ),
+            Some(first) => (first + self.timeouts.header, ReadTimeout::Header),
+            None => {
+                let since = self.state.idle_since.load(Ordering::Relaxed);
+                let start = self.state.origin + Duration::from_millis(since);
+                (start + self.timeouts.idle, ReadTimeout::Idle)
+            }
         })
     }
-}
 
-/// Polls `timer` set to `deadline`; ready once it has passed.
-fn expired(timer: &mut Option<Pin<Box<Sleep>>>, deadline: Instant, cx: &mut Context<'_>) -> bool {
-    let timer = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-    if timer.deadline() != deadline {
-        timer.as_mut().reset(deadline);
+    /// Applies the send timeout to the outcome of a write-side poll; `moved` says how
+    /// many bytes a successful one moved.
+    fn progress<R>(
+        &mut self,
+        polled: Poll<io::Result<R>>,
+        moved: impl FnOnce(&R) -> u64,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<R>> {
+        match polled {
+            Poll::Ready(Ok(r)) => {
+                let n = moved(&r);
+                self.metrics.bytes_sent.inc_by(n);
+                self.sending.progressed(n);
+                Poll::Ready(Ok(r))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending if !self.sending.waiting(cx) => Poll::Pending,
+            Poll::Pending => {
+                self.timed_out("send");
+                Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the client is not reading",
+                )))
+            }
+        }
     }
-    timer.as_mut().poll(cx).is_ready()
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Timed<T> {
@@ -183,52 +217,24 @@ impl<T: AsyncRead + Unpin> AsyncRead for Timed<T> {
                 let Some((deadline, which)) = this.read_deadline() else {
                     return Poll::Pending;
                 };
-                if !expired(&mut this.read_timer, deadline, cx) {
+                if !stall::expired(&mut this.read_timer, deadline, cx) {
                     return Poll::Pending;
                 }
-                this.timed_out(which);
                 Poll::Ready(match which {
                     // An idle connection just ends, as if the client had closed it.
-                    "idle" => Ok(()),
-                    _ => Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        "the request head took too long",
-                    )),
+                    ReadTimeout::Idle => {
+                        this.timed_out("idle");
+                        Ok(())
+                    }
+                    ReadTimeout::Header => {
+                        this.timed_out("header");
+                        Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "the request head took too long",
+                        ))
+                    }
                 })
             }
-        }
-    }
-}
-
-impl<T> Timed<T> {
-    /// Applies the send timeout to the outcome of a write-side poll.
-    fn progress<R>(
-        &mut self,
-        polled: Poll<io::Result<R>>,
-        cx: &mut Context<'_>,
-    ) -> Poll<io::Result<R>> {
-        match polled {
-            Poll::Ready(r) => {
-                self.write_stalled_since = None;
-                Poll::Ready(r)
-            }
-            Poll::Pending => {
-                let since = *self.write_stalled_since.get_or_insert_with(Instant::now);
-                if !expired(&mut self.write_timer, since + self.timeouts.send, cx) {
-                    return Poll::Pending;
-                }
-                self.timed_out("send");
-                Poll::Ready(Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "the client stopped reading",
-                )))
-            }
-        }
-    }
-
-    fn count_sent(counter: &Counter, r: &Poll<io::Result<usize>>) {
-        if let Poll::Ready(Ok(n)) = r {
-            counter.inc_by(*n as u64);
         }
     }
 }
@@ -241,8 +247,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Timed<T> {
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
         let polled = Pin::new(&mut this.inner).poll_write(cx, buf);
-        Self::count_sent(&this.metrics.bytes_sent, &polled);
-        this.progress(polled, cx)
+        this.progress(polled, |n| *n as u64, cx)
     }
 
     fn poll_write_vectored(
@@ -252,8 +257,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Timed<T> {
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
         let polled = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
-        Self::count_sent(&this.metrics.bytes_sent, &polled);
-        this.progress(polled, cx)
+        this.progress(polled, |n| *n as u64, cx)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -263,13 +267,13 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Timed<T> {
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
         let polled = Pin::new(&mut this.inner).poll_flush(cx);
-        this.progress(polled, cx)
+        this.progress(polled, |_| 0, cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
         let polled = Pin::new(&mut this.inner).poll_shutdown(cx);
-        this.progress(polled, cx)
+        this.progress(polled, |_| 0, cx)
     }
 }
 
@@ -279,10 +283,30 @@ mod tests {
 
     use super::*;
 
+    #[tokio::test]
+    async fn a_client_that_closes_is_seen_gone_behind_unread_bytes() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let peer = watch_peer(&server).unwrap();
+        assert!(!peer.gone());
+        // Bytes the server has not read yet, then the client's end.
+        client.write_all(&[7u8; 10_000]).await.unwrap();
+        assert!(!peer.gone());
+        drop(client);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !peer.gone() {
+            assert!(Instant::now() < deadline, "the end was not seen");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     const T: Timeouts = Timeouts {
         idle: Duration::from_secs(60),
         header: Duration::from_secs(10),
         send: Duration::from_secs(30),
+        send_min_bytes: 1000,
     };
 
     fn pair() -> (
@@ -361,6 +385,46 @@ mod tests {
             T.idle,
             "the idle period starts when the response ends"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reader_that_takes_a_byte_now_and_then_is_cut_too() {
+        let (mut server, mut client, state, _) = pair();
+        let _busy = state.begin();
+        let reader = tokio::spawn(async move {
+            let mut byte = [0u8; 1];
+            while client.read(&mut byte).await.unwrap_or(0) > 0 {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+        });
+        let started = Instant::now();
+        let err = server.write_all(&[0u8; 1 << 20]).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        // Some waits end in a byte read, but 1000 bytes take far more than 30 s.
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "{:?}",
+            started.elapsed()
+        );
+        drop(server);
+        reader.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn requests_ending_together_still_start_a_new_idle_period() {
+        let (mut server, mut client, state, metrics) = pair();
+        // A request head begins, then its request runs and ends at once, twice, in
+        // the same instant: the idle period after it is the idle timeout, not what is
+        // left of a header timeout.
+        client.write_all(b"GET").await.unwrap();
+        let mut buf = [0u8; 8];
+        assert_eq!(server.read(&mut buf).await.unwrap(), 3);
+        drop(state.begin());
+        drop(state.begin());
+        let started = Instant::now();
+        assert_eq!(server.read(&mut buf).await.unwrap(), 0);
+        assert_eq!(started.elapsed(), T.idle);
+        assert!(metrics.render().contains("reason=\"idle\"} 1"));
     }
 
     #[tokio::test(start_paused = true)]

@@ -16,8 +16,7 @@ use tower::ServiceExt as _;
 
 use crate::app::App;
 use crate::config::Config;
-pub use conn::Timeouts;
-use conn::{ConnState, Timed};
+use conn::{ConnState, Timed, Timeouts};
 
 /// File descriptors kept for the index, pack reads and refusals beyond those the
 /// connections take.
@@ -31,15 +30,18 @@ const MAX_REFUSING: usize = 64;
 /// Raises the soft limit on open files to the hard limit (a server started by a shell
 /// or an init system often gets 1,024) and returns the limit now in force.
 pub fn raise_open_files() -> u64 {
-    use rustix::process::{getrlimit, setrlimit, Resource};
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    /// Linux's own ceiling (`fs.nr_open`) by default, for an unlimited hard limit.
+    const CEILING: u64 = 1 << 20;
     let limit = getrlimit(Resource::Nofile);
-    let (Some(current), Some(maximum)) = (limit.current, limit.maximum) else {
-        return u64::MAX; // unlimited
+    let Some(current) = limit.current else {
+        return u64::MAX;
     };
+    let maximum = limit.maximum.unwrap_or(CEILING);
     if current < maximum {
-        let raised = rustix::process::Rlimit {
+        let raised = Rlimit {
             current: Some(maximum),
-            maximum: Some(maximum),
+            maximum: limit.maximum,
         };
         match setrlimit(Resource::Nofile, raised) {
             Ok(()) => return maximum,
@@ -98,6 +100,7 @@ pub async fn serve(
         idle: Duration::from_secs(s.idle_timeout_secs),
         header: Duration::from_secs(s.header_timeout_secs),
         send: Duration::from_secs(s.send_timeout_secs),
+        send_min_bytes: s.send_min_bytes,
     };
     let open = Arc::new(AtomicUsize::new(0));
     let refusing = Arc::new(AtomicUsize::new(0));
@@ -207,7 +210,9 @@ fn configure(tcp: &TcpStream, send_buffer: usize) {
     }
 }
 
-/// Answers a connection over the cap with a 503 (which clients retry) and closes it.
+/// Answers a connection over the cap with a 503 (which clients retry) and closes it,
+/// reading what the client sent meanwhile: closing a socket with unread data resets
+/// the connection, and the client might never see the answer.
 async fn refuse(mut tcp: TcpStream) {
     const BODY: &str = "too many connections; try again shortly\n";
     let response = format!(
@@ -217,7 +222,10 @@ async fn refuse(mut tcp: TcpStream) {
     );
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
         tcp.write_all(response.as_bytes()).await?;
-        tcp.shutdown().await
+        tcp.shutdown().await?;
+        let mut sink = [0u8; 4096];
+        while tokio::io::AsyncReadExt::read(&mut tcp, &mut sink).await? > 0 {}
+        Ok::<_, std::io::Error>(())
     })
     .await;
 }

@@ -1,4 +1,5 @@
-//! Where chunks live, and a NAR as stored: the ordered list of its chunks.
+//! Where chunks live, and a content as stored (a NAR, a listing, a log): the ordered
+//! list of its chunks, kept in segments.
 //!
 //! Chunks are packed: each is one independent zstd frame, appended to a pack object
 //! with the other new chunks of the same upload. A NAR's chunks then mostly sit next
@@ -150,6 +151,70 @@ impl Manifest {
             .map(|e| ChunkRef::decode_location(ChunkId(e[..32].try_into().ok()?), &e[32..]))
             .collect::<Option<Vec<_>>>()
             .map(|chunks| Self { chunks })
+    }
+}
+
+/// Chunks per segment of a stored content's manifest: 4,096 chunks of 60 bytes, a
+/// record of 240 KiB, cover about 128 MiB of content at the default chunk size. No
+/// manifest record is larger, however large the NAR, and serving holds one at a time.
+pub const SEGMENT_CHUNKS: usize = 4096;
+
+/// Names the segments of one stored content. Random, as two uploads of the same NAR
+/// write their segments at once, each its own.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ManifestId(pub [u8; 16]);
+
+impl ManifestId {
+    /// A new random id.
+    pub fn random() -> Self {
+        Self(PackId::random().0)
+    }
+}
+
+impl fmt::Debug for ManifestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&PackId(self.0).to_hex())
+    }
+}
+
+/// The sizes of one segment of a manifest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Segment {
+    /// Its chunks' bytes, uncompressed.
+    pub size: u64,
+    /// Its chunks' frames.
+    pub stored_size: u64,
+}
+
+impl Segment {
+    /// The sizes of the chunks of `m`.
+    pub fn of(m: &Manifest) -> Self {
+        Self {
+            size: m.size(),
+            stored_size: m.stored_size(),
+        }
+    }
+}
+
+/// A content as stored: where its manifest's segments are, and their sizes (enough to
+/// answer `HEAD`, a `Content-Length` and a range without reading a segment).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stored {
+    /// Where the segments are.
+    pub id: ManifestId,
+    /// The sizes of each segment, in order.
+    pub segments: Vec<Segment>,
+}
+
+impl Stored {
+    /// Size of the content uncompressed (a NAR's NarSize).
+    pub fn size(&self) -> u64 {
+        self.segments.iter().map(|s| s.size).sum()
+    }
+
+    /// Size of its frames: the served `.nar.zst`.
+    pub fn stored_size(&self) -> u64 {
+        self.segments.iter().map(|s| s.stored_size).sum()
     }
 }
 

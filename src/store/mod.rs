@@ -8,6 +8,8 @@ pub mod manifest;
 pub mod packs;
 pub mod space;
 
-pub use manifest::{ChunkId, ChunkRef, Manifest, PackId};
+pub use manifest::{
+    ChunkId, ChunkRef, Manifest, ManifestId, PackId, Segment, Stored, SEGMENT_CHUNKS,
+};
 pub use packs::PackStore;
 pub use space::is_disk_full;

@@ -26,9 +26,6 @@ pub struct PackStore {
     errors: Counter,
 }
 
-/// The object `/ready` writes, reads and deletes to prove the storage usable.
-const PROBE: &str = "ready-probe";
-
 impl PackStore {
     /// Packs in any object store, read through it.
     pub fn new(objects: Arc<dyn ObjectStore>, errors: Counter) -> Self {
@@ -100,9 +97,10 @@ impl PackStore {
 
     /// Proves the storage usable: a local root must still be a directory (a storage
     /// mount gone missing must not be silently recreated empty), and a small object
-    /// can be written, read back and deleted.
+    /// can be written, read back and deleted. Each probe has its own name, so probes
+    /// at once do not delete each other's.
     pub async fn check(&self) -> object_store::Result<()> {
-        let path = Path::from(PROBE);
+        let path = Path::from(format!("ready-probe-{}", PackId::random().to_hex()));
         let checked = async {
             if let Some(root) = &self.local_root {
                 let meta = std::fs::metadata(root.as_path()).map_err(|source| {
