@@ -39,7 +39,11 @@ enum LogFormat {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let filter = tracing_subscriber::EnvFilter::try_new(&args.log)?;
-    let logs = tracing_subscriber::fmt().with_env_filter(filter);
+    // Colours only for a terminal: a log file or a journal gets plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi);
     match args.log_format {
         LogFormat::Text => logs.init(),
         // One object per line, with the request's span (and its id) in each.

@@ -3,7 +3,7 @@
 //!
 //! A 4xx body says precisely what was wrong, for the client to act on. A 5xx body says
 //! only the status: the error itself may name files, keys or internals, so it goes to
-//! the log, in the request's span, whose id the response carries in `x-request-id`.
+//! the log with the request's id, which the response carries in `x-request-id`.
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -91,17 +91,21 @@ pub fn server_error_text(status: StatusCode) -> String {
     format!("{}\n", status.canonical_reason().unwrap_or("Server Error"))
 }
 
+/// Why a request failed, carried in its response's extensions to the one place that
+/// logs it with the request's id, method and URL (`http::Service`).
+#[derive(Debug, Clone)]
+pub struct Failure(pub String);
+
 impl IntoResponse for Error {
     fn into_response(self) -> Response {
         let status = status(&self);
         let text = if status.is_server_error() {
-            tracing::error!(error = %self, %status, "request failed");
             server_error_text(status)
         } else {
-            tracing::debug!(error = %self, %status, "request refused");
             format!("{self}\n")
         };
         let mut response = text_response(status, text);
+        response.extensions_mut().insert(Failure(self.to_string()));
         let headers = response.headers_mut();
         match self {
             Error::Unauthorized => {

@@ -3,9 +3,9 @@
 //! thin: they parse, authorize, and call the layers below; `error` maps every failure
 //! to a status.
 //!
-//! Every request gets an id (`x-request-id`, kept from a proxy that set one), a span
-//! carrying it in the logs, a count and a latency in the metrics; a handler that
-//! panics costs its own request a 500, not the server.
+//! Every request enters through `Service`: it gets an id (`x-request-id`, kept from a
+//! proxy that set one) that its log lines carry, a count and a latency in the metrics;
+//! a handler that panics costs its own request a 500, not the server.
 
 pub mod api;
 mod blobs;
@@ -18,18 +18,17 @@ mod nar;
 mod narinfo;
 pub mod page;
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::extract::{Request, State};
-use axum::http::{HeaderName, StatusCode};
-use axum::middleware::Next;
+use axum::http::{HeaderName, HeaderValue, Method, StatusCode};
 use axum::response::Response;
 use axum::routing::get;
 use axum::Router;
+use tower::ServiceExt as _;
 use tower_http::catch_panic::CatchPanicLayer;
-use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
-use tower_http::trace::TraceLayer;
+use tracing::Instrument as _;
 
 use crate::app::App;
 use crate::error::Error;
@@ -38,7 +37,7 @@ use crate::metrics::{FamilyLabels, RequestLabels};
 /// The header that carries a request's id.
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-/// The server's routes, with the layers every request passes.
+/// The server's routes. A handler that panics costs its own request a 500.
 pub fn router(app: Arc<App>) -> Router {
     Router::new()
         .route("/", get(page::index))
@@ -67,51 +66,131 @@ pub fn router(app: Arc<App>) -> Router {
         )
         .fallback(|| async { Error::NotFound("route") })
         .layer(CatchPanicLayer::custom(panicked))
-        .layer(axum::middleware::from_fn_with_state(app.clone(), count))
-        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
-        .layer(TraceLayer::new_for_http().make_span_with(span))
-        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
         .with_state(app)
 }
 
-/// Each request's span: what it asked for, and its id, on every line it logs.
-fn span(req: &Request) -> tracing::Span {
-    let id = req
-        .headers()
-        .get(REQUEST_ID)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("-");
-    tracing::info_span!("request", id, method = %req.method(), uri = %req.uri())
+/// Where every request enters: it gets a count and a latency in the metrics, a log line
+/// if it failed (with its id, method, URL and cause), and an id in `x-request-id` when
+/// a log line names it (a proxy's id is kept); a request that changes something (an
+/// upload) runs in a span carrying its id, so every line it logs has it. One function rather than a
+/// stack of middleware layers, and no span for reads: this is the narinfo path, where
+/// each layer's boxing and cloning, and above all a span's formatted fields (a fifth
+/// of a narinfo lookup's instructions), showed in the profile.
+#[derive(Clone)]
+pub struct Service {
+    router: Router,
+    metrics: Arc<crate::metrics::Metrics>,
+    /// A random prefix for this run of the server, and a counter: ids such as
+    /// `5f3a9c2e-17`, unique across restarts in practice, with no system call.
+    id_prefix: Arc<str>,
+    next_id: Arc<std::sync::atomic::AtomicU64>,
 }
 
-/// A handler panicked: the panic is logged in the request's span, and the client gets
-/// a 500 that says only that.
+impl Service {
+    /// The entry point of `app`'s routes.
+    pub fn new(app: Arc<App>) -> Self {
+        let mut seed = [0u8; 4];
+        getrandom::fill(&mut seed).expect("the operating system's random source failed");
+        Self {
+            metrics: app.metrics.clone(),
+            router: router(app),
+            id_prefix: seed
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+                .into(),
+            next_id: Arc::new(std::sync::atomic::AtomicU64::new(1)),
+        }
+    }
+
+    /// A new request id.
+    fn new_id(prefix: &str, next: &std::sync::atomic::AtomicU64) -> HeaderValue {
+        let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        HeaderValue::try_from(format!("{prefix}-{n}")).expect("hex digits, a dash and digits")
+    }
+
+    /// Handles one request.
+    pub fn call<B>(&self, req: axum::http::Request<B>) -> impl Future<Output = Response> + Send
+    where
+        B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+        B::Error: Into<axum::BoxError>,
+    {
+        let (method, uri) = (req.method().clone(), req.uri().clone());
+        let reads = matches!(method, Method::GET | Method::HEAD);
+        // An id is made when a log line will name it: for every upload, and for a read
+        // only if it fails. One a proxy gave is always kept and returned.
+        let (prefix, next) = (self.id_prefix.clone(), self.next_id.clone());
+        let id = match req.headers().get(REQUEST_ID) {
+            Some(given) => Some(given.clone()),
+            None if reads => None,
+            None => Some(Self::new_id(&prefix, &next)),
+        };
+        let span = match (&id, reads) {
+            (Some(id), false) => Some(tracing::info_span!(
+                "request",
+                id = id.to_str().unwrap_or("-"),
+                %method,
+                %uri,
+            )),
+            _ => None,
+        };
+        let family = family(uri.path());
+        let (router, metrics) = (self.router.clone(), self.metrics.clone());
+        let started = Instant::now();
+        let handled = async move {
+            let mut response = match router.oneshot(req.map(axum::body::Body::new)).await {
+                Ok(r) => r,
+                Err(never) => match never {},
+            };
+            let status = response.status();
+            metrics
+                .requests
+                .get_or_create(&RequestLabels {
+                    family,
+                    status: status.as_u16(),
+                })
+                .inc();
+            metrics
+                .request_seconds
+                .get_or_create(&FamilyLabels { family })
+                .observe(started.elapsed().as_secs_f64());
+            let id = match response.extensions_mut().remove() {
+                Some(error::Failure(cause)) => {
+                    let id = id.unwrap_or_else(|| Self::new_id(&prefix, &next));
+                    let shown = id.to_str().unwrap_or("-");
+                    if status.is_server_error() {
+                        tracing::error!(id = shown, %method, %uri, %status, error = %cause, "request failed");
+                    } else {
+                        tracing::debug!(id = shown, %method, %uri, %status, error = %cause, "request refused");
+                    }
+                    Some(id)
+                }
+                None => id,
+            };
+            if let Some(id) = id {
+                response.headers_mut().insert(REQUEST_ID, id);
+            }
+            response
+        };
+        match span {
+            Some(span) => futures::future::Either::Left(handled.instrument(span)),
+            None => futures::future::Either::Right(handled),
+        }
+    }
+}
+
+/// A handler panicked: the client gets a 500 that says only that, and the log the panic
+/// (see `Service`).
 fn panicked(panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
     let message = panic
         .downcast_ref::<&str>()
         .map(|s| s.to_string())
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "(not a string)".into());
-    tracing::error!(panic = %message, "a request handler panicked");
     let status = StatusCode::INTERNAL_SERVER_ERROR;
-    error::text_response(status, error::server_error_text(status))
-}
-
-/// Counts every request by route family and status, and times it to its response head.
-async fn count(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
-    let family = family(req.uri().path());
-    let started = Instant::now();
-    let response = next.run(req).await;
-    let m = &app.metrics;
-    m.requests
-        .get_or_create(&RequestLabels {
-            family,
-            status: response.status().as_u16(),
-        })
-        .inc();
-    m.request_seconds
-        .get_or_create(&FamilyLabels { family })
-        .observe(started.elapsed().as_secs_f64());
+    let mut response = error::text_response(status, error::server_error_text(status));
+    let failure = error::Failure(format!("a request handler panicked: {message}"));
+    response.extensions_mut().insert(failure);
     response
 }
 
@@ -137,8 +216,6 @@ pub fn family(path: &str) -> &'static str {
 
 #[cfg(test)]
 mod tests {
-    use tower::ServiceExt as _;
-
     use super::*;
 
     #[tokio::test]

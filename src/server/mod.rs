@@ -12,7 +12,6 @@ use std::time::Duration;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::AsyncWriteExt as _;
 use tokio::net::{TcpListener, TcpStream};
-use tower::ServiceExt as _;
 
 use crate::app::App;
 use crate::config::Config;
@@ -94,7 +93,7 @@ pub async fn serve(
     cap: usize,
     shutdown: impl Future<Output = ()>,
 ) {
-    let router = crate::http::router(app.clone());
+    let service = crate::http::Service::new(app.clone());
     let s = &app.config.server;
     let timeouts = Timeouts {
         idle: Duration::from_secs(s.idle_timeout_secs),
@@ -151,28 +150,23 @@ pub async fn serve(
             timeouts,
             app.metrics.clone(),
         ));
-        let router = router.clone();
-        let service =
+        let handler = service.clone();
+        let per_request =
             hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
                 let busy = state.begin();
-                let router = router.clone();
                 req.extensions_mut().insert(peer.clone());
+                let response = handler.call(req);
                 async move {
-                    let response = router.oneshot(req.map(axum::body::Body::new)).await?;
                     // The request counts as busy until its body is sent or dropped.
-                    Ok::<_, std::convert::Infallible>(response.map(|b| {
-                        axum::body::Body::new(Tracked {
-                            inner: b,
-                            _busy: busy,
-                        })
-                    }))
+                    let response = response.await.map(|inner| Tracked { inner, _busy: busy });
+                    Ok::<_, std::convert::Infallible>(response)
                 }
             });
         let connection = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
             // The idle and header timeouts are the connection's own (see `conn`).
             .header_read_timeout(None)
-            .serve_connection(io, service);
+            .serve_connection(io, per_request);
         let connection = graceful.watch(connection);
         let (open, metrics) = (open.clone(), app.metrics.clone());
         tokio::spawn(async move {

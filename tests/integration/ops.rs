@@ -235,6 +235,9 @@ fn server_errors_say_only_their_status_and_the_log_has_the_rest_under_the_reques
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .find(|l| l["fields"]["message"] == "request failed")
         .expect("a JSON log line for the failure");
+    assert_eq!(line["fields"]["id"], id, "{line}");
+    assert_eq!(line["fields"]["method"], "PUT", "{line}");
+    // Every line of an upload carries its id.
     assert_eq!(line["span"]["id"], id, "{line}");
     assert!(
         line["fields"]["error"]
