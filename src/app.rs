@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use crate::auth::{self, Authorizer, Token};
+use crate::auth::{Authorizer, Token};
 use crate::budget::Budget;
 use crate::caches::Caches;
 use crate::config::Config;
@@ -51,10 +51,8 @@ const READINESS_TTL: std::time::Duration = std::time::Duration::from_secs(1);
 pub struct Opened {
     /// The server's state.
     pub app: Arc<App>,
-    /// The admin token.
-    pub admin_token: Token,
-    /// Whether the token was created by this start.
-    pub admin_token_created: bool,
+    /// The admin token, when this start made it (the first).
+    pub admin_token: Option<Token>,
 }
 
 /// Creates a directory only its owner can enter: it holds keys and the admin token.
@@ -94,9 +92,9 @@ impl App {
             metrics.clone(),
             space,
         );
-        let caches = Caches::open(index.as_ref(), &config).map_err(explain)?;
-        let (admin_token, admin_token_created) =
-            auth::load_or_create_admin_token(&config.data_dir).map_err(explain)?;
+        let caches = Caches::open(index.clone(), &config).map_err(explain)?;
+        let (auth, admin_token) =
+            Authorizer::open(index.clone(), &config.data_dir).map_err(explain)?;
         let serve = serve::Source {
             store: packs.clone(),
             index: index.clone(),
@@ -104,7 +102,7 @@ impl App {
             memory: Budget::new(config.serve.memory_mib * 1024 * 1024),
         };
         let app = Arc::new(App {
-            auth: Authorizer::new(&admin_token),
+            auth,
             config,
             index,
             packs,
@@ -114,11 +112,7 @@ impl App {
             metrics,
             ready: tokio::sync::Mutex::new(None),
         });
-        Ok(Opened {
-            app,
-            admin_token,
-            admin_token_created,
-        })
+        Ok(Opened { app, admin_token })
     }
 }
 

@@ -36,6 +36,8 @@ pub struct Config {
     pub serve: ServeConfig,
     /// The metadata database.
     pub index: IndexConfig,
+    /// TLS, when the server terminates it itself.
+    pub tls: TlsConfig,
     /// Caches created at start when missing. With none, a public `main` is created on
     /// an empty data directory.
     #[serde(rename = "cache")]
@@ -166,6 +168,18 @@ impl Default for IndexConfig {
     }
 }
 
+/// TLS terminated by the server: both files set, or neither (plain HTTP, e.g. behind
+/// a reverse proxy that terminates TLS).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// The certificate chain, PEM, the server's own certificate first. Read again on
+    /// SIGHUP, so a renewed certificate needs no restart.
+    pub cert_file: Option<PathBuf>,
+    /// Its private key, PEM (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: Option<PathBuf>,
+}
+
 /// A cache to create at start.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -214,6 +228,7 @@ impl Default for Config {
             ingest: IngestConfig::default(),
             serve: ServeConfig::default(),
             index: IndexConfig::default(),
+            tls: TlsConfig::default(),
             caches: Vec::new(),
         }
     }
@@ -341,6 +356,10 @@ impl Config {
             self.ingest.memory_mib * MIB > upload,
             "ingest.memory_mib must be more than one upload takes ({} MiB with these settings)",
             upload.div_ceil(MIB)
+        );
+        anyhow::ensure!(
+            self.tls.cert_file.is_some() == self.tls.key_file.is_some(),
+            "tls.cert_file and tls.key_file are set together, or neither"
         );
         anyhow::ensure!(
             self.server.max_connections > 0,

@@ -41,6 +41,12 @@ pub enum Error {
     /// Credentials are missing or wrong.
     #[error("credentials required")]
     Unauthorized,
+    /// The credentials are valid but do not allow this.
+    #[error("forbidden: {0}")]
+    Forbidden(String),
+    /// The request contradicts the state it would change.
+    #[error("conflict: {0}")]
+    Conflict(String),
     /// The `Range` lies outside the body.
     #[error("range not satisfiable for {size} bytes")]
     RangeNotSatisfiable {

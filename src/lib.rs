@@ -2,6 +2,7 @@
 //! ARCHITECTURE.md maps the modules and their invariants.
 #![warn(missing_docs)]
 
+pub mod admin;
 pub mod app;
 pub mod auth;
 pub mod body;
@@ -9,15 +10,18 @@ pub mod budget;
 pub mod caches;
 pub mod config;
 pub mod error;
+pub mod grants;
 pub mod http;
 pub mod index;
 pub mod ingest;
 pub mod metrics;
 pub mod nix;
 pub mod publish;
+pub mod removal;
 pub mod secret_file;
 pub mod serve;
 pub mod server;
+pub mod signatures;
 pub mod stall;
 pub mod store;
 pub mod testing;

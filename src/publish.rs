@@ -106,9 +106,8 @@ pub async fn publish(
         file_size: Some(file_size),
         ..claimed
     };
-    // Our signature replaces any the client made under our key's name.
-    served.sigs.retain(|s| s.key_name() != cache.key.name());
-    served.sigs.push(cache.key.sign(&served.fingerprint()));
+    crate::signatures::apply(&mut served, cache);
+    let references: Vec<StorePathHash> = served.foreign_references().map(|r| r.hash()).collect();
 
     let record = NarInfoRecord {
         nar_hash: served.nar_hash,
@@ -116,7 +115,7 @@ pub async fn publish(
         file_size,
         text: served.render().into(),
     };
-    let outcome = index.commit_narinfo(&cache.name, &hash, &record)?;
+    let outcome = index.commit_narinfo(&cache.name, &hash, &record, &references)?;
     // Acknowledge only what would survive a crash; a path found already there may
     // come from a commit whose own flush has not finished yet.
     let flushing = index.clone();
@@ -154,14 +153,7 @@ mod tests {
     const TOP: &str = "1x5vmr3a5v6aadm0zq9nd6jq2k1rkzgz";
 
     fn cache() -> Cache {
-        let key = SecretKey::generate("test-1").unwrap();
-        Cache {
-            name: "main".parse().unwrap(),
-            public: true,
-            priority: 40,
-            public_key: key.public(),
-            key,
-        }
+        Cache::for_test("main", true, SecretKey::generate("test-1").unwrap())
     }
 
     /// Records a NAR of `nar_size` bytes uploaded under a URL; returns the URL.
@@ -232,7 +224,7 @@ mod tests {
         assert_eq!(served.file_size, Some(10));
         assert_eq!(served.file_hash, None);
         assert!(cache
-            .public_key
+            .public_key()
             .verify(&served.fingerprint(), &served.sigs[0]));
         assert_eq!(index.cache_stats(&cache.name).unwrap().paths, 1);
     }
@@ -283,10 +275,7 @@ mod tests {
             None
         );
         // Another cache cannot claim the upload.
-        let elsewhere = Cache {
-            name: "other".parse().unwrap(),
-            ..cache
-        };
+        let elsewhere = Cache::for_test("other", true, SecretKey::generate("test-1").unwrap());
         let err = run(&index, &elsewhere, LEAF, &good).await.unwrap_err();
         assert!(err.to_string().contains("names no NAR"), "{err}");
     }

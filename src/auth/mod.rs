@@ -1,14 +1,23 @@
-//! Who may do what. Tokens are random secrets; the server keeps only their SHA-256 and
-//! compares in constant time. For now the admin token is the only token; scoped tokens
-//! grow here without touching the handlers, which only ask `authorize`.
+//! Who may do what. Tokens are random secrets (`grants::new_token_secret`); the index
+//! keeps only their SHA-256, and this module a copy of every record in memory, so a
+//! request costs one hash and one map lookup, and a revocation or expiry, made by this
+//! same process or reached by the clock, holds from the next request on.
+//!
+//! The rule (`decide`) keeps private caches private: without a valid token, a private
+//! cache and one that does not exist answer alike (401), so nobody can probe for
+//! names; a valid token that lacks the permission is told so (403).
 
-use std::path::Path;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 
-use subtle::ConstantTimeEq as _;
 use zeroize::Zeroizing;
 
+use crate::caches::{now, Cache, Caches};
 use crate::error::{Error, Result};
-use crate::nix::Sha256;
+use crate::grants::{self, CachePattern, Grants, Permission};
+use crate::index::{Index, TokenRecord};
+use crate::nix::{CacheName, Sha256};
 
 /// A token as presented by a client. `Debug` never shows it.
 pub struct Token(Zeroizing<String>);
@@ -19,21 +28,13 @@ impl Token {
         Self(Zeroizing::new(s))
     }
 
-    /// A new random token: 32 bytes from the operating system, in hex.
-    pub fn generate() -> Self {
-        let mut raw = Zeroizing::new([0u8; 32]);
-        getrandom::fill(raw.as_mut()).expect("the operating system's random source failed");
-        let hex: String = raw.iter().map(|b| format!("{b:02x}")).collect();
-        Self::new(hex)
-    }
-
     /// The secret itself, to write it where its owner will find it.
     pub fn expose(&self) -> &str {
         &self.0
     }
 
     fn digest(&self) -> Sha256 {
-        Sha256::digest(self.0.as_bytes())
+        grants::token_hash(&self.0)
     }
 }
 
@@ -43,98 +44,422 @@ impl std::fmt::Debug for Token {
     }
 }
 
-/// What a request wants to do to a cache.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Permission {
-    /// Read narinfos, NARs, listings, logs.
-    Pull,
-    /// Upload NARs and publish narinfos, logs, realisations.
-    Push,
+/// How long a token's `last_used` may lag: it is written at most this often.
+const LAST_USED_STEP: u64 = 60;
+
+/// The name of the token made at first start.
+pub const FIRST_ADMIN: &str = "admin";
+
+/// Decides who may do what, from the tokens it keeps in memory.
+pub struct Authorizer {
+    index: Arc<dyn Index>,
+    tokens: RwLock<HashMap<Sha256, TokenRecord>>,
+    /// Where the first-start admin token was written; removed when it is revoked.
+    admin_file: PathBuf,
 }
 
-/// Decides who may do what.
-pub struct Authorizer {
-    admin: Sha256,
+/// Whether a token record lets its holder in at `at`.
+fn usable(t: &TokenRecord, at: u64) -> bool {
+    t.revoked.is_none() && t.expires.is_none_or(|e| at < e)
+}
+
+/// The rule: may the holder of `token` (a valid one, or none) do `wanted` on the cache
+/// `name` (which is `cache`, if it exists)?
+pub fn decide(
+    token: Option<&TokenRecord>,
+    name: &CacheName,
+    cache: Option<&Cache>,
+    wanted: Permission,
+) -> Result<()> {
+    let public_read = wanted == Permission::Pull && cache.is_some_and(|c| c.public);
+    match token {
+        Some(t) if t.grants.allow(name, wanted) => match cache {
+            Some(_) => Ok(()),
+            None => Err(Error::NotFound("cache")),
+        },
+        _ if public_read => Ok(()),
+        Some(_) => Err(Error::Forbidden(format!(
+            "the token may not {wanted} on {name}"
+        ))),
+        None => Err(Error::Unauthorized),
+    }
+}
+
+/// A token just made: its record and its secret, shown this once.
+pub struct NewToken {
+    /// Its record.
+    pub record: TokenRecord,
+    /// Its secret.
+    pub secret: Zeroizing<String>,
+}
+
+/// Whether `name` may name a token: 1 to 64 letters, digits, `.`, `_`, `-` or `@`.
+pub fn valid_token_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || b"._-@".contains(&c))
 }
 
 impl Authorizer {
-    /// An authorizer that knows the admin token.
-    pub fn new(admin: &Token) -> Self {
-        Self {
-            admin: admin.digest(),
+    /// Loads the tokens; on the first start (no token recorded) makes an admin token
+    /// of every cache, present and future, written to `<data_dir>/admin-token` (mode
+    /// 0600). A token file from before tokens were recorded is taken in as that token.
+    /// Returns the authorizer and, when it made the token now, its secret.
+    pub fn open(index: Arc<dyn Index>, data_dir: &Path) -> anyhow::Result<(Self, Option<Token>)> {
+        let admin_file = data_dir.join("admin-token");
+        let mut tokens: HashMap<Sha256, TokenRecord> =
+            index.tokens()?.into_iter().map(|t| (t.hash, t)).collect();
+        let file = match std::fs::read_to_string(&admin_file) {
+            Ok(text) => Some(Token::new(text.trim().to_owned())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => anyhow::bail!("reading {}: {e}", admin_file.display()),
+        };
+        let mut created = None;
+        match file {
+            Some(t) if t.expose().is_empty() => anyhow::bail!("{} is empty", admin_file.display()),
+            Some(t) => match tokens.get(&t.digest()) {
+                // Revoked, and the start that revoked it died before removing the file.
+                Some(r) if r.revoked.is_some() => remove_file(&admin_file),
+                Some(_) => {}
+                None if tokens.is_empty() => {
+                    let record = first_admin(t.digest());
+                    index.put_token(&record)?;
+                    index.flush()?;
+                    tokens.insert(record.hash, record);
+                }
+                None => tracing::warn!(
+                    file = %admin_file.display(),
+                    "this file holds a token the server does not know; it is ignored"
+                ),
+            },
+            None if tokens.is_empty() => {
+                // The file first: a start that dies before the record is durable finds
+                // the file and records it then.
+                let secret = Token::new(grants::new_token_secret().to_string());
+                crate::secret_file::write(&admin_file, secret.expose())?;
+                let record = first_admin(secret.digest());
+                index.put_token(&record)?;
+                index.flush()?;
+                tokens.insert(record.hash, record);
+                created = Some(secret);
+            }
+            None => {}
         }
+        let auth = Self {
+            index,
+            tokens: RwLock::new(tokens),
+            admin_file,
+        };
+        Ok((auth, created))
     }
 
-    fn is_admin(&self, token: &Token) -> bool {
-        !token.0.is_empty() && bool::from(token.digest().as_bytes().ct_eq(self.admin.as_bytes()))
+    /// The record of a usable token, if `token` is one. Notes its use, at most once
+    /// a minute.
+    pub fn identify(&self, token: Option<&Token>) -> Option<TokenRecord> {
+        let token = token.filter(|t| !t.expose().is_empty())?;
+        let hash = token.digest();
+        let at = now();
+        let record = {
+            let tokens = self.tokens.read().expect("never poisoned");
+            let record = tokens.get(&hash).filter(|t| usable(t, at))?;
+            if record.last_used.is_some_and(|u| u + LAST_USED_STEP > at) {
+                return Some(record.clone());
+            }
+            record.clone()
+        };
+        let mut tokens = self.tokens.write().expect("never poisoned");
+        if let Some(r) = tokens.get_mut(&hash) {
+            r.last_used = Some(at);
+            // Not flushed: a lost last-used time costs nothing.
+            if let Err(e) = self.index.put_token(r) {
+                tracing::warn!(token = %r.name, error = %e, "could not record a token's use");
+            }
+        }
+        Some(TokenRecord {
+            last_used: Some(at),
+            ..record
+        })
     }
 
-    /// Allows `permission` to the bearer of `token` (None when the request carried no
-    /// credentials) on a cache that is `public` or not. Anyone may pull from a public
-    /// cache.
-    pub fn authorize(
+    /// The cache `name`, if the holder of `token` may do `wanted` on it.
+    pub fn cache(
         &self,
+        caches: &Caches,
         token: Option<&Token>,
-        public: bool,
-        permission: Permission,
-    ) -> Result<()> {
-        if permission == Permission::Pull && public {
-            return Ok(());
+        name: &CacheName,
+        wanted: Permission,
+    ) -> Result<Arc<Cache>> {
+        let cache = caches.get(name);
+        let holder = match (token, &cache) {
+            // Anyone may read a public cache: no token is looked up.
+            (_, Some(c)) if c.public && wanted == Permission::Pull => return Ok(c.clone()),
+            (None, _) => None,
+            (Some(_), _) => self.identify(token),
+        };
+        decide(holder.as_ref(), name, cache.as_deref(), wanted)?;
+        Ok(cache.expect("decide allows only existing caches"))
+    }
+
+    /// The record of `token` if it is usable; 401 if it is not.
+    pub fn bearer(&self, token: Option<&Token>) -> Result<TokenRecord> {
+        self.identify(token).ok_or(Error::Unauthorized)
+    }
+
+    /// The record of `token` if it makes its holder the server's administrator.
+    pub fn server_admin(&self, token: Option<&Token>) -> Result<TokenRecord> {
+        let record = self.bearer(token)?;
+        if !record.grants.server_admin() {
+            return Err(Error::Forbidden(
+                "the token is not a server admin token (admin on '*')".into(),
+            ));
         }
-        match token {
-            Some(t) if self.is_admin(t) => Ok(()),
-            // No token, or one we do not know: the client must send (another) one.
-            _ => Err(Error::Unauthorized),
+        Ok(record)
+    }
+
+    /// Every token, by name.
+    pub fn list(&self) -> Vec<TokenRecord> {
+        let mut all: Vec<_> = self
+            .tokens
+            .read()
+            .expect("never poisoned")
+            .values()
+            .cloned()
+            .collect();
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        all
+    }
+
+    /// Makes a token. Names are unique among tokens not revoked.
+    pub fn create(&self, name: &str, grants: Grants, expires: Option<u64>) -> Result<NewToken> {
+        if !valid_token_name(name) {
+            return Err(Error::BadBody(format!(
+                "token name {name:?} must be 1 to 64 letters, digits, '.', '_', '-' or '@'"
+            )));
         }
+        if grants.permissions.is_empty() || grants.caches.is_empty() {
+            return Err(Error::BadBody(
+                "a token needs at least one permission and one cache pattern".into(),
+            ));
+        }
+        let at = now();
+        if expires.is_some_and(|e| e <= at) {
+            return Err(Error::BadBody("the expiry is in the past".into()));
+        }
+        let mut tokens = self.tokens.write().expect("never poisoned");
+        if tokens
+            .values()
+            .any(|t| t.name == name && t.revoked.is_none())
+        {
+            return Err(Error::Conflict(format!("a token named {name} exists")));
+        }
+        let secret = grants::new_token_secret();
+        let record = TokenRecord {
+            name: name.to_owned(),
+            hash: grants::token_hash(&secret),
+            grants,
+            created: at,
+            expires,
+            last_used: None,
+            revoked: None,
+        };
+        self.index.put_token(&record)?;
+        self.index.flush()?;
+        tokens.insert(record.hash, record.clone());
+        Ok(NewToken { record, secret })
+    }
+
+    /// Revokes the token `name`, from its holder's next request on. The last usable
+    /// server admin token stays: without it nobody could administer the server.
+    pub fn revoke(&self, name: &str) -> Result<TokenRecord> {
+        let at = now();
+        let mut tokens = self.tokens.write().expect("never poisoned");
+        let Some(record) = tokens
+            .values()
+            .find(|t| t.name == name && t.revoked.is_none())
+            .cloned()
+        else {
+            return Err(Error::NotFound("token"));
+        };
+        let other_admins = tokens
+            .values()
+            .filter(|t| t.hash != record.hash && usable(t, at) && t.grants.server_admin())
+            .count();
+        if record.grants.server_admin() && other_admins == 0 {
+            return Err(Error::Conflict(format!(
+                "token {name} is the last server admin token: create another one first"
+            )));
+        }
+        let revoked = TokenRecord {
+            revoked: Some(at),
+            ..record
+        };
+        self.index.put_token(&revoked)?;
+        self.index.flush()?;
+        tokens.insert(revoked.hash, revoked.clone());
+        drop(tokens);
+        if self.file_holds(&revoked.hash) {
+            remove_file(&self.admin_file);
+        }
+        Ok(revoked)
+    }
+
+    fn file_holds(&self, hash: &Sha256) -> bool {
+        std::fs::read_to_string(&self.admin_file)
+            .map(|t| grants::token_hash(t.trim()) == *hash)
+            .unwrap_or(false)
     }
 }
 
-/// Reads the admin token from `<data_dir>/admin-token`, creating it (mode 0600) on
-/// first start. Returns the token and whether it was created now.
-pub fn load_or_create_admin_token(data_dir: &Path) -> anyhow::Result<(Token, bool)> {
-    let path = data_dir.join("admin-token");
-    match std::fs::read_to_string(&path) {
-        Ok(text) => {
-            let token = text.trim().to_owned();
-            anyhow::ensure!(!token.is_empty(), "{} is empty", path.display());
-            Ok((Token::new(token), false))
+fn first_admin(hash: Sha256) -> TokenRecord {
+    TokenRecord {
+        name: FIRST_ADMIN.into(),
+        hash,
+        grants: Grants {
+            permissions: vec![Permission::Admin],
+            caches: vec![CachePattern::any()],
+        },
+        created: now(),
+        expires: None,
+        last_used: None,
+        revoked: None,
+    }
+}
+
+fn remove_file(path: &Path) {
+    if let Err(e) = std::fs::remove_file(path) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!(file = %path.display(), error = %e, "could not remove the revoked admin token's file");
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let token = Token::generate();
-            crate::secret_file::write(&path, token.expose())?;
-            Ok((token, true))
-        }
-        Err(e) => Err(anyhow::anyhow!("reading {}: {e}", path.display())),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::index::MemoryIndex;
+    use crate::nix::signing::SecretKey;
+
+    fn grants(perms: &[Permission], caches: &[&str]) -> Grants {
+        Grants {
+            permissions: perms.to_vec(),
+            caches: caches.iter().map(|c| c.parse().unwrap()).collect(),
+        }
+    }
+
+    fn token(g: Grants) -> TokenRecord {
+        TokenRecord {
+            name: "t".into(),
+            hash: Sha256::digest(b"t"),
+            grants: g,
+            created: 0,
+            expires: None,
+            last_used: None,
+            revoked: None,
+        }
+    }
+
+    fn status(r: Result<()>) -> u16 {
+        match r {
+            Ok(()) => 200,
+            Err(Error::NotFound(_)) => 404,
+            Err(Error::Unauthorized) => 401,
+            Err(Error::Forbidden(_)) => 403,
+            Err(e) => panic!("{e}"),
+        }
+    }
 
     #[test]
-    fn public_caches_are_readable_and_everything_else_needs_the_token() {
-        let admin = Token::generate();
-        let auth = Authorizer::new(&admin);
-        let same = Token::new(admin.expose().to_owned());
-        let wrong = Token::new("wrong".into());
-        let empty = Token::new(String::new());
-        assert!(auth.authorize(None, true, Permission::Pull).is_ok());
-        assert!(auth.authorize(Some(&wrong), true, Permission::Pull).is_ok());
-        for (token, public) in [
-            (None, true),
-            (Some(&wrong), true),
-            (Some(&empty), false),
-            (None, false),
-        ] {
-            assert!(matches!(
-                auth.authorize(token, public, Permission::Push),
-                Err(Error::Unauthorized)
-            ));
-        }
-        assert!(auth.authorize(None, false, Permission::Pull).is_err());
-        assert!(auth.authorize(Some(&same), false, Permission::Pull).is_ok());
-        assert!(auth.authorize(Some(&same), true, Permission::Push).is_ok());
-        assert_eq!(format!("{same:?}"), "Token(<redacted>)");
+    fn private_and_missing_caches_look_alike_without_a_token() {
+        use Permission::*;
+        let key = || SecretKey::generate("k-1").unwrap();
+        let public = Cache::for_test("a", true, key());
+        let private = Cache::for_test("b", false, key());
+        let a: CacheName = "a".parse().unwrap();
+        let b: CacheName = "b".parse().unwrap();
+        let gone: CacheName = "gone".parse().unwrap();
+        assert_eq!(status(decide(None, &a, Some(&public), Pull)), 200);
+        assert_eq!(status(decide(None, &a, Some(&public), Push)), 401);
+        assert_eq!(status(decide(None, &b, Some(&private), Pull)), 401);
+        assert_eq!(status(decide(None, &gone, None, Pull)), 401);
+        let push_a = token(grants(&[Push], &["a"]));
+        assert_eq!(status(decide(Some(&push_a), &a, Some(&public), Push)), 200);
+        assert_eq!(
+            status(decide(Some(&push_a), &a, Some(&public), Delete)),
+            403
+        );
+        assert_eq!(status(decide(Some(&push_a), &b, Some(&private), Pull)), 403);
+        assert_eq!(status(decide(Some(&push_a), &gone, None, Pull)), 403);
+        let all = token(grants(&[Pull], &["*"]));
+        assert_eq!(status(decide(Some(&all), &b, Some(&private), Pull)), 200);
+        assert_eq!(status(decide(Some(&all), &gone, None, Pull)), 404);
+    }
+
+    #[test]
+    fn the_first_admin_token_is_made_once_and_revocable_only_with_another() {
+        let dir = tempfile::tempdir().unwrap();
+        let index: Arc<dyn Index> = Arc::new(MemoryIndex::new());
+        let (auth, made) = Authorizer::open(index.clone(), dir.path()).unwrap();
+        let first = made.expect("made on the first start");
+        assert!(first.expose().starts_with(grants::TOKEN_PREFIX));
+        let (again, none) = Authorizer::open(index.clone(), dir.path()).unwrap();
+        assert!(none.is_none());
+        assert!(again.server_admin(Some(&first)).is_ok());
+        assert!(matches!(auth.revoke(FIRST_ADMIN), Err(Error::Conflict(_))));
+        let second = auth
+            .create("ops", grants(&[Permission::Admin], &["*"]), None)
+            .unwrap();
+        auth.revoke(FIRST_ADMIN).unwrap();
+        assert!(matches!(
+            auth.server_admin(Some(&first)),
+            Err(Error::Unauthorized)
+        ));
+        assert!(!dir.path().join("admin-token").exists());
+        let second = Token::new(second.secret.to_string());
+        assert_eq!(auth.server_admin(Some(&second)).unwrap().name, "ops");
+        assert!(matches!(auth.revoke("ops"), Err(Error::Conflict(_))));
+        // A restart knows the revocation.
+        let (restarted, none) = Authorizer::open(index, dir.path()).unwrap();
+        assert!(none.is_none());
+        assert!(restarted.identify(Some(&first)).is_none());
+        assert!(restarted.identify(Some(&second)).is_some());
+    }
+
+    #[test]
+    fn a_token_file_from_before_records_is_taken_in_and_expiry_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = "ab".repeat(32);
+        std::fs::write(dir.path().join("admin-token"), format!("{old}\n")).unwrap();
+        let index: Arc<dyn Index> = Arc::new(MemoryIndex::new());
+        let (auth, made) = Authorizer::open(index, dir.path()).unwrap();
+        assert!(made.is_none());
+        assert!(auth.server_admin(Some(&Token::new(old))).is_ok());
+        let soon = auth
+            .create(
+                "soon",
+                grants(&[Permission::Pull], &["a"]),
+                Some(now() + 3600),
+            )
+            .unwrap();
+        let t = Token::new(soon.secret.to_string());
+        assert!(auth.identify(Some(&t)).is_some());
+        // Expired, as the clock would make it.
+        auth.tokens
+            .write()
+            .unwrap()
+            .get_mut(&soon.record.hash)
+            .unwrap()
+            .expires = Some(now());
+        assert!(auth.identify(Some(&t)).is_none());
+        assert!(auth
+            .create("x", grants(&[Permission::Pull], &["a"]), Some(1))
+            .is_err());
+        assert!(auth
+            .create("bad name", grants(&[Permission::Pull], &["a"]), None)
+            .is_err());
+        assert!(matches!(
+            auth.create("soon", grants(&[Permission::Pull], &["a"]), None),
+            Err(Error::Conflict(_))
+        ));
     }
 }

@@ -1,79 +1,679 @@
 //! `cache-admin`: the operator's client of the server's admin API.
 
-use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
 
-use cachet::http::api::CacheInfo;
+use anyhow::Context as _;
+use clap::parser::ValueSource;
+use clap::{Args, CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
+use reqwest::Method;
+use serde_json::json;
+
+use cachet::admin::client::{Client, FileSettings};
+use cachet::admin::output::{self, fields, Limit, Table};
+use cachet::grants::{CachePattern, Permission};
+use cachet::http::api::{CacheInfo, CreatedToken, Deleted, KeyChange, KeysInfo, TokenInfo};
 
 #[derive(Parser)]
-#[command(version, about = "Administer a cachet server")]
-struct Args {
-    /// The server's base URL.
-    #[arg(
-        long,
-        env = "CACHET_SERVER",
-        default_value = "http://127.0.0.1:8080",
-        global = true
-    )]
-    server: String,
-    /// An admin token (the server writes one to <data-dir>/admin-token on first start).
+#[command(
+    version,
+    about = "Administer a cachet server: caches, tokens, signing keys, store paths",
+    after_help = "The server and token come from --server/--token, else CACHET_SERVER/CACHET_TOKEN, \
+                  else the config file (~/.config/cachet/cache-admin.toml: server, token, token_file, ca_file)."
+)]
+struct Cli {
+    /// The server's base URL [default: http://127.0.0.1:8080].
+    #[arg(long, env = "CACHET_SERVER", global = true)]
+    server: Option<String>,
+    /// A token (server admin for tokens and new caches).
     #[arg(long, env = "CACHET_TOKEN", global = true, hide_env_values = true)]
     token: Option<String>,
+    /// A file holding the token.
+    #[arg(long, env = "CACHET_TOKEN_FILE", global = true)]
+    token_file: Option<PathBuf>,
+    /// A PEM file of CA certificates to trust beside the system's (for https://).
+    #[arg(long, env = "CACHET_CA_FILE", global = true)]
+    ca_file: Option<PathBuf>,
+    /// The config file [default: $XDG_CONFIG_HOME/cachet/cache-admin.toml].
+    #[arg(long, env = "CACHET_ADMIN_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    /// Print JSON, for scripts.
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
-    /// Caches.
+    /// Caches: create, list, show, change, delete.
     Cache {
         #[command(subcommand)]
         command: CacheCommand,
+    },
+    /// Tokens: create, list, revoke.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// A cache's signing keys: show, rotate, re-sign.
+    Key {
+        #[command(subcommand)]
+        command: KeyCommand,
+    },
+    /// Store paths of a cache.
+    Path {
+        #[command(subcommand)]
+        command: PathCommand,
+    },
+    /// Print the nix.conf (and netrc) lines a host needs to use a cache.
+    Use {
+        /// The cache.
+        cache: String,
     },
 }
 
 #[derive(Subcommand)]
 enum CacheCommand {
-    /// Show a cache: its public key and settings.
-    Info {
+    /// Create a cache (public unless --private), with a new signing key or an imported one.
+    Create {
         name: String,
-        /// Print JSON instead of lines.
+        /// Only token holders may pull.
         #[arg(long)]
-        json: bool,
+        private: bool,
+        /// The priority announced to clients (lower is tried first) [default: 40].
+        #[arg(long)]
+        priority: Option<u32>,
+        /// Import this Nix secret key (`nix-store --generate-binary-cache-key`) instead of generating one.
+        #[arg(long)]
+        secret_key_file: Option<PathBuf>,
+        #[command(flatten)]
+        retention: RetentionArgs,
+        /// Serve only the cache's own signatures, not those clients push.
+        #[arg(long)]
+        drop_client_signatures: bool,
+    },
+    /// List the caches.
+    List,
+    /// Show a cache.
+    Info { name: String },
+    /// Change a cache's settings.
+    Update {
+        name: String,
+        /// Anyone may pull.
+        #[arg(long, conflicts_with = "private")]
+        public: bool,
+        /// Only token holders may pull.
+        #[arg(long)]
+        private: bool,
+        /// The priority announced to clients.
+        #[arg(long)]
+        priority: Option<u32>,
+        #[command(flatten)]
+        retention: RetentionArgs,
+        /// Whether client signatures are served: keep or drop.
+        #[arg(long, value_parser = ["keep", "drop"])]
+        client_signatures: Option<String>,
+    },
+    /// Delete a cache and its store paths (their data is reclaimed by gc).
+    Delete {
+        name: String,
+        /// Confirm the deletion.
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+#[derive(Args)]
+struct RetentionArgs {
+    /// Let gc remove paths not fetched for this long (e.g. 30d), or `none`.
+    #[arg(long, value_parser = output::parse_age)]
+    keep_age: Option<Limit>,
+    /// Let gc remove the least recently fetched paths above this size (e.g. 500GiB), or `none`.
+    #[arg(long, value_parser = output::parse_limit_size)]
+    keep_size: Option<Limit>,
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Create a token; its secret is printed once, alone on the last line.
+    Create {
+        /// A name to list and revoke it by.
+        #[arg(long)]
+        name: String,
+        /// Permissions, comma-separated: pull, push, delete, admin.
+        #[arg(long, value_delimiter = ',', required = true)]
+        perm: Vec<Permission>,
+        /// A cache it covers: a name or a pattern such as `team-*` or `*`; repeatable.
+        #[arg(long = "cache", required = true)]
+        caches: Vec<CachePattern>,
+        /// It stops working after this long (e.g. 30d); never when absent.
+        #[arg(long, value_parser = output::parse_expiry)]
+        expires: Option<u64>,
+    },
+    /// List the tokens (never their secrets).
+    List,
+    /// Revoke a token, from its next request on.
+    Revoke { name: String },
+}
+
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// The cache's keys, and how many paths each signs.
+    Info { cache: String },
+    /// Add a new signing key: until `resign`, paths carry both the old and the new signature.
+    Rotate {
+        cache: String,
+        /// Import this Nix secret key as the new key instead of generating one.
+        #[arg(long)]
+        secret_key_file: Option<PathBuf>,
+    },
+    /// Finish a rotation: retire the old keys; paths keep only the newest key's signature.
+    Resign { cache: String },
+}
+
+#[derive(Subcommand)]
+enum PathCommand {
+    /// Delete store paths; refused if other paths refer to them, unless --with-referrers.
+    Delete {
+        cache: String,
+        /// Store paths (/nix/store/... or their base names).
+        #[arg(required = true)]
+        paths: Vec<String>,
+        /// Delete the paths that refer to them too (transitively).
+        #[arg(long)]
+        with_referrers: bool,
     },
 }
 
 #[tokio::main(flavor = "current_thread")]
-async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
-    let client = reqwest::Client::new();
-    match args.command {
-        Command::Cache {
-            command: CacheCommand::Info { name, json },
-        } => {
-            let url = format!(
-                "{}/_api/v1/caches/{name}",
-                args.server.trim_end_matches('/')
-            );
-            let mut req = client.get(&url);
-            if let Some(t) = &args.token {
-                req = req.bearer_auth(t);
-            }
-            let resp = req.send().await?;
-            let status = resp.status();
-            if !status.is_success() {
-                let text = resp.text().await.unwrap_or_default();
-                anyhow::bail!("{url}: {status}: {}", text.trim());
-            }
-            let info: CacheInfo = resp.json().await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&info)?);
+async fn main() -> ExitCode {
+    let matches = Cli::command().get_matches();
+    let token_on_command_line = matches.value_source("token") == Some(ValueSource::CommandLine);
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    match run(cli, token_on_command_line).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cache-admin: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn read_secret_file(path: &std::path::Path, what: &str) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the {what} from {}", path.display()))?;
+    Ok(text.trim().to_owned())
+}
+
+async fn run(cli: Cli, token_on_command_line: bool) -> anyhow::Result<()> {
+    let file = FileSettings::load(cli.config.as_deref())?;
+    let server = cli
+        .server
+        .or(file.server)
+        .unwrap_or_else(|| "http://127.0.0.1:8080".into());
+    let token = match (cli.token, cli.token_file) {
+        (Some(t), _) => Some(t),
+        (None, Some(f)) => Some(read_secret_file(&f, "token")?),
+        (None, None) => match (file.token, file.token_file) {
+            (Some(t), _) => Some(t),
+            (None, Some(f)) => Some(read_secret_file(&f, "token")?),
+            (None, None) => None,
+        },
+    };
+    let ca_file = cli.ca_file.or(file.ca_file);
+    let client = Client::new(&server, token.clone(), ca_file.as_deref())?;
+    let json = cli.json;
+    match cli.command {
+        Command::Cache { command } => cache(&client, command, json).await,
+        Command::Token { command } => token_command(&client, command, json).await,
+        Command::Key { command } => key(&client, command, json).await,
+        Command::Path { command } => path(&client, command, json).await,
+        Command::Use { cache } => {
+            let host_token = token.filter(|_| token_on_command_line);
+            use_cache(&client, &cache, host_token.as_deref(), json).await
+        }
+    }
+}
+
+fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+fn cache_fields(c: &CacheInfo) -> String {
+    let limit =
+        |v: Option<u64>, show: fn(u64) -> String| v.map(show).unwrap_or_else(|| "none".into());
+    let mut pairs = vec![
+        ("name", c.name.clone()),
+        (
+            "visibility",
+            if c.public { "public" } else { "private" }.into(),
+        ),
+        ("public key", c.public_key.clone()),
+    ];
+    if c.signing_keys.len() > 1 {
+        pairs.push((
+            "signing keys",
+            format!(
+                "{} (rotation under way: run `key resign` to finish)",
+                c.signing_keys.join(" ")
+            ),
+        ));
+    }
+    pairs.extend([
+        ("priority", c.priority.to_string()),
+        ("paths", c.paths.to_string()),
+        ("nar size", output::bytes(c.nar_bytes)),
+        (
+            "client signatures",
+            if c.keep_client_signatures {
+                "kept"
             } else {
-                println!("name: {}", info.name);
-                println!("public: {}", info.public);
-                println!("public key: {}", info.public_key);
-                println!("priority: {}", info.priority);
-                println!("store dir: {}", info.store_dir);
+                "dropped"
             }
+            .into(),
+        ),
+        (
+            "keep age",
+            limit(c.retention.max_age_secs, output::duration),
+        ),
+        (
+            "keep size",
+            limit(c.retention.max_size_bytes, output::bytes),
+        ),
+        (
+            "declared in config",
+            if c.declared { "yes" } else { "no" }.into(),
+        ),
+        ("created", output::time(c.created)),
+        ("store dir", c.store_dir.clone()),
+    ]);
+    fields(&pairs)
+}
+
+fn retention_json(r: &RetentionArgs, body: &mut serde_json::Map<String, serde_json::Value>) {
+    if let Some(age) = r.keep_age {
+        body.insert("max_age_secs".into(), age.json());
+    }
+    if let Some(size) = r.keep_size {
+        body.insert("max_size_bytes".into(), size.json());
+    }
+}
+
+async fn cache(client: &Client, command: CacheCommand, json: bool) -> anyhow::Result<()> {
+    match command {
+        CacheCommand::Create {
+            name,
+            private,
+            priority,
+            secret_key_file,
+            retention,
+            drop_client_signatures,
+        } => {
+            let mut r = serde_json::Map::new();
+            retention_json(&retention, &mut r);
+            let mut body = json!({
+                "name": name,
+                "public": !private,
+                "keep_client_signatures": !drop_client_signatures,
+                "retention": r,
+            });
+            if let Some(p) = priority {
+                body["priority"] = p.into();
+            }
+            if let Some(f) = &secret_key_file {
+                body["secret_key"] = read_secret_file(f, "secret key")?.into();
+            }
+            let what = format!("creating cache {name}");
+            let info: CacheInfo = client
+                .call(&what, Method::POST, "caches", Some(body))
+                .await?;
+            if json {
+                return print_json(&info);
+            }
+            print!("{}", cache_fields(&info));
+        }
+        CacheCommand::List => {
+            let all: Vec<CacheInfo> = client
+                .call("listing caches", Method::GET, "caches", None)
+                .await?;
+            if json {
+                return print_json(&all);
+            }
+            let mut t = Table::new(&[
+                "NAME",
+                "VISIBILITY",
+                "PRIORITY",
+                "PATHS",
+                "NAR SIZE",
+                "PUBLIC KEY",
+            ]);
+            for c in &all {
+                t.row(vec![
+                    c.name.clone(),
+                    if c.public { "public" } else { "private" }.into(),
+                    c.priority.to_string(),
+                    c.paths.to_string(),
+                    output::bytes(c.nar_bytes),
+                    c.public_key.clone(),
+                ]);
+            }
+            print!("{}", t.render());
+        }
+        CacheCommand::Info { name } => {
+            let what = format!("reading cache {name}");
+            let info: CacheInfo = client
+                .call(&what, Method::GET, &format!("caches/{name}"), None)
+                .await?;
+            if json {
+                return print_json(&info);
+            }
+            print!("{}", cache_fields(&info));
+        }
+        CacheCommand::Update {
+            name,
+            public,
+            private,
+            priority,
+            retention,
+            client_signatures,
+        } => {
+            let mut body = serde_json::Map::new();
+            if public || private {
+                body.insert("public".into(), public.into());
+            }
+            if let Some(p) = priority {
+                body.insert("priority".into(), p.into());
+            }
+            if let Some(c) = client_signatures {
+                body.insert("keep_client_signatures".into(), (c == "keep").into());
+            }
+            retention_json(&retention, &mut body);
+            anyhow::ensure!(!body.is_empty(), "nothing to change: give --public, --private, --priority, --keep-age, --keep-size or --client-signatures");
+            let what = format!("updating cache {name}");
+            let info: CacheInfo = client
+                .call(
+                    &what,
+                    Method::PATCH,
+                    &format!("caches/{name}"),
+                    Some(body.into()),
+                )
+                .await?;
+            if json {
+                return print_json(&info);
+            }
+            print!("{}", cache_fields(&info));
+        }
+        CacheCommand::Delete { name, yes } => {
+            anyhow::ensure!(
+                yes,
+                "deleting cache {name} removes all its store paths: give --yes to confirm"
+            );
+            let what = format!("deleting cache {name}");
+            client
+                .send(
+                    &what,
+                    Method::DELETE,
+                    &format!("caches/{name}?confirm={name}"),
+                    None,
+                )
+                .await?;
+            if json {
+                return print_json(&json!({ "deleted": name }));
+            }
+            println!("deleted cache {name}");
+        }
+    }
+    Ok(())
+}
+
+fn token_status(t: &TokenInfo) -> String {
+    match (t.revoked, t.expires) {
+        (Some(at), _) => format!("revoked {}", output::time(at)),
+        (None, Some(e)) if e <= output::now() => "expired".into(),
+        _ => "active".into(),
+    }
+}
+
+fn joined<T: ToString>(items: &[T]) -> String {
+    items.iter().map(T::to_string).collect::<Vec<_>>().join(",")
+}
+
+async fn token_command(client: &Client, command: TokenCommand, json: bool) -> anyhow::Result<()> {
+    match command {
+        TokenCommand::Create {
+            name,
+            perm,
+            caches,
+            expires,
+        } => {
+            let body = json!({
+                "name": name,
+                "permissions": perm,
+                "caches": caches,
+                "expires_in_secs": expires,
+            });
+            let what = format!("creating token {name}");
+            let made: CreatedToken = client
+                .call(&what, Method::POST, "tokens", Some(body))
+                .await?;
+            if json {
+                return print_json(&made);
+            }
+            let t = &made.token;
+            print!(
+                "{}",
+                fields(&[
+                    ("name", t.name.clone()),
+                    ("permissions", joined(&t.permissions)),
+                    ("caches", joined(&t.caches)),
+                    (
+                        "expires",
+                        t.expires
+                            .map(output::time)
+                            .unwrap_or_else(|| "never".into())
+                    ),
+                ])
+            );
+            println!("# the secret, shown this once:");
+            println!("{}", made.secret);
+        }
+        TokenCommand::List => {
+            let all: Vec<TokenInfo> = client
+                .call("listing tokens", Method::GET, "tokens", None)
+                .await?;
+            if json {
+                return print_json(&all);
+            }
+            let mut t = Table::new(&[
+                "NAME",
+                "PERMISSIONS",
+                "CACHES",
+                "CREATED",
+                "EXPIRES",
+                "LAST USED",
+                "STATUS",
+            ]);
+            for token in &all {
+                t.row(vec![
+                    token.name.clone(),
+                    joined(&token.permissions),
+                    joined(&token.caches),
+                    output::time(token.created),
+                    token
+                        .expires
+                        .map(output::time)
+                        .unwrap_or_else(|| "never".into()),
+                    output::maybe_time(token.last_used),
+                    token_status(token),
+                ]);
+            }
+            print!("{}", t.render());
+        }
+        TokenCommand::Revoke { name } => {
+            let what = format!("revoking token {name}");
+            let revoked: TokenInfo = client
+                .call(&what, Method::DELETE, &format!("tokens/{name}"), None)
+                .await?;
+            if json {
+                return print_json(&revoked);
+            }
+            println!("revoked token {}", revoked.name);
+        }
+    }
+    Ok(())
+}
+
+fn print_key_change(change: &KeyChange, json: bool) -> anyhow::Result<()> {
+    if json {
+        return print_json(change);
+    }
+    let mut pairs = vec![
+        ("trust", change.public_key.clone()),
+        ("signing keys", change.signing_keys.join(" ")),
+    ];
+    if !change.retired.is_empty() {
+        pairs.push(("retired", change.retired.join(" ")));
+    }
+    pairs.push(("paths", change.paths.to_string()));
+    pairs.push(("re-signed", change.rewritten.to_string()));
+    print!("{}", fields(&pairs));
+    Ok(())
+}
+
+async fn key(client: &Client, command: KeyCommand, json: bool) -> anyhow::Result<()> {
+    match command {
+        KeyCommand::Info { cache } => {
+            let what = format!("reading the keys of {cache}");
+            let info: KeysInfo = client
+                .call(&what, Method::GET, &format!("caches/{cache}/keys"), None)
+                .await?;
+            if json {
+                return print_json(&info);
+            }
+            let mut t = Table::new(&["NAME", "STATUS", "CREATED", "PATHS SIGNED", "PUBLIC KEY"]);
+            for k in &info.keys {
+                t.row(vec![
+                    k.name.clone(),
+                    if k.signing { "signing" } else { "retired" }.into(),
+                    output::time(k.created),
+                    format!("{} of {}", k.paths_signed, info.paths),
+                    k.public_key.clone(),
+                ]);
+            }
+            print!("{}", t.render());
+            for (name, count) in &info.other_signatures {
+                println!("client signature {name}: {count} of {} paths", info.paths);
+            }
+        }
+        KeyCommand::Rotate {
+            cache,
+            secret_key_file,
+        } => {
+            let mut body = json!({});
+            if let Some(f) = &secret_key_file {
+                body["secret_key"] = read_secret_file(f, "secret key")?.into();
+            }
+            let what = format!("rotating the key of {cache}");
+            let change: KeyChange = client
+                .call(
+                    &what,
+                    Method::POST,
+                    &format!("caches/{cache}/keys/rotate"),
+                    Some(body),
+                )
+                .await?;
+            print_key_change(&change, json)?;
+            if !json {
+                println!("# hosts may trust either key now; add the new one to their trusted-public-keys, then run `cache-admin key resign {cache}`");
+            }
+        }
+        KeyCommand::Resign { cache } => {
+            let what = format!("re-signing {cache}");
+            let change: KeyChange = client
+                .call(
+                    &what,
+                    Method::POST,
+                    &format!("caches/{cache}/keys/resign"),
+                    Some(json!({})),
+                )
+                .await?;
+            print_key_change(&change, json)?;
+        }
+    }
+    Ok(())
+}
+
+async fn path(client: &Client, command: PathCommand, json: bool) -> anyhow::Result<()> {
+    match command {
+        PathCommand::Delete {
+            cache,
+            paths,
+            with_referrers,
+        } => {
+            let body = json!({ "paths": paths, "with_referrers": with_referrers });
+            let what = format!("deleting paths from {cache}");
+            let deleted: Deleted = client
+                .call(
+                    &what,
+                    Method::POST,
+                    &format!("caches/{cache}/paths/delete"),
+                    Some(body),
+                )
+                .await?;
+            if json {
+                return print_json(&deleted);
+            }
+            for p in &deleted.deleted {
+                println!("deleted {p}");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The host of a URL, without its port (what a netrc `machine` names).
+fn host_of(url: &str) -> &str {
+    let authority = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let authority = authority.split('/').next().unwrap_or_default();
+    match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+    }
+}
+
+async fn use_cache(
+    client: &Client,
+    cache: &str,
+    token: Option<&str>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let what = format!("reading cache {cache}");
+    let info: CacheInfo = client
+        .call(&what, Method::GET, &format!("caches/{cache}"), None)
+        .await?;
+    let url = format!("{}/{}", client.base(), info.name);
+    let host = host_of(client.base());
+    if json {
+        return print_json(&json!({
+            "substituter": url,
+            "public_key": info.public_key,
+            "netrc": token.map(|t| format!("machine {host} password {t}")),
+        }));
+    }
+    println!("# in nix.conf (or nix.settings in NixOS):");
+    println!("extra-substituters = {url}");
+    println!("extra-trusted-public-keys = {}", info.public_key);
+    if !info.public {
+        println!("netrc-file = /etc/nix/netrc");
+        println!("# in /etc/nix/netrc (mode 0600):");
+        match token {
+            Some(t) => println!("machine {host} password {t}"),
+            None => println!("# machine {host} password <a pull token: cache-admin token create --perm pull --cache {}>", info.name),
         }
     }
     Ok(())

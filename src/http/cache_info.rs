@@ -8,8 +8,8 @@ use axum::response::IntoResponse;
 
 use super::extract::Credentials;
 use crate::app::App;
-use crate::auth::Permission;
 use crate::error::Result;
+use crate::grants::Permission;
 use crate::nix::{cache_info, CacheName};
 
 pub async fn get(

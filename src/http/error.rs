@@ -25,6 +25,8 @@ pub fn status(e: &Error) -> StatusCode {
         Error::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
         Error::Body(e) => body_status(e),
         Error::Unauthorized => StatusCode::UNAUTHORIZED,
+        Error::Forbidden(_) => StatusCode::FORBIDDEN,
+        Error::Conflict(_) => StatusCode::CONFLICT,
         Error::RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
         Error::Ingest(e) => match e {
             IngestError::Unsupported(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,

@@ -11,10 +11,11 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
 
 use crate::app::App;
-use crate::auth::{Permission, Token};
+use crate::auth::Token;
 use crate::body::{Guarded, Peer};
 use crate::caches::Cache;
 use crate::error::{Error, Result};
+use crate::grants::Permission;
 use crate::nix::CacheName;
 
 /// The token a request carries: the HTTP Basic password (what a netrc `password`
@@ -60,9 +61,7 @@ impl Credentials {
 
     /// The cache `name`, if these credentials may do `permission` on it.
     pub fn cache(&self, app: &App, name: &CacheName, permission: Permission) -> Result<Arc<Cache>> {
-        let cache = app.caches.get(name)?;
-        app.auth.authorize(self.token(), cache.public, permission)?;
-        Ok(cache)
+        app.auth.cache(&app.caches, self.token(), name, permission)
     }
 }
 

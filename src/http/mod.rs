@@ -24,7 +24,7 @@ use std::time::Instant;
 
 use axum::http::{HeaderName, HeaderValue, Method, StatusCode};
 use axum::response::Response;
-use axum::routing::get;
+use axum::routing::{delete, get, post};
 use axum::Router;
 use tower::ServiceExt as _;
 use tower_http::catch_panic::CatchPanicLayer;
@@ -33,6 +33,10 @@ use tracing::Instrument as _;
 use crate::app::App;
 use crate::error::Error;
 use crate::metrics::{FamilyLabels, RequestLabels};
+
+/// Marks a request that came over the server's own TLS.
+#[derive(Debug, Clone, Copy)]
+pub struct OverTls;
 
 /// The header that carries a request's id.
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -44,7 +48,28 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/health", get(health::health))
         .route("/ready", get(health::ready))
         .route("/metrics", get(health::metrics))
-        .route("/_api/v1/caches/{cache}", get(api::cache_info))
+        .route(
+            "/_api/v1/caches",
+            get(api::list_caches).post(api::create_cache),
+        )
+        .route(
+            "/_api/v1/caches/{cache}",
+            get(api::cache_info)
+                .patch(api::update_cache)
+                .delete(api::delete_cache),
+        )
+        .route("/_api/v1/caches/{cache}/keys", get(api::keys))
+        .route("/_api/v1/caches/{cache}/keys/rotate", post(api::rotate))
+        .route("/_api/v1/caches/{cache}/keys/resign", post(api::resign))
+        .route(
+            "/_api/v1/caches/{cache}/paths/delete",
+            post(api::delete_paths),
+        )
+        .route(
+            "/_api/v1/tokens",
+            get(api::list_tokens).post(api::create_token),
+        )
+        .route("/_api/v1/tokens/{name}", delete(api::revoke_token))
         .route("/{cache}/", get(page::cache))
         .route("/{cache}/nix-cache-info", get(cache_info::get))
         .route("/{cache}/{file}", get(narinfo::get).put(narinfo::put))

@@ -10,8 +10,8 @@ use axum::response::{IntoResponse, Response};
 use super::content::stream;
 use super::extract::{small_body, Credentials};
 use crate::app::App;
-use crate::auth::Permission;
 use crate::error::{Error, Result};
+use crate::grants::Permission;
 use crate::nix::{CacheName, StorePathHash};
 use crate::publish::{self, Published};
 use crate::serve::Encoding;
@@ -86,10 +86,14 @@ pub async fn put(
     body: Body,
 ) -> Result<StatusCode> {
     let file = parse_file(&file)?;
-    let cache = creds.cache(&app, &cache, Permission::Push)?;
+    creds.cache(&app, &cache, Permission::Push)?;
     let body = small_body(&app, body, app.config.ingest.max_narinfo_bytes).await?;
     match file {
         File::NarInfo(hash) => {
+            // The cache as it is now, held so: a key change waits for this commit, and
+            // one made while the body arrived is signed with (see `caches`).
+            let _unchanged = app.caches.shared().await;
+            let cache = creds.cache(&app, &cache, Permission::Push)?;
             let published = publish::publish(&app.index, &cache, hash, &body).await?;
             if let Published::Conflict { .. } = published {
                 app.metrics.narinfo_conflicts.inc();

@@ -12,9 +12,9 @@ use axum::response::{Html, IntoResponse, Response};
 
 use super::extract::Credentials;
 use crate::app::App;
-use crate::auth::Permission;
 use crate::caches::Cache;
 use crate::error::Result;
+use crate::grants::Permission;
 use crate::index::CacheStats;
 use crate::nix::CacheName;
 
@@ -89,7 +89,7 @@ fn host_of(url: &str) -> &str {
 /// The cache's page; `base` is the server's URL as the client reached it.
 pub fn render_cache(cache: &Cache, stats: &CacheStats, base: &str) -> String {
     let url = format!("{base}/{}", cache.name);
-    let key = cache.public_key.to_string();
+    let key = cache.public_key().to_string();
     let host = host_of(base);
     let mut body = String::new();
     let visibility = if cache.public { "public" } else { "private" };
@@ -148,9 +148,9 @@ pub fn render_index(caches: &[Arc<Cache>]) -> String {
     page("cachet", &body)
 }
 
-/// The server's URL as the client reached it: the `Host` it asked for, behind a
-/// reverse proxy the scheme it forwarded.
-fn base_url(headers: &HeaderMap) -> String {
+/// The server's URL as the client reached it: the `Host` it asked for, and `https`
+/// over the server's own TLS or behind a reverse proxy that says it forwarded that.
+fn base_url(headers: &HeaderMap, tls: bool) -> String {
     let host = headers
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
@@ -159,7 +159,7 @@ fn base_url(headers: &HeaderMap) -> String {
         .get("x-forwarded-proto")
         .and_then(|h| h.to_str().ok())
         .filter(|p| *p == "https")
-        .unwrap_or("http");
+        .unwrap_or(if tls { "https" } else { "http" });
     format!("{scheme}://{host}")
 }
 
@@ -168,11 +168,13 @@ pub async fn cache(
     State(app): State<Arc<App>>,
     Path(cache): Path<CacheName>,
     creds: Credentials,
+    tls: Option<axum::Extension<super::OverTls>>,
     headers: HeaderMap,
 ) -> Result<Response> {
     let cache = creds.cache(&app, &cache, Permission::Pull)?;
     let stats = app.index.cache_stats(&cache.name)?;
-    Ok(Html(render_cache(&cache, &stats, &base_url(&headers))).into_response())
+    let base = base_url(&headers, tls.is_some());
+    Ok(Html(render_cache(&cache, &stats, &base)).into_response())
 }
 
 /// `GET /`.
@@ -191,13 +193,7 @@ mod tests {
     fn every_value_shown_is_escaped() {
         // Key names may hold any printable character but ':'.
         let key = SecretKey::generate("<script>alert('x')</script>&\"").unwrap();
-        let cache = Cache {
-            name: "main".parse().unwrap(),
-            public: false,
-            priority: 40,
-            public_key: key.public(),
-            key,
-        };
+        let cache = Cache::for_test("main", false, key);
         let stats = CacheStats {
             paths: 3,
             nar_bytes: 3 << 30,
@@ -227,14 +223,11 @@ mod tests {
     #[test]
     fn the_index_lists_public_caches_only() {
         let make = |name: &str, public| {
-            let key = SecretKey::generate("k-1").unwrap();
-            Arc::new(Cache {
-                name: name.parse().unwrap(),
+            Arc::new(Cache::for_test(
+                name,
                 public,
-                priority: 40,
-                public_key: key.public(),
-                key,
-            })
+                SecretKey::generate("k-1").unwrap(),
+            ))
         };
         let html = render_index(&[make("open", true), make("secret", false)]);
         assert!(html.contains("href=\"/open/\""));

@@ -43,7 +43,16 @@ pub fn caches_are_created_and_replaced(index: &dyn Index) {
         name: cache("main"),
         public: true,
         priority: 40,
-        secret_key_file: "/keys/main".into(),
+        keys: vec![KeyRecord {
+            name: "main-1".into(),
+            public_key: "main-1:AAAA".into(),
+            secret_key_file: Some("/keys/main".into()),
+            signing: true,
+            created: 1,
+        }],
+        keep_client_signatures: true,
+        retention: Retention::default(),
+        created: 1,
     };
     index.put_cache(&record).unwrap();
     record.public = false;
@@ -134,11 +143,11 @@ pub fn the_first_narinfo_wins_and_is_counted_once(index: &dyn Index) {
     let second = narinfo(b"b", "two");
     assert_eq!(index.cache_stats(&main).unwrap(), CacheStats::default());
     assert_eq!(
-        index.commit_narinfo(&main, &path(1), &first).unwrap(),
+        index.commit_narinfo(&main, &path(1), &first, &[]).unwrap(),
         Commit::Written
     );
     assert_eq!(
-        index.commit_narinfo(&main, &path(1), &second).unwrap(),
+        index.commit_narinfo(&main, &path(1), &second, &[]).unwrap(),
         Commit::Exists {
             nar_hash: first.nar_hash
         }
@@ -149,7 +158,7 @@ pub fn the_first_narinfo_wins_and_is_counted_once(index: &dyn Index) {
     assert!(!index.cache_has_nar(&other, &first.nar_hash).unwrap());
     assert_eq!(index.narinfo(&other, &path(1)).unwrap(), None);
     // A second path with the same NAR: the claim holds while either is there.
-    index.commit_narinfo(&main, &path(2), &first).unwrap();
+    index.commit_narinfo(&main, &path(2), &first, &[]).unwrap();
     assert_eq!(
         index.cache_stats(&main).unwrap(),
         CacheStats {
@@ -159,6 +168,163 @@ pub fn the_first_narinfo_wins_and_is_counted_once(index: &dyn Index) {
         }
     );
     assert_eq!(index.cache_stats(&other).unwrap(), CacheStats::default());
+}
+
+pub fn narinfos_are_paged_rewritten_and_deleted_with_their_references(index: &dyn Index) {
+    let (main, other) = (cache("main"), cache("other"));
+    let leaf = narinfo(b"leaf", "leaf");
+    let top = narinfo(b"top", "top");
+    index.commit_narinfo(&main, &path(1), &leaf, &[]).unwrap();
+    index
+        .commit_narinfo(&main, &path(2), &top, &[path(1)])
+        .unwrap();
+    index
+        .commit_narinfo(&main, &path(3), &top, &[path(1)])
+        .unwrap();
+    index
+        .commit_narinfo(&other, &path(4), &top, &[path(1)])
+        .unwrap();
+    assert_eq!(
+        index.referrers(&main, &path(1)).unwrap(),
+        vec![path(2), path(3)]
+    );
+    assert_eq!(index.referrers(&other, &path(1)).unwrap(), vec![path(4)]);
+    assert!(index.referrers(&main, &path(2)).unwrap().is_empty());
+
+    // Pages in the order of the hashes, within the cache only.
+    let first = index.narinfos(&main, None, 2).unwrap();
+    let hashes: Vec<_> = first.iter().map(|(h, _)| *h).collect();
+    assert_eq!(hashes, vec![path(1), path(2)]);
+    let rest = index.narinfos(&main, Some(&path(2)), 2).unwrap();
+    assert_eq!(rest.len(), 1);
+    assert_eq!(rest[0], (path(3), top.clone()));
+    assert!(index.narinfos(&main, Some(&path(3)), 2).unwrap().is_empty());
+
+    assert!(index
+        .replace_narinfo(&main, &path(2), b"signed again")
+        .unwrap());
+    assert_eq!(
+        &index.narinfo(&main, &path(2)).unwrap().unwrap().text[..],
+        b"signed again"
+    );
+    assert!(!index.replace_narinfo(&main, &path(9), b"x").unwrap());
+    assert_eq!(index.cache_stats(&main).unwrap().paths, 3);
+
+    // Deleting a path takes its references and its claim with it, and uncounts it.
+    assert!(index.delete_narinfo(&main, &path(2), &[path(1)]).unwrap());
+    assert!(!index.delete_narinfo(&main, &path(2), &[path(1)]).unwrap());
+    assert_eq!(index.referrers(&main, &path(1)).unwrap(), vec![path(3)]);
+    assert!(
+        index.cache_has_nar(&main, &top.nar_hash).unwrap(),
+        "path 3 still claims it"
+    );
+    assert!(index.delete_narinfo(&main, &path(3), &[path(1)]).unwrap());
+    assert!(!index.cache_has_nar(&main, &top.nar_hash).unwrap());
+    assert!(index.cache_has_nar(&other, &top.nar_hash).unwrap());
+    assert_eq!(
+        index.cache_stats(&main).unwrap(),
+        CacheStats {
+            paths: 1,
+            nar_bytes: 100,
+            stored_bytes: 40
+        }
+    );
+}
+
+pub fn a_deleted_cache_leaves_nothing_under_its_name(index: &dyn Index) {
+    let (main, other) = (cache("main"), cache("other"));
+    let record = |name: &CacheName| CacheRecord {
+        name: name.clone(),
+        public: true,
+        priority: 40,
+        keys: Vec::new(),
+        keep_client_signatures: true,
+        retention: Retention::default(),
+        created: 0,
+    };
+    index.put_cache(&record(&main)).unwrap();
+    index.put_cache(&record(&other)).unwrap();
+    let url: NarUrl = format!("nar/{}.nar.xz", Sha256::digest(b"f").to_nix32())
+        .parse()
+        .unwrap();
+    let up = Upload {
+        nar_hash: Sha256::digest(b"n"),
+        nar_size: 9,
+        file_hash: Sha256::digest(b"f"),
+        file_size: 3,
+    };
+    let info = narinfo(b"n", "n");
+    let stored = Stored {
+        id: ManifestId([3; 16]),
+        segments: Vec::new(),
+    };
+    for c in [&main, &other] {
+        index.put_upload(c, &url, &up).unwrap();
+        index.commit_narinfo(c, &path(1), &info, &[]).unwrap();
+        index
+            .commit_narinfo(c, &path(2), &info, &[path(1)])
+            .unwrap();
+        index.put_blob(BlobKind::Log, c, "x.drv", &stored).unwrap();
+        index
+            .put_blob(BlobKind::Realisation, c, "r.doi", &stored)
+            .unwrap();
+    }
+    index.delete_cache(&main).unwrap();
+    let names: Vec<_> = index
+        .caches()
+        .unwrap()
+        .into_iter()
+        .map(|c| c.name)
+        .collect();
+    assert_eq!(names, vec![other.clone()]);
+    assert_eq!(index.narinfo(&main, &path(1)).unwrap(), None);
+    assert!(index.narinfos(&main, None, 10).unwrap().is_empty());
+    assert!(index.referrers(&main, &path(1)).unwrap().is_empty());
+    assert!(!index.cache_has_nar(&main, &info.nar_hash).unwrap());
+    assert_eq!(index.upload(&main, &url).unwrap(), None);
+    assert_eq!(index.blob(BlobKind::Log, &main, "x.drv").unwrap(), None);
+    assert_eq!(
+        index.blob(BlobKind::Realisation, &main, "r.doi").unwrap(),
+        None
+    );
+    assert_eq!(index.cache_stats(&main).unwrap(), CacheStats::default());
+    // The other cache keeps everything; purging an absent name changes nothing.
+    index.purge_cache(&main).unwrap();
+    assert_eq!(index.narinfos(&other, None, 10).unwrap().len(), 2);
+    assert_eq!(index.referrers(&other, &path(1)).unwrap(), vec![path(2)]);
+    assert!(index.cache_has_nar(&other, &info.nar_hash).unwrap());
+    assert_eq!(index.upload(&other, &url).unwrap(), Some(up));
+    assert_eq!(
+        index.blob(BlobKind::Log, &other, "x.drv").unwrap(),
+        Some(stored)
+    );
+    assert_eq!(index.cache_stats(&other).unwrap().paths, 2);
+    // A name that is a prefix of another's is its own.
+    let ma = cache("ma");
+    index.purge_cache(&ma).unwrap();
+    assert_eq!(index.narinfos(&other, None, 10).unwrap().len(), 2);
+}
+
+pub fn tokens_are_kept_by_hash(index: &dyn Index) {
+    assert!(index.tokens().unwrap().is_empty());
+    let mut token = TokenRecord {
+        name: "ci".into(),
+        hash: Sha256::digest(b"secret"),
+        grants: crate::grants::Grants {
+            permissions: vec![crate::grants::Permission::Push],
+            caches: vec!["main".parse().unwrap()],
+        },
+        created: 1,
+        expires: Some(10),
+        last_used: None,
+        revoked: None,
+    };
+    index.put_token(&token).unwrap();
+    assert_eq!(index.token(&token.hash).unwrap(), Some(token.clone()));
+    assert_eq!(index.token(&Sha256::digest(b"other")).unwrap(), None);
+    token.revoked = Some(5);
+    index.put_token(&token).unwrap();
+    assert_eq!(index.tokens().unwrap(), vec![token]);
 }
 
 pub fn blobs_are_kept_per_kind_and_cache(index: &dyn Index) {
@@ -210,6 +376,9 @@ macro_rules! tests {
             segments_are_kept_by_manifest_and_index,
             uploads_belong_to_their_cache,
             the_first_narinfo_wins_and_is_counted_once,
+            narinfos_are_paged_rewritten_and_deleted_with_their_references,
+            a_deleted_cache_leaves_nothing_under_its_name,
+            tokens_are_kept_by_hash,
             blobs_are_kept_per_kind_and_cache,
             flush_and_check_succeed
         );

@@ -6,7 +6,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
 
 use super::{
-    BlobKind, CacheRecord, CacheStats, Commit, Index, NarInfoRecord, NarRecord, Result, Upload,
+    BlobKind, CacheRecord, CacheStats, Commit, Index, NarInfoRecord, NarRecord, Result,
+    TokenRecord, Upload,
 };
 use crate::nix::{CacheName, NarUrl, Sha256, StorePathHash};
 use crate::store::{ChunkId, ChunkRef, Manifest, ManifestId, Stored};
@@ -20,7 +21,11 @@ struct State {
     nars: BTreeMap<Sha256, NarRecord>,
     uploads: BTreeMap<(CacheName, NarUrl), Upload>,
     narinfos: BTreeMap<(CacheName, StorePathHash), NarInfoRecord>,
-    claims: BTreeSet<(CacheName, Sha256)>,
+    /// (cache, NarHash, path): a cache's claim on a NAR, one per path naming it.
+    claims: BTreeSet<(CacheName, Sha256, StorePathHash)>,
+    /// (cache, referenced, referrer).
+    references: BTreeSet<(CacheName, StorePathHash, StorePathHash)>,
+    tokens: BTreeMap<Sha256, TokenRecord>,
     blobs: BTreeMap<(u8, CacheName, String), Stored>,
 }
 
@@ -57,6 +62,38 @@ impl Index for MemoryIndex {
     fn put_cache(&self, record: &CacheRecord) -> Result<()> {
         self.with(|s| {
             s.caches.insert(record.name.clone(), record.clone());
+        })
+    }
+
+    fn delete_cache(&self, cache: &CacheName) -> Result<()> {
+        self.with(|s| {
+            s.caches.remove(cache);
+        })?;
+        self.purge_cache(cache)
+    }
+
+    fn purge_cache(&self, cache: &CacheName) -> Result<()> {
+        self.with(|s| {
+            s.stats.remove(cache);
+            s.uploads.retain(|(c, _), _| c != cache);
+            s.narinfos.retain(|(c, _), _| c != cache);
+            s.claims.retain(|(c, _, _)| c != cache);
+            s.references.retain(|(c, _, _)| c != cache);
+            s.blobs.retain(|(_, c, _), _| c != cache);
+        })
+    }
+
+    fn tokens(&self) -> Result<Vec<TokenRecord>> {
+        self.with(|s| s.tokens.values().cloned().collect())
+    }
+
+    fn token(&self, hash: &Sha256) -> Result<Option<TokenRecord>> {
+        self.with(|s| s.tokens.get(hash).cloned())
+    }
+
+    fn put_token(&self, token: &TokenRecord) -> Result<()> {
+        self.with(|s| {
+            s.tokens.insert(token.hash, token.clone());
         })
     }
 
@@ -111,6 +148,7 @@ impl Index for MemoryIndex {
         cache: &CacheName,
         path: &StorePathHash,
         record: &NarInfoRecord,
+        references: &[StorePathHash],
     ) -> Result<Commit> {
         self.with(|s| {
             let key = (cache.clone(), *path);
@@ -120,7 +158,10 @@ impl Index for MemoryIndex {
                 };
             }
             s.narinfos.insert(key, record.clone());
-            s.claims.insert((cache.clone(), record.nar_hash));
+            s.claims.insert((cache.clone(), record.nar_hash, *path));
+            for r in references.iter().filter(|r| *r != path) {
+                s.references.insert((cache.clone(), *r, *path));
+            }
             let stats = s.stats.entry(cache.clone()).or_default();
             stats.paths += 1;
             stats.nar_bytes += record.nar_size;
@@ -129,8 +170,76 @@ impl Index for MemoryIndex {
         })
     }
 
+    fn referrers(&self, cache: &CacheName, path: &StorePathHash) -> Result<Vec<StorePathHash>> {
+        self.with(|s| {
+            s.references
+                .iter()
+                .filter(|(c, r, _)| c == cache && r == path)
+                .map(|(_, _, by)| *by)
+                .collect()
+        })
+    }
+
+    fn narinfos(
+        &self,
+        cache: &CacheName,
+        after: Option<&StorePathHash>,
+        limit: usize,
+    ) -> Result<Vec<(StorePathHash, NarInfoRecord)>> {
+        self.with(|s| {
+            s.narinfos
+                .iter()
+                .filter(|((c, h), _)| c == cache && after.is_none_or(|a| h > a))
+                .take(limit)
+                .map(|((_, h), r)| (*h, r.clone()))
+                .collect()
+        })
+    }
+
+    fn replace_narinfo(
+        &self,
+        cache: &CacheName,
+        path: &StorePathHash,
+        text: &[u8],
+    ) -> Result<bool> {
+        self.with(|s| match s.narinfos.get_mut(&(cache.clone(), *path)) {
+            Some(r) => {
+                r.text = bytes::Bytes::copy_from_slice(text);
+                true
+            }
+            None => false,
+        })
+    }
+
+    fn delete_narinfo(
+        &self,
+        cache: &CacheName,
+        path: &StorePathHash,
+        references: &[StorePathHash],
+    ) -> Result<bool> {
+        self.with(|s| {
+            let Some(record) = s.narinfos.remove(&(cache.clone(), *path)) else {
+                return false;
+            };
+            s.claims.remove(&(cache.clone(), record.nar_hash, *path));
+            for r in references {
+                s.references.remove(&(cache.clone(), *r, *path));
+            }
+            let stats = s.stats.entry(cache.clone()).or_default();
+            stats.paths = stats.paths.saturating_sub(1);
+            stats.nar_bytes = stats.nar_bytes.saturating_sub(record.nar_size);
+            stats.stored_bytes = stats.stored_bytes.saturating_sub(record.file_size);
+            true
+        })
+    }
+
     fn cache_has_nar(&self, cache: &CacheName, nar_hash: &Sha256) -> Result<bool> {
-        self.with(|s| s.claims.contains(&(cache.clone(), *nar_hash)))
+        self.with(|s| {
+            s.claims
+                .range((cache.clone(), *nar_hash, StorePathHash::from_bytes([0; 20]))..)
+                .next()
+                .is_some_and(|(c, h, _)| c == cache && h == nar_hash)
+        })
     }
 
     fn blob(&self, kind: BlobKind, cache: &CacheName, key: &str) -> Result<Option<Stored>> {

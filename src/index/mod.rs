@@ -63,7 +63,7 @@ impl IndexError {
 /// What index operations return.
 pub type Result<T> = std::result::Result<T, IndexError>;
 
-/// What a cache is, as recorded at creation.
+/// What a cache is.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CacheRecord {
     /// The cache's name, the first segment of its URLs.
@@ -72,8 +72,67 @@ pub struct CacheRecord {
     pub public: bool,
     /// The `Priority` its `nix-cache-info` announces (lower wins).
     pub priority: u32,
-    /// Where the secret signing key lives (a file of mode 0600).
-    pub secret_key_file: std::path::PathBuf,
+    /// Its signing keys, oldest first.
+    pub keys: Vec<KeyRecord>,
+    /// Whether the signatures clients send in their narinfos are served too.
+    #[serde(default = "yes")]
+    pub keep_client_signatures: bool,
+    /// How long and how much it keeps (read by the garbage collector).
+    #[serde(default)]
+    pub retention: Retention,
+    /// When it was created, in seconds since the epoch.
+    #[serde(default)]
+    pub created: u64,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// One of a cache's signing keys.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct KeyRecord {
+    /// The key's name, the part of its signatures before the colon.
+    pub name: String,
+    /// Its public half, as `trusted-public-keys` takes it.
+    pub public_key: String,
+    /// Where the secret key lives (a file of mode 0600); none once the key is retired
+    /// and its file removed.
+    pub secret_key_file: Option<std::path::PathBuf>,
+    /// Whether it signs what the cache serves. Several keys sign while a rotation is
+    /// under way; a retired key signs nothing.
+    pub signing: bool,
+    /// When it was added, in seconds since the epoch.
+    #[serde(default)]
+    pub created: u64,
+}
+
+/// What a cache keeps; `None` keeps without that limit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Retention {
+    /// Paths not fetched for this many seconds may go.
+    pub max_age_secs: Option<u64>,
+    /// The least recently fetched paths go when the cache holds more than this.
+    pub max_size_bytes: Option<u64>,
+}
+
+/// A token, as recorded: never its secret, only the secret's hash.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TokenRecord {
+    /// Its name, unique among tokens.
+    pub name: String,
+    /// The SHA-256 of its secret, under which it is looked up.
+    pub hash: Sha256,
+    /// What it may do.
+    pub grants: crate::grants::Grants,
+    /// When it was made, in seconds since the epoch.
+    pub created: u64,
+    /// When it stops working, if ever.
+    pub expires: Option<u64>,
+    /// When it was last used, to about a minute.
+    pub last_used: Option<u64>,
+    /// When it was revoked, if it was.
+    pub revoked: Option<u64>,
 }
 
 /// Counts kept per cache as narinfos are committed.
@@ -156,6 +215,18 @@ pub trait Index: Send + Sync + 'static {
     fn caches(&self) -> Result<Vec<CacheRecord>>;
     /// Creates or replaces a cache's record.
     fn put_cache(&self, record: &CacheRecord) -> Result<()>;
+    /// Removes a cache's record, then everything recorded under its name.
+    fn delete_cache(&self, cache: &CacheName) -> Result<()>;
+    /// Removes everything recorded under a cache's name but its record: what a deletion
+    /// interrupted by a crash left, before the name is used again.
+    fn purge_cache(&self, cache: &CacheName) -> Result<()>;
+
+    /// Every token, revoked ones included.
+    fn tokens(&self) -> Result<Vec<TokenRecord>>;
+    /// The token whose secret has the hash `hash`.
+    fn token(&self, hash: &Sha256) -> Result<Option<TokenRecord>>;
+    /// Creates or replaces a token's record.
+    fn put_token(&self, token: &TokenRecord) -> Result<()>;
     /// The counts of a cache (zero for one with no narinfo).
     fn cache_stats(&self, cache: &CacheName) -> Result<CacheStats>;
 
@@ -181,15 +252,38 @@ pub trait Index: Send + Sync + 'static {
 
     /// The narinfo `cache` serves for `path`.
     fn narinfo(&self, cache: &CacheName, path: &StorePathHash) -> Result<Option<NarInfoRecord>>;
-    /// The commit point of an upload: makes the narinfo and the cache's claim on its
-    /// NAR visible together, and counts it in the cache's stats, unless the path is
-    /// already there.
+    /// The commit point of an upload: makes the narinfo, the cache's claim on its NAR
+    /// and the path's references visible together, and counts it in the cache's stats,
+    /// unless the path is already there.
     fn commit_narinfo(
         &self,
         cache: &CacheName,
         path: &StorePathHash,
         record: &NarInfoRecord,
+        references: &[StorePathHash],
     ) -> Result<Commit>;
+    /// The paths of `cache` whose narinfos name `path` among their references.
+    fn referrers(&self, cache: &CacheName, path: &StorePathHash) -> Result<Vec<StorePathHash>>;
+    /// Up to `limit` narinfos of `cache` in the order of their hashes, from after
+    /// `after`: a walk through all of them a page at a time.
+    fn narinfos(
+        &self,
+        cache: &CacheName,
+        after: Option<&StorePathHash>,
+        limit: usize,
+    ) -> Result<Vec<(StorePathHash, NarInfoRecord)>>;
+    /// Replaces the text of a narinfo (its signatures changed; the NAR is the same);
+    /// false when the path is not there.
+    fn replace_narinfo(&self, cache: &CacheName, path: &StorePathHash, text: &[u8])
+        -> Result<bool>;
+    /// Removes a narinfo with the cache's claim on its NAR and its `references`, and
+    /// uncounts it; false when the path is not there.
+    fn delete_narinfo(
+        &self,
+        cache: &CacheName,
+        path: &StorePathHash,
+        references: &[StorePathHash],
+    ) -> Result<bool>;
     /// Whether `cache` holds a narinfo whose NAR is `nar_hash`.
     fn cache_has_nar(&self, cache: &CacheName, nar_hash: &Sha256) -> Result<bool>;
 

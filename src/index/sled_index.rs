@@ -11,7 +11,7 @@ use sled::Transactional as _;
 use super::codec;
 use super::{
     BlobKind, CacheRecord, CacheStats, Commit, Index, IndexError, NarInfoRecord, NarRecord, Result,
-    Upload,
+    TokenRecord, Upload,
 };
 use crate::nix::{CacheName, NarUrl, Sha256, StorePathHash};
 use crate::store::{ChunkId, ChunkRef, Manifest, ManifestId, Stored};
@@ -32,8 +32,10 @@ pub struct SledIndex {
     uploads: sled::Tree,
     narinfos: sled::Tree,
     cache_nars: sled::Tree,
+    referrers: sled::Tree,
     logs: sled::Tree,
     realisations: sled::Tree,
+    tokens: sled::Tree,
 }
 
 /// `<cache>\0<key>`: cache names never contain NUL, so prefixes never collide.
@@ -45,6 +47,33 @@ fn scoped(cache: &CacheName, key: &[u8]) -> Vec<u8> {
     k
 }
 
+/// The key of a reference: `<cache>\0<referenced path><referrer>`, so that the
+/// referrers of a path are one prefix scan.
+fn reference_key(
+    cache: &CacheName,
+    referenced: &StorePathHash,
+    referrer: &StorePathHash,
+) -> Vec<u8> {
+    let mut k = scoped(cache, referenced.as_bytes());
+    k.extend_from_slice(referrer.as_bytes());
+    k
+}
+
+/// The key of a cache's claim on a NAR: `<cache>\0<NarHash><path>`.
+fn claim_key(cache: &CacheName, nar_hash: &Sha256, path: &StorePathHash) -> Vec<u8> {
+    let mut k = scoped(cache, nar_hash.as_bytes());
+    k.extend_from_slice(path.as_bytes());
+    k
+}
+
+/// The error of a transaction: the database's, or the one it aborted with.
+fn transaction_error(e: sled::transaction::TransactionError<IndexError>) -> IndexError {
+    match e {
+        sled::transaction::TransactionError::Storage(e) => IndexError::Db(e),
+        sled::transaction::TransactionError::Abort(e) => e,
+    }
+}
+
 /// Hex of a binary key, for error messages.
 fn hex(key: &[u8]) -> String {
     key.iter().map(|b| format!("{b:02x}")).collect()
@@ -54,6 +83,22 @@ fn corrupt_bin(record: &'static str, key: &[u8]) -> IndexError {
     IndexError::Corrupt {
         record,
         key: hex(key),
+    }
+}
+
+/// A cache's stats inside a transaction.
+fn read_stats(
+    tree: &sled::transaction::TransactionalTree,
+    key: &[u8],
+) -> std::result::Result<CacheStats, sled::transaction::ConflictableTransactionError<IndexError>> {
+    match tree.get(key)? {
+        None => Ok(CacheStats::default()),
+        Some(v) => match codec::decode_stats(&v) {
+            Some(s) => Ok(s),
+            None => Err(sled::transaction::ConflictableTransactionError::Abort(
+                IndexError::corrupt("cache stats", key),
+            )),
+        },
     }
 }
 
@@ -91,8 +136,10 @@ impl SledIndex {
             uploads: db.open_tree("uploads")?,
             narinfos: db.open_tree("narinfos")?,
             cache_nars: db.open_tree("cache_nars")?,
+            referrers: db.open_tree("referrers")?,
             logs: db.open_tree("logs")?,
             realisations: db.open_tree("realisations")?,
+            tokens: db.open_tree("tokens")?,
             db,
         })
     }
@@ -125,6 +172,57 @@ impl Index for SledIndex {
     fn put_cache(&self, record: &CacheRecord) -> Result<()> {
         let value = serde_json::to_vec(record).expect("a cache record always serialises");
         self.caches.insert(record.name.as_str(), value)?;
+        Ok(())
+    }
+
+    fn delete_cache(&self, cache: &CacheName) -> Result<()> {
+        // The record goes first: from then on the cache is not served, and what is
+        // left of it if this is interrupted is purged before the name is used again.
+        self.caches.remove(cache.as_str())?;
+        self.db.flush()?;
+        self.purge_cache(cache)
+    }
+
+    fn purge_cache(&self, cache: &CacheName) -> Result<()> {
+        let prefix = scoped(cache, b"");
+        for tree in [
+            &self.narinfos,
+            &self.cache_nars,
+            &self.referrers,
+            &self.uploads,
+            &self.logs,
+            &self.realisations,
+        ] {
+            let mut batch = sled::Batch::default();
+            for key in tree.scan_prefix(&prefix).keys() {
+                batch.remove(key?);
+            }
+            tree.apply_batch(batch)?;
+        }
+        self.cache_stats.remove(cache.as_str())?;
+        Ok(())
+    }
+
+    fn tokens(&self) -> Result<Vec<TokenRecord>> {
+        self.tokens
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv?;
+                serde_json::from_slice(&v).map_err(|_| corrupt_bin("token", &k))
+            })
+            .collect()
+    }
+
+    fn token(&self, hash: &Sha256) -> Result<Option<TokenRecord>> {
+        self.tokens
+            .get(hash.as_bytes())?
+            .map(|v| serde_json::from_slice(&v).map_err(|_| corrupt_bin("token", hash.as_bytes())))
+            .transpose()
+    }
+
+    fn put_token(&self, token: &TokenRecord) -> Result<()> {
+        let value = serde_json::to_vec(token).expect("a token record always serialises");
+        self.tokens.insert(token.hash.as_bytes(), value)?;
         Ok(())
     }
 
@@ -218,48 +316,152 @@ impl Index for SledIndex {
         cache: &CacheName,
         path: &StorePathHash,
         record: &NarInfoRecord,
+        references: &[StorePathHash],
     ) -> Result<Commit> {
         let key = scoped(cache, path.as_bytes());
         let value = codec::encode_narinfo(record);
-        let mut claim = scoped(cache, record.nar_hash.as_bytes());
-        claim.extend_from_slice(path.as_bytes());
+        let claim = claim_key(cache, &record.nar_hash, path);
+        let refs: Vec<Vec<u8>> = references
+            .iter()
+            .filter(|r| *r != path)
+            .map(|r| reference_key(cache, r, path))
+            .collect();
         let stats_key = cache.as_str().as_bytes();
+        let corrupt = || IndexError::Corrupt {
+            record: "narinfo",
+            key: format!("{cache}/{path}"),
+        };
 
-        let trees = (&self.narinfos, &self.cache_nars, &self.cache_stats);
-        let outcome = trees.transaction(|(narinfos, cache_nars, cache_stats)| {
+        let trees = (
+            &self.narinfos,
+            &self.cache_nars,
+            &self.cache_stats,
+            &self.referrers,
+        );
+        let outcome = trees.transaction(|(narinfos, cache_nars, cache_stats, referrers)| {
             if let Some(existing) = narinfos.get(&key)? {
                 return match codec::narinfo_nar_hash(&existing) {
                     Some(nar_hash) => Ok(Commit::Exists { nar_hash }),
-                    None => sled::transaction::abort(IndexError::Corrupt {
-                        record: "narinfo",
-                        key: format!("{cache}/{path}"),
-                    }),
+                    None => sled::transaction::abort(corrupt()),
                 };
             }
-            let mut stats = match cache_stats.get(stats_key)? {
-                None => CacheStats::default(),
-                Some(v) => match codec::decode_stats(&v) {
-                    Some(s) => s,
-                    None => {
-                        return sled::transaction::abort(IndexError::corrupt(
-                            "cache stats",
-                            stats_key,
-                        ))
-                    }
-                },
-            };
+            let mut stats = read_stats(cache_stats, stats_key)?;
             stats.paths += 1;
             stats.nar_bytes += record.nar_size;
             stats.stored_bytes += record.file_size;
             narinfos.insert(key.as_slice(), value.as_slice())?;
             cache_nars.insert(claim.as_slice(), &[])?;
+            for r in &refs {
+                referrers.insert(r.as_slice(), &[])?;
+            }
             cache_stats.insert(stats_key, &codec::encode_stats(&stats))?;
             Ok(Commit::Written)
         });
-        outcome.map_err(|e| match e {
-            sled::transaction::TransactionError::Storage(e) => IndexError::Db(e),
-            sled::transaction::TransactionError::Abort(e) => e,
-        })
+        outcome.map_err(transaction_error)
+    }
+
+    fn referrers(&self, cache: &CacheName, path: &StorePathHash) -> Result<Vec<StorePathHash>> {
+        let prefix = scoped(cache, path.as_bytes());
+        self.referrers
+            .scan_prefix(&prefix)
+            .keys()
+            .map(|k| {
+                let k = k?;
+                let bytes: [u8; 20] = k[prefix.len()..]
+                    .try_into()
+                    .map_err(|_| IndexError::corrupt("reference", &k))?;
+                Ok(StorePathHash::from_bytes(bytes))
+            })
+            .collect()
+    }
+
+    fn narinfos(
+        &self,
+        cache: &CacheName,
+        after: Option<&StorePathHash>,
+        limit: usize,
+    ) -> Result<Vec<(StorePathHash, NarInfoRecord)>> {
+        let prefix = scoped(cache, b"");
+        let start = match after {
+            Some(a) => scoped(cache, a.as_bytes()),
+            None => prefix.clone(),
+        };
+        let mut out = Vec::new();
+        for kv in self.narinfos.range(start.clone()..) {
+            let (k, v) = kv?;
+            if !k.starts_with(&prefix) || out.len() == limit {
+                break;
+            }
+            if after.is_some() && k.as_ref() == start.as_slice() {
+                continue;
+            }
+            let corrupt = || IndexError::corrupt("narinfo", &k);
+            let hash: [u8; 20] = k[prefix.len()..].try_into().map_err(|_| corrupt())?;
+            let record = codec::decode_narinfo(Bytes::copy_from_slice(&v)).ok_or_else(corrupt)?;
+            out.push((StorePathHash::from_bytes(hash), record));
+        }
+        Ok(out)
+    }
+
+    fn replace_narinfo(
+        &self,
+        cache: &CacheName,
+        path: &StorePathHash,
+        text: &[u8],
+    ) -> Result<bool> {
+        let key = scoped(cache, path.as_bytes());
+        let outcome = self.narinfos.transaction(|narinfos| {
+            let Some(existing) = narinfos.get(&key)? else {
+                return Ok(false);
+            };
+            let Some(mut record) = codec::decode_narinfo(Bytes::copy_from_slice(&existing)) else {
+                return sled::transaction::abort(IndexError::corrupt("narinfo", &key));
+            };
+            record.text = Bytes::copy_from_slice(text);
+            narinfos.insert(key.as_slice(), codec::encode_narinfo(&record))?;
+            Ok(true)
+        });
+        outcome.map_err(transaction_error)
+    }
+
+    fn delete_narinfo(
+        &self,
+        cache: &CacheName,
+        path: &StorePathHash,
+        references: &[StorePathHash],
+    ) -> Result<bool> {
+        let key = scoped(cache, path.as_bytes());
+        let refs: Vec<Vec<u8>> = references
+            .iter()
+            .map(|r| reference_key(cache, r, path))
+            .collect();
+        let stats_key = cache.as_str().as_bytes();
+        let trees = (
+            &self.narinfos,
+            &self.cache_nars,
+            &self.cache_stats,
+            &self.referrers,
+        );
+        let outcome = trees.transaction(|(narinfos, cache_nars, cache_stats, referrers)| {
+            let Some(existing) = narinfos.get(&key)? else {
+                return Ok(false);
+            };
+            let Some(record) = codec::decode_narinfo(Bytes::copy_from_slice(&existing)) else {
+                return sled::transaction::abort(IndexError::corrupt("narinfo", &key));
+            };
+            narinfos.remove(key.as_slice())?;
+            cache_nars.remove(claim_key(cache, &record.nar_hash, path))?;
+            for r in &refs {
+                referrers.remove(r.as_slice())?;
+            }
+            let mut stats = read_stats(cache_stats, stats_key)?;
+            stats.paths = stats.paths.saturating_sub(1);
+            stats.nar_bytes = stats.nar_bytes.saturating_sub(record.nar_size);
+            stats.stored_bytes = stats.stored_bytes.saturating_sub(record.file_size);
+            cache_stats.insert(stats_key, &codec::encode_stats(&stats))?;
+            Ok(true)
+        });
+        outcome.map_err(transaction_error)
     }
 
     fn cache_has_nar(&self, cache: &CacheName, nar_hash: &Sha256) -> Result<bool> {
@@ -343,7 +545,9 @@ mod tests {
             file_size: 1,
             text: Bytes::from_static(b"x"),
         };
-        let err = index.commit_narinfo(&cache(), &path, &record).unwrap_err();
+        let err = index
+            .commit_narinfo(&cache(), &path, &record, &[])
+            .unwrap_err();
         assert!(matches!(err, IndexError::Corrupt { .. }), "{err}");
 
         let nar = Sha256::digest(b"nar");

@@ -30,6 +30,11 @@ impl StorePathHash {
     /// Letters of the hash in its nix32 form.
     pub const TEXT_LEN: usize = 32;
 
+    /// The hash of these bytes (as stored by the index).
+    pub const fn from_bytes(bytes: [u8; 20]) -> Self {
+        Self(bytes)
+    }
+
     /// The hash's bytes.
     pub fn as_bytes(&self) -> &[u8; 20] {
         &self.0

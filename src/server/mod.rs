@@ -3,6 +3,7 @@
 //! timeouts of `conn`, served by hyper over the router, and drained on SIGTERM.
 
 mod conn;
+pub mod tls;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -70,7 +71,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!("listening on {listen}: {e}"))?;
     let addr = listener.local_addr()?;
-    announce(&app, addr, opened.admin_token_created);
+    let tls = match (&app.config.tls.cert_file, &app.config.tls.key_file) {
+        (Some(cert), Some(key)) => {
+            let tls = Arc::new(tls::Tls::new(cert, key)?);
+            tokio::spawn(reload_on_hangup(tls.clone()));
+            Some(tls)
+        }
+        _ => None,
+    };
+    announce(&app, addr, tls.is_some(), opened.admin_token.is_some());
     let cap = connection_cap(app.config.server.max_connections, open_files);
     if cap < app.config.server.max_connections {
         tracing::warn!(
@@ -79,18 +88,27 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             "the open-file limit allows fewer connections than server.max_connections"
         );
     }
-    serve(listener, app.clone(), cap, shutdown_signal()).await;
+    serve(
+        listener,
+        app.clone(),
+        cap,
+        tls.map(|t| t.acceptor()),
+        shutdown_signal(),
+    )
+    .await;
     app.index.flush()?;
     tracing::info!("stopped");
     Ok(())
 }
 
-/// Serves connections from `listener`, at most `cap` at once, until `shutdown`; then
-/// stops accepting and waits (up to the configured grace) for requests in flight.
+/// Serves connections from `listener` (over TLS with `tls`), at most `cap` at once,
+/// until `shutdown`; then stops accepting and waits (up to the configured grace) for
+/// requests in flight.
 pub async fn serve(
     listener: TcpListener,
     app: Arc<App>,
     cap: usize,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: impl Future<Output = ()>,
 ) {
     let service = crate::http::Service::new(app.clone());
@@ -143,35 +161,24 @@ pub async fn serve(
         };
         open.fetch_add(1, Ordering::Relaxed);
         app.metrics.connections_open.inc();
-        let state = ConnState::new();
-        let io = TokioIo::new(Timed::new(
-            tcp,
-            state.clone(),
+        let connection = Connection {
+            service: service.clone(),
+            peer,
             timeouts,
-            app.metrics.clone(),
-        ));
-        let handler = service.clone();
-        let per_request =
-            hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
-                let busy = state.begin();
-                req.extensions_mut().insert(peer.clone());
-                let response = handler.call(req);
-                async move {
-                    // The request counts as busy until its body is sent or dropped.
-                    let response = response.await.map(|inner| Tracked { inner, _busy: busy });
-                    Ok::<_, std::convert::Infallible>(response)
-                }
-            });
-        let connection = hyper::server::conn::http1::Builder::new()
-            .timer(TokioTimer::new())
-            // The idle and header timeouts are the connection's own (see `conn`).
-            .header_read_timeout(None)
-            .serve_connection(io, per_request);
-        let connection = graceful.watch(connection);
-        let (open, metrics) = (open.clone(), app.metrics.clone());
+            metrics: app.metrics.clone(),
+            graceful: graceful.watcher(),
+            tls: tls.is_some(),
+        };
+        let (open, metrics, tls) = (open.clone(), app.metrics.clone(), tls.clone());
         tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "connection ended with an error");
+            match tls {
+                None => connection.serve(tcp).await,
+                // The handshake is part of the request head: it gets the same time.
+                Some(tls) => match tokio::time::timeout(timeouts.header, tls.accept(tcp)).await {
+                    Ok(Ok(stream)) => connection.serve(stream).await,
+                    Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::debug!("TLS handshake timed out"),
+                },
             }
             open.fetch_sub(1, Ordering::Relaxed);
             metrics.connections_open.dec();
@@ -185,6 +192,70 @@ pub async fn serve(
         .is_err()
     {
         tracing::warn!("requests still in flight after the grace period; stopping anyway");
+    }
+}
+
+/// What serving one connection needs.
+struct Connection {
+    service: crate::http::Service,
+    peer: crate::body::Peer,
+    timeouts: Timeouts,
+    metrics: Arc<crate::metrics::Metrics>,
+    graceful: hyper_util::server::graceful::Watcher,
+    tls: bool,
+}
+
+impl Connection {
+    /// Serves HTTP/1.1 on `io` (TCP, or TLS over it) until the client or the server
+    /// ends it.
+    async fn serve<T>(self, io: T)
+    where
+        T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let state = ConnState::new();
+        let io = TokioIo::new(Timed::new(io, state.clone(), self.timeouts, self.metrics));
+        let (handler, peer, tls) = (self.service, self.peer, self.tls);
+        let per_request =
+            hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+                let busy = state.begin();
+                req.extensions_mut().insert(peer.clone());
+                if tls {
+                    req.extensions_mut().insert(crate::http::OverTls);
+                }
+                let response = handler.call(req);
+                async move {
+                    // The request counts as busy until its body is sent or dropped.
+                    let response = response.await.map(|inner| Tracked { inner, _busy: busy });
+                    Ok::<_, std::convert::Infallible>(response)
+                }
+            });
+        let connection = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            // The idle and header timeouts are the connection's own (see `conn`).
+            .header_read_timeout(None)
+            .serve_connection(io, per_request);
+        if let Err(e) = self.graceful.watch(connection).await {
+            tracing::debug!(error = %e, "connection ended with an error");
+        }
+    }
+}
+
+/// Reads the certificate again on every SIGHUP.
+async fn reload_on_hangup(tls: Arc<tls::Tls>) {
+    let mut hangups = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "no SIGHUP handler: the certificate will not be reloaded");
+            return;
+        }
+    };
+    while hangups.recv().await.is_some() {
+        match tls.reload() {
+            Ok(()) => tracing::info!("reloaded the TLS certificate"),
+            Err(e) => {
+                tracing::error!(error = %e, "could not reload the TLS certificate; the old one stays")
+            }
+        }
     }
 }
 
@@ -251,17 +322,18 @@ impl http_body::Body for Tracked {
 }
 
 /// Tells the operator what clients need: the keys, and the nix.conf and netrc lines.
-fn announce(app: &App, addr: std::net::SocketAddr, token_created: bool) {
+fn announce(app: &App, addr: std::net::SocketAddr, tls: bool, token_created: bool) {
     let token_file = app.config.data_dir.join("admin-token");
-    tracing::info!(%addr, data_dir = %app.config.data_dir.display(), "cachet listening");
+    let scheme = if tls { "https" } else { "http" };
+    tracing::info!(%addr, tls, data_dir = %app.config.data_dir.display(), "cachet listening");
     for cache in app.caches.all() {
-        let url = format!("http://{addr}/{}", cache.name);
+        let url = format!("{scheme}://{addr}/{}", cache.name);
         tracing::info!(
             cache = %cache.name,
             public = cache.public,
             "public key {}; in nix.conf: `extra-substituters = {url}` and `extra-trusted-public-keys = {}`",
-            cache.public_key,
-            cache.public_key
+            cache.public_key(),
+            cache.public_key()
         );
     }
     if token_created {

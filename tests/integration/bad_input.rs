@@ -246,12 +246,17 @@ fn misses_are_404_and_traversal_goes_nowhere() {
     for m in misses {
         assert_eq!(server.get_status(m), 404, "{m}");
     }
+    // A cache that does not exist answers as a private one would, without a token.
     assert_eq!(
         client()
             .get(format!("{}/nosuchcache/nix-cache-info", server.base()))
             .send()
             .unwrap()
             .status(),
+        401
+    );
+    assert_eq!(
+        server.admin_get("/nosuchcache/nix-cache-info").status(),
         404
     );
     let traversal = [

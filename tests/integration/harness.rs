@@ -14,10 +14,64 @@ use reqwest::blocking::Response;
 
 /// An HTTP client with a generous timeout.
 pub fn client() -> reqwest::blocking::Client {
+    // The one crypto provider built in (ring), for whatever TLS the client sets up.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     reqwest::blocking::Client::builder()
         .timeout(Duration::from_secs(120))
         .build()
         .unwrap()
+}
+
+/// An HTTP client that trusts only the CA certificates of `ca_file`.
+pub fn client_trusting(ca_file: &Path) -> reqwest::blocking::Client {
+    use rustls_pki_types::pem::PemObject as _;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pki_types::CertificateDer::pem_file_iter(ca_file).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    reqwest::blocking::Client::builder()
+        .tls_backend_preconfigured(config)
+        .timeout(Duration::from_secs(120))
+        .build()
+        .unwrap()
+}
+
+/// A new CA and a certificate it signed for 127.0.0.1 and localhost, written to `dir`
+/// as `<name>-ca.pem`, `<name>-cert.pem` and `<name>-key.pem`.
+pub struct TestCertificate {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl TestCertificate {
+    pub fn new(dir: &Path, name: &str) -> Self {
+        use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, format!("cachet test CA {name}"));
+        let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let params = CertificateParams::new(vec!["127.0.0.1".into(), "localhost".into()]).unwrap();
+        let cert = params.signed_by(&key, &ca).unwrap();
+        let out = Self {
+            ca: dir.join(format!("{name}-ca.pem")),
+            cert: dir.join(format!("{name}-cert.pem")),
+            key: dir.join(format!("{name}-key.pem")),
+        };
+        std::fs::write(&out.ca, ca.pem()).unwrap();
+        std::fs::write(&out.cert, cert.pem()).unwrap();
+        std::fs::write(&out.key, key.serialize_pem()).unwrap();
+        out
+    }
 }
 
 fn free_port() -> u16 {
@@ -37,6 +91,8 @@ pub struct Server {
     extra_args: Vec<String>,
     /// The soft open-file limit to start it under, if any.
     open_files: Option<u64>,
+    /// The CA of its certificate, when it serves HTTPS.
+    pub ca_file: Option<PathBuf>,
 }
 
 /// How to start a server.
@@ -48,6 +104,9 @@ pub struct Start<'a> {
     pub data_dir: Option<PathBuf>,
     /// A soft limit on open files to start it under.
     pub open_files: Option<u64>,
+    /// The CA that signed the server's certificate, when the config makes it serve
+    /// HTTPS.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Server {
@@ -85,6 +144,7 @@ impl Server {
             dir,
             extra_args: args,
             open_files: start.open_files,
+            ca_file: start.ca_file,
         };
         s.spawn();
         s.wait_ready();
@@ -129,7 +189,7 @@ impl Server {
     fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Ok(r) = client().get(format!("{}/health", self.base())).send() {
+            if let Ok(r) = self.http().get(format!("{}/health", self.base())).send() {
                 if r.status().is_success() {
                     return;
                 }
@@ -190,12 +250,67 @@ impl Server {
     }
 
     pub fn base(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        let scheme = if self.ca_file.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://127.0.0.1:{}", self.port)
+    }
+
+    /// A client for this server: trusting its CA when it serves HTTPS.
+    pub fn http(&self) -> reqwest::blocking::Client {
+        match &self.ca_file {
+            Some(ca) => client_trusting(ca),
+            None => client(),
+        }
     }
 
     /// The URL of the `main` cache.
     pub fn url(&self) -> String {
-        format!("{}/main", self.base())
+        self.cache_url("main")
+    }
+
+    /// The URL of a cache.
+    pub fn cache_url(&self, cache: &str) -> String {
+        format!("{}/{cache}", self.base())
+    }
+
+    /// `cache-admin` with this server and the admin token in its environment.
+    pub fn cache_admin(&self, args: &[&str]) -> Output {
+        let mut with_ca = Vec::new();
+        if let Some(ca) = &self.ca_file {
+            with_ca.extend(["--ca-file".to_owned(), ca.display().to_string()]);
+        }
+        with_ca.extend(args.iter().map(|a| a.to_string()));
+        let args: Vec<&str> = with_ca.iter().map(String::as_str).collect();
+        cache_admin(&self.base(), Some(&self.token()), &args)
+    }
+
+    /// `cache-admin`, which must succeed; its standard output.
+    pub fn admin(&self, args: &[&str]) -> String {
+        ok(self.cache_admin(args))
+    }
+
+    /// A new token made with `cache-admin token create`; its secret.
+    pub fn new_token(&self, name: &str, perms: &str, caches: &[&str]) -> String {
+        let mut args = vec!["token", "create", "--name", name, "--perm", perms];
+        for c in caches {
+            args.extend(["--cache", c]);
+        }
+        let out = self.admin(&args);
+        out.lines()
+            .last()
+            .expect("the secret on the last line")
+            .to_owned()
+    }
+
+    /// The public key of a cache's newest signing key.
+    pub fn public_key_of(&self, cache: &str) -> String {
+        let r = self.admin_get(&format!("/_api/v1/caches/{cache}"));
+        assert_eq!(r.status(), 200, "cache {cache}");
+        let info: serde_json::Value = r.json().unwrap();
+        info["public_key"].as_str().unwrap().to_owned()
     }
 
     pub fn token(&self) -> String {
@@ -240,7 +355,7 @@ impl Server {
 
     /// `GET` of a path of the server (not of a cache) with the admin token.
     pub fn admin_get(&self, path: &str) -> Response {
-        client()
+        self.http()
             .get(format!("{}{path}", self.base()))
             .bearer_auth(self.token())
             .send()
@@ -248,8 +363,7 @@ impl Server {
     }
 
     pub fn public_key(&self) -> String {
-        let info: serde_json::Value = self.admin_get("/_api/v1/caches/main").json().unwrap();
-        info["public_key"].as_str().unwrap().to_owned()
+        self.public_key_of("main")
     }
 
     /// The pack objects on disk: (count, total bytes).
@@ -269,6 +383,19 @@ impl Server {
         walk(&self.data_dir().join("store/packs"), &mut acc);
         acc
     }
+}
+
+/// Runs `cache-admin` against `server` with `token`, with no config file of the user's.
+pub fn cache_admin(server: &str, token: Option<&str>, args: &[&str]) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_cache-admin"));
+    c.args(args)
+        .env("CACHET_SERVER", server)
+        .env("XDG_CONFIG_HOME", "/nonexistent")
+        .env_remove("CACHET_TOKEN");
+    if let Some(t) = token {
+        c.env("CACHET_TOKEN", t);
+    }
+    c.output().expect("running cache-admin")
 }
 
 impl Drop for Server {
@@ -302,6 +429,8 @@ pub struct NixHost {
     pub dir: tempfile::TempDir,
     pub nix: Nix,
     config: String,
+    /// A CA file to trust for HTTPS, as this host's `nix` sees it.
+    ca_file: Option<String>,
 }
 
 const BASE_NIX_CONFIG: &str =
@@ -313,6 +442,11 @@ impl NixHost {
     }
 
     pub fn with_token(server: &Server, token: Option<&str>, nix: Nix) -> Self {
+        Self::trusting(token, &[&server.public_key()], nix)
+    }
+
+    /// A host with `token` in its netrc, trusting `keys`.
+    pub fn trusting(token: Option<&str>, keys: &[&str], nix: Nix) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let line = token
             .map(|t| format!("machine 127.0.0.1 password {t}\n"))
@@ -322,14 +456,28 @@ impl NixHost {
             dir,
             nix,
             config: String::new(),
+            ca_file: None,
         };
         host.config = format!(
             "{BASE_NIX_CONFIG}netrc-file = {}\nrequire-sigs = true\n\
              trusted-public-keys = {}\nconnect-timeout = 5\n",
             host.path("netrc"),
-            server.public_key()
+            keys.join(" ")
         );
         host
+    }
+
+    /// This host trusting the CA certificates of `ca` for HTTPS: through the
+    /// `ssl-cert-file` setting, or for Nix 2.8, which has no such setting, its
+    /// `NIX_SSL_CERT_FILE` variable.
+    pub fn trusting_ca(mut self, ca: &Path) -> Self {
+        std::fs::copy(ca, self.dir.path().join("ca.pem")).unwrap();
+        let path = self.path("ca.pem");
+        match self.nix {
+            Nix::V2_8 => self.ca_file = Some(path),
+            Nix::Current => self.config.push_str(&format!("ssl-cert-file = {path}\n")),
+        }
+        self
     }
 
     /// A path of this host's directory as its `nix` sees it.
@@ -349,6 +497,9 @@ impl NixHost {
                 let mut c = Command::new(program);
                 c.env("NIX_CONFIG", &self.config)
                     .env("XDG_CACHE_HOME", self.dir.path().join("cache"));
+                if let Some(ca) = &self.ca_file {
+                    c.env("NIX_SSL_CERT_FILE", ca);
+                }
                 c
             }
             Nix::Current => {
@@ -430,9 +581,20 @@ impl NixHost {
 
     /// Pushes `top` with `nix copy --to`, as a CI runner does.
     pub fn push(&self, server: &Server, compression: &str, closure: &Closure) -> Output {
+        self.push_to(&server.url(), compression, closure)
+    }
+
+    /// Pushes `top` to the cache at `url`.
+    pub fn push_to(&self, url: &str, compression: &str, closure: &Closure) -> Output {
         self.import(closure);
-        let to = format!("{}?compression={compression}", server.url());
+        let to = format!("{url}?compression={compression}");
         self.nix(&["copy", "--to", &to, &closure.top])
+    }
+
+    /// Copies `top` from the cache at `url` into a fresh store of this host.
+    pub fn copy_from(&self, url: &str, store_name: &str, top: &str) -> Output {
+        let store = self.store(store_name);
+        self.nix(&["copy", "--from", url, "--to", &store, top])
     }
 
     /// Copies `top` into a fresh chroot store of this host, checking signatures, and

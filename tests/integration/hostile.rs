@@ -247,6 +247,7 @@ fn hostile_clients_do_not_lock_out_real_ones() {
             config: Some(CONFIG),
             data_dir: Some(fs.path().join("data")),
             open_files: Some(1024),
+            ..Start::default()
         },
         &[],
     );

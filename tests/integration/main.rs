@@ -3,9 +3,12 @@
 
 mod harness;
 
+mod admin_cli;
 mod bad_input;
 mod crash;
 mod golden;
 mod hostile;
 mod nix_client;
 mod ops;
+mod private_caches;
+mod tenancy;

@@ -325,5 +325,10 @@ fn the_cache_page_shows_how_to_use_the_cache_in_a_browser() {
         .get(format!("{}/nope/", server.base()))
         .send()
         .unwrap();
-    assert_eq!(missing.status(), 404);
+    assert_eq!(
+        missing.status(),
+        401,
+        "a missing cache looks like a private one"
+    );
+    assert_eq!(server.admin_get("/nope/").status(), 404);
 }

@@ -1,0 +1,95 @@
+//! The signatures a cache serves on its narinfos: its signing keys' (one, or two
+//! during a key rotation), and the clients' when the cache keeps them. The same rule
+//! signs a narinfo at publication and rewrites every stored one when the keys change.
+
+use std::collections::BTreeMap;
+
+use crate::caches::Cache;
+use crate::index::{Index, IndexError, Result};
+use crate::nix::{CacheName, NarInfo};
+
+/// Narinfos read from the index at a time during a walk.
+const PAGE: usize = 512;
+
+/// Gives `narinfo` the signatures `cache` serves: those of its signers, and the
+/// client's unless they are dropped or made under one of the cache's own key names.
+pub fn apply(narinfo: &mut NarInfo, cache: &Cache) {
+    let keep = cache.keep_client_signatures;
+    narinfo
+        .sigs
+        .retain(|s| keep && !cache.key_names.iter().any(|k| k == s.key_name()));
+    let fingerprint = narinfo.fingerprint();
+    for key in &cache.signers {
+        narinfo.sigs.push(key.sign(&fingerprint));
+    }
+}
+
+/// What a walk over a cache's narinfos did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Resigned {
+    /// Narinfos looked at.
+    pub paths: u64,
+    /// Narinfos whose signatures changed.
+    pub rewritten: u64,
+}
+
+/// Rewrites every narinfo of `cache` whose signatures are not what `apply` gives
+/// (after a key was added or retired). Idempotent: a walk cut short is finished by
+/// running it again.
+pub fn resign_all(index: &dyn Index, cache: &Cache) -> Result<Resigned> {
+    let mut done = Resigned::default();
+    walk(index, &cache.name, |path, text| {
+        done.paths += 1;
+        let mut narinfo = parse(&cache.name, path, text)?;
+        let before = narinfo.sigs.clone();
+        apply(&mut narinfo, cache);
+        if narinfo.sigs != before
+            && index.replace_narinfo(&cache.name, path, narinfo.render().as_bytes())?
+        {
+            done.rewritten += 1;
+        }
+        Ok(())
+    })?;
+    Ok(done)
+}
+
+/// How many narinfos of `cache` carry a signature under each key name (the cache's
+/// and the clients').
+pub fn count_by_key(index: &dyn Index, cache: &CacheName) -> Result<(u64, BTreeMap<String, u64>)> {
+    let mut counts = BTreeMap::new();
+    let mut paths = 0;
+    walk(index, cache, |path, text| {
+        paths += 1;
+        for sig in parse(cache, path, text)?.sigs {
+            *counts.entry(sig.key_name().to_owned()).or_insert(0) += 1;
+        }
+        Ok(())
+    })?;
+    Ok((paths, counts))
+}
+
+fn parse(cache: &CacheName, path: &crate::nix::StorePathHash, text: &[u8]) -> Result<NarInfo> {
+    NarInfo::parse(text).map_err(|_| IndexError::Corrupt {
+        record: "narinfo",
+        key: format!("{cache}/{path}"),
+    })
+}
+
+/// Calls `each` with every narinfo of `cache`, a page at a time.
+fn walk(
+    index: &dyn Index,
+    cache: &CacheName,
+    mut each: impl FnMut(&crate::nix::StorePathHash, &[u8]) -> Result<()>,
+) -> Result<()> {
+    let mut after = None;
+    loop {
+        let page = index.narinfos(cache, after.as_ref(), PAGE)?;
+        for (path, record) in &page {
+            each(path, &record.text)?;
+        }
+        match page.last() {
+            Some((last, _)) if page.len() == PAGE => after = Some(*last),
+            _ => return Ok(()),
+        }
+    }
+}
