@@ -1,18 +1,26 @@
 //! The caches this server holds, with their signing keys loaded: made from the config
 //! file at start, and created, changed and deleted at run time through the admin API.
 //!
-//! Every change of a cache's keys or existence takes `Caches::exclusive`, which waits
-//! for the publications under way (each holds `Caches::shared` from before it looks
-//! the cache up until its narinfo is committed): after it, every new narinfo is signed
-//! by the new set of keys, so a walk over the narinfos that follows misses none.
+//! Each cache has its own locks (`CacheLocks`). A publication holds `shared` from
+//! before it looks its cache up until its narinfo is committed; a change of the
+//! cache's keys, settings or existence takes `exclusive`, which waits for the
+//! publications under way, so every narinfo published after the change sees it and
+//! every one before it is done (and found by a walk over the narinfos that follows).
+//! The methods that change a cache take the `Exclusive` guard as proof. `key_change`
+//! is held through a whole key rotation or re-signing, its walk included, and by a
+//! deletion, so that two walks never interleave their rewrites.
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
 
+use tokio::sync::{OwnedMutexGuard, OwnedRwLockReadGuard, OwnedRwLockWriteGuard};
+
+use crate::clock::now;
 use crate::config::{CacheConfig, Config};
 use crate::error::{Error, Result};
 use crate::index::{CacheRecord, Index, KeyRecord, Retention};
+use crate::keyfiles::{self, KeyFiles};
 use crate::nix::signing::{PublicKey, SecretKey};
 use crate::nix::CacheName;
 
@@ -47,32 +55,37 @@ impl Cache {
             .public()
     }
 
+    /// The public halves of every signing key, oldest first.
+    pub fn signing_keys(&self) -> Vec<String> {
+        self.signers
+            .iter()
+            .map(|k| k.public().to_string())
+            .collect()
+    }
+
     /// A cache signing with `key`, for tests of what lies above.
     pub fn for_test(name: &str, public: bool, key: SecretKey) -> Self {
-        let name: CacheName = name.parse().expect("a valid name");
         let record = CacheRecord {
-            name: name.clone(),
+            name: name.parse().expect("a valid name"),
             public,
             priority: 40,
-            keys: vec![KeyRecord {
-                name: key.name().to_owned(),
-                public_key: key.public().to_string(),
-                secret_key_file: None,
-                signing: true,
-                created: 0,
-            }],
+            keys: vec![key_record(&key, None)],
             keep_client_signatures: true,
             retention: Retention::default(),
             created: 0,
         };
+        Self::new(record, vec![key], false)
+    }
+
+    fn new(record: CacheRecord, signers: Vec<SecretKey>, declared: bool) -> Self {
         Self {
-            name,
-            public,
-            priority: 40,
-            keep_client_signatures: true,
-            key_names: vec![key.name().to_owned()],
-            signers: vec![key],
-            declared: false,
+            name: record.name.clone(),
+            public: record.public,
+            priority: record.priority,
+            keep_client_signatures: record.keep_client_signatures,
+            key_names: record.keys.iter().map(|k| k.name.clone()).collect(),
+            signers,
+            declared,
             record,
         }
     }
@@ -80,8 +93,6 @@ impl Cache {
 
 /// A cache to create at run time.
 pub struct NewCache {
-    /// Its name.
-    pub name: CacheName,
     /// Whether anyone may pull from it.
     pub public: bool,
     /// The priority its `nix-cache-info` announces.
@@ -102,7 +113,8 @@ pub struct CacheChange {
     pub public: Option<bool>,
     /// The announced priority.
     pub priority: Option<u32>,
-    /// Whether client signatures are served.
+    /// Whether client signatures are served (to narinfos published from now on, and
+    /// to all of them at the next `key resign`).
     pub keep_client_signatures: Option<bool>,
     /// The maximum age, in seconds; `Some(None)` removes the limit.
     #[serde(default, with = "double_option")]
@@ -142,22 +154,36 @@ pub fn check_name(name: &CacheName) -> Result<()> {
     Ok(())
 }
 
+/// The locks of one cache name (see the module's comment).
+#[derive(Default)]
+struct CacheLocks {
+    changes: Arc<tokio::sync::RwLock<()>>,
+    keys: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// Proof that no publication to a cache is under way, and none will start until it
+/// is dropped.
+pub struct Exclusive {
+    name: CacheName,
+    _guard: OwnedRwLockWriteGuard<()>,
+}
+
+impl Exclusive {
+    /// The cache it holds.
+    pub fn name(&self) -> &CacheName {
+        &self.name
+    }
+}
+
 /// Every cache of the server, by name.
 pub struct Caches {
     map: RwLock<HashMap<CacheName, Arc<Cache>>>,
     index: Arc<dyn Index>,
-    keys_dir: PathBuf,
+    keys: KeyFiles,
     declared: HashMap<CacheName, CacheConfig>,
-    changes: Arc<tokio::sync::RwLock<()>>,
-    key_changes: Arc<tokio::sync::Mutex<()>>,
-}
-
-/// Seconds since the epoch.
-pub fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    /// Per cache name, made when first asked for and kept: one entry per name ever
+    /// used, a few bytes each.
+    locks: Mutex<HashMap<CacheName, Arc<CacheLocks>>>,
 }
 
 impl Caches {
@@ -183,31 +209,37 @@ impl Caches {
         all
     }
 
-    /// Held by a publication from before it looks its cache up until it has committed.
-    pub async fn shared(&self) -> tokio::sync::RwLockReadGuard<'_, ()> {
-        self.changes.read().await
+    fn locks(&self, name: &CacheName) -> Arc<CacheLocks> {
+        self.locks
+            .lock()
+            .expect("never poisoned")
+            .entry(name.clone())
+            .or_default()
+            .clone()
     }
 
-    /// Held by a change of a cache's keys or existence: no publication is under way.
-    /// Owned, so that it can be held by a blocking task.
-    pub async fn exclusive(&self) -> tokio::sync::OwnedRwLockWriteGuard<()> {
-        self.changes.clone().write_owned().await
+    /// Held by a publication to `name` from before it looks the cache up until it has
+    /// committed.
+    pub async fn shared(&self, name: &CacheName) -> OwnedRwLockReadGuard<()> {
+        self.locks(name).changes.clone().read_owned().await
     }
 
-    /// Held through a whole change of keys, the walk over the narinfos included, so
-    /// that two such changes never interleave their rewrites.
-    pub async fn key_change(&self) -> tokio::sync::OwnedMutexGuard<()> {
-        self.key_changes.clone().lock_owned().await
+    /// Waits for the publications to `name` under way, and holds off new ones.
+    pub async fn exclusive(&self, name: &CacheName) -> Exclusive {
+        Exclusive {
+            name: name.clone(),
+            _guard: self.locks(name).changes.clone().write_owned().await,
+        }
     }
 
-    /// The index the caches are recorded in.
-    pub fn index(&self) -> &Arc<dyn Index> {
-        &self.index
+    /// Held through a whole change of `name`'s keys, or its deletion.
+    pub async fn key_change(&self, name: &CacheName) -> OwnedMutexGuard<()> {
+        self.locks(name).keys.clone().lock_owned().await
     }
 
     /// Creates the configured caches that are missing (or `main` on an empty data
-    /// directory), updates the settings of those that changed in the config, then
-    /// loads every cache and its keys.
+    /// directory), updates the settings of those that changed in the config, loads
+    /// every cache and its keys, and removes key files no cache names.
     pub fn open(index: Arc<dyn Index>, config: &Config) -> anyhow::Result<Self> {
         let mut records = index.caches()?;
         let wanted: Vec<CacheConfig> = if config.caches.is_empty() && records.is_empty() {
@@ -221,73 +253,57 @@ impl Caches {
         } else {
             config.caches.clone()
         };
-        let keys_dir = config.data_dir.join("keys");
+        let keys = KeyFiles::new(config.data_dir.join("keys"));
         // Only what changed is written: a start on a full disk must not need to write.
         let mut changed = false;
+        for record in &mut records {
+            changed |= complete_migrated_keys(record)?;
+        }
         for c in &wanted {
             check_name(&c.name).map_err(|e| anyhow::anyhow!("config: {e}"))?;
             if let Some(existing) = records.iter_mut().find(|r| r.name == c.name) {
-                let mut updated = existing.clone();
-                updated.public = c.public;
-                updated.priority = c.priority;
-                // A configured key file the cache does not have takes over as its one
-                // signer: the operator changed the file in the config.
-                if let Some(file) = &c.secret_key_file {
-                    let known = updated
-                        .keys
-                        .iter()
-                        .any(|k| k.signing && k.secret_key_file.as_ref() == Some(file));
-                    if !known {
-                        let key = read_key(file)?;
-                        for k in &mut updated.keys {
-                            k.signing = false;
-                        }
-                        updated.keys.retain(|k| k.name != key.name());
-                        updated.keys.push(key_record(&key, Some(file.clone())));
-                    }
-                }
-                if updated != *existing {
-                    index.put_cache(&updated)?;
-                    *existing = updated;
-                    changed = true;
-                }
+                changed |= apply_config(existing, c)?;
                 continue;
             }
             // What a deletion interrupted by a crash left under this name goes first.
             index.purge_cache(&c.name)?;
-            let key = match &c.secret_key_file {
-                Some(file) => (read_key(file)?, file.clone()),
+            let (key, file) = match &c.secret_key_file {
+                Some(file) => (keyfiles::read(file)?, file.clone()),
                 None => {
                     let name = c
                         .key_name
                         .clone()
                         .unwrap_or_else(|| format!("{}-1", c.name));
-                    // A key already there is one generated by a start that died before
-                    // its cache record was durable: keep it, as clients may trust it.
-                    let file = keys_dir.join(format!("{}.secret", c.name));
+                    let file = keys.first(&c.name);
                     match file.exists() {
-                        true => (read_key(&file)?, file),
-                        false => (generate_key(&keys_dir, &file, &name)?, file),
+                        true => (keyfiles::read(&file)?, file),
+                        false => (keys.generate(&file, &name)?, file),
                     }
                 }
             };
-            let record = CacheRecord {
+            records.push(CacheRecord {
                 name: c.name.clone(),
                 public: c.public,
                 priority: c.priority,
-                keys: vec![key_record(&key.0, Some(key.1))],
+                keys: vec![key_record(&key, Some(file))],
                 keep_client_signatures: true,
                 retention: Retention::default(),
                 created: now(),
-            };
-            index.put_cache(&record)?;
-            tracing::info!(cache = %record.name, "created cache");
-            records.push(record);
+            });
+            tracing::info!(cache = %c.name, "created cache");
             changed = true;
         }
         if changed {
+            for r in &records {
+                index.put_cache(r)?;
+            }
             index.flush()?;
         }
+        let named: HashSet<PathBuf> = records
+            .iter()
+            .flat_map(|r| r.keys.iter().filter_map(|k| k.secret_key_file.clone()))
+            .collect();
+        keys.sweep(&named);
         let declared: HashMap<CacheName, CacheConfig> = config
             .caches
             .iter()
@@ -302,36 +318,34 @@ impl Caches {
         Ok(Self {
             map: RwLock::new(map),
             index,
-            keys_dir,
+            keys,
             declared,
-            changes: Arc::new(tokio::sync::RwLock::new(())),
-            key_changes: Arc::new(tokio::sync::Mutex::new(())),
+            locks: Mutex::new(HashMap::new()),
         })
     }
 
-    /// Creates a cache at run time: its record and keys, durably. Call under
-    /// `exclusive`.
-    pub fn create(&self, new: NewCache) -> Result<Arc<Cache>> {
-        check_name(&new.name)?;
-        if self.get(&new.name).is_some() {
-            return Err(Error::Conflict(format!("cache {} exists", new.name)));
+    /// Creates a cache at run time: its record and key, durably.
+    pub fn create(&self, lock: &Exclusive, new: NewCache) -> Result<Arc<Cache>> {
+        let name = lock.name();
+        check_name(name)?;
+        if self.get(name).is_some() {
+            return Err(Error::Conflict(format!("cache {name} exists")));
         }
-        self.index.purge_cache(&new.name)?;
-        let (key, file) = match new.key {
+        // A deletion cut short may have left records under the name: they go first.
+        self.index.purge_cache(name)?;
+        let file = self.keys.fresh(name);
+        let key = match new.key {
             Some(key) => {
-                let file = self.new_key_file(&new.name);
-                write_key(&self.keys_dir, &file, &key)?;
-                (key, file)
+                self.keys.write(&file, &key).map_err(internal)?;
+                key
             }
-            None => {
-                let file = self.new_key_file(&new.name);
-                let key = generate_key(&self.keys_dir, &file, &format!("{}-1", new.name))
-                    .map_err(|e| Error::Internal(e.to_string()))?;
-                (key, file)
-            }
+            None => self
+                .keys
+                .generate(&file, &format!("{name}-1"))
+                .map_err(internal)?,
         };
         let record = CacheRecord {
-            name: new.name.clone(),
+            name: name.clone(),
             public: new.public,
             priority: new.priority,
             keys: vec![key_record(&key, Some(file))],
@@ -342,8 +356,11 @@ impl Caches {
         self.store(record)
     }
 
-    /// Changes a cache's settings. Caches declared in the config file are changed there.
-    pub fn update(&self, name: &CacheName, change: &CacheChange) -> Result<Arc<Cache>> {
+    /// Changes a cache's settings. The config file owns a declared cache's public and
+    /// priority settings. Under `exclusive` because whether client signatures are kept
+    /// changes what publications sign.
+    pub fn update(&self, lock: &Exclusive, change: &CacheChange) -> Result<Arc<Cache>> {
+        let name = lock.name();
         let cache = self.get(name).ok_or(Error::NotFound("cache"))?;
         if cache.declared && (change.public.is_some() || change.priority.is_some()) {
             return Err(Error::Conflict(format!(
@@ -365,34 +382,64 @@ impl Caches {
         self.store(record)
     }
 
-    /// Deletes a cache: its record, then its narinfos, claims, uploads, logs and
-    /// realisations, then its key files. Call under `exclusive`.
-    pub fn delete(&self, name: &CacheName) -> Result<()> {
+    /// Deletes a cache: it stops being served at once; then its record goes durably,
+    /// then its narinfos, claims, uploads, logs and realisations, then its key files.
+    pub fn delete(&self, lock: &Exclusive) -> Result<()> {
+        let name = lock.name();
         let cache = self.get(name).ok_or(Error::NotFound("cache"))?;
         if cache.declared {
             return Err(Error::Conflict(format!(
                 "cache {name} is declared in the config file: remove it there first"
             )));
         }
-        self.index.delete_cache(name)?;
         self.map.write().expect("never poisoned").remove(name);
+        if let Err(e) = self.index.delete_cache(name) {
+            // Served again if its record is still there.
+            if self
+                .index
+                .caches()
+                .is_ok_and(|all| all.iter().any(|r| r.name == *name))
+            {
+                self.map
+                    .write()
+                    .expect("never poisoned")
+                    .insert(name.clone(), cache);
+            }
+            return Err(e.into());
+        }
         for k in &cache.record.keys {
-            self.remove_key_file(k);
+            if let Some(file) = &k.secret_key_file {
+                self.keys.remove(file);
+            }
         }
         tracing::info!(cache = %name, "deleted cache");
         Ok(())
     }
 
     /// Adds a signing key (`imported`, or a new `<cache>-N`) beside the current one:
-    /// from now on both sign. Call under `exclusive`.
-    pub fn add_signer(&self, name: &CacheName, imported: Option<SecretKey>) -> Result<Arc<Cache>> {
+    /// from now on both sign. During a rotation under way (two signers already), adds
+    /// nothing: the caller's walk finishes that rotation. Returns the cache and whether
+    /// a key was added.
+    pub fn add_signer(
+        &self,
+        lock: &Exclusive,
+        imported: Option<SecretKey>,
+    ) -> Result<(Arc<Cache>, bool)> {
+        let name = lock.name();
         let cache = self.get(name).ok_or(Error::NotFound("cache"))?;
         if cache.signers.len() > 1 {
-            return Err(Error::Conflict(format!(
-                "a key rotation of {name} is under way: run `key resign` to finish it first"
-            )));
+            return match imported {
+                None => Ok((cache, false)),
+                Some(_) => Err(Error::Conflict(format!(
+                    "a key rotation of {name} is under way: run `key resign` to finish it first"
+                ))),
+            };
         }
-        if self.declared_key_file(name) {
+        if self
+            .declared
+            .get(name)
+            .is_some_and(|c| c.secret_key_file.is_some())
+        {
             return Err(Error::Conflict(format!(
                 "the key of {name} is set in the config file (secret_key_file): change it there"
             )));
@@ -404,8 +451,7 @@ impl Caches {
                 while cache.key_names.contains(&format!("{name}-{n}")) {
                     n += 1;
                 }
-                SecretKey::generate(&format!("{name}-{n}"))
-                    .map_err(|e| Error::Internal(e.to_string()))?
+                SecretKey::generate(&format!("{name}-{n}")).map_err(internal)?
             }
         };
         if cache.key_names.iter().any(|k| k == key.name()) {
@@ -414,17 +460,18 @@ impl Caches {
                 key.name()
             )));
         }
-        let file = self.new_key_file(name);
-        write_key(&self.keys_dir, &file, &key)?;
+        let file = self.keys.fresh(name);
+        self.keys.write(&file, &key).map_err(internal)?;
         let mut record = cache.record.clone();
         record.keys.push(key_record(&key, Some(file)));
-        self.store(record)
+        Ok((self.store(record)?, true))
     }
 
-    /// Retires every signing key but the newest and removes their files. Call under
-    /// `exclusive`. Returns the cache and the retired keys' names.
-    pub fn retire_old_signers(&self, name: &CacheName) -> Result<(Arc<Cache>, Vec<String>)> {
-        let cache = self.get(name).ok_or(Error::NotFound("cache"))?;
+    /// Retires every signing key but the newest. A retired key signs nothing more, so
+    /// its file goes as soon as the record no longer names it (the walk that follows
+    /// only removes its signatures). Returns the cache and the retired keys' names.
+    pub fn retire_old_signers(&self, lock: &Exclusive) -> Result<(Arc<Cache>, Vec<String>)> {
+        let cache = self.get(lock.name()).ok_or(Error::NotFound("cache"))?;
         let newest = cache.signers.last().map(|k| k.name().to_owned());
         let mut record = cache.record.clone();
         let mut files = Vec::new();
@@ -432,8 +479,7 @@ impl Caches {
         for k in &mut record.keys {
             if k.signing && Some(&k.name) != newest.as_ref() {
                 k.signing = false;
-                files.push(k.clone());
-                k.secret_key_file = None;
+                files.extend(k.secret_key_file.take());
                 retired.push(k.name.clone());
             }
         }
@@ -441,18 +487,10 @@ impl Caches {
             return Ok((cache, retired));
         }
         let stored = self.store(record)?;
-        // The files go once the record no longer names them.
-        for k in &files {
-            self.remove_key_file(k);
+        for file in &files {
+            self.keys.remove(file);
         }
         Ok((stored, retired))
-    }
-
-    /// Whether the config file sets the key of `name`.
-    fn declared_key_file(&self, name: &CacheName) -> bool {
-        self.declared
-            .get(name)
-            .is_some_and(|c| c.secret_key_file.is_some())
     }
 
     /// Records a cache durably and serves it from now on.
@@ -460,33 +498,17 @@ impl Caches {
         self.index.put_cache(&record)?;
         self.index.flush()?;
         let declared = self.declared.contains_key(&record.name);
-        let cache = Arc::new(load(record, declared).map_err(|e| Error::Internal(e.to_string()))?);
+        let cache = Arc::new(load(record, declared).map_err(internal)?);
         self.map
             .write()
             .expect("never poisoned")
             .insert(cache.name.clone(), cache.clone());
         Ok(cache)
     }
+}
 
-    /// A file name for a new key of `cache`, unused.
-    fn new_key_file(&self, cache: &CacheName) -> PathBuf {
-        let mut raw = [0u8; 6];
-        getrandom::fill(&mut raw).expect("the operating system's random source failed");
-        let suffix: String = raw.iter().map(|b| format!("{b:02x}")).collect();
-        self.keys_dir.join(format!("{cache}.{suffix}.secret"))
-    }
-
-    /// Removes a key's file if the server made it (under its keys directory); a file
-    /// the operator provides stays where it is.
-    fn remove_key_file(&self, key: &KeyRecord) {
-        if let Some(file) = &key.secret_key_file {
-            if file.starts_with(&self.keys_dir) {
-                if let Err(e) = std::fs::remove_file(file) {
-                    tracing::warn!(file = %file.display(), error = %e, "could not remove a key file");
-                }
-            }
-        }
-    }
+fn internal(e: impl std::fmt::Display) -> Error {
+    Error::Internal(e.to_string())
 }
 
 fn key_record(key: &SecretKey, file: Option<PathBuf>) -> KeyRecord {
@@ -499,6 +521,46 @@ fn key_record(key: &SecretKey, file: Option<PathBuf>) -> KeyRecord {
     }
 }
 
+/// Fills in the name and public key of keys migrated from a format that recorded only
+/// their file; true if it changed the record.
+fn complete_migrated_keys(record: &mut CacheRecord) -> anyhow::Result<bool> {
+    let mut changed = false;
+    for k in record.keys.iter_mut().filter(|k| k.name.is_empty()) {
+        let Some(file) = &k.secret_key_file else {
+            anyhow::bail!("cache {}: a key without a name or a file", record.name);
+        };
+        let key = keyfiles::read(file)?;
+        k.name = key.name().to_owned();
+        k.public_key = key.public().to_string();
+        changed = true;
+    }
+    Ok(changed)
+}
+
+/// Applies the config's settings to a declared cache's record; true if it changed it.
+fn apply_config(record: &mut CacheRecord, c: &CacheConfig) -> anyhow::Result<bool> {
+    let before = record.clone();
+    record.public = c.public;
+    record.priority = c.priority;
+    // A configured key file the cache does not sign with takes over as its one
+    // signer: the operator changed the file in the config.
+    if let Some(file) = &c.secret_key_file {
+        let signs = record
+            .keys
+            .iter()
+            .any(|k| k.signing && k.secret_key_file.as_ref() == Some(file));
+        if !signs {
+            let key = keyfiles::read(file)?;
+            for k in &mut record.keys {
+                k.signing = false;
+            }
+            record.keys.retain(|k| k.name != key.name());
+            record.keys.push(key_record(&key, Some(file.clone())));
+        }
+    }
+    Ok(*record != before)
+}
+
 /// Loads a cache's signing keys.
 fn load(record: CacheRecord, declared: bool) -> anyhow::Result<Cache> {
     let mut signers = Vec::new();
@@ -506,7 +568,7 @@ fn load(record: CacheRecord, declared: bool) -> anyhow::Result<Cache> {
         let file = k.secret_key_file.as_ref().ok_or_else(|| {
             anyhow::anyhow!("cache {}: signing key {} has no file", record.name, k.name)
         })?;
-        let key = read_key(file)?;
+        let key = keyfiles::read(file)?;
         anyhow::ensure!(
             key.name() == k.name,
             "cache {}: {} holds key {:?}, not {:?}",
@@ -522,32 +584,131 @@ fn load(record: CacheRecord, declared: bool) -> anyhow::Result<Cache> {
         "cache {} has no signing key",
         record.name
     );
-    Ok(Cache {
-        name: record.name.clone(),
-        public: record.public,
-        priority: record.priority,
-        keep_client_signatures: record.keep_client_signatures,
-        key_names: record.keys.iter().map(|k| k.name.clone()).collect(),
-        signers,
-        declared,
-        record,
-    })
+    Ok(Cache::new(record, signers, declared))
 }
 
-fn generate_key(dir: &Path, file: &Path, name: &str) -> anyhow::Result<SecretKey> {
-    let key = SecretKey::generate(name).map_err(|e| anyhow::anyhow!("key name {name:?}: {e}"))?;
-    write_key(dir, file, &key).map_err(|e| anyhow::anyhow!("{e}"))?;
-    Ok(key)
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::index::MemoryIndex;
 
-fn write_key(dir: &Path, file: &Path, key: &SecretKey) -> Result<()> {
-    std::fs::create_dir_all(dir)
-        .map_err(|e| Error::Internal(format!("creating {}: {e}", dir.display())))?;
-    crate::secret_file::write(file, &key.to_file_text()).map_err(|e| Error::Internal(e.to_string()))
-}
+    fn config(dir: &std::path::Path, toml_text: &str) -> Config {
+        let mut c: Config = toml::from_str(toml_text).unwrap();
+        c.data_dir = dir.to_owned();
+        c
+    }
 
-fn read_key(path: &Path) -> anyhow::Result<SecretKey> {
-    let text = crate::secret_file::read(path)?;
-    text.parse()
-        .map_err(|e| anyhow::anyhow!("key {}: {e}", path.display()))
+    fn name(s: &str) -> CacheName {
+        s.parse().unwrap()
+    }
+
+    fn new_cache() -> NewCache {
+        NewCache {
+            public: true,
+            priority: 40,
+            keep_client_signatures: true,
+            retention: Retention::default(),
+            key: None,
+        }
+    }
+
+    #[test]
+    fn keys_migrated_without_their_names_are_completed_from_their_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = KeyFiles::new(dir.path().join("keys"));
+        let file = files.first(&name("main"));
+        let key = files.generate(&file, "main-1").unwrap();
+        let index: Arc<dyn Index> = Arc::new(MemoryIndex::new());
+        let migrated = KeyRecord {
+            name: String::new(),
+            public_key: String::new(),
+            secret_key_file: Some(file),
+            signing: true,
+            created: 0,
+        };
+        index
+            .put_cache(&CacheRecord {
+                name: name("main"),
+                public: true,
+                priority: 40,
+                keys: vec![migrated],
+                keep_client_signatures: true,
+                retention: Retention::default(),
+                created: 0,
+            })
+            .unwrap();
+        let caches = Caches::open(index.clone(), &config(dir.path(), "")).unwrap();
+        assert_eq!(
+            caches.get(&name("main")).unwrap().public_key(),
+            key.public()
+        );
+        let stored = &index.caches().unwrap()[0].keys[0];
+        assert_eq!(
+            (stored.name.as_str(), stored.public_key.clone()),
+            ("main-1", key.public().to_string())
+        );
+    }
+
+    #[tokio::test]
+    async fn the_config_owns_its_caches_and_run_time_caches_come_and_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let index: Arc<dyn Index> = Arc::new(MemoryIndex::new());
+        let toml_text = "[[cache]]\nname = \"ci\"\npublic = false\n";
+        let caches = Caches::open(index, &config(dir.path(), toml_text)).unwrap();
+        let ci = caches.get(&name("ci")).unwrap();
+        assert!(ci.declared && !ci.public);
+        let lock = caches.exclusive(&name("ci")).await;
+        let publish = CacheChange {
+            public: Some(true),
+            ..CacheChange::default()
+        };
+        assert!(matches!(
+            caches.update(&lock, &publish),
+            Err(Error::Conflict(_))
+        ));
+        let keep = CacheChange {
+            max_age_secs: Some(Some(60)),
+            ..CacheChange::default()
+        };
+        assert_eq!(
+            caches
+                .update(&lock, &keep)
+                .unwrap()
+                .record
+                .retention
+                .max_age_secs,
+            Some(60)
+        );
+        assert!(matches!(caches.delete(&lock), Err(Error::Conflict(_))));
+        let (rotated, added) = caches.add_signer(&lock, None).unwrap();
+        assert!(added);
+        assert_eq!(rotated.signers.len(), 2);
+        let (again, added) = caches.add_signer(&lock, None).unwrap();
+        assert!(
+            !added && again.signers.len() == 2,
+            "a rotation under way is finished, not doubled"
+        );
+        let (resigned, retired) = caches.retire_old_signers(&lock).unwrap();
+        assert_eq!(
+            (resigned.signers.len(), retired),
+            (1, vec!["ci-1".to_owned()])
+        );
+        drop(lock);
+
+        let tmp = caches.exclusive(&name("tmp")).await;
+        let made = caches.create(&tmp, new_cache()).unwrap();
+        assert!(matches!(
+            caches.create(&tmp, new_cache()),
+            Err(Error::Conflict(_))
+        ));
+        let file = made.record.keys[0].secret_key_file.clone().unwrap();
+        assert!(file.exists());
+        caches.delete(&tmp).unwrap();
+        assert!(!file.exists() && caches.get(&name("tmp")).is_none());
+        let reserved = caches.exclusive(&name("metrics")).await;
+        assert!(matches!(
+            caches.create(&reserved, new_cache()),
+            Err(Error::BadBody(_))
+        ));
+    }
 }

@@ -10,15 +10,26 @@ use crate::error::{Error, Result};
 use crate::index::{Index, IndexError};
 use crate::nix::{CacheName, NarInfo, StorePath, StorePathHash};
 
+/// What a deletion did.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    /// The paths deleted, referrers first.
+    pub deleted: Vec<StorePath>,
+    /// The paths asked for that the cache does not have: a retry of a deletion that
+    /// was cut short finds some gone, and goes on.
+    pub missing: Vec<StorePathHash>,
+}
+
 /// Deletes `paths` from `cache`, and with `with_referrers` every path that refers to
 /// them, transitively. Without it, a path that others refer to is refused with the
-/// list of its referrers, and nothing is deleted. Returns the deleted paths.
+/// list of its referrers, and nothing is deleted.
 pub fn delete_paths(
     index: &dyn Index,
     cache: &CacheName,
     paths: &[StorePathHash],
     with_referrers: bool,
-) -> Result<Vec<StorePath>> {
+) -> Result<Outcome> {
+    let mut outcome = Outcome::default();
     // Every path to delete, with what it refers to and what refers to it.
     let mut doomed: BTreeMap<StorePathHash, Doomed> = BTreeMap::new();
     let mut queue: Vec<StorePathHash> = paths.to_vec();
@@ -26,13 +37,14 @@ pub fn delete_paths(
         if doomed.contains_key(&path) {
             continue;
         }
-        let record = index
-            .narinfo(cache, &path)?
-            .ok_or(Error::NotFound("store path"))?;
-        let narinfo = NarInfo::parse(&record.text).map_err(|_| IndexError::Corrupt {
-            record: "narinfo",
-            key: format!("{cache}/{path}"),
-        })?;
+        let Some(record) = index.narinfo(cache, &path)? else {
+            if paths.contains(&path) && !outcome.missing.contains(&path) {
+                outcome.missing.push(path);
+            }
+            continue;
+        };
+        let narinfo =
+            NarInfo::parse(&record.text).map_err(|_| IndexError::corrupt_narinfo(cache, &path))?;
         let referrers: BTreeSet<StorePathHash> = index
             .referrers(cache, &path)?
             .into_iter()
@@ -72,13 +84,13 @@ pub fn delete_paths(
             names.push(name);
         }
         return Err(Error::Conflict(format!(
-            "other paths of {cache} refer to what would be deleted (give --with-referrers to delete them too): {}",
+            "other paths of {cache} refer to what would be deleted, which would break their \
+             closures (with_referrers, or cache-admin's --with-referrers, deletes them too): {}",
             names.join(" ")
         )));
     }
     // Referrers before what they refer to: a path goes once nothing left in the set
     // refers to it. Store references have no cycles but a path's reference to itself.
-    let mut deleted = Vec::new();
     while !doomed.is_empty() {
         let ready: Vec<StorePathHash> = doomed
             .iter()
@@ -94,12 +106,12 @@ pub fn delete_paths(
             let d = doomed.remove(&path).expect("listed above");
             if index.delete_narinfo(cache, &path, &d.references)? {
                 tracing::info!(cache = %cache, path = %d.store_path, "deleted store path");
-                deleted.push(d.store_path);
+                outcome.deleted.push(d.store_path);
             }
         }
     }
     index.flush()?;
-    Ok(deleted)
+    Ok(outcome)
 }
 
 struct Doomed {

@@ -35,7 +35,9 @@ pub struct Resigned {
 
 /// Rewrites every narinfo of `cache` whose signatures are not what `apply` gives
 /// (after a key was added or retired). Idempotent: a walk cut short is finished by
-/// running it again.
+/// running it again. A narinfo that changed since its page was read (deleted, or
+/// deleted and pushed again) is left as it is: one published since was signed by the
+/// current signers.
 pub fn resign_all(index: &dyn Index, cache: &Cache) -> Result<Resigned> {
     let mut done = Resigned::default();
     walk(index, &cache.name, |path, text| {
@@ -44,7 +46,7 @@ pub fn resign_all(index: &dyn Index, cache: &Cache) -> Result<Resigned> {
         let before = narinfo.sigs.clone();
         apply(&mut narinfo, cache);
         if narinfo.sigs != before
-            && index.replace_narinfo(&cache.name, path, narinfo.render().as_bytes())?
+            && index.replace_narinfo(&cache.name, path, text, narinfo.render().as_bytes())?
         {
             done.rewritten += 1;
         }
@@ -69,10 +71,7 @@ pub fn count_by_key(index: &dyn Index, cache: &CacheName) -> Result<(u64, BTreeM
 }
 
 fn parse(cache: &CacheName, path: &crate::nix::StorePathHash, text: &[u8]) -> Result<NarInfo> {
-    NarInfo::parse(text).map_err(|_| IndexError::Corrupt {
-        record: "narinfo",
-        key: format!("{cache}/{path}"),
-    })
+    NarInfo::parse(text).map_err(|_| IndexError::corrupt_narinfo(cache, path))
 }
 
 /// Calls `each` with every narinfo of `cache`, a page at a time.

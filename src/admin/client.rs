@@ -10,8 +10,9 @@ use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
-/// Settings read from the user's config file (`cache-admin.toml`).
-#[derive(Debug, Default, Deserialize)]
+/// Settings read from the user's config file (`cache-admin.toml`). `Debug` never
+/// shows the token.
+#[derive(Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileSettings {
     /// The server's base URL.
@@ -22,6 +23,17 @@ pub struct FileSettings {
     pub token_file: Option<PathBuf>,
     /// A PEM file of CA certificates to trust beside the system's.
     pub ca_file: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for FileSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FileSettings")
+            .field("server", &self.server)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("token_file", &self.token_file)
+            .field("ca_file", &self.ca_file)
+            .finish()
+    }
 }
 
 /// Where the user's config file is: `$XDG_CONFIG_HOME/cachet/cache-admin.toml`, or

@@ -9,11 +9,12 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use zeroize::Zeroizing;
 
-use crate::caches::{now, Cache, Caches};
+use crate::caches::{Cache, Caches};
+use crate::clock::now;
 use crate::error::{Error, Result};
 use crate::grants::{self, CachePattern, Grants, Permission};
 use crate::index::{Index, TokenRecord};
@@ -54,6 +55,8 @@ pub const FIRST_ADMIN: &str = "admin";
 pub struct Authorizer {
     index: Arc<dyn Index>,
     tokens: RwLock<HashMap<Sha256, TokenRecord>>,
+    /// Held by every write of a token record, so that writes never interleave.
+    writes: Mutex<()>,
     /// Where the first-start admin token was written; removed when it is revoked.
     admin_file: PathBuf,
 }
@@ -102,10 +105,12 @@ pub fn valid_token_name(name: &str) -> bool {
 }
 
 impl Authorizer {
-    /// Loads the tokens; on the first start (no token recorded) makes an admin token
-    /// of every cache, present and future, written to `<data_dir>/admin-token` (mode
-    /// 0600). A token file from before tokens were recorded is taken in as that token.
-    /// Returns the authorizer and, when it made the token now, its secret.
+    /// Loads the tokens. A token file from before tokens were recorded (or from a start
+    /// that died before its record was durable) is taken in as the first admin token.
+    /// When no usable server admin token is left (the first start, or all of them
+    /// expired), makes one, written to `<data_dir>/admin-token` (mode 0600): whoever
+    /// can restart the server and read its data directory can always administer it.
+    /// Returns the authorizer and the secret of a token made now.
     pub fn open(index: Arc<dyn Index>, data_dir: &Path) -> anyhow::Result<(Self, Option<Token>)> {
         let admin_file = data_dir.join("admin-token");
         let mut tokens: HashMap<Sha256, TokenRecord> =
@@ -115,15 +120,14 @@ impl Authorizer {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => anyhow::bail!("reading {}: {e}", admin_file.display()),
         };
-        let mut created = None;
-        match file {
-            Some(t) if t.expose().is_empty() => anyhow::bail!("{} is empty", admin_file.display()),
-            Some(t) => match tokens.get(&t.digest()) {
+        if let Some(t) = file {
+            anyhow::ensure!(!t.expose().is_empty(), "{} is empty", admin_file.display());
+            match tokens.get(&t.digest()) {
                 // Revoked, and the start that revoked it died before removing the file.
                 Some(r) if r.revoked.is_some() => remove_file(&admin_file),
                 Some(_) => {}
                 None if tokens.is_empty() => {
-                    let record = first_admin(t.digest());
+                    let record = first_admin(FIRST_ADMIN, t.digest());
                     index.put_token(&record)?;
                     index.flush()?;
                     tokens.insert(record.hash, record);
@@ -132,23 +136,38 @@ impl Authorizer {
                     file = %admin_file.display(),
                     "this file holds a token the server does not know; it is ignored"
                 ),
-            },
-            None if tokens.is_empty() => {
-                // The file first: a start that dies before the record is durable finds
-                // the file and records it then.
-                let secret = Token::new(grants::new_token_secret().to_string());
-                crate::secret_file::write(&admin_file, secret.expose())?;
-                let record = first_admin(secret.digest());
-                index.put_token(&record)?;
-                index.flush()?;
-                tokens.insert(record.hash, record);
-                created = Some(secret);
             }
-            None => {}
+        }
+        let at = now();
+        let mut created = None;
+        if !tokens
+            .values()
+            .any(|t| usable(t, at) && t.grants.server_admin())
+        {
+            let taken = tokens
+                .values()
+                .any(|t| t.name == FIRST_ADMIN && t.revoked.is_none());
+            let name = match taken {
+                true => format!("{FIRST_ADMIN}-{at}"),
+                false => FIRST_ADMIN.to_owned(),
+            };
+            if !tokens.is_empty() {
+                tracing::warn!(token = %name, file = %admin_file.display(), "no server admin token was usable (all expired): made a new one");
+            }
+            // The file first: a start that dies before the record is durable finds
+            // the file and records it then.
+            let secret = Token::new(grants::new_token_secret().to_string());
+            crate::secret_file::write(&admin_file, secret.expose())?;
+            let record = first_admin(&name, secret.digest());
+            index.put_token(&record)?;
+            index.flush()?;
+            tokens.insert(record.hash, record);
+            created = Some(secret);
         }
         let auth = Self {
             index,
             tokens: RwLock::new(tokens),
+            writes: Mutex::new(()),
             admin_file,
         };
         Ok((auth, created))
@@ -162,24 +181,25 @@ impl Authorizer {
         let at = now();
         let record = {
             let tokens = self.tokens.read().expect("never poisoned");
-            let record = tokens.get(&hash).filter(|t| usable(t, at))?;
-            if record.last_used.is_some_and(|u| u + LAST_USED_STEP > at) {
-                return Some(record.clone());
-            }
-            record.clone()
+            tokens.get(&hash).filter(|t| usable(t, at))?.clone()
+        };
+        if record.last_used.is_some_and(|u| u + LAST_USED_STEP > at) {
+            return Some(record);
+        }
+        // Every write of a token record holds `writes`, so this one cannot put back a
+        // record a revocation is replacing. If an admin change holds it, the use is
+        // noted on a later request.
+        let Ok(_writing) = self.writes.try_lock() else {
+            return Some(record);
         };
         let mut tokens = self.tokens.write().expect("never poisoned");
-        if let Some(r) = tokens.get_mut(&hash) {
-            r.last_used = Some(at);
-            // Not flushed: a lost last-used time costs nothing.
-            if let Err(e) = self.index.put_token(r) {
-                tracing::warn!(token = %r.name, error = %e, "could not record a token's use");
-            }
+        let current = tokens.get_mut(&hash).filter(|t| usable(t, at))?;
+        current.last_used = Some(at);
+        // Not flushed: a lost last-used time costs nothing.
+        if let Err(e) = self.index.put_token(current) {
+            tracing::warn!(token = %current.name, error = %e, "could not record a token's use");
         }
-        Some(TokenRecord {
-            last_used: Some(at),
-            ..record
-        })
+        Some(current.clone())
     }
 
     /// The cache `name`, if the holder of `token` may do `wanted` on it.
@@ -230,6 +250,18 @@ impl Authorizer {
         all
     }
 
+    /// Writes `record` durably, then serves it. Called holding `writes`; the map's lock
+    /// is not held while the disk syncs, so requests go on meanwhile.
+    fn store(&self, record: &TokenRecord) -> Result<()> {
+        self.index.put_token(record)?;
+        self.index.flush()?;
+        self.tokens
+            .write()
+            .expect("never poisoned")
+            .insert(record.hash, record.clone());
+        Ok(())
+    }
+
     /// Makes a token. Names are unique among tokens not revoked.
     pub fn create(&self, name: &str, grants: Grants, expires: Option<u64>) -> Result<NewToken> {
         if !valid_token_name(name) {
@@ -246,9 +278,10 @@ impl Authorizer {
         if expires.is_some_and(|e| e <= at) {
             return Err(Error::BadBody("the expiry is in the past".into()));
         }
-        let mut tokens = self.tokens.write().expect("never poisoned");
-        if tokens
-            .values()
+        let _writing = self.writes.lock().expect("never poisoned");
+        if self
+            .list()
+            .iter()
             .any(|t| t.name == name && t.revoked.is_none())
         {
             return Err(Error::Conflict(format!("a token named {name} exists")));
@@ -263,9 +296,7 @@ impl Authorizer {
             last_used: None,
             revoked: None,
         };
-        self.index.put_token(&record)?;
-        self.index.flush()?;
-        tokens.insert(record.hash, record.clone());
+        self.store(&record)?;
         Ok(NewToken { record, secret })
     }
 
@@ -273,31 +304,25 @@ impl Authorizer {
     /// server admin token stays: without it nobody could administer the server.
     pub fn revoke(&self, name: &str) -> Result<TokenRecord> {
         let at = now();
-        let mut tokens = self.tokens.write().expect("never poisoned");
-        let Some(record) = tokens
-            .values()
-            .find(|t| t.name == name && t.revoked.is_none())
-            .cloned()
-        else {
+        let _writing = self.writes.lock().expect("never poisoned");
+        let all = self.list();
+        let Some(record) = all.iter().find(|t| t.name == name && t.revoked.is_none()) else {
             return Err(Error::NotFound("token"));
         };
-        let other_admins = tokens
-            .values()
+        let other_admins = all
+            .iter()
             .filter(|t| t.hash != record.hash && usable(t, at) && t.grants.server_admin())
             .count();
-        if record.grants.server_admin() && other_admins == 0 {
+        if record.grants.server_admin() && usable(record, at) && other_admins == 0 {
             return Err(Error::Conflict(format!(
                 "token {name} is the last server admin token: create another one first"
             )));
         }
         let revoked = TokenRecord {
             revoked: Some(at),
-            ..record
+            ..record.clone()
         };
-        self.index.put_token(&revoked)?;
-        self.index.flush()?;
-        tokens.insert(revoked.hash, revoked.clone());
-        drop(tokens);
+        self.store(&revoked)?;
         if self.file_holds(&revoked.hash) {
             remove_file(&self.admin_file);
         }
@@ -311,9 +336,9 @@ impl Authorizer {
     }
 }
 
-fn first_admin(hash: Sha256) -> TokenRecord {
+fn first_admin(name: &str, hash: Sha256) -> TokenRecord {
     TokenRecord {
-        name: FIRST_ADMIN.into(),
+        name: name.into(),
         hash,
         grants: Grants {
             permissions: vec![Permission::Admin],
@@ -423,6 +448,38 @@ mod tests {
         assert!(none.is_none());
         assert!(restarted.identify(Some(&first)).is_none());
         assert!(restarted.identify(Some(&second)).is_some());
+    }
+
+    #[test]
+    fn a_server_whose_admin_tokens_all_expired_makes_a_new_one_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let index: Arc<dyn Index> = Arc::new(MemoryIndex::new());
+        let (auth, _) = Authorizer::open(index.clone(), dir.path()).unwrap();
+        let ops = auth
+            .create(
+                "ops",
+                grants(&[Permission::Admin], &["*"]),
+                Some(now() + 3600),
+            )
+            .unwrap();
+        auth.revoke(FIRST_ADMIN).unwrap();
+        // The clock passes its expiry.
+        let expired = TokenRecord {
+            expires: Some(now() - 1),
+            ..ops.record
+        };
+        index.put_token(&expired).unwrap();
+        let (restarted, made) = Authorizer::open(index, dir.path()).unwrap();
+        let made = made.expect("a new admin token");
+        assert_eq!(
+            restarted.server_admin(Some(&made)).unwrap().name,
+            FIRST_ADMIN
+        );
+        let file = std::fs::read_to_string(dir.path().join("admin-token")).unwrap();
+        assert_eq!(file.trim(), made.expose());
+        assert!(restarted
+            .identify(Some(&Token::new(ops.secret.to_string())))
+            .is_none());
     }
 
     #[test]

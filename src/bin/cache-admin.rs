@@ -12,7 +12,9 @@ use serde_json::json;
 use cachet::admin::client::{Client, FileSettings};
 use cachet::admin::output::{self, fields, Limit, Table};
 use cachet::grants::{CachePattern, Permission};
-use cachet::http::api::{CacheInfo, CreatedToken, Deleted, KeyChange, KeysInfo, TokenInfo};
+use cachet::http::api::types::{CacheInfo, CreatedToken, Deleted, KeyChange, KeysInfo, TokenInfo};
+use cachet::http::page::host_of;
+use cachet::nix::CacheName;
 
 #[derive(Parser)]
 #[command(
@@ -69,7 +71,7 @@ enum Command {
     /// Print the nix.conf (and netrc) lines a host needs to use a cache.
     Use {
         /// The cache.
-        cache: String,
+        cache: CacheName,
     },
 }
 
@@ -77,7 +79,7 @@ enum Command {
 enum CacheCommand {
     /// Create a cache (public unless --private), with a new signing key or an imported one.
     Create {
-        name: String,
+        name: CacheName,
         /// Only token holders may pull.
         #[arg(long)]
         private: bool,
@@ -89,17 +91,17 @@ enum CacheCommand {
         secret_key_file: Option<PathBuf>,
         #[command(flatten)]
         retention: RetentionArgs,
-        /// Serve only the cache's own signatures, not those clients push.
-        #[arg(long)]
-        drop_client_signatures: bool,
+        /// Whether the signatures clients push are served beside the cache's: keep or drop [default: keep].
+        #[arg(long, value_parser = ["keep", "drop"])]
+        client_signatures: Option<String>,
     },
     /// List the caches.
     List,
     /// Show a cache.
-    Info { name: String },
+    Info { name: CacheName },
     /// Change a cache's settings.
     Update {
-        name: String,
+        name: CacheName,
         /// Anyone may pull.
         #[arg(long, conflicts_with = "private")]
         public: bool,
@@ -111,13 +113,13 @@ enum CacheCommand {
         priority: Option<u32>,
         #[command(flatten)]
         retention: RetentionArgs,
-        /// Whether client signatures are served: keep or drop.
+        /// Whether the signatures clients push are served: keep or drop (stored narinfos follow at the next `key resign`).
         #[arg(long, value_parser = ["keep", "drop"])]
         client_signatures: Option<String>,
     },
     /// Delete a cache and its store paths (their data is reclaimed by gc).
     Delete {
-        name: String,
+        name: CacheName,
         /// Confirm the deletion.
         #[arg(long)]
         yes: bool,
@@ -126,10 +128,10 @@ enum CacheCommand {
 
 #[derive(Args)]
 struct RetentionArgs {
-    /// Let gc remove paths not fetched for this long (e.g. 30d), or `none`.
+    /// Paths not fetched for this long (e.g. 30d) may go, or `none` (recorded for the garbage collector, which is to come).
     #[arg(long, value_parser = output::parse_age)]
     keep_age: Option<Limit>,
-    /// Let gc remove the least recently fetched paths above this size (e.g. 500GiB), or `none`.
+    /// The least recently fetched paths may go above this size (e.g. 500GiB), or `none` (recorded for the garbage collector).
     #[arg(long, value_parser = output::parse_limit_size)]
     keep_size: Option<Limit>,
 }
@@ -139,7 +141,7 @@ enum TokenCommand {
     /// Create a token; its secret is printed once, alone on the last line.
     Create {
         /// A name to list and revoke it by.
-        #[arg(long)]
+        #[arg(long, value_parser = token_name)]
         name: String,
         /// Permissions, comma-separated: pull, push, delete, admin.
         #[arg(long, value_delimiter = ',', required = true)]
@@ -154,29 +156,32 @@ enum TokenCommand {
     /// List the tokens (never their secrets).
     List,
     /// Revoke a token, from its next request on.
-    Revoke { name: String },
+    Revoke {
+        #[arg(value_parser = token_name)]
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]
 enum KeyCommand {
     /// The cache's keys, and how many paths each signs.
-    Info { cache: String },
+    Info { cache: CacheName },
     /// Add a new signing key: until `resign`, paths carry both the old and the new signature.
     Rotate {
-        cache: String,
+        cache: CacheName,
         /// Import this Nix secret key as the new key instead of generating one.
         #[arg(long)]
         secret_key_file: Option<PathBuf>,
     },
     /// Finish a rotation: retire the old keys; paths keep only the newest key's signature.
-    Resign { cache: String },
+    Resign { cache: CacheName },
 }
 
 #[derive(Subcommand)]
 enum PathCommand {
     /// Delete store paths; refused if other paths refer to them, unless --with-referrers.
     Delete {
-        cache: String,
+        cache: CacheName,
         /// Store paths (/nix/store/... or their base names).
         #[arg(required = true)]
         paths: Vec<String>,
@@ -184,6 +189,15 @@ enum PathCommand {
         #[arg(long)]
         with_referrers: bool,
     },
+}
+
+/// A token name as the server takes it (checked here too: it goes into a URL).
+fn token_name(s: &str) -> Result<String, String> {
+    if cachet::auth::valid_token_name(s) {
+        Ok(s.to_owned())
+    } else {
+        Err("a token name is 1 to 64 letters, digits, '.', '_', '-' or '@'".into())
+    }
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -312,14 +326,14 @@ async fn cache(client: &Client, command: CacheCommand, json: bool) -> anyhow::Re
             priority,
             secret_key_file,
             retention,
-            drop_client_signatures,
+            client_signatures,
         } => {
             let mut r = serde_json::Map::new();
             retention_json(&retention, &mut r);
             let mut body = json!({
                 "name": name,
                 "public": !private,
-                "keep_client_signatures": !drop_client_signatures,
+                "keep_client_signatures": client_signatures.as_deref() != Some("drop"),
                 "retention": r,
             });
             if let Some(p) = priority {
@@ -480,7 +494,7 @@ async fn token_command(client: &Client, command: TokenCommand, json: bool) -> an
                 ])
             );
             println!("# the secret, shown this once:");
-            println!("{}", made.secret);
+            println!("{}", made.secret.0);
         }
         TokenCommand::List => {
             let all: Vec<TokenInfo> = client
@@ -542,6 +556,11 @@ fn print_key_change(change: &KeyChange, json: bool) -> anyhow::Result<()> {
     pairs.push(("paths", change.paths.to_string()));
     pairs.push(("re-signed", change.rewritten.to_string()));
     print!("{}", fields(&pairs));
+    if change.resumed {
+        println!(
+            "# a rotation was under way: no key was added, and every path now has both signatures"
+        );
+    }
     Ok(())
 }
 
@@ -631,24 +650,17 @@ async fn path(client: &Client, command: PathCommand, json: bool) -> anyhow::Resu
             for p in &deleted.deleted {
                 println!("deleted {p}");
             }
+            for p in &deleted.missing {
+                println!("not in {cache}: {p}");
+            }
         }
     }
     Ok(())
 }
 
-/// The host of a URL, without its port (what a netrc `machine` names).
-fn host_of(url: &str) -> &str {
-    let authority = url.split_once("://").map_or(url, |(_, rest)| rest);
-    let authority = authority.split('/').next().unwrap_or_default();
-    match authority.strip_prefix('[') {
-        Some(v6) => v6.split(']').next().unwrap_or_default(),
-        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
-    }
-}
-
 async fn use_cache(
     client: &Client,
-    cache: &str,
+    cache: &CacheName,
     token: Option<&str>,
     json: bool,
 ) -> anyhow::Result<()> {

@@ -92,7 +92,7 @@ pub async fn put(
         File::NarInfo(hash) => {
             // The cache as it is now, held so: a key change waits for this commit, and
             // one made while the body arrived is signed with (see `caches`).
-            let _unchanged = app.caches.shared().await;
+            let _unchanged = app.caches.shared(&cache).await;
             let cache = creds.cache(&app, &cache, Permission::Push)?;
             let published = publish::publish(&app.index, &cache, hash, &body).await?;
             if let Published::Conflict { .. } = published {

@@ -76,7 +76,7 @@ fn copyable(out: &mut String, id: &str, label: &str, value: &str) {
 }
 
 /// The host name of a URL, without its port: what a netrc `machine` line names.
-fn host_of(url: &str) -> &str {
+pub fn host_of(url: &str) -> &str {
     let authority = url.split_once("://").map_or(url, |(_, rest)| rest);
     let authority = authority.split('/').next().unwrap_or_default();
     match authority.strip_prefix('[') {

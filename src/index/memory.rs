@@ -87,10 +87,6 @@ impl Index for MemoryIndex {
         self.with(|s| s.tokens.values().cloned().collect())
     }
 
-    fn token(&self, hash: &Sha256) -> Result<Option<TokenRecord>> {
-        self.with(|s| s.tokens.get(hash).cloned())
-    }
-
     fn put_token(&self, token: &TokenRecord) -> Result<()> {
         self.with(|s| {
             s.tokens.insert(token.hash, token.clone());
@@ -200,14 +196,15 @@ impl Index for MemoryIndex {
         &self,
         cache: &CacheName,
         path: &StorePathHash,
+        expected: &[u8],
         text: &[u8],
     ) -> Result<bool> {
         self.with(|s| match s.narinfos.get_mut(&(cache.clone(), *path)) {
-            Some(r) => {
+            Some(r) if r.text == expected => {
                 r.text = bytes::Bytes::copy_from_slice(text);
                 true
             }
-            None => false,
+            _ => false,
         })
     }
 
@@ -222,7 +219,7 @@ impl Index for MemoryIndex {
                 return false;
             };
             s.claims.remove(&(cache.clone(), record.nar_hash, *path));
-            for r in references {
+            for r in references.iter().filter(|r| *r != path) {
                 s.references.remove(&(cache.clone(), *r, *path));
             }
             let stats = s.stats.entry(cache.clone()).or_default();

@@ -51,6 +51,14 @@ impl IndexError {
         }
     }
 
+    /// A `Corrupt` error for the narinfo of `path` in `cache`.
+    pub fn corrupt_narinfo(cache: &CacheName, path: &StorePathHash) -> Self {
+        Self::Corrupt {
+            record: "narinfo",
+            key: format!("{cache}/{path}"),
+        }
+    }
+
     /// Whether the database failed because its disk is full.
     pub fn is_disk_full(&self) -> bool {
         match self {
@@ -223,8 +231,6 @@ pub trait Index: Send + Sync + 'static {
 
     /// Every token, revoked ones included.
     fn tokens(&self) -> Result<Vec<TokenRecord>>;
-    /// The token whose secret has the hash `hash`.
-    fn token(&self, hash: &Sha256) -> Result<Option<TokenRecord>>;
     /// Creates or replaces a token's record.
     fn put_token(&self, token: &TokenRecord) -> Result<()>;
     /// The counts of a cache (zero for one with no narinfo).
@@ -272,10 +278,16 @@ pub trait Index: Send + Sync + 'static {
         after: Option<&StorePathHash>,
         limit: usize,
     ) -> Result<Vec<(StorePathHash, NarInfoRecord)>>;
-    /// Replaces the text of a narinfo (its signatures changed; the NAR is the same);
-    /// false when the path is not there.
-    fn replace_narinfo(&self, cache: &CacheName, path: &StorePathHash, text: &[u8])
-        -> Result<bool>;
+    /// Replaces the text of a narinfo (its signatures changed; the NAR is the same) if
+    /// it is still `expected`; false when it is not, or the path is not there (deleted,
+    /// or deleted and pushed again, since it was read).
+    fn replace_narinfo(
+        &self,
+        cache: &CacheName,
+        path: &StorePathHash,
+        expected: &[u8],
+        text: &[u8],
+    ) -> Result<bool>;
     /// Removes a narinfo with the cache's claim on its NAR and its `references`, and
     /// uncounts it; false when the path is not there.
     fn delete_narinfo(

@@ -18,8 +18,10 @@ use crate::store::{ChunkId, ChunkRef, Manifest, ManifestId, Stored};
 
 /// The metadata layout; bumped on any incompatible change. Format 1 kept listings,
 /// logs and realisations as whole values and manifests whole; format 2 keeps every
-/// content as chunks, its manifest in segments.
-const FORMAT_VERSION: &[u8] = b"2";
+/// content as chunks, its manifest in segments; format 3 adds tokens, the references
+/// between paths, claims per path, and caches with several keys. A format 2 database
+/// is migrated when opened (`migrate_from_2`).
+const FORMAT_VERSION: &[u8] = b"3";
 
 /// The sled database and its trees, one per kind of record.
 pub struct SledIndex {
@@ -45,6 +47,20 @@ fn scoped(cache: &CacheName, key: &[u8]) -> Vec<u8> {
     k.push(0);
     k.extend_from_slice(key);
     k
+}
+
+/// The keys of `referrer`'s references but itself: a path's reference to itself makes
+/// it no referrer of its own.
+fn reference_keys(
+    cache: &CacheName,
+    references: &[StorePathHash],
+    referrer: &StorePathHash,
+) -> Vec<Vec<u8>> {
+    references
+        .iter()
+        .filter(|r| *r != referrer)
+        .map(|r| reference_key(cache, r, referrer))
+        .collect()
 }
 
 /// The key of a reference: `<cache>\0<referenced path><referrer>`, so that the
@@ -102,6 +118,61 @@ fn read_stats(
     }
 }
 
+/// Brings a format 2 database to format 3, in place: every step can be run again, and
+/// the format is written only after all of them (by the caller), so a migration cut
+/// short is done again from the start.
+///
+/// - A cache record's one `secret_key_file` becomes its one signing key, with its name
+///   and public key left empty for `caches` to fill in from the key file.
+/// - Claims were keyed by cache and NarHash; they are keyed by path too now, and the
+///   references between paths are recorded: both are rebuilt from the narinfos.
+fn migrate_from_2(db: &sled::Db) -> Result<()> {
+    let caches = db.open_tree("caches")?;
+    for kv in caches.iter() {
+        let (k, v) = kv?;
+        let mut record: serde_json::Value =
+            serde_json::from_slice(&v).map_err(|_| IndexError::corrupt("cache", &k))?;
+        let Some(object) = record.as_object_mut() else {
+            return Err(IndexError::corrupt("cache", &k));
+        };
+        if let Some(file) = object.remove("secret_key_file") {
+            object.insert(
+                "keys".into(),
+                serde_json::json!([{
+                    "name": "", "public_key": "", "secret_key_file": file, "signing": true
+                }]),
+            );
+            caches.insert(&k, serde_json::to_vec(&record).expect("JSON serialises"))?;
+        }
+    }
+    let (narinfos, claims, referrers) = (
+        db.open_tree("narinfos")?,
+        db.open_tree("cache_nars")?,
+        db.open_tree("referrers")?,
+    );
+    claims.clear()?;
+    referrers.clear()?;
+    for kv in narinfos.iter() {
+        let (k, v) = kv?;
+        let corrupt = || IndexError::corrupt("narinfo", &k);
+        let split = k.iter().position(|&b| b == 0).ok_or_else(corrupt)?;
+        let cache: CacheName = std::str::from_utf8(&k[..split])
+            .ok()
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(corrupt)?;
+        let path = StorePathHash::from_bytes(k[split + 1..].try_into().map_err(|_| corrupt())?);
+        let record = codec::decode_narinfo(Bytes::copy_from_slice(&v)).ok_or_else(corrupt)?;
+        let narinfo = crate::nix::NarInfo::parse(&record.text).map_err(|_| corrupt())?;
+        claims.insert(claim_key(&cache, &record.nar_hash, &path), &[])?;
+        let references: Vec<StorePathHash> =
+            narinfo.foreign_references().map(|r| r.hash()).collect();
+        for r in reference_keys(&cache, &references, &path) {
+            referrers.insert(r, &[])?;
+        }
+    }
+    Ok(())
+}
+
 impl SledIndex {
     /// Opens (or creates) the database in `dir` with a page cache of `cache_bytes`.
     pub fn open(dir: &Path, cache_bytes: u64) -> anyhow::Result<Self> {
@@ -119,6 +190,14 @@ impl SledIndex {
                 dir.display()
             ),
             Some(v) if v.as_ref() == FORMAT_VERSION => {}
+            Some(v) if v.as_ref() == b"2" => {
+                migrate_from_2(&db).map_err(|e| {
+                    anyhow::anyhow!("migrating the metadata in {}: {e}", dir.display())
+                })?;
+                db.insert("format_version", FORMAT_VERSION)?;
+                db.flush()?;
+                tracing::info!(dir = %dir.display(), "migrated the metadata from format 2 to 3");
+            }
             Some(v) => anyhow::bail!(
                 "metadata in {} has format {:?}; this build reads format {:?} only \
                  (start from an empty data directory, or use the build that wrote it)",
@@ -213,13 +292,6 @@ impl Index for SledIndex {
             .collect()
     }
 
-    fn token(&self, hash: &Sha256) -> Result<Option<TokenRecord>> {
-        self.tokens
-            .get(hash.as_bytes())?
-            .map(|v| serde_json::from_slice(&v).map_err(|_| corrupt_bin("token", hash.as_bytes())))
-            .transpose()
-    }
-
     fn put_token(&self, token: &TokenRecord) -> Result<()> {
         let value = serde_json::to_vec(token).expect("a token record always serialises");
         self.tokens.insert(token.hash.as_bytes(), value)?;
@@ -301,12 +373,8 @@ impl Index for SledIndex {
         self.narinfos
             .get(&key)?
             .map(|v| {
-                codec::decode_narinfo(Bytes::copy_from_slice(&v)).ok_or_else(|| {
-                    IndexError::Corrupt {
-                        record: "narinfo",
-                        key: format!("{cache}/{path}"),
-                    }
-                })
+                codec::decode_narinfo(Bytes::copy_from_slice(&v))
+                    .ok_or_else(|| IndexError::corrupt_narinfo(cache, path))
             })
             .transpose()
     }
@@ -321,16 +389,9 @@ impl Index for SledIndex {
         let key = scoped(cache, path.as_bytes());
         let value = codec::encode_narinfo(record);
         let claim = claim_key(cache, &record.nar_hash, path);
-        let refs: Vec<Vec<u8>> = references
-            .iter()
-            .filter(|r| *r != path)
-            .map(|r| reference_key(cache, r, path))
-            .collect();
+        let refs = reference_keys(cache, references, path);
         let stats_key = cache.as_str().as_bytes();
-        let corrupt = || IndexError::Corrupt {
-            record: "narinfo",
-            key: format!("{cache}/{path}"),
-        };
+        let corrupt = || IndexError::corrupt_narinfo(cache, path);
 
         let trees = (
             &self.narinfos,
@@ -407,6 +468,7 @@ impl Index for SledIndex {
         &self,
         cache: &CacheName,
         path: &StorePathHash,
+        expected: &[u8],
         text: &[u8],
     ) -> Result<bool> {
         let key = scoped(cache, path.as_bytes());
@@ -417,6 +479,9 @@ impl Index for SledIndex {
             let Some(mut record) = codec::decode_narinfo(Bytes::copy_from_slice(&existing)) else {
                 return sled::transaction::abort(IndexError::corrupt("narinfo", &key));
             };
+            if record.text != expected {
+                return Ok(false);
+            }
             record.text = Bytes::copy_from_slice(text);
             narinfos.insert(key.as_slice(), codec::encode_narinfo(&record))?;
             Ok(true)
@@ -431,10 +496,7 @@ impl Index for SledIndex {
         references: &[StorePathHash],
     ) -> Result<bool> {
         let key = scoped(cache, path.as_bytes());
-        let refs: Vec<Vec<u8>> = references
-            .iter()
-            .map(|r| reference_key(cache, r, path))
-            .collect();
+        let refs = reference_keys(cache, references, path);
         let stats_key = cache.as_str().as_bytes();
         let trees = (
             &self.narinfos,
@@ -585,6 +647,105 @@ mod tests {
         assert!(index.caches().is_err());
     }
 
+    /// Opens the database in `dir`, waiting for a handle just dropped to let go of it
+    /// (sled's background thread releases the lock a moment after).
+    fn reopen(dir: &Path) -> anyhow::Result<SledIndex> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match SledIndex::open(dir, 1 << 20) {
+                Err(e)
+                    if e.to_string().contains("could not acquire lock")
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20))
+                }
+                other => return other,
+            }
+        }
+    }
+
+    #[test]
+    fn a_format_2_database_is_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        let db_dir = dir.path().join("db");
+        let leaf = "0a5ym8j4ycmssbbmrcd1iv3lz8mfghb6";
+        let top = "1x5vmr3a5v6aadm0zq9nd6jq2k1rkzgz";
+        let text = |path: &str, refs: &str| {
+            format!(
+                "StorePath: /nix/store/{path}-x\nURL: nar/x.nar\nCompression: none\n\
+                 NarHash: sha256:{}\nNarSize: 1\nReferences: {refs}\n",
+                Sha256::digest(path.as_bytes()).to_nix32()
+            )
+        };
+        {
+            // What a format 2 build wrote: the old cache record, claims by NarHash.
+            let db = sled::open(&db_dir).unwrap();
+            db.insert("format_version", b"2").unwrap();
+            let caches = db.open_tree("caches").unwrap();
+            caches
+                .insert(
+                    "main",
+                    br#"{"name":"main","public":true,"priority":40,"secret_key_file":"/k"}"#
+                        .to_vec(),
+                )
+                .unwrap();
+            let narinfos = db.open_tree("narinfos").unwrap();
+            for (path, refs) in [
+                (leaf, format!("{leaf}-x")),
+                (top, format!("{leaf}-x {top}-x")),
+            ] {
+                let hash: StorePathHash = path.parse().unwrap();
+                let record = NarInfoRecord {
+                    nar_hash: Sha256::digest(path.as_bytes()),
+                    nar_size: 1,
+                    file_size: 1,
+                    text: text(path, &refs).into(),
+                };
+                narinfos
+                    .insert(
+                        scoped(&cache(), hash.as_bytes()),
+                        codec::encode_narinfo(&record),
+                    )
+                    .unwrap();
+                let old_claim = scoped(&cache(), record.nar_hash.as_bytes());
+                db.open_tree("cache_nars")
+                    .unwrap()
+                    .insert(old_claim, &[])
+                    .unwrap();
+            }
+            db.flush().unwrap();
+        }
+        let index = reopen(&db_dir).unwrap();
+        let caches = index.caches().unwrap();
+        assert_eq!(caches.len(), 1);
+        assert_eq!(caches[0].keys.len(), 1);
+        assert_eq!(
+            caches[0].keys[0].secret_key_file.as_deref(),
+            Some(Path::new("/k"))
+        );
+        assert!(caches[0].keep_client_signatures);
+        let (leaf, top): (StorePathHash, StorePathHash) =
+            (leaf.parse().unwrap(), top.parse().unwrap());
+        assert_eq!(index.referrers(&cache(), &leaf).unwrap(), vec![top]);
+        assert!(
+            index.referrers(&cache(), &top).unwrap().is_empty(),
+            "a self-reference is none"
+        );
+        let nar = Sha256::digest(leaf.to_string().as_bytes());
+        assert!(index.cache_has_nar(&cache(), &nar).unwrap());
+        let refs = [leaf];
+        assert!(index.delete_narinfo(&cache(), &top, &refs).unwrap());
+        assert!(index.delete_narinfo(&cache(), &leaf, &[]).unwrap());
+        assert!(
+            !index.cache_has_nar(&cache(), &nar).unwrap(),
+            "the old claims are gone"
+        );
+        drop(index);
+        // Opened again, it is format 3 and stays as it is.
+        let again = reopen(&db_dir).unwrap();
+        assert!(again.narinfos(&cache(), None, 10).unwrap().is_empty());
+    }
+
     #[test]
     fn an_older_format_is_refused_with_a_reason() {
         let dir = tempfile::tempdir().unwrap();
@@ -592,19 +753,7 @@ mod tests {
         db.insert("format_version", b"1").unwrap();
         db.flush().unwrap();
         drop(db);
-        // sled's background thread lets go of the database's lock a moment after
-        // the last handle is dropped.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        let err = loop {
-            let err = SledIndex::open(&dir.path().join("db"), 1 << 20)
-                .err()
-                .unwrap()
-                .to_string();
-            if !err.contains("could not acquire lock") || std::time::Instant::now() > deadline {
-                break err;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        };
+        let err = reopen(&dir.path().join("db")).err().unwrap().to_string();
         assert!(err.contains("format \"1\""), "{err}");
     }
 }

@@ -72,13 +72,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("listening on {listen}: {e}"))?;
     let addr = listener.local_addr()?;
     let tls = match (&app.config.tls.cert_file, &app.config.tls.key_file) {
-        (Some(cert), Some(key)) => {
-            let tls = Arc::new(tls::Tls::new(cert, key)?);
-            tokio::spawn(reload_on_hangup(tls.clone()));
-            Some(tls)
-        }
+        (Some(cert), Some(key)) => Some(Arc::new(tls::Tls::new(cert, key)?)),
         _ => None,
     };
+    // Installed with or without TLS: SIGHUP's default action would stop the server
+    // (`systemctl reload`, say).
+    tokio::spawn(on_hangup(tls.clone()));
     announce(&app, addr, tls.is_some(), opened.admin_token.is_some());
     let cap = connection_cap(app.config.server.max_connections, open_files);
     if cap < app.config.server.max_connections {
@@ -241,7 +240,7 @@ impl Connection {
 }
 
 /// Reads the certificate again on every SIGHUP.
-async fn reload_on_hangup(tls: Arc<tls::Tls>) {
+async fn on_hangup(tls: Option<Arc<tls::Tls>>) {
     let mut hangups = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
         Ok(s) => s,
         Err(e) => {
@@ -250,6 +249,10 @@ async fn reload_on_hangup(tls: Arc<tls::Tls>) {
         }
     };
     while hangups.recv().await.is_some() {
+        let Some(tls) = &tls else {
+            tracing::info!("SIGHUP: nothing to reload (the server does not terminate TLS)");
+            continue;
+        };
         match tls.reload() {
             Ok(()) => tracing::info!("reloaded the TLS certificate"),
             Err(e) => {

@@ -270,7 +270,7 @@ fn every_route_answers_every_token_as_specified() {
             "/_api/v1/caches/{c}/paths/delete",
             Some(nothing_to_delete.to_vec()),
             Need::Delete,
-            404,
+            200,
         ),
         route(
             Method::PATCH,
@@ -613,4 +613,22 @@ fn no_secret_reaches_the_log_or_an_answer() {
     }
     // The imported key signs: its public half is listed.
     assert!(answers.contains(std::fs::read_to_string(&pk).unwrap().trim()));
+}
+
+#[test]
+fn a_hangup_without_tls_changes_nothing() {
+    let server = Server::start();
+    let pid = server.pid().to_string();
+    crate::harness::ok(
+        std::process::Command::new("kill")
+            .args(["-HUP", &pid])
+            .output()
+            .unwrap(),
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !server.log().contains("nothing to reload") {
+        assert!(std::time::Instant::now() < deadline, "{}", server.log());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(server.get_status("nix-cache-info"), 200, "still serving");
 }
