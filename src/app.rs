@@ -2,12 +2,15 @@
 
 use std::sync::Arc;
 
+use crate::access::Accesses;
 use crate::auth::{Authorizer, Token};
 use crate::budget::Budget;
 use crate::caches::Caches;
 use crate::config::Config;
+use crate::epochs::Epochs;
 use crate::index::{Index, SledIndex};
 use crate::ingest::Ingestor;
+use crate::jobs::Jobs;
 use crate::metrics::Metrics;
 use crate::serve;
 use crate::store::space::{free_bytes, SpaceCheck};
@@ -31,6 +34,12 @@ pub struct App {
     pub auth: Authorizer,
     /// What the server counts.
     pub metrics: Arc<Metrics>,
+    /// Who may still use what the garbage collector unlinks.
+    pub epochs: Arc<Epochs>,
+    /// Fetches noted, not yet written.
+    pub accesses: Accesses,
+    /// The garbage collection or verification running.
+    pub jobs: Jobs,
     /// The last readiness check, reused for a second.
     ready: tokio::sync::Mutex<Option<(std::time::Instant, Readiness)>>,
 }
@@ -110,6 +119,9 @@ impl App {
             serve,
             caches,
             metrics,
+            epochs: Arc::new(Epochs::default()),
+            accesses: Accesses::default(),
+            jobs: Jobs::default(),
             ready: tokio::sync::Mutex::new(None),
         });
         Ok(Opened { app, admin_token })

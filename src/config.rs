@@ -38,6 +38,8 @@ pub struct Config {
     pub index: IndexConfig,
     /// TLS, when the server terminates it itself.
     pub tls: TlsConfig,
+    /// The garbage collector.
+    pub gc: GcConfig,
     /// Caches created at start when missing. With none, a public `main` is created on
     /// an empty data directory.
     #[serde(rename = "cache")]
@@ -180,6 +182,53 @@ pub struct TlsConfig {
     pub key_file: Option<PathBuf>,
 }
 
+/// The garbage collector: its grace periods, its schedule, and the retention of caches
+/// that set none of their own.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GcConfig {
+    /// An upload no narinfo took up is removed once this old (a client pushes the
+    /// narinfo right after the NAR; this only clears what a failed push left).
+    pub pending_upload_secs: u64,
+    /// A pack no record names is deleted only once this old (a crash mid-upload leaves
+    /// such packs; the collector's protocol needs no grace, this is a margin).
+    pub grace_secs: u64,
+    /// How long a collection waits for downloads and uploads that began before it
+    /// unlinked records; what they might use is left for the next collection.
+    pub reader_wait_secs: u64,
+    /// Runs a collection this often, in seconds; 0 never (run `cache-admin gc`).
+    pub every_secs: u64,
+    /// The maximum age since last fetch of caches that set none, in seconds.
+    pub keep_age_secs: Option<u64>,
+    /// The maximum size of caches that set none, in bytes.
+    pub keep_size_bytes: Option<u64>,
+}
+
+impl Default for GcConfig {
+    fn default() -> Self {
+        Self {
+            pending_upload_secs: 24 * 60 * 60,
+            grace_secs: 60 * 60,
+            // The send timeout cuts slow readers well before.
+            reader_wait_secs: 600,
+            every_secs: 0,
+            keep_age_secs: None,
+            keep_size_bytes: None,
+        }
+    }
+}
+
+impl GcConfig {
+    /// The retention of a cache whose own is `own`: each limit it does not set is the
+    /// server's.
+    pub fn retention_of(&self, own: crate::index::Retention) -> crate::index::Retention {
+        crate::index::Retention {
+            max_age_secs: own.max_age_secs.or(self.keep_age_secs),
+            max_size_bytes: own.max_size_bytes.or(self.keep_size_bytes),
+        }
+    }
+}
+
 /// A cache to create at start.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -229,6 +278,7 @@ impl Default for Config {
             serve: ServeConfig::default(),
             index: IndexConfig::default(),
             tls: TlsConfig::default(),
+            gc: GcConfig::default(),
             caches: Vec::new(),
         }
     }

@@ -2,6 +2,7 @@
 //! ARCHITECTURE.md maps the modules and their invariants.
 #![warn(missing_docs)]
 
+pub mod access;
 pub mod admin;
 pub mod app;
 pub mod auth;
@@ -10,14 +11,18 @@ pub mod budget;
 pub mod caches;
 pub mod clock;
 pub mod config;
+pub mod epochs;
 pub mod error;
+pub mod gc;
 pub mod grants;
 pub mod http;
 pub mod index;
 pub mod ingest;
+pub mod jobs;
 pub mod keyfiles;
 pub mod metrics;
 pub mod nix;
+pub mod pins;
 pub mod publish;
 pub mod removal;
 pub mod secret_file;
@@ -27,3 +32,4 @@ pub mod signatures;
 pub mod stall;
 pub mod store;
 pub mod testing;
+pub mod verify;

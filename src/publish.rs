@@ -53,6 +53,7 @@ pub fn resolve_nar_url(
         nar_size: nar.contents.size(),
         file_hash: url.hash,
         file_size: nar.contents.size(),
+        created: 0,
     }))
 }
 
@@ -169,7 +170,6 @@ mod tests {
             contents: stored(u64::from(nar_size), 10),
             listing: stored(50, 20),
         };
-        index.put_nar(&nar_hash, &record).unwrap();
         let url = NarUrl {
             hash: file_hash,
             compression: Compression::Xz,
@@ -179,8 +179,9 @@ mod tests {
             nar_size: u64::from(nar_size),
             file_hash,
             file_size: 7,
+            created: 1,
         };
-        index.put_upload(&cache.name, &url, &up).unwrap();
+        index.put_upload(&cache.name, &url, &up, &record).unwrap();
         (url, up)
     }
 

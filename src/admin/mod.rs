@@ -3,4 +3,5 @@
 //! that they are tested like the rest.
 
 pub mod client;
+pub mod jobs;
 pub mod output;

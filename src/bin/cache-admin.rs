@@ -10,11 +10,16 @@ use reqwest::Method;
 use serde_json::json;
 
 use cachet::admin::client::{Client, FileSettings};
+use cachet::admin::jobs;
 use cachet::admin::output::{self, fields, Limit, Table};
+use cachet::gc::stats::Stats;
+use cachet::gc::Report as GcReport;
 use cachet::grants::{CachePattern, Permission};
 use cachet::http::api::types::{CacheInfo, CreatedToken, Deleted, KeyChange, KeysInfo, TokenInfo};
 use cachet::http::page::host_of;
+use cachet::index::PinRecord;
 use cachet::nix::CacheName;
+use cachet::verify::Report as VerifyReport;
 
 #[derive(Parser)]
 #[command(
@@ -73,6 +78,54 @@ enum Command {
         /// The cache.
         cache: CacheName,
     },
+    /// Pins: paths a cache keeps, with their closures, whatever its retention.
+    Pin {
+        #[command(subcommand)]
+        command: PinCommand,
+    },
+    /// Collect garbage: apply retention, then remove what no cache needs.
+    Gc {
+        /// Apply the retention of this cache only.
+        #[arg(long)]
+        cache: Option<CacheName>,
+        /// Report what would go; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Check that everything the records name is stored (non-zero exit on a problem).
+    Verify {
+        /// Check the paths of this cache only.
+        #[arg(long)]
+        cache: Option<CacheName>,
+        /// Also read every frame and NAR back and check their hashes.
+        #[arg(long)]
+        deep: bool,
+    },
+    /// Storage figures of the server, or of a cache.
+    Stats {
+        /// The cache.
+        cache: Option<CacheName>,
+    },
+}
+
+#[derive(Subcommand)]
+enum PinCommand {
+    /// Pin a store path under a name (adding a revision if the name exists).
+    Add {
+        cache: CacheName,
+        name: String,
+        store_path: String,
+        /// Keep this many revisions of the pin (the oldest go first).
+        #[arg(long, conflicts_with = "keep_days")]
+        keep_revisions: Option<u32>,
+        /// Keep revisions this many days (the newest always stays).
+        #[arg(long)]
+        keep_days: Option<u32>,
+    },
+    /// List a cache's pins.
+    List { cache: CacheName },
+    /// Remove a pin.
+    Remove { cache: CacheName, name: String },
 }
 
 #[derive(Subcommand)]
@@ -128,10 +181,10 @@ enum CacheCommand {
 
 #[derive(Args)]
 struct RetentionArgs {
-    /// Paths not fetched for this long (e.g. 30d) may go, or `none` (recorded for the garbage collector, which is to come).
+    /// Paths not fetched for this long (e.g. 30d) may go, or `none` (see `cache-admin gc`).
     #[arg(long, value_parser = output::parse_age)]
     keep_age: Option<Limit>,
-    /// The least recently fetched paths may go above this size (e.g. 500GiB), or `none` (recorded for the garbage collector).
+    /// The least recently fetched paths may go above this size (e.g. 500GiB), or `none`.
     #[arg(long, value_parser = output::parse_limit_size)]
     keep_size: Option<Limit>,
 }
@@ -246,6 +299,10 @@ async fn run(cli: Cli, token_on_command_line: bool) -> anyhow::Result<()> {
         Command::Token { command } => token_command(&client, command, json).await,
         Command::Key { command } => key(&client, command, json).await,
         Command::Path { command } => path(&client, command, json).await,
+        Command::Pin { command } => pin(&client, command, json).await,
+        Command::Gc { cache, dry_run } => gc(&client, cache, dry_run, json).await,
+        Command::Verify { cache, deep } => verify(&client, cache, deep, json).await,
+        Command::Stats { cache } => stats(&client, cache, json).await,
         Command::Use { cache } => {
             let host_token = token.filter(|_| token_on_command_line);
             use_cache(&client, &cache, host_token.as_deref(), json).await
@@ -655,6 +712,203 @@ async fn path(client: &Client, command: PathCommand, json: bool) -> anyhow::Resu
             }
         }
     }
+    Ok(())
+}
+
+async fn pin(client: &Client, command: PinCommand, json: bool) -> anyhow::Result<()> {
+    match command {
+        PinCommand::Add {
+            cache,
+            name,
+            store_path,
+            keep_revisions,
+            keep_days,
+        } => {
+            let body = json!({
+                "name": name,
+                "store_path": store_path,
+                "keep_revisions": keep_revisions,
+                "keep_days": keep_days,
+            });
+            let what = format!("pinning {store_path} in {cache}");
+            let pin: PinRecord = client
+                .call(
+                    &what,
+                    Method::POST,
+                    &format!("caches/{cache}/pins"),
+                    Some(body),
+                )
+                .await?;
+            if json {
+                return print_json(&pin);
+            }
+            println!(
+                "pinned {store_path} as {name} in {cache} ({} revisions kept)",
+                pin.revisions.len()
+            );
+        }
+        PinCommand::List { cache } => {
+            let what = format!("listing the pins of {cache}");
+            let pins: Vec<PinRecord> = client
+                .call(&what, Method::GET, &format!("caches/{cache}/pins"), None)
+                .await?;
+            if json {
+                return print_json(&pins);
+            }
+            let mut table = Table::new(&["NAME", "STORE PATH", "PINNED", "REVISIONS", "KEEP"]);
+            for p in &pins {
+                let Some(newest) = p.revisions.last() else {
+                    continue;
+                };
+                let keep = match (p.keep_revisions, p.keep_days) {
+                    (Some(n), _) => format!("{n} revisions"),
+                    (None, Some(d)) => format!("{d} days"),
+                    (None, None) => "all".to_owned(),
+                };
+                table.row(vec![
+                    p.name.clone(),
+                    newest.store_path.clone(),
+                    output::time(newest.added),
+                    p.revisions.len().to_string(),
+                    keep,
+                ]);
+            }
+            print!("{}", table.render());
+        }
+        PinCommand::Remove { cache, name } => {
+            let what = format!("removing pin {name} of {cache}");
+            client
+                .send(
+                    &what,
+                    Method::DELETE,
+                    &format!("caches/{cache}/pins/{name}"),
+                    None,
+                )
+                .await?;
+            if !json {
+                println!("removed pin {name} of {cache}");
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn gc(
+    client: &Client,
+    cache: Option<CacheName>,
+    dry_run: bool,
+    json: bool,
+) -> anyhow::Result<()> {
+    let body = json!({ "cache": cache, "dry_run": dry_run });
+    let report = jobs::run(client, "collecting garbage", "gc", body).await?;
+    if json {
+        return print_json(&report);
+    }
+    let r: GcReport = serde_json::from_value(report)?;
+    let verb = if r.dry_run { "would remove" } else { "removed" };
+    let paths: u64 = r.paths.values().sum();
+    let per_cache: Vec<String> = r.paths.iter().map(|(c, n)| format!("{c}: {n}")).collect();
+    println!(
+        "{}",
+        fields(&[
+            (
+                "paths",
+                format!(
+                    "{paths} {}",
+                    if per_cache.is_empty() {
+                        String::new()
+                    } else {
+                        format!("({})", per_cache.join(", "))
+                    }
+                )
+            ),
+            ("nars", r.nars.to_string()),
+            ("uploads", r.uploads.to_string()),
+            ("chunks", r.chunks.to_string()),
+            ("manifests", r.manifests.to_string()),
+            ("packs", r.packs.to_string()),
+            ("bytes", output::bytes(r.bytes_freed)),
+        ])
+        .lines()
+        .map(|l| format!("{verb} {l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+    );
+    if r.waited_out {
+        println!("downloads or uploads from before were still running: their data is left for the next gc");
+    }
+    println!("took {:.1} s", r.seconds);
+    Ok(())
+}
+
+async fn verify(
+    client: &Client,
+    cache: Option<CacheName>,
+    deep: bool,
+    json: bool,
+) -> anyhow::Result<()> {
+    let body = json!({ "cache": cache, "deep": deep });
+    let report = jobs::run(client, "verifying", "verify", body).await?;
+    let r: VerifyReport = serde_json::from_value(report.clone())?;
+    if json {
+        print_json(&report)?;
+    } else {
+        println!(
+            "checked {} paths, {} chunks, {} packs{}",
+            r.paths,
+            r.chunks,
+            r.packs,
+            if deep {
+                format!(", read {}", output::bytes(r.bytes_read))
+            } else {
+                String::new()
+            }
+        );
+        for p in &r.problems {
+            println!("problem: {}", p.what);
+            for path in &p.paths {
+                println!("  affects {path}");
+            }
+        }
+    }
+    if !r.problems.is_empty() {
+        anyhow::bail!("verification found {} problems", r.problems.len());
+    }
+    Ok(())
+}
+
+async fn stats(client: &Client, cache: Option<CacheName>, json: bool) -> anyhow::Result<()> {
+    let path = match &cache {
+        Some(c) => format!("stats?cache={c}"),
+        None => "stats".to_owned(),
+    };
+    let s: Stats = client
+        .call("reading stats", Method::GET, &path, None)
+        .await?;
+    if json {
+        return print_json(&s);
+    }
+    let mut rows = vec![
+        ("paths", s.paths.to_string()),
+        ("nar bytes", output::bytes(s.nar_bytes)),
+        ("stored bytes", output::bytes(s.stored_bytes)),
+        ("dedup ratio", format!("{:.2}", s.dedup_ratio)),
+    ];
+    if cache.is_none() {
+        rows.push(("chunks", s.chunks.to_string()));
+        rows.push(("packs", s.packs.to_string()));
+        rows.push(("dead bytes", output::bytes(s.dead_bytes)));
+    }
+    let last = match &s.last_gc {
+        Some(r) => format!(
+            "{} (freed {})",
+            output::time(r.started),
+            output::bytes(r.bytes_freed)
+        ),
+        None => "never".to_owned(),
+    };
+    rows.push(("last gc", last));
+    print!("{}", fields(&rows));
     Ok(())
 }
 

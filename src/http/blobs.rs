@@ -73,11 +73,12 @@ async fn get_blob(
     content_type: &'static str,
 ) -> Result<Response> {
     let cache = creds.cache(app, &cache, Permission::Pull)?;
+    let epoch = app.epochs.enter();
     let stored = app
         .index
         .blob(kind, &cache.name, &key)?
         .ok_or(Error::NotFound("file"))?;
-    stream(app, &stored, Encoding::Plain, headers, content_type)
+    stream(app, epoch, &stored, Encoding::Plain, headers, content_type)
 }
 
 async fn put_blob(
@@ -88,6 +89,8 @@ async fn put_blob(
     (peer, body): (Peer, Body),
 ) -> Result<StatusCode> {
     let cache = creds.cache(app, &cache, Permission::Push)?;
+    // Held until the file is recorded: the chunks it finds stored stay stored.
+    let _epoch = app.epochs.enter();
     let stored = match kind {
         // Logs are streamed into chunks: they may be tens of MiB.
         BlobKind::Log => {

@@ -5,15 +5,22 @@ use axum::body::Body;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 
+use futures::StreamExt as _;
+
 use crate::app::App;
+use crate::epochs::Guard;
 use crate::error::{Error, Result};
 use crate::serve::{self, range, Encoding};
 use crate::store::Stored;
 
 /// A response of the bytes of `stored` in `encoding`, whole or the `Range` asked
 /// for: NARs, listings and logs are all served this way.
+///
+/// `epoch` was entered before `stored` was read, and is held until the body ends: the
+/// garbage collector deletes nothing that a body still reads.
 pub fn stream(
     app: &App,
+    epoch: Guard,
     stored: &Stored,
     encoding: Encoding,
     headers: &HeaderMap,
@@ -27,7 +34,10 @@ pub fn stream(
         None => (StatusCode::OK, 0..size),
     };
     let len = span.end - span.start;
-    let body = serve::body(&app.serve, stored, encoding, span.clone());
+    let body = serve::body(&app.serve, stored, encoding, span.clone()).map(move |read| {
+        let _held = &epoch;
+        read
+    });
     let mut response = (status, Body::from_stream(body)).into_response();
     content_headers(&mut response, content_type, len);
     if range.is_some() {

@@ -70,6 +70,18 @@ pub fn router(app: Arc<App>) -> Router {
             get(api::list_tokens).post(api::create_token),
         )
         .route("/_api/v1/tokens/{name}", delete(api::revoke_token))
+        .route("/_api/v1/gc", post(api::maintenance::gc))
+        .route("/_api/v1/verify", post(api::maintenance::verify))
+        .route("/_api/v1/jobs/{id}", get(api::maintenance::job))
+        .route("/_api/v1/stats", get(api::maintenance::stats))
+        .route(
+            "/_api/v1/caches/{cache}/pins",
+            get(api::maintenance::pins).post(api::maintenance::add_pin),
+        )
+        .route(
+            "/_api/v1/caches/{cache}/pins/{name}",
+            delete(api::maintenance::remove_pin),
+        )
         .route("/{cache}/", get(page::cache))
         .route("/{cache}/nix-cache-info", get(cache_info::get))
         .route("/{cache}/{file}", get(narinfo::get).put(narinfo::put))

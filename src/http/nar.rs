@@ -16,8 +16,7 @@ use crate::body::Peer;
 use crate::caches::Cache;
 use crate::error::{Error, Rejection, Result};
 use crate::grants::Permission;
-use crate::index::Upload;
-use crate::nix::{CacheName, Compression, NarUrl};
+use crate::nix::{CacheName, Compression, NarUrl, Sha256};
 use crate::serve::Encoding;
 use crate::store::Stored;
 
@@ -34,7 +33,7 @@ fn parse_file(file: &str) -> Result<NarUrl> {
 /// served because Nix keeps the narinfo it pushed in its own cache (for a month), so
 /// the pushing machine fetches the URL it chose rather than ours; any zstd stream of the
 /// NAR satisfies it.
-fn served(app: &App, cache: &Cache, url: &NarUrl) -> Result<Option<(Stored, Encoding)>> {
+fn served(app: &App, cache: &Cache, url: &NarUrl) -> Result<Option<(Sha256, Stored, Encoding)>> {
     let encoding = match url.compression {
         Compression::None => Encoding::Plain,
         Compression::Zstd => Encoding::Zstd,
@@ -54,7 +53,10 @@ fn served(app: &App, cache: &Cache, url: &NarUrl) -> Result<Option<(Stored, Enco
             _ => return Ok(None),
         }
     };
-    Ok(app.index.nar(&nar_hash)?.map(|n| (n.contents, encoding)))
+    Ok(app
+        .index
+        .nar(&nar_hash)?
+        .map(|n| (nar_hash, n.contents, encoding)))
 }
 
 const NAR_TYPE: &str = "application/x-nix-nar";
@@ -68,8 +70,10 @@ pub async fn get(
 ) -> Result<Response> {
     let url = parse_file(&file)?;
     let cache = creds.cache(&app, &cache, Permission::Pull)?;
-    let (stored, encoding) = served(&app, &cache, &url)?.ok_or(Error::NotFound("NAR"))?;
-    stream(&app, &stored, encoding, &headers, NAR_TYPE)
+    let epoch = app.epochs.enter();
+    let (nar_hash, stored, encoding) = served(&app, &cache, &url)?.ok_or(Error::NotFound("NAR"))?;
+    app.accesses.nar(&cache.name, nar_hash, crate::clock::now());
+    stream(&app, epoch, &stored, encoding, &headers, NAR_TYPE)
 }
 
 /// `HEAD`: whether the NAR is served, or uploaded and waiting for its narinfo.
@@ -81,7 +85,7 @@ pub async fn head(
     let url = parse_file(&file)?;
     let cache = creds.cache(&app, &cache, Permission::Pull)?;
     let len = match served(&app, &cache, &url)? {
-        Some((stored, encoding)) => encoding.body_size(&stored),
+        Some((_, stored, encoding)) => encoding.body_size(&stored),
         None => {
             let upload = app.index.upload(&cache.name, &url)?;
             upload.ok_or(Error::NotFound("NAR"))?.file_size
@@ -102,6 +106,8 @@ pub async fn put(
 ) -> Result<StatusCode> {
     let url = parse_file(&file)?;
     let cache = creds.cache(&app, &cache, Permission::Push)?;
+    // Held until the upload is recorded: the chunks it finds stored stay stored.
+    let _epoch = app.epochs.enter();
     let nar = app
         .ingestor
         .ingest_nar(guarded(&app, body), url.compression, peer)
@@ -116,14 +122,7 @@ pub async fn put(
         }
         .into());
     }
-    app.ingestor.record(&nar)?;
-    let upload = Upload {
-        nar_hash: nar.nar_hash,
-        nar_size: nar.nar_size,
-        file_hash: nar.file_hash,
-        file_size: nar.file_size,
-    };
-    app.index.put_upload(&cache.name, &url, &upload)?;
+    app.ingestor.record(&cache.name, &url, &nar)?;
     tracing::info!(
         cache = %cache.name,
         %url,

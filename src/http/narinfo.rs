@@ -55,6 +55,7 @@ pub async fn get(
         .ok_or(Error::NotFound("narinfo"))?;
     match file {
         File::NarInfo(_) => {
+            app.accesses.narinfo(&cache.name, hash, crate::clock::now());
             let mut r = record.text.into_response();
             r.headers_mut().insert(
                 header::CONTENT_TYPE,
@@ -63,12 +64,14 @@ pub async fn get(
             Ok(r)
         }
         File::Listing(_) => {
+            let epoch = app.epochs.enter();
             let nar = app
                 .index
                 .nar(&record.nar_hash)?
                 .ok_or(Error::NotFound("listing"))?;
             stream(
                 &app,
+                epoch,
                 &nar.listing,
                 Encoding::Plain,
                 &headers,
@@ -95,8 +98,13 @@ pub async fn put(
             let _unchanged = app.caches.shared(&cache).await;
             let cache = creds.cache(&app, &cache, Permission::Push)?;
             let published = publish::publish(&app.index, &cache, hash, &body).await?;
-            if let Published::Conflict { .. } = published {
-                app.metrics.narinfo_conflicts.inc();
+            match published {
+                // A push counts as a fetch: retention measures age from it.
+                Published::New => app.accesses.narinfo(&cache.name, hash, crate::clock::now()),
+                Published::Repeat => {}
+                Published::Conflict { .. } => {
+                    app.metrics.narinfo_conflicts.inc();
+                }
             }
         }
         // The listing is built from the NAR itself while ingesting

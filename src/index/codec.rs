@@ -18,23 +18,28 @@ fn u64_at(b: &[u8], at: usize) -> Option<u64> {
 }
 
 pub fn encode_upload(u: &Upload) -> Vec<u8> {
-    let mut out = Vec::with_capacity(80);
+    let mut out = Vec::with_capacity(88);
     out.extend_from_slice(u.nar_hash.as_bytes());
     out.extend_from_slice(u.file_hash.as_bytes());
     out.extend_from_slice(&u.nar_size.to_le_bytes());
     out.extend_from_slice(&u.file_size.to_le_bytes());
+    out.extend_from_slice(&u.created.to_le_bytes());
     out
 }
 
+/// Reads an upload record; one of 80 bytes was written before uploads had a time.
 pub fn decode_upload(b: &[u8]) -> Option<Upload> {
-    if b.len() != 80 {
-        return None;
-    }
+    let created = match b.len() {
+        80 => 0,
+        88 => u64_at(b, 80)?,
+        _ => return None,
+    };
     Some(Upload {
         nar_hash: Sha256::from_bytes(array(b, 0)?),
         file_hash: Sha256::from_bytes(array(b, 32)?),
         nar_size: u64_at(b, 64)?,
         file_size: u64_at(b, 72)?,
+        created,
     })
 }
 

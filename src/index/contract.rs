@@ -31,6 +31,22 @@ fn narinfo(nar: &[u8], text: &'static str) -> NarInfoRecord {
     }
 }
 
+fn nar_record(n: u8) -> NarRecord {
+    NarRecord {
+        contents: Stored {
+            id: ManifestId([n; 16]),
+            segments: vec![Segment {
+                size: 20,
+                stored_size: 10,
+            }],
+        },
+        listing: Stored {
+            id: ManifestId([n + 100; 16]),
+            segments: Vec::new(),
+        },
+    }
+}
+
 fn path(n: u8) -> StorePathHash {
     let letters = "0123456789abcdfghijklmnpqrsvwxyz";
     let c = letters.as_bytes()[usize::from(n) % 32] as char;
@@ -95,7 +111,19 @@ pub fn chunks_and_nars_round_trip(index: &dyn Index) {
         contents: stored(1, 2),
         listing: stored(2, 1),
     };
-    index.put_nar(&h, &record).unwrap();
+    let up = Upload {
+        nar_hash: h,
+        nar_size: 40,
+        file_hash: Sha256::digest(b"file"),
+        file_size: 30,
+        created: 5,
+    };
+    let url: NarUrl = format!("nar/{}.nar.xz", up.file_hash.to_nix32())
+        .parse()
+        .unwrap();
+    index
+        .put_upload(&cache("main"), &url, &up, &record)
+        .unwrap();
     assert_eq!(index.nar(&h).unwrap(), Some(record));
 }
 
@@ -126,9 +154,13 @@ pub fn uploads_belong_to_their_cache(index: &dyn Index) {
         nar_size: 9,
         file_hash: Sha256::digest(b"f"),
         file_size: 3,
+        created: 1,
     };
-    index.put_upload(&cache("main"), &url, &up).unwrap();
+    index
+        .put_upload(&cache("main"), &url, &up, &nar_record(1))
+        .unwrap();
     assert_eq!(index.upload(&cache("main"), &url).unwrap(), Some(up));
+    assert_eq!(index.nar(&up.nar_hash).unwrap(), Some(nar_record(1)));
     assert_eq!(index.upload(&cache("other"), &url).unwrap(), None);
     let zst = NarUrl {
         compression: crate::nix::Compression::Zstd,
@@ -256,6 +288,7 @@ pub fn a_deleted_cache_leaves_nothing_under_its_name(index: &dyn Index) {
         nar_size: 9,
         file_hash: Sha256::digest(b"f"),
         file_size: 3,
+        created: 1,
     };
     let info = narinfo(b"n", "n");
     let stored = Stored {
@@ -263,7 +296,7 @@ pub fn a_deleted_cache_leaves_nothing_under_its_name(index: &dyn Index) {
         segments: Vec::new(),
     };
     for c in [&main, &other] {
-        index.put_upload(c, &url, &up).unwrap();
+        index.put_upload(c, &url, &up, &nar_record(1)).unwrap();
         index.commit_narinfo(c, &path(1), &info, &[]).unwrap();
         index
             .commit_narinfo(c, &path(2), &info, &[path(1)])
@@ -375,6 +408,166 @@ pub fn flush_and_check_succeed(index: &dyn Index) {
 }
 
 /// One `#[test]` per contract case, for the index `$open()` makes.
+pub fn what_the_collector_walks_and_deletes(index: &dyn Index) {
+    let main = cache("main");
+    let url = |n: u8| -> NarUrl {
+        format!("nar/{}.nar.xz", Sha256::digest(&[n]).to_nix32())
+            .parse()
+            .unwrap()
+    };
+    let upload = |n: u8| Upload {
+        nar_hash: Sha256::digest(&[n, n]),
+        nar_size: 9,
+        file_hash: Sha256::digest(&[n]),
+        file_size: 3,
+        created: u64::from(n),
+    };
+    index
+        .put_upload(&main, &url(1), &upload(1), &nar_record(1))
+        .unwrap();
+    index
+        .put_upload(&main, &url(2), &upload(2), &nar_record(2))
+        .unwrap();
+    let mut nars = Vec::new();
+    index
+        .for_each_nar(&mut |h, n| {
+            nars.push((h, n));
+            Ok(())
+        })
+        .unwrap();
+    nars.sort_by_key(|(h, _)| *h);
+    let mut want = vec![
+        (upload(1).nar_hash, nar_record(1)),
+        (upload(2).nar_hash, nar_record(2)),
+    ];
+    want.sort_by_key(|(h, _)| *h);
+    assert_eq!(nars, want);
+    // A NAR record changed since it was read stays.
+    assert!(!index
+        .delete_nar_if(&upload(1).nar_hash, &nar_record(2))
+        .unwrap());
+    assert!(index
+        .delete_nar_if(&upload(1).nar_hash, &nar_record(1))
+        .unwrap());
+    assert_eq!(index.nar(&upload(1).nar_hash).unwrap(), None);
+
+    let mut uploads = Vec::new();
+    index
+        .for_each_upload(&mut |c, u, up| {
+            uploads.push((c.clone(), u, up));
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(uploads.len(), 2);
+    assert!(uploads.contains(&(main.clone(), url(2), upload(2))));
+    assert!(!index.delete_upload_if(&main, &url(2), &upload(1)).unwrap());
+    assert!(index.delete_upload_if(&main, &url(2), &upload(2)).unwrap());
+    assert_eq!(index.upload(&main, &url(2)).unwrap(), None);
+
+    index.put_chunks(&[chunk(1), chunk(2), chunk(3)]).unwrap();
+    index.delete_chunks(&[chunk(2).id]).unwrap();
+    let mut chunks = Vec::new();
+    index
+        .for_each_chunk(&mut |c| {
+            chunks.push(c);
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(chunks, vec![chunk(1), chunk(3)]);
+
+    let seg = Manifest {
+        chunks: vec![chunk(1)],
+    };
+    for (id, n) in [([7; 16], 0), ([7; 16], 1), ([8; 16], 0)] {
+        index.put_segment(&ManifestId(id), n, &seg).unwrap();
+    }
+    let mut ids = Vec::new();
+    index
+        .for_each_manifest(&mut |id| {
+            ids.push(id);
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(ids, vec![ManifestId([7; 16]), ManifestId([8; 16])]);
+    index.delete_manifest(&ManifestId([7; 16])).unwrap();
+    assert_eq!(index.segment(&ManifestId([7; 16]), 1).unwrap(), None);
+    assert_eq!(index.segment(&ManifestId([8; 16]), 0).unwrap(), Some(seg));
+
+    let stored = nar_record(9).contents;
+    index
+        .put_blob(BlobKind::Log, &main, "a.drv", &stored)
+        .unwrap();
+    let mut blobs = Vec::new();
+    index
+        .for_each_blob(&mut |kind, c, key, s| {
+            blobs.push((kind, c.clone(), key.to_owned(), s));
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(
+        blobs,
+        vec![(BlobKind::Log, main.clone(), "a.drv".to_owned(), stored)]
+    );
+
+    assert_eq!(index.meta("last_gc").unwrap(), None);
+    index.put_meta("last_gc", b"{}").unwrap();
+    assert_eq!(index.meta("last_gc").unwrap(), Some(b"{}".to_vec()));
+}
+
+pub fn accesses_and_pins_are_kept_per_cache(index: &dyn Index) {
+    let (main, other) = (cache("main"), cache("other"));
+    index
+        .commit_narinfo(&main, &path(1), &narinfo(b"a", "a"), &[])
+        .unwrap();
+    index
+        .commit_narinfo(&main, &path(2), &narinfo(b"a", "b"), &[])
+        .unwrap();
+    let mut paths = index.paths_of_nar(&main, &Sha256::digest(b"a")).unwrap();
+    paths.sort();
+    let mut want = vec![path(1), path(2)];
+    want.sort();
+    assert_eq!(paths, want);
+    assert_eq!(
+        index.paths_of_nar(&other, &Sha256::digest(b"a")).unwrap(),
+        vec![]
+    );
+
+    index
+        .put_accesses(&main, &[(path(1), 10), (path(2), 20)])
+        .unwrap();
+    index.put_accesses(&main, &[(path(1), 30)]).unwrap();
+    index.put_accesses(&other, &[(path(1), 5)]).unwrap();
+    let mut got = index.accesses(&main).unwrap();
+    got.sort();
+    let mut want = vec![(path(1), 30), (path(2), 20)];
+    want.sort();
+    assert_eq!(got, want);
+    // A deleted path's access goes with it.
+    assert!(index.delete_narinfo(&main, &path(1), &[]).unwrap());
+    assert_eq!(index.accesses(&main).unwrap(), vec![(path(2), 20)]);
+
+    let pin = PinRecord {
+        name: "release".into(),
+        revisions: vec![PinRevision {
+            store_path: "/nix/store/x".into(),
+            added: 1,
+        }],
+        keep_revisions: Some(2),
+        keep_days: None,
+    };
+    index.put_pin(&main, &pin).unwrap();
+    assert_eq!(index.pins(&main).unwrap(), vec![pin.clone()]);
+    assert_eq!(index.pins(&other).unwrap(), vec![]);
+    assert!(!index.delete_pin(&other, "release").unwrap());
+    // Purging a cache removes its accesses and pins.
+    index.purge_cache(&main).unwrap();
+    assert_eq!(index.pins(&main).unwrap(), vec![]);
+    assert_eq!(index.accesses(&main).unwrap(), vec![]);
+    assert_eq!(index.accesses(&other).unwrap(), vec![(path(1), 5)]);
+    index.put_pin(&other, &pin).unwrap();
+    assert!(index.delete_pin(&other, "release").unwrap());
+}
+
 macro_rules! tests {
     ($open:path) => {
         crate::index::contract::tests!(@cases $open;
@@ -387,6 +580,8 @@ macro_rules! tests {
             a_deleted_cache_leaves_nothing_under_its_name,
             tokens_are_kept_by_hash,
             blobs_are_kept_per_kind_and_cache,
+            what_the_collector_walks_and_deletes,
+            accesses_and_pins_are_kept_per_cache,
             flush_and_check_succeed
         );
     };

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
 
 use super::{
-    BlobKind, CacheRecord, CacheStats, Commit, Index, NarInfoRecord, NarRecord, Result,
+    BlobKind, CacheRecord, CacheStats, Commit, Index, NarInfoRecord, NarRecord, PinRecord, Result,
     TokenRecord, Upload,
 };
 use crate::nix::{CacheName, NarUrl, Sha256, StorePathHash};
@@ -27,6 +27,9 @@ struct State {
     references: BTreeSet<(CacheName, StorePathHash, StorePathHash)>,
     tokens: BTreeMap<Sha256, TokenRecord>,
     blobs: BTreeMap<(u8, CacheName, String), Stored>,
+    accesses: BTreeMap<(CacheName, StorePathHash), u64>,
+    pins: BTreeMap<(CacheName, String), PinRecord>,
+    meta: BTreeMap<String, Vec<u8>>,
 }
 
 /// Metadata held in memory only; everything is lost when it is dropped.
@@ -80,6 +83,8 @@ impl Index for MemoryIndex {
             s.claims.retain(|(c, _, _)| c != cache);
             s.references.retain(|(c, _, _)| c != cache);
             s.blobs.retain(|(_, c, _), _| c != cache);
+            s.accesses.retain(|(c, _), _| c != cache);
+            s.pins.retain(|(c, _), _| c != cache);
         })
     }
 
@@ -119,18 +124,19 @@ impl Index for MemoryIndex {
         self.with(|s| s.nars.get(nar_hash).cloned())
     }
 
-    fn put_nar(&self, nar_hash: &Sha256, nar: &NarRecord) -> Result<()> {
-        self.with(|s| {
-            s.nars.insert(*nar_hash, nar.clone());
-        })
-    }
-
     fn upload(&self, cache: &CacheName, url: &NarUrl) -> Result<Option<Upload>> {
         self.with(|s| s.uploads.get(&(cache.clone(), *url)).copied())
     }
 
-    fn put_upload(&self, cache: &CacheName, url: &NarUrl, upload: &Upload) -> Result<()> {
+    fn put_upload(
+        &self,
+        cache: &CacheName,
+        url: &NarUrl,
+        upload: &Upload,
+        nar: &NarRecord,
+    ) -> Result<()> {
         self.with(|s| {
+            s.nars.insert(upload.nar_hash, nar.clone());
             s.uploads.insert((cache.clone(), *url), *upload);
         })
     }
@@ -219,6 +225,7 @@ impl Index for MemoryIndex {
                 return false;
             };
             s.claims.remove(&(cache.clone(), record.nar_hash, *path));
+            s.accesses.remove(&(cache.clone(), *path));
             for r in references.iter().filter(|r| *r != path) {
                 s.references.remove(&(cache.clone(), *r, *path));
             }
@@ -259,6 +266,131 @@ impl Index for MemoryIndex {
                 (kind_tag(kind), cache.clone(), key.to_owned()),
                 stored.clone(),
             );
+        })
+    }
+
+    fn accesses(&self, cache: &CacheName) -> Result<Vec<(StorePathHash, u64)>> {
+        self.with(|s| {
+            s.accesses
+                .iter()
+                .filter(|((c, _), _)| c == cache)
+                .map(|((_, p), at)| (*p, *at))
+                .collect()
+        })
+    }
+
+    fn put_accesses(&self, cache: &CacheName, accesses: &[(StorePathHash, u64)]) -> Result<()> {
+        self.with(|s| {
+            for (p, at) in accesses {
+                s.accesses.insert((cache.clone(), *p), *at);
+            }
+        })
+    }
+
+    fn paths_of_nar(&self, cache: &CacheName, nar_hash: &Sha256) -> Result<Vec<StorePathHash>> {
+        self.with(|s| {
+            s.claims
+                .iter()
+                .filter(|(c, h, _)| c == cache && h == nar_hash)
+                .map(|(_, _, p)| *p)
+                .collect()
+        })
+    }
+
+    fn pins(&self, cache: &CacheName) -> Result<Vec<PinRecord>> {
+        self.with(|s| {
+            s.pins
+                .iter()
+                .filter(|((c, _), _)| c == cache)
+                .map(|(_, p)| p.clone())
+                .collect()
+        })
+    }
+
+    fn put_pin(&self, cache: &CacheName, pin: &PinRecord) -> Result<()> {
+        self.with(|s| {
+            s.pins
+                .insert((cache.clone(), pin.name.clone()), pin.clone());
+        })
+    }
+
+    fn delete_pin(&self, cache: &CacheName, name: &str) -> Result<bool> {
+        self.with(|s| s.pins.remove(&(cache.clone(), name.to_owned())).is_some())
+    }
+
+    fn for_each_nar(&self, f: &mut dyn FnMut(Sha256, NarRecord) -> Result<()>) -> Result<()> {
+        let all: Vec<_> = self.with(|s| s.nars.clone().into_iter().collect())?;
+        all.into_iter().try_for_each(|(h, n)| f(h, n))
+    }
+
+    fn delete_nar_if(&self, nar_hash: &Sha256, expected: &NarRecord) -> Result<bool> {
+        self.with(|s| match s.nars.get(nar_hash) {
+            Some(n) if n == expected => s.nars.remove(nar_hash).is_some(),
+            _ => false,
+        })
+    }
+
+    fn for_each_upload(
+        &self,
+        f: &mut dyn FnMut(&CacheName, NarUrl, Upload) -> Result<()>,
+    ) -> Result<()> {
+        let all: Vec<_> = self.with(|s| s.uploads.clone().into_iter().collect())?;
+        all.into_iter().try_for_each(|((c, u), up)| f(&c, u, up))
+    }
+
+    fn delete_upload_if(&self, cache: &CacheName, url: &NarUrl, expected: &Upload) -> Result<bool> {
+        let key = (cache.clone(), *url);
+        self.with(|s| match s.uploads.get(&key) {
+            Some(u) if u == expected => s.uploads.remove(&key).is_some(),
+            _ => false,
+        })
+    }
+
+    fn for_each_blob(
+        &self,
+        f: &mut dyn FnMut(BlobKind, &CacheName, &str, Stored) -> Result<()>,
+    ) -> Result<()> {
+        let all: Vec<_> = self.with(|s| s.blobs.clone().into_iter().collect())?;
+        all.into_iter().try_for_each(|((tag, c, k), stored)| {
+            let kind = if tag == 0 {
+                BlobKind::Log
+            } else {
+                BlobKind::Realisation
+            };
+            f(kind, &c, &k, stored)
+        })
+    }
+
+    fn for_each_chunk(&self, f: &mut dyn FnMut(ChunkRef) -> Result<()>) -> Result<()> {
+        let all: Vec<_> = self.with(|s| s.chunks.values().copied().collect())?;
+        all.into_iter().try_for_each(f)
+    }
+
+    fn delete_chunks(&self, ids: &[ChunkId]) -> Result<()> {
+        self.with(|s| {
+            for id in ids {
+                s.chunks.remove(id);
+            }
+        })
+    }
+
+    fn for_each_manifest(&self, f: &mut dyn FnMut(ManifestId) -> Result<()>) -> Result<()> {
+        let ids: BTreeSet<ManifestId> =
+            self.with(|s| s.segments.keys().map(|(id, _)| *id).collect())?;
+        ids.into_iter().try_for_each(f)
+    }
+
+    fn delete_manifest(&self, id: &ManifestId) -> Result<()> {
+        self.with(|s| s.segments.retain(|(m, _), _| m != id))
+    }
+
+    fn meta(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        self.with(|s| s.meta.get(key).cloned())
+    }
+
+    fn put_meta(&self, key: &str, value: &[u8]) -> Result<()> {
+        self.with(|s| {
+            s.meta.insert(key.to_owned(), value.to_vec());
         })
     }
 

@@ -166,6 +166,9 @@ pub struct Upload {
     pub file_hash: Sha256,
     /// The body's size.
     pub file_size: u64,
+    /// When it was received, in seconds since the epoch (0 for uploads recorded before
+    /// the time was): an upload no narinfo took up is collected after a while.
+    pub created: u64,
 }
 
 /// A stored NAR: its chunks, and the chunks of its `.ls` listing.
@@ -188,6 +191,28 @@ pub struct NarInfoRecord {
     pub file_size: u64,
     /// The narinfo as served, signed.
     pub text: Bytes,
+}
+
+/// A named pin of a cache: the paths it keeps, with their closures, newest last.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PinRecord {
+    /// Its name, unique in the cache.
+    pub name: String,
+    /// The paths pinned under the name, oldest first; adding to a pin adds a revision.
+    pub revisions: Vec<PinRevision>,
+    /// How many revisions are kept (the oldest go first); all when `None`.
+    pub keep_revisions: Option<u32>,
+    /// How many days a revision is kept after a newer one is added; ever when `None`.
+    pub keep_days: Option<u32>,
+}
+
+/// One revision of a pin.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PinRevision {
+    /// The store path, in full.
+    pub store_path: String,
+    /// When it was pinned, in seconds since the epoch.
+    pub added: u64,
 }
 
 /// What happened to a narinfo commit.
@@ -248,13 +273,19 @@ pub trait Index: Send + Sync + 'static {
 
     /// A stored NAR by its NarHash.
     fn nar(&self, nar_hash: &Sha256) -> Result<Option<NarRecord>>;
-    /// Records a NAR; only after the segments of its manifests are recorded.
-    fn put_nar(&self, nar_hash: &Sha256, nar: &NarRecord) -> Result<()>;
 
     /// The upload a client made to `cache` under `url`.
     fn upload(&self, cache: &CacheName, url: &NarUrl) -> Result<Option<Upload>>;
-    /// Records an upload; only after its NAR is recorded.
-    fn put_upload(&self, cache: &CacheName, url: &NarUrl, upload: &Upload) -> Result<()>;
+    /// Records an upload and its NAR (under `upload.nar_hash`) together, only after the
+    /// segments of the NAR's manifests are recorded. Together, so that the garbage
+    /// collector never sees a NAR that an upload is about to name without the upload.
+    fn put_upload(
+        &self,
+        cache: &CacheName,
+        url: &NarUrl,
+        upload: &Upload,
+        nar: &NarRecord,
+    ) -> Result<()>;
 
     /// The narinfo `cache` serves for `path`.
     fn narinfo(&self, cache: &CacheName, path: &StorePathHash) -> Result<Option<NarInfoRecord>>;
@@ -304,6 +335,51 @@ pub trait Index: Send + Sync + 'static {
     /// Records a log or realisation; only after its segments are recorded.
     fn put_blob(&self, kind: BlobKind, cache: &CacheName, key: &str, stored: &Stored)
         -> Result<()>;
+
+    /// When each path of `cache` was last fetched, as far as recorded.
+    fn accesses(&self, cache: &CacheName) -> Result<Vec<(StorePathHash, u64)>>;
+    /// Records when paths of `cache` were last fetched.
+    fn put_accesses(&self, cache: &CacheName, accesses: &[(StorePathHash, u64)]) -> Result<()>;
+    /// The paths of `cache` whose narinfos name the NAR `nar_hash`.
+    fn paths_of_nar(&self, cache: &CacheName, nar_hash: &Sha256) -> Result<Vec<StorePathHash>>;
+
+    /// The pins of `cache`.
+    fn pins(&self, cache: &CacheName) -> Result<Vec<PinRecord>>;
+    /// Creates or replaces a pin of `cache`.
+    fn put_pin(&self, cache: &CacheName, pin: &PinRecord) -> Result<()>;
+    /// Removes a pin; false when there is none of that name.
+    fn delete_pin(&self, cache: &CacheName, name: &str) -> Result<bool>;
+
+    /// Calls `f` with every NAR record.
+    fn for_each_nar(&self, f: &mut dyn FnMut(Sha256, NarRecord) -> Result<()>) -> Result<()>;
+    /// Removes a NAR record if it is still `expected` (an upload of the same NAR since
+    /// it was read writes a new one); false when it is not.
+    fn delete_nar_if(&self, nar_hash: &Sha256, expected: &NarRecord) -> Result<bool>;
+    /// Calls `f` with every upload of every cache.
+    fn for_each_upload(
+        &self,
+        f: &mut dyn FnMut(&CacheName, NarUrl, Upload) -> Result<()>,
+    ) -> Result<()>;
+    /// Removes an upload record if it is still `expected`; false when it is not.
+    fn delete_upload_if(&self, cache: &CacheName, url: &NarUrl, expected: &Upload) -> Result<bool>;
+    /// Calls `f` with every log and realisation of every cache.
+    fn for_each_blob(
+        &self,
+        f: &mut dyn FnMut(BlobKind, &CacheName, &str, Stored) -> Result<()>,
+    ) -> Result<()>;
+    /// Calls `f` with every chunk record.
+    fn for_each_chunk(&self, f: &mut dyn FnMut(ChunkRef) -> Result<()>) -> Result<()>;
+    /// Removes chunk records.
+    fn delete_chunks(&self, ids: &[ChunkId]) -> Result<()>;
+    /// Calls `f` with the id of every manifest that has segments, once each.
+    fn for_each_manifest(&self, f: &mut dyn FnMut(ManifestId) -> Result<()>) -> Result<()>;
+    /// Removes every segment of a manifest.
+    fn delete_manifest(&self, id: &ManifestId) -> Result<()>;
+
+    /// A small record of the server's own (the last garbage collection, say).
+    fn meta(&self, key: &str) -> Result<Option<Vec<u8>>>;
+    /// Writes a record of the server's own.
+    fn put_meta(&self, key: &str, value: &[u8]) -> Result<()>;
 
     /// Makes everything written so far durable.
     fn flush(&self) -> Result<()>;

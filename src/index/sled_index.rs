@@ -10,8 +10,8 @@ use sled::Transactional as _;
 
 use super::codec;
 use super::{
-    BlobKind, CacheRecord, CacheStats, Commit, Index, IndexError, NarInfoRecord, NarRecord, Result,
-    TokenRecord, Upload,
+    BlobKind, CacheRecord, CacheStats, Commit, Index, IndexError, NarInfoRecord, NarRecord,
+    PinRecord, Result, TokenRecord, Upload,
 };
 use crate::nix::{CacheName, NarUrl, Sha256, StorePathHash};
 use crate::store::{ChunkId, ChunkRef, Manifest, ManifestId, Stored};
@@ -38,6 +38,9 @@ pub struct SledIndex {
     logs: sled::Tree,
     realisations: sled::Tree,
     tokens: sled::Tree,
+    accesses: sled::Tree,
+    pins: sled::Tree,
+    meta: sled::Tree,
 }
 
 /// `<cache>\0<key>`: cache names never contain NUL, so prefixes never collide.
@@ -80,6 +83,13 @@ fn claim_key(cache: &CacheName, nar_hash: &Sha256, path: &StorePathHash) -> Vec<
     let mut k = scoped(cache, nar_hash.as_bytes());
     k.extend_from_slice(path.as_bytes());
     k
+}
+
+/// The cache and the rest of a `scoped` key.
+fn split_scoped(k: &[u8]) -> Option<(CacheName, &[u8])> {
+    let split = k.iter().position(|&b| b == 0)?;
+    let cache = std::str::from_utf8(&k[..split]).ok()?.parse().ok()?;
+    Some((cache, &k[split + 1..]))
 }
 
 /// The error of a transaction: the database's, or the one it aborted with.
@@ -155,12 +165,8 @@ fn migrate_from_2(db: &sled::Db) -> Result<()> {
     for kv in narinfos.iter() {
         let (k, v) = kv?;
         let corrupt = || IndexError::corrupt("narinfo", &k);
-        let split = k.iter().position(|&b| b == 0).ok_or_else(corrupt)?;
-        let cache: CacheName = std::str::from_utf8(&k[..split])
-            .ok()
-            .and_then(|c| c.parse().ok())
-            .ok_or_else(corrupt)?;
-        let path = StorePathHash::from_bytes(k[split + 1..].try_into().map_err(|_| corrupt())?);
+        let (cache, rest) = split_scoped(&k).ok_or_else(corrupt)?;
+        let path = StorePathHash::from_bytes(rest.try_into().map_err(|_| corrupt())?);
         let record = codec::decode_narinfo(Bytes::copy_from_slice(&v)).ok_or_else(corrupt)?;
         let narinfo = crate::nix::NarInfo::parse(&record.text).map_err(|_| corrupt())?;
         claims.insert(claim_key(&cache, &record.nar_hash, &path), &[])?;
@@ -219,6 +225,9 @@ impl SledIndex {
             logs: db.open_tree("logs")?,
             realisations: db.open_tree("realisations")?,
             tokens: db.open_tree("tokens")?,
+            accesses: db.open_tree("accesses")?,
+            pins: db.open_tree("pins")?,
+            meta: db.open_tree("meta")?,
             db,
         })
     }
@@ -271,6 +280,8 @@ impl Index for SledIndex {
             &self.uploads,
             &self.logs,
             &self.realisations,
+            &self.accesses,
+            &self.pins,
         ] {
             let mut batch = sled::Batch::default();
             for key in tree.scan_prefix(&prefix).keys() {
@@ -348,12 +359,6 @@ impl Index for SledIndex {
             .transpose()
     }
 
-    fn put_nar(&self, nar_hash: &Sha256, nar: &NarRecord) -> Result<()> {
-        self.nars
-            .insert(nar_hash.as_bytes(), codec::encode_nar(nar))?;
-        Ok(())
-    }
-
     fn upload(&self, cache: &CacheName, url: &NarUrl) -> Result<Option<Upload>> {
         let key = scoped(cache, url.to_string().as_bytes());
         self.uploads
@@ -362,10 +367,22 @@ impl Index for SledIndex {
             .transpose()
     }
 
-    fn put_upload(&self, cache: &CacheName, url: &NarUrl, upload: &Upload) -> Result<()> {
+    fn put_upload(
+        &self,
+        cache: &CacheName,
+        url: &NarUrl,
+        upload: &Upload,
+        nar: &NarRecord,
+    ) -> Result<()> {
         let key = scoped(cache, url.to_string().as_bytes());
-        self.uploads.insert(key, codec::encode_upload(upload))?;
-        Ok(())
+        let value = codec::encode_upload(upload);
+        let nar_value = codec::encode_nar(nar);
+        let outcome = (&self.nars, &self.uploads).transaction(|(nars, uploads)| {
+            nars.insert(upload.nar_hash.as_bytes(), nar_value.as_slice())?;
+            uploads.insert(key.as_slice(), value.as_slice())?;
+            Ok::<_, sled::transaction::ConflictableTransactionError<IndexError>>(())
+        });
+        outcome.map_err(transaction_error)
     }
 
     fn narinfo(&self, cache: &CacheName, path: &StorePathHash) -> Result<Option<NarInfoRecord>> {
@@ -513,6 +530,7 @@ impl Index for SledIndex {
             };
             narinfos.remove(key.as_slice())?;
             cache_nars.remove(claim_key(cache, &record.nar_hash, path))?;
+            // The access record goes with it below; a leftover is harmless.
             for r in &refs {
                 referrers.remove(r.as_slice())?;
             }
@@ -523,7 +541,11 @@ impl Index for SledIndex {
             cache_stats.insert(stats_key, &codec::encode_stats(&stats))?;
             Ok(true)
         });
-        outcome.map_err(transaction_error)
+        let deleted = outcome.map_err(transaction_error)?;
+        if deleted {
+            self.accesses.remove(&key)?;
+        }
+        Ok(deleted)
     }
 
     fn cache_has_nar(&self, cache: &CacheName, nar_hash: &Sha256) -> Result<bool> {
@@ -555,6 +577,188 @@ impl Index for SledIndex {
         codec::encode_stored(stored, &mut value);
         self.blob_tree(kind)
             .insert(scoped(cache, key.as_bytes()), value)?;
+        Ok(())
+    }
+
+    fn accesses(&self, cache: &CacheName) -> Result<Vec<(StorePathHash, u64)>> {
+        let prefix = scoped(cache, b"");
+        self.accesses
+            .scan_prefix(&prefix)
+            .map(|kv| {
+                let (k, v) = kv?;
+                let corrupt = || IndexError::corrupt("access", &k);
+                let path: [u8; 20] = k[prefix.len()..].try_into().map_err(|_| corrupt())?;
+                let at: [u8; 8] = v.as_ref().try_into().map_err(|_| corrupt())?;
+                Ok((StorePathHash::from_bytes(path), u64::from_le_bytes(at)))
+            })
+            .collect()
+    }
+
+    fn put_accesses(&self, cache: &CacheName, accesses: &[(StorePathHash, u64)]) -> Result<()> {
+        let mut batch = sled::Batch::default();
+        for (path, at) in accesses {
+            batch.insert(scoped(cache, path.as_bytes()), &at.to_le_bytes());
+        }
+        self.accesses.apply_batch(batch)?;
+        Ok(())
+    }
+
+    fn paths_of_nar(&self, cache: &CacheName, nar_hash: &Sha256) -> Result<Vec<StorePathHash>> {
+        let prefix = scoped(cache, nar_hash.as_bytes());
+        self.cache_nars
+            .scan_prefix(&prefix)
+            .keys()
+            .map(|k| {
+                let k = k?;
+                let path: [u8; 20] = k[prefix.len()..]
+                    .try_into()
+                    .map_err(|_| IndexError::corrupt("claim", &k))?;
+                Ok(StorePathHash::from_bytes(path))
+            })
+            .collect()
+    }
+
+    fn pins(&self, cache: &CacheName) -> Result<Vec<PinRecord>> {
+        self.pins
+            .scan_prefix(scoped(cache, b""))
+            .map(|kv| {
+                let (k, v) = kv?;
+                serde_json::from_slice(&v).map_err(|_| IndexError::corrupt("pin", &k))
+            })
+            .collect()
+    }
+
+    fn put_pin(&self, cache: &CacheName, pin: &PinRecord) -> Result<()> {
+        let value = serde_json::to_vec(pin).expect("a pin record always serialises");
+        self.pins
+            .insert(scoped(cache, pin.name.as_bytes()), value)?;
+        Ok(())
+    }
+
+    fn delete_pin(&self, cache: &CacheName, name: &str) -> Result<bool> {
+        Ok(self.pins.remove(scoped(cache, name.as_bytes()))?.is_some())
+    }
+
+    fn for_each_nar(&self, f: &mut dyn FnMut(Sha256, NarRecord) -> Result<()>) -> Result<()> {
+        for kv in self.nars.iter() {
+            let (k, v) = kv?;
+            let corrupt = || corrupt_bin("NAR", &k);
+            let hash: [u8; 32] = k.as_ref().try_into().map_err(|_| corrupt())?;
+            f(
+                Sha256::from_bytes(hash),
+                codec::decode_nar(&v).ok_or_else(corrupt)?,
+            )?;
+        }
+        Ok(())
+    }
+
+    fn delete_nar_if(&self, nar_hash: &Sha256, expected: &NarRecord) -> Result<bool> {
+        let expected = codec::encode_nar(expected);
+        let swapped = self.nars.compare_and_swap(
+            nar_hash.as_bytes(),
+            Some(expected.as_slice()),
+            None::<&[u8]>,
+        )?;
+        Ok(swapped.is_ok())
+    }
+
+    fn for_each_upload(
+        &self,
+        f: &mut dyn FnMut(&CacheName, NarUrl, Upload) -> Result<()>,
+    ) -> Result<()> {
+        for kv in self.uploads.iter() {
+            let (k, v) = kv?;
+            let corrupt = || IndexError::corrupt("upload", &k);
+            let (cache, rest) = split_scoped(&k).ok_or_else(corrupt)?;
+            let url: NarUrl = std::str::from_utf8(rest)
+                .ok()
+                .and_then(|u| u.parse().ok())
+                .ok_or_else(corrupt)?;
+            f(&cache, url, codec::decode_upload(&v).ok_or_else(corrupt)?)?;
+        }
+        Ok(())
+    }
+
+    fn delete_upload_if(&self, cache: &CacheName, url: &NarUrl, expected: &Upload) -> Result<bool> {
+        let key = scoped(cache, url.to_string().as_bytes());
+        let expected = codec::encode_upload(expected);
+        let swapped =
+            self.uploads
+                .compare_and_swap(key, Some(expected.as_slice()), None::<&[u8]>)?;
+        Ok(swapped.is_ok())
+    }
+
+    fn for_each_blob(
+        &self,
+        f: &mut dyn FnMut(BlobKind, &CacheName, &str, Stored) -> Result<()>,
+    ) -> Result<()> {
+        for kind in [BlobKind::Log, BlobKind::Realisation] {
+            for kv in self.blob_tree(kind).iter() {
+                let (k, v) = kv?;
+                let corrupt = || IndexError::corrupt("blob", &k);
+                let (cache, rest) = split_scoped(&k).ok_or_else(corrupt)?;
+                let key = std::str::from_utf8(rest).map_err(|_| corrupt())?;
+                f(
+                    kind,
+                    &cache,
+                    key,
+                    codec::decode_stored(&v).ok_or_else(corrupt)?,
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    fn for_each_chunk(&self, f: &mut dyn FnMut(ChunkRef) -> Result<()>) -> Result<()> {
+        for kv in self.chunks.iter() {
+            let (k, v) = kv?;
+            let corrupt = || corrupt_bin("chunk", &k);
+            let id: [u8; 32] = k.as_ref().try_into().map_err(|_| corrupt())?;
+            f(ChunkRef::decode_location(ChunkId(id), &v).ok_or_else(corrupt)?)?;
+        }
+        Ok(())
+    }
+
+    fn delete_chunks(&self, ids: &[ChunkId]) -> Result<()> {
+        let mut batch = sled::Batch::default();
+        for id in ids {
+            batch.remove(&id.0);
+        }
+        self.chunks.apply_batch(batch)?;
+        Ok(())
+    }
+
+    fn for_each_manifest(&self, f: &mut dyn FnMut(ManifestId) -> Result<()>) -> Result<()> {
+        let mut last: Option<[u8; 16]> = None;
+        for k in self.segments.iter().keys() {
+            let k = k?;
+            let id: [u8; 16] = k
+                .get(..16)
+                .and_then(|b| b.try_into().ok())
+                .ok_or_else(|| corrupt_bin("segment", &k))?;
+            if last != Some(id) {
+                last = Some(id);
+                f(ManifestId(id))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn delete_manifest(&self, id: &ManifestId) -> Result<()> {
+        let mut batch = sled::Batch::default();
+        for k in self.segments.scan_prefix(id.0).keys() {
+            batch.remove(k?);
+        }
+        self.segments.apply_batch(batch)?;
+        Ok(())
+    }
+
+    fn meta(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self.meta.get(key)?.map(|v| v.to_vec()))
+    }
+
+    fn put_meta(&self, key: &str, value: &[u8]) -> Result<()> {
+        self.meta.insert(key, value)?;
         Ok(())
     }
 

@@ -31,10 +31,10 @@ use tokio::sync::mpsc;
 
 use crate::body::{BodyError, Peer};
 use crate::budget::Budget;
-use crate::index::{Index, IndexError, NarRecord};
+use crate::index::{Index, IndexError, NarRecord, Upload};
 use crate::metrics::Metrics;
 use crate::nix::nar::{self, NarError};
-use crate::nix::{Compression, Sha256};
+use crate::nix::{CacheName, Compression, NarUrl, Sha256};
 use crate::store::space::{LowSpace, SpaceCheck};
 use crate::store::{
     frame, ChunkId, ChunkRef, Manifest, ManifestId, PackStore, Segment, Stored, SEGMENT_CHUNKS,
@@ -456,12 +456,25 @@ impl Ingestor {
         Ok(s.contents)
     }
 
-    /// Makes an ingested NAR known by its NarHash, once its upload is found right.
-    pub fn record(&self, nar: &IngestedNar) -> Result<(), IndexError> {
-        self.index.put_nar(&nar.nar_hash, &nar.record)?;
+    /// Records an ingested NAR, and the upload of it to `cache` under `url`, once the
+    /// upload is found right.
+    pub fn record(
+        &self,
+        cache: &CacheName,
+        url: &NarUrl,
+        nar: &IngestedNar,
+    ) -> Result<Upload, IndexError> {
+        let upload = Upload {
+            nar_hash: nar.nar_hash,
+            nar_size: nar.nar_size,
+            file_hash: nar.file_hash,
+            file_size: nar.file_size,
+            created: crate::clock::now(),
+        };
+        self.index.put_upload(cache, url, &upload, &nar.record)?;
         self.metrics.nars_ingested.inc();
         self.metrics.nar_bytes_ingested.inc_by(nar.nar_size);
-        Ok(())
+        Ok(upload)
     }
 
     async fn run<S>(&self, body: S, content: Content, peer: Peer) -> Result<Ingested, IngestError>
@@ -922,7 +935,13 @@ mod tests {
         let m = &ingestor.metrics;
         // A NAR counts as ingested once it is recorded (its upload found right).
         assert_eq!(m.nars_ingested.get(), 0);
-        ingestor.record(&got).unwrap();
+        let url = NarUrl {
+            hash: got.file_hash,
+            compression: Compression::None,
+        };
+        let main: CacheName = "main".parse().unwrap();
+        let upload = ingestor.record(&main, &url, &got).unwrap();
+        assert_eq!(ingestor.index.upload(&main, &url).unwrap(), Some(upload));
         assert_eq!(m.nars_ingested.get(), 1);
         assert_eq!(m.nar_bytes_ingested.get(), data.len() as u64);
         assert_eq!(

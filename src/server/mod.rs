@@ -2,6 +2,7 @@
 //! clear refusal beyond it), each with TCP_NODELAY, a large send buffer and the
 //! timeouts of `conn`, served by hyper over the router, and drained on SIGTERM.
 
+mod background;
 mod conn;
 pub mod tls;
 
@@ -78,6 +79,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // Installed with or without TLS: SIGHUP's default action would stop the server
     // (`systemctl reload`, say).
     tokio::spawn(on_hangup(tls.clone()));
+    tokio::spawn(background::write_accesses(app.clone()));
+    tokio::spawn(background::scheduled_gc(app.clone()));
     announce(&app, addr, tls.is_some(), opened.admin_token.is_some());
     let cap = connection_cap(app.config.server.max_connections, open_files);
     if cap < app.config.server.max_connections {
@@ -95,6 +98,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         shutdown_signal(),
     )
     .await;
+    app.accesses.flush(app.index.as_ref())?;
     app.index.flush()?;
     tracing::info!("stopped");
     Ok(())

@@ -11,5 +11,5 @@ pub mod space;
 pub use manifest::{
     ChunkId, ChunkRef, Manifest, ManifestId, PackId, Segment, Stored, SEGMENT_CHUNKS,
 };
-pub use packs::PackStore;
+pub use packs::{PackInfo, PackStore};
 pub use space::is_disk_full;

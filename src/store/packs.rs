@@ -16,6 +16,17 @@ use prometheus_client::metrics::counter::Counter;
 use super::local_read;
 use super::manifest::PackId;
 
+/// A stored pack, as listed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PackInfo {
+    /// Its name.
+    pub id: PackId,
+    /// Its size in bytes.
+    pub size: u64,
+    /// When it was written, in seconds since the epoch.
+    pub modified: u64,
+}
+
 /// The pack objects, wherever they are stored.
 #[derive(Clone)]
 pub struct PackStore {
@@ -93,6 +104,36 @@ impl PackStore {
             }
         };
         self.count(got)
+    }
+
+    /// Every pack stored, with its size and when it was written.
+    pub async fn list(&self) -> object_store::Result<Vec<PackInfo>> {
+        use futures::TryStreamExt as _;
+        let prefix = Path::from("packs");
+        let listed: object_store::Result<Vec<_>> =
+            self.objects.list(Some(&prefix)).try_collect().await;
+        let listed = self.count(listed)?;
+        Ok(listed
+            .into_iter()
+            .filter_map(|meta| {
+                // Anything else under `packs/` (a temporary file of a write under way)
+                // is not a pack.
+                let id = PackId::from_hex(meta.location.filename()?)?;
+                Some(PackInfo {
+                    id,
+                    size: meta.size,
+                    modified: meta.last_modified.timestamp().max(0) as u64,
+                })
+            })
+            .collect())
+    }
+
+    /// Deletes a pack; one already gone is no error.
+    pub async fn delete(&self, id: &PackId) -> object_store::Result<()> {
+        match self.objects.delete(&Self::path(id)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => self.count(Err(e)),
+        }
     }
 
     /// Proves the storage usable: a local root must still be a directory (a storage

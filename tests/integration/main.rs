@@ -6,6 +6,7 @@ mod harness;
 mod admin_cli;
 mod bad_input;
 mod crash;
+mod gc;
 mod golden;
 mod hostile;
 mod nix_client;

@@ -23,6 +23,7 @@ use crate::grants::{Grants, Permission};
 use crate::nix::signing::SecretKey;
 use crate::nix::{CacheName, StorePath};
 
+pub mod maintenance;
 pub mod types;
 
 use types::{

@@ -212,3 +212,47 @@ pub struct CreatedToken {
     /// Its secret.
     pub secret: SecretText,
 }
+
+/// `POST /_api/v1/gc`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct GcRequest {
+    /// Apply the retention of this cache only.
+    #[serde(default)]
+    pub cache: Option<String>,
+    /// Report, change nothing.
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+/// `POST /_api/v1/verify`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct VerifyRequest {
+    /// Check the narinfos of this cache only.
+    #[serde(default)]
+    pub cache: Option<String>,
+    /// Read every frame and NAR back.
+    #[serde(default)]
+    pub deep: bool,
+}
+
+/// A job started: poll `GET /_api/v1/jobs/<id>`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobStarted {
+    /// Its number.
+    pub id: u64,
+}
+
+/// `POST /_api/v1/caches/<cache>/pins`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AddPin {
+    /// The pin's name.
+    pub name: String,
+    /// The store path to pin, in full or by its base name.
+    pub store_path: String,
+    /// How many revisions the pin keeps.
+    #[serde(default)]
+    pub keep_revisions: Option<u32>,
+    /// How many days a revision is kept.
+    #[serde(default)]
+    pub keep_days: Option<u32>,
+}

@@ -1,0 +1,543 @@
+//! The garbage collector: retention per cache, then a sweep of everything no cache
+//! needs any more. One run:
+//!
+//! 1. **Retention**: each cache's paths that its retention evicts (`retention`) are
+//!    deleted, referrers first, each only if nothing refers to it any more (checked
+//!    under the cache's exclusive lock, so no publication adds a referrer meanwhile).
+//! 2. **Listing**: the packs stored and the manifests recorded now; only these may be
+//!    deleted by this run (what is written later belongs to the next).
+//! 3. **Marking** from the roots: the NARs that a narinfo claims or a recent upload
+//!    names, and every log and realisation. Their chunks are live.
+//! 4. **Unlinking**: stale uploads and unclaimed NARs lose their records (under every
+//!    cache's exclusive lock, re-checking that none was claimed since, and only if the
+//!    record is unchanged: an upload of the same NAR writes a new one), then the chunk
+//!    records of dead chunks, so that no new upload reuses them.
+//! 5. **Waiting** (`Epochs::barrier`) for every download and upload that began before:
+//!    they may hold what was just unlinked.
+//! 6. **Sweeping**: what the records left now name is live (all NAR records, logs and
+//!    realisations, chunk records); a live chunk that lost its record to an upload that
+//!    reused it in between gets it back. Manifests and packs from the listing that
+//!    nothing live names are deleted (packs only once older than the grace period).
+//!
+//! Every step deletes only what is dead, records before the objects they name, so a
+//! run killed anywhere leaves everything served intact, and the next run finishes.
+
+pub mod retention;
+pub mod stats;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::app::App;
+use crate::error::{Error, Result};
+use crate::index::{Index, NarRecord, Retention, Upload};
+use crate::jobs::Progress;
+use crate::nix::{CacheName, NarInfo, NarUrl, Sha256, StorePathHash};
+use crate::store::{ChunkId, ChunkRef, ManifestId, PackId, PackInfo, Stored};
+use retention::PathFacts;
+
+/// Deletions made under the exclusive locks at a time: publications wait for a batch.
+const BATCH: usize = 512;
+
+/// What to collect.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Apply the retention of this cache only (the sweep is always whole: chunks are
+    /// shared between caches).
+    pub cache: Option<CacheName>,
+    /// Report what would go, change nothing.
+    pub dry_run: bool,
+    /// The time retention is measured at.
+    pub now: u64,
+}
+
+/// What a run removed, or with `dry_run` would remove.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Report {
+    /// Nothing was changed.
+    pub dry_run: bool,
+    /// Store paths evicted by retention, per cache.
+    pub paths: BTreeMap<String, u64>,
+    /// NAR records removed.
+    pub nars: u64,
+    /// Uploads no narinfo took up, removed.
+    pub uploads: u64,
+    /// Chunk records removed.
+    pub chunks: u64,
+    /// Manifests removed.
+    pub manifests: u64,
+    /// Packs deleted.
+    pub packs: u64,
+    /// Their bytes.
+    pub bytes_freed: u64,
+    /// Chunk records restored for chunks an upload reused while the run unlinked them.
+    pub chunks_restored: u64,
+    /// Downloads or uploads were still running after `gc.reader_wait_secs`: what they
+    /// might use was left for the next run.
+    pub waited_out: bool,
+    /// When the run started, in seconds since the epoch.
+    pub started: u64,
+    /// How long it took, in seconds.
+    pub seconds: f64,
+}
+
+/// The key of the last run's report in the index's own records.
+pub const LAST_GC: &str = "last_gc";
+
+/// A short form of a chunk id for the sets of a run: a collision only keeps a dead
+/// chunk one run longer.
+fn short(id: &ChunkId) -> u64 {
+    u64::from_le_bytes(id.0[..8].try_into().expect("8 bytes"))
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Internal(format!("garbage collection task: {e}")))?
+}
+
+/// Starts a collection as the server's job.
+pub fn start(app: &Arc<App>, options: Options) -> std::result::Result<u64, crate::jobs::Busy> {
+    let app = app.clone();
+    app.clone().jobs.start("gc", move |progress| async move {
+        run(app, options, progress)
+            .await
+            .map(|r| serde_json::to_value(r).expect("a report always serialises"))
+            .map_err(|e| e.to_string())
+    })
+}
+
+/// Runs one collection.
+pub async fn run(app: Arc<App>, options: Options, progress: Arc<Progress>) -> Result<Report> {
+    let clock = std::time::Instant::now();
+    let mut report = Report {
+        dry_run: options.dry_run,
+        started: crate::clock::now(),
+        ..Report::default()
+    };
+    {
+        let (index, accesses) = (app.index.clone(), app.clone());
+        blocking(move || Ok(accesses.accesses.flush(index.as_ref())?)).await?;
+    }
+    progress.phase("retention");
+    let mut evicted: HashSet<(CacheName, StorePathHash)> = HashSet::new();
+    let targets: Vec<_> = app
+        .caches
+        .all()
+        .into_iter()
+        .filter(|c| options.cache.as_ref().is_none_or(|n| *n == c.name))
+        .collect();
+    for cache in targets {
+        let retention = app.config.gc.retention_of(cache.record.retention);
+        if retention == Retention::default() {
+            continue;
+        }
+        let name = cache.name.clone();
+        let (index, dry, now) = (app.index.clone(), options.dry_run, options.now);
+        let doomed = {
+            let name = name.clone();
+            blocking(move || select(index.as_ref(), &name, retention, now, dry)).await?
+        };
+        let mut deleted = 0;
+        if options.dry_run {
+            deleted = doomed.len() as u64;
+            evicted.extend(doomed.into_iter().map(|p| (name.clone(), p)));
+        } else {
+            for batch in doomed.chunks(BATCH) {
+                let lock = app.caches.exclusive(&name).await;
+                let (index, batch, name) = (app.index.clone(), batch.to_vec(), name.clone());
+                deleted += blocking(move || {
+                    let _lock = lock;
+                    delete_unreferred(index.as_ref(), &name, &batch)
+                })
+                .await?;
+                progress.add(deleted, 0);
+            }
+        }
+        if deleted > 0 {
+            tracing::info!(cache = %name, paths = deleted, dry_run = options.dry_run, "retention evicted paths");
+            report.paths.insert(name.to_string(), deleted);
+        }
+    }
+
+    progress.phase("listing");
+    let packs = app.packs.list().await?;
+    let index = app.index.clone();
+    let manifests = blocking(move || {
+        let mut ids = Vec::new();
+        index.for_each_manifest(&mut |id| {
+            ids.push(id);
+            Ok(())
+        })?;
+        Ok(ids)
+    })
+    .await?;
+
+    progress.phase("marking");
+    let (index, pending, now, p) = (
+        app.index.clone(),
+        app.config.gc.pending_upload_secs,
+        options.now,
+        progress.clone(),
+    );
+    let marked = blocking(move || mark(index.as_ref(), &evicted, pending, now, &p)).await?;
+
+    let dead_chunks: HashSet<ChunkId>;
+    let mut dead_nars: HashSet<Sha256> = HashSet::new();
+    if options.dry_run {
+        report.uploads = marked.stale_uploads.len() as u64;
+        report.nars = marked.dead_nars.len() as u64;
+        dead_nars = marked.dead_nars.iter().map(|(h, _)| *h).collect();
+        report.chunks = marked.dead_chunks.len() as u64;
+        dead_chunks = marked.dead_chunks.into_iter().collect();
+    } else {
+        progress.phase("unlinking");
+        let names: Vec<CacheName> = app.caches.all().iter().map(|c| c.name.clone()).collect();
+        let mut uploads = marked.stale_uploads;
+        let mut nars = marked.dead_nars;
+        while !uploads.is_empty() || !nars.is_empty() {
+            let take_u: Vec<_> = uploads.drain(..uploads.len().min(BATCH)).collect();
+            let take_n: Vec<_> = nars.drain(..nars.len().min(BATCH)).collect();
+            // Every cache's lock, in name order: no publication is between reading an
+            // upload or a NAR record and committing the narinfo that claims it.
+            let mut locks = Vec::with_capacity(names.len());
+            for n in &names {
+                locks.push(app.caches.exclusive(n).await);
+            }
+            let (index, names) = (app.index.clone(), names.clone());
+            let (u, n) = blocking(move || {
+                let _locks = locks;
+                unlink(index.as_ref(), &names, &take_u, &take_n)
+            })
+            .await?;
+            report.uploads += u;
+            report.nars += n;
+            progress.add(u + n, 0);
+        }
+        let index = app.index.clone();
+        let ids = marked.dead_chunks;
+        report.chunks = ids.len() as u64;
+        dead_chunks = blocking(move || {
+            for batch in ids.chunks(8192) {
+                index.delete_chunks(batch)?;
+            }
+            index.flush()?;
+            Ok(ids.into_iter().collect())
+        })
+        .await?;
+
+        progress.phase("waiting");
+        let wait = Duration::from_secs(app.config.gc.reader_wait_secs);
+        if !app.epochs.barrier(wait).await {
+            tracing::warn!(
+                running = app.epochs.running(),
+                "downloads or uploads from before the unlinking are still running; \
+                 their objects are left for the next collection"
+            );
+            report.waited_out = true;
+        }
+    }
+
+    if !report.waited_out {
+        progress.phase("sweeping");
+        let index = app.index.clone();
+        let (dry, p) = (options.dry_run, progress.clone());
+        let live =
+            blocking(move || live_now(index.as_ref(), &dead_nars, &dead_chunks, dry, &p)).await?;
+        report.chunks_restored = live.restored;
+        let grace_end = options.now.saturating_sub(app.config.gc.grace_secs);
+        let dead_manifests: Vec<ManifestId> = manifests
+            .into_iter()
+            .filter(|m| !live.manifests.contains(m))
+            .collect();
+        let dead_packs: Vec<PackInfo> = packs
+            .into_iter()
+            .filter(|p| !live.packs.contains(&p.id) && p.modified <= grace_end)
+            .collect();
+        report.manifests = dead_manifests.len() as u64;
+        if !options.dry_run {
+            let index = app.index.clone();
+            blocking(move || {
+                for m in &dead_manifests {
+                    index.delete_manifest(m)?;
+                }
+                Ok(index.flush()?)
+            })
+            .await?;
+        }
+        for p in &dead_packs {
+            if !options.dry_run {
+                app.packs.delete(&p.id).await?;
+            }
+            report.packs += 1;
+            report.bytes_freed += p.size;
+            progress.add(1, p.size);
+        }
+    }
+    report.seconds = clock.elapsed().as_secs_f64();
+    if !options.dry_run {
+        let index = app.index.clone();
+        let text = serde_json::to_vec(&report).expect("a report always serialises");
+        blocking(move || {
+            index.put_meta(LAST_GC, &text)?;
+            Ok(index.flush()?)
+        })
+        .await?;
+    }
+    tracing::info!(?report, "garbage collection finished");
+    Ok(report)
+}
+
+/// The paths of `cache` that `retention` evicts at `now`, referrers first. A path with
+/// no recorded fetch counts as fetched now (and, unless `dry`, is recorded so): data
+/// from before fetches were recorded gets the whole maximum age.
+fn select(
+    index: &dyn Index,
+    cache: &CacheName,
+    retention: Retention,
+    now: u64,
+    dry: bool,
+) -> Result<Vec<StorePathHash>> {
+    let accesses: HashMap<StorePathHash, u64> = index.accesses(cache)?.into_iter().collect();
+    let mut paths = BTreeMap::new();
+    let mut unrecorded = Vec::new();
+    let mut after = None;
+    loop {
+        let page = index.narinfos(cache, after.as_ref(), 1024)?;
+        let Some((last, _)) = page.last() else { break };
+        after = Some(*last);
+        for (hash, record) in page {
+            let narinfo = NarInfo::parse(&record.text)
+                .map_err(|_| crate::index::IndexError::corrupt_narinfo(cache, &hash))?;
+            let last_access = match accesses.get(&hash) {
+                Some(at) => *at,
+                None => {
+                    unrecorded.push((hash, now));
+                    now
+                }
+            };
+            let facts = PathFacts {
+                references: narinfo.foreign_references().map(|r| r.hash()).collect(),
+                size: record.file_size,
+                last_access,
+            };
+            paths.insert(hash, facts);
+        }
+    }
+    if !dry && !unrecorded.is_empty() {
+        index.put_accesses(cache, &unrecorded)?;
+    }
+    let mut pinned = Vec::new();
+    for pin in index.pins(cache)? {
+        for r in crate::pins::kept(&pin, now) {
+            if let Ok(p) = crate::nix::StorePath::from_full(&r.store_path) {
+                pinned.push(p.hash());
+            }
+        }
+    }
+    Ok(retention::evict(&paths, &pinned, retention, now))
+}
+
+/// Deletes `paths` in order, each only if no path of the cache refers to it any more;
+/// returns how many went.
+fn delete_unreferred(index: &dyn Index, cache: &CacheName, paths: &[StorePathHash]) -> Result<u64> {
+    let mut deleted = 0;
+    for path in paths {
+        let Some(record) = index.narinfo(cache, path)? else {
+            continue;
+        };
+        if index.referrers(cache, path)?.iter().any(|r| r != path) {
+            continue;
+        }
+        let narinfo = NarInfo::parse(&record.text)
+            .map_err(|_| crate::index::IndexError::corrupt_narinfo(cache, path))?;
+        let refs: Vec<StorePathHash> = narinfo.foreign_references().map(|r| r.hash()).collect();
+        if index.delete_narinfo(cache, path, &refs)? {
+            deleted += 1;
+        }
+    }
+    index.flush()?;
+    Ok(deleted)
+}
+
+/// What marking from the roots found dead.
+struct Marked {
+    stale_uploads: Vec<(CacheName, NarUrl, Upload)>,
+    dead_nars: Vec<(Sha256, NarRecord)>,
+    dead_chunks: Vec<ChunkId>,
+}
+
+/// Calls `f` with every chunk of a stored content.
+fn chunks_of(
+    index: &dyn Index,
+    stored: &Stored,
+    f: &mut dyn FnMut(&ChunkRef),
+) -> crate::index::Result<()> {
+    for i in 0..stored.segments.len() as u32 {
+        // A segment missing is for `verify` to report; here it names nothing.
+        if let Some(m) = index.segment(&stored.id, i)? {
+            m.chunks.iter().for_each(&mut *f);
+        }
+    }
+    Ok(())
+}
+
+/// Marks from the roots: claimed NARs (but for `evicted` paths, in a dry run), the
+/// NARs of uploads younger than `pending_secs`, logs and realisations.
+fn mark(
+    index: &dyn Index,
+    evicted: &HashSet<(CacheName, StorePathHash)>,
+    pending_secs: u64,
+    now: u64,
+    progress: &Progress,
+) -> Result<Marked> {
+    let mut claimed: HashSet<Sha256> = HashSet::new();
+    for cache in index.caches()? {
+        let mut after = None;
+        loop {
+            let page = index.narinfos(&cache.name, after.as_ref(), 1024)?;
+            let Some((last, _)) = page.last() else { break };
+            after = Some(*last);
+            for (hash, record) in page {
+                if !evicted.contains(&(cache.name.clone(), hash)) {
+                    claimed.insert(record.nar_hash);
+                }
+            }
+        }
+    }
+    let mut live_nars = claimed.clone();
+    let mut stale_uploads = Vec::new();
+    index.for_each_upload(&mut |cache, url, upload| {
+        if claimed.contains(&upload.nar_hash) {
+            return Ok(());
+        }
+        if upload.created.saturating_add(pending_secs) > now {
+            live_nars.insert(upload.nar_hash);
+        } else {
+            stale_uploads.push((cache.clone(), url, upload));
+        }
+        Ok(())
+    })?;
+    let mut live: HashSet<u64> = HashSet::new();
+    let mut dead_nars = Vec::new();
+    index.for_each_nar(&mut |hash, nar| {
+        if live_nars.contains(&hash) {
+            for stored in [&nar.contents, &nar.listing] {
+                chunks_of(index, stored, &mut |c| {
+                    live.insert(short(&c.id));
+                })?;
+            }
+            progress.add(1, nar.contents.size());
+        } else {
+            dead_nars.push((hash, nar));
+        }
+        Ok(())
+    })?;
+    index.for_each_blob(&mut |_, _, _, stored| {
+        chunks_of(index, &stored, &mut |c| {
+            live.insert(short(&c.id));
+        })
+    })?;
+    let mut dead_chunks = Vec::new();
+    index.for_each_chunk(&mut |c| {
+        if !live.contains(&short(&c.id)) {
+            dead_chunks.push(c.id);
+        }
+        Ok(())
+    })?;
+    Ok(Marked {
+        stale_uploads,
+        dead_nars,
+        dead_chunks,
+    })
+}
+
+/// Removes stale uploads and unclaimed NARs, each only if unchanged and, for NARs,
+/// still claimed by no cache. Runs under every cache's exclusive lock.
+fn unlink(
+    index: &dyn Index,
+    caches: &[CacheName],
+    uploads: &[(CacheName, NarUrl, Upload)],
+    nars: &[(Sha256, NarRecord)],
+) -> Result<(u64, u64)> {
+    let mut removed = (0, 0);
+    for (cache, url, upload) in uploads {
+        if index.delete_upload_if(cache, url, upload)? {
+            removed.0 += 1;
+        }
+    }
+    'nars: for (hash, nar) in nars {
+        for c in caches {
+            if index.cache_has_nar(c, hash)? {
+                continue 'nars;
+            }
+        }
+        if index.delete_nar_if(hash, nar)? {
+            removed.1 += 1;
+        }
+    }
+    index.flush()?;
+    Ok(removed)
+}
+
+/// What the records name now.
+struct Live {
+    manifests: HashSet<ManifestId>,
+    packs: HashSet<PackId>,
+    restored: u64,
+}
+
+/// Everything the records name after unlinking: every NAR record, log and realisation
+/// and chunk record (in a dry run, but for those the run would have removed). Chunks
+/// that live manifests use and that lost their record get it back.
+fn live_now(
+    index: &dyn Index,
+    dead_nars: &HashSet<Sha256>,
+    dead_chunks: &HashSet<ChunkId>,
+    dry: bool,
+    progress: &Progress,
+) -> Result<Live> {
+    let mut recorded: HashSet<u64> = HashSet::new();
+    let mut packs: HashSet<PackId> = HashSet::new();
+    index.for_each_chunk(&mut |c| {
+        if !(dry && dead_chunks.contains(&c.id)) {
+            recorded.insert(short(&c.id));
+            packs.insert(c.pack);
+        }
+        Ok(())
+    })?;
+    let mut manifests = HashSet::new();
+    let mut restore: HashMap<ChunkId, ChunkRef> = HashMap::new();
+    let mut visit = |stored: &Stored| -> crate::index::Result<()> {
+        manifests.insert(stored.id);
+        chunks_of(index, stored, &mut |c| {
+            packs.insert(c.pack);
+            if !dry && dead_chunks.contains(&c.id) && !recorded.contains(&short(&c.id)) {
+                restore.insert(c.id, *c);
+            }
+        })
+    };
+    index.for_each_nar(&mut |hash, nar| {
+        if dead_nars.contains(&hash) {
+            return Ok(());
+        }
+        progress.add(1, nar.contents.size());
+        visit(&nar.contents)?;
+        visit(&nar.listing)
+    })?;
+    index.for_each_blob(&mut |_, _, _, stored| visit(&stored))?;
+    let restored: Vec<ChunkRef> = restore.into_values().collect();
+    if !restored.is_empty() {
+        tracing::info!(
+            chunks = restored.len(),
+            "restored chunk records an upload reused during the collection"
+        );
+        index.put_chunks(&restored)?;
+    }
+    Ok(Live {
+        manifests,
+        packs,
+        restored: restored.len() as u64,
+    })
+}

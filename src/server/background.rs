@@ -1,0 +1,49 @@
+//! What the server does besides answering: writing the fetches it noted, and the
+//! garbage collection on its schedule.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::app::App;
+
+/// Writes noted fetches every `access::FLUSH_EVERY`.
+pub async fn write_accesses(app: Arc<App>) {
+    let mut tick = tokio::time::interval(crate::access::FLUSH_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let a = app.clone();
+        match tokio::task::spawn_blocking(move || a.accesses.flush(a.index.as_ref())).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "writing the fetches of paths failed"),
+            Err(e) => tracing::warn!(error = %e, "writing the fetches of paths failed"),
+        }
+    }
+}
+
+/// Starts a garbage collection every `gc.every_secs`, unless one is running.
+pub async fn scheduled_gc(app: Arc<App>) {
+    let every = app.config.gc.every_secs;
+    if every == 0 {
+        return;
+    }
+    let mut tick = tokio::time::interval(Duration::from_secs(every));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The first tick is immediate: the first collection comes a period after start.
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let options = crate::gc::Options {
+            cache: None,
+            dry_run: false,
+            now: crate::clock::now(),
+        };
+        match crate::gc::start(&app, options) {
+            Ok(id) => tracing::info!(job = id, "scheduled garbage collection started"),
+            Err(busy) => tracing::info!(
+                running = busy.kind,
+                "scheduled garbage collection skipped: a job is running"
+            ),
+        }
+    }
+}
