@@ -490,7 +490,8 @@ struct Live {
 
 /// Everything the records name after unlinking: every NAR record, log and realisation
 /// and chunk record (in a dry run, but for those the run would have removed). Chunks
-/// that live manifests use and that lost their record get it back.
+/// that live manifests use and that have no record (an upload reused them while this
+/// run unlinked them, or a run that waited out removed it) get it back.
 fn live_now(
     index: &dyn Index,
     dead_nars: &HashSet<Sha256>,
@@ -513,7 +514,8 @@ fn live_now(
         manifests.insert(stored.id);
         chunks_of(index, stored, &mut |c| {
             packs.insert(c.pack);
-            if !dry && dead_chunks.contains(&c.id) && !recorded.contains(&short(&c.id)) {
+            // Also a chunk whose record a run that could not finish removed.
+            if !dry && !recorded.contains(&short(&c.id)) {
                 restore.insert(c.id, *c);
             }
         })
