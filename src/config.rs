@@ -202,6 +202,18 @@ pub struct GcConfig {
     pub keep_age_secs: Option<u64>,
     /// The maximum size of caches that set none, in bytes.
     pub keep_size_bytes: Option<u64>,
+    /// Packs at least this dead (a fraction of their bytes) are rewritten with their
+    /// live frames only; 0 rewrites every pack with a dead byte.
+    pub compact_dead_fraction: f64,
+    /// The zstd level frames are recompressed at when their pack is rewritten.
+    pub recompress_level: i32,
+    /// Packs older than this many seconds that were never rewritten are recompressed
+    /// even when all live; 0 never.
+    pub recompress_after_secs: u64,
+    /// The niceness of the thread that rewrites packs (0 to 19).
+    pub compact_nice: i32,
+    /// At most this many MiB of packs read per second when rewriting; 0 no limit.
+    pub compact_mib_per_sec: u64,
 }
 
 impl Default for GcConfig {
@@ -214,11 +226,31 @@ impl Default for GcConfig {
             every_secs: 0,
             keep_age_secs: None,
             keep_size_bytes: None,
+            // Half dead: rewriting costs about what it frees.
+            compact_dead_fraction: 0.5,
+            // Frames are written at level 1 for push speed; rewritten off the hot
+            // path, a high level makes the cache smaller and every download faster.
+            recompress_level: 19,
+            recompress_after_secs: 0,
+            compact_nice: 10,
+            compact_mib_per_sec: 0,
         }
     }
 }
 
 impl GcConfig {
+    /// How compaction runs, cutting packs at `pack_bytes`.
+    pub fn compaction(&self, pack_bytes: usize) -> crate::gc::compact::Settings {
+        crate::gc::compact::Settings {
+            dead_fraction: self.compact_dead_fraction,
+            level: self.recompress_level,
+            recompress_after_secs: self.recompress_after_secs,
+            nice: self.compact_nice,
+            mib_per_sec: self.compact_mib_per_sec,
+            pack_bytes,
+        }
+    }
+
     /// The retention of a cache whose own is `own`: each limit it does not set is the
     /// server's.
     pub fn retention_of(&self, own: crate::index::Retention) -> crate::index::Retention {

@@ -46,7 +46,7 @@ pub fn resign_all(index: &dyn Index, cache: &Cache) -> Result<Resigned> {
         let before = narinfo.sigs.clone();
         apply(&mut narinfo, cache);
         if narinfo.sigs != before
-            && index.replace_narinfo(&cache.name, path, text, narinfo.render().as_bytes())?
+            && index.replace_narinfo(&cache.name, path, text, narinfo.render().as_bytes(), None)?
         {
             done.rewritten += 1;
         }

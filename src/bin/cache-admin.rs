@@ -828,12 +828,30 @@ async fn gc(
             ("manifests", r.manifests.to_string()),
             ("packs", r.packs.to_string()),
             ("bytes", output::bytes(r.bytes_freed)),
+            (
+                "packs rewritten",
+                format!(
+                    "{} ({} dead in them)",
+                    r.packs_compacted,
+                    output::bytes(r.dead_bytes_compacted)
+                )
+            ),
         ])
         .lines()
         .map(|l| format!("{verb} {l}"))
         .collect::<Vec<_>>()
         .join("\n")
     );
+    if !r.dry_run && r.packs_compacted > 0 {
+        println!(
+            "compaction: {} packs of {} rewritten into {} of {}; recompression saved {}",
+            r.packs_compacted,
+            output::bytes(r.bytes_compacted),
+            r.packs_written,
+            output::bytes(r.bytes_written),
+            output::bytes(r.recompression_saved)
+        );
+    }
     if r.waited_out {
         println!("downloads or uploads from before were still running: their data is left for the next gc");
     }

@@ -22,6 +22,7 @@
 //! Every step deletes only what is dead, records before the objects they name, so a
 //! run killed anywhere leaves everything served intact, and the next run finishes.
 
+pub mod compact;
 pub mod retention;
 pub mod stats;
 
@@ -71,6 +72,19 @@ pub struct Report {
     pub packs: u64,
     /// Their bytes.
     pub bytes_freed: u64,
+    /// Packs rewritten by compaction and deleted (with `dry_run`, chosen to be).
+    pub packs_compacted: u64,
+    /// Their bytes.
+    pub bytes_compacted: u64,
+    /// The bytes in them no chunk record named (what compaction reclaims beside what
+    /// recompression saves).
+    pub dead_bytes_compacted: u64,
+    /// Packs compaction wrote.
+    pub packs_written: u64,
+    /// Their bytes.
+    pub bytes_written: u64,
+    /// The stored bytes of moved frames, less what they take recompressed.
+    pub recompression_saved: u64,
     /// Chunk records restored for chunks an upload reused while the run unlinked them.
     pub chunks_restored: u64,
     /// Downloads or uploads were still running after `gc.reader_wait_secs`: what they
@@ -243,18 +257,18 @@ pub async fn run(app: Arc<App>, options: Options, progress: Arc<Progress>) -> Re
         progress.phase("sweeping");
         let index = app.index.clone();
         let (dry, p) = (options.dry_run, progress.clone());
-        let live =
-            blocking(move || live_now(index.as_ref(), &dead_nars, &dead_chunks, dry, &p)).await?;
+        let dead_chunks = Arc::new(dead_chunks);
+        let dead = dead_chunks.clone();
+        let live = blocking(move || live_now(index.as_ref(), &dead_nars, &dead, dry, &p)).await?;
         report.chunks_restored = live.restored;
         let grace_end = options.now.saturating_sub(app.config.gc.grace_secs);
         let dead_manifests: Vec<ManifestId> = manifests
             .into_iter()
             .filter(|m| !live.manifests.contains(m))
             .collect();
-        let dead_packs: Vec<PackInfo> = packs
+        let (dead_packs, surviving): (Vec<PackInfo>, Vec<PackInfo>) = packs
             .into_iter()
-            .filter(|p| !live.packs.contains(&p.id) && p.modified <= grace_end)
-            .collect();
+            .partition(|p| !live.packs.contains(&p.id) && p.modified <= grace_end);
         report.manifests = dead_manifests.len() as u64;
         if !options.dry_run {
             let index = app.index.clone();
@@ -274,6 +288,12 @@ pub async fn run(app: Arc<App>, options: Options, progress: Arc<Progress>) -> Re
             report.bytes_freed += p.size;
             progress.add(1, p.size);
         }
+        let exclude = if options.dry_run {
+            dead_chunks
+        } else {
+            Arc::new(HashSet::new())
+        };
+        compact(&app, &options, surviving, &exclude, &progress, &mut report).await?;
     }
     report.seconds = clock.elapsed().as_secs_f64();
     if !options.dry_run {
@@ -287,6 +307,76 @@ pub async fn run(app: Arc<App>, options: Options, progress: Arc<Progress>) -> Re
     }
     tracing::info!(?report, "garbage collection finished");
     Ok(report)
+}
+
+/// Rewrites the packs of `packs` that compaction chooses (reckoning the chunks of
+/// `exclude` dead: a dry run has not removed their records), waits for what may still
+/// read the old ones, and deletes those nothing names any more.
+async fn compact(
+    app: &Arc<App>,
+    options: &Options,
+    packs: Vec<PackInfo>,
+    exclude: &Arc<HashSet<ChunkId>>,
+    progress: &Arc<Progress>,
+    report: &mut Report,
+) -> Result<()> {
+    progress.phase("compacting");
+    let settings = app.config.gc.compaction(app.config.ingest.pack_bytes);
+    let (index, s, now, exclude) = (
+        app.index.clone(),
+        settings.clone(),
+        options.now,
+        exclude.clone(),
+    );
+    let chosen =
+        blocking(move || compact::candidates(index.as_ref(), &packs, &exclude, &s, now)).await?;
+    report.dead_bytes_compacted = chosen.iter().map(|c| c.dead).sum();
+    if options.dry_run || chosen.is_empty() {
+        report.packs_compacted = chosen.len() as u64;
+        return Ok(());
+    }
+    let sizes: HashMap<PackId, u64> = chosen.iter().map(|c| (c.pack.id, c.pack.size)).collect();
+    let done = compact::rewrite(
+        app.index.clone(),
+        app.packs.clone(),
+        chosen,
+        settings,
+        progress.clone(),
+    )
+    .await?;
+    report.packs_written = done.packs_written;
+    report.bytes_written = done.bytes_written;
+    report.recompression_saved = done.recompression_saved;
+    progress.phase("waiting");
+    let wait = Duration::from_secs(app.config.gc.reader_wait_secs);
+    if !app.epochs.barrier(wait).await {
+        report.waited_out = true;
+        return Ok(());
+    }
+    progress.phase("sweeping compacted packs");
+    let index = app.index.clone();
+    let p = progress.clone();
+    let none = (HashSet::new(), HashSet::new());
+    let live = blocking(move || live_now(index.as_ref(), &none.0, &none.1, false, &p)).await?;
+    let old_manifests: Vec<ManifestId> = done
+        .old_manifests
+        .into_iter()
+        .filter(|m| !live.manifests.contains(m))
+        .collect();
+    let index = app.index.clone();
+    blocking(move || {
+        for m in &old_manifests {
+            index.delete_manifest(m)?;
+        }
+        Ok(index.flush()?)
+    })
+    .await?;
+    for p in done.old_packs.iter().filter(|p| !live.packs.contains(p)) {
+        app.packs.delete(p).await?;
+        report.packs_compacted += 1;
+        report.bytes_compacted += sizes.get(p).copied().unwrap_or(0);
+    }
+    Ok(())
 }
 
 /// The paths of `cache` that `retention` evicts at `now`, referrers first. A path with

@@ -233,18 +233,34 @@ pub fn narinfos_are_paged_rewritten_and_deleted_with_their_references(index: &dy
     assert!(index.narinfos(&main, Some(&path(3)), 2).unwrap().is_empty());
 
     assert!(index
-        .replace_narinfo(&main, &path(2), b"top", b"signed again")
+        .replace_narinfo(&main, &path(2), b"top", b"signed again", None)
         .unwrap());
     // Only over the text it was read with: not over what another writer put there.
     assert!(!index
-        .replace_narinfo(&main, &path(2), b"top", b"stale")
+        .replace_narinfo(&main, &path(2), b"top", b"stale", None)
         .unwrap());
     assert_eq!(
         &index.narinfo(&main, &path(2)).unwrap().unwrap().text[..],
         b"signed again"
     );
-    assert!(!index.replace_narinfo(&main, &path(9), b"x", b"x").unwrap());
+    assert!(!index
+        .replace_narinfo(&main, &path(9), b"x", b"x", None)
+        .unwrap());
     assert_eq!(index.cache_stats(&main).unwrap().paths, 3);
+    // A new FileSize moves the cache's stored bytes with it.
+    let stored = index.cache_stats(&main).unwrap().stored_bytes;
+    assert!(index
+        .replace_narinfo(&main, &path(2), b"signed again", b"smaller", Some(25))
+        .unwrap());
+    let smaller = index.narinfo(&main, &path(2)).unwrap().unwrap();
+    assert_eq!(
+        (&smaller.text[..], smaller.file_size),
+        (&b"smaller"[..], 25)
+    );
+    assert_eq!(index.cache_stats(&main).unwrap().stored_bytes, stored - 15);
+    assert!(index
+        .replace_narinfo(&main, &path(2), b"smaller", b"signed again", Some(40))
+        .unwrap());
 
     // Deleting a path takes its references and its claim with it, and uncounts it.
     assert!(index.delete_narinfo(&main, &path(2), &[path(1)]).unwrap());
@@ -442,6 +458,18 @@ pub fn what_the_collector_walks_and_deletes(index: &dyn Index) {
     ];
     want.sort_by_key(|(h, _)| *h);
     assert_eq!(nars, want);
+    // Replaced only over what was read.
+    let h1 = upload(1).nar_hash;
+    assert!(!index
+        .replace_nar(&h1, &nar_record(2), &nar_record(3))
+        .unwrap());
+    assert!(index
+        .replace_nar(&h1, &nar_record(1), &nar_record(3))
+        .unwrap());
+    assert_eq!(index.nar(&h1).unwrap(), Some(nar_record(3)));
+    assert!(index
+        .replace_nar(&h1, &nar_record(3), &nar_record(1))
+        .unwrap());
     // A NAR record changed since it was read stays.
     assert!(!index
         .delete_nar_if(&upload(1).nar_hash, &nar_record(2))
@@ -506,7 +534,23 @@ pub fn what_the_collector_walks_and_deletes(index: &dyn Index) {
         .unwrap();
     assert_eq!(
         blobs,
-        vec![(BlobKind::Log, main.clone(), "a.drv".to_owned(), stored)]
+        vec![(
+            BlobKind::Log,
+            main.clone(),
+            "a.drv".to_owned(),
+            stored.clone()
+        )]
+    );
+    let moved = nar_record(10).contents;
+    assert!(!index
+        .replace_blob(BlobKind::Log, &main, "a.drv", &moved, &moved)
+        .unwrap());
+    assert!(index
+        .replace_blob(BlobKind::Log, &main, "a.drv", &stored, &moved)
+        .unwrap());
+    assert_eq!(
+        index.blob(BlobKind::Log, &main, "a.drv").unwrap(),
+        Some(moved)
     );
 
     assert_eq!(index.meta("last_gc").unwrap(), None);

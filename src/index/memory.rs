@@ -204,10 +204,16 @@ impl Index for MemoryIndex {
         path: &StorePathHash,
         expected: &[u8],
         text: &[u8],
+        file_size: Option<u64>,
     ) -> Result<bool> {
         self.with(|s| match s.narinfos.get_mut(&(cache.clone(), *path)) {
             Some(r) if r.text == expected => {
                 r.text = bytes::Bytes::copy_from_slice(text);
+                if let Some(size) = file_size {
+                    let old = std::mem::replace(&mut r.file_size, size);
+                    let stats = s.stats.entry(cache.clone()).or_default();
+                    stats.stored_bytes = stats.stored_bytes.saturating_sub(old) + size;
+                }
                 true
             }
             _ => false,
@@ -321,6 +327,39 @@ impl Index for MemoryIndex {
     fn for_each_nar(&self, f: &mut dyn FnMut(Sha256, NarRecord) -> Result<()>) -> Result<()> {
         let all: Vec<_> = self.with(|s| s.nars.clone().into_iter().collect())?;
         all.into_iter().try_for_each(|(h, n)| f(h, n))
+    }
+
+    fn replace_nar(
+        &self,
+        nar_hash: &Sha256,
+        expected: &NarRecord,
+        new: &NarRecord,
+    ) -> Result<bool> {
+        self.with(|s| match s.nars.get_mut(nar_hash) {
+            Some(n) if n == expected => {
+                *n = new.clone();
+                true
+            }
+            _ => false,
+        })
+    }
+
+    fn replace_blob(
+        &self,
+        kind: BlobKind,
+        cache: &CacheName,
+        key: &str,
+        expected: &Stored,
+        new: &Stored,
+    ) -> Result<bool> {
+        let k = (kind_tag(kind), cache.clone(), key.to_owned());
+        self.with(|s| match s.blobs.get_mut(&k) {
+            Some(b) if b == expected => {
+                *b = new.clone();
+                true
+            }
+            _ => false,
+        })
     }
 
     fn delete_nar_if(&self, nar_hash: &Sha256, expected: &NarRecord) -> Result<bool> {

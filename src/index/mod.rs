@@ -309,15 +309,17 @@ pub trait Index: Send + Sync + 'static {
         after: Option<&StorePathHash>,
         limit: usize,
     ) -> Result<Vec<(StorePathHash, NarInfoRecord)>>;
-    /// Replaces the text of a narinfo (its signatures changed; the NAR is the same) if
-    /// it is still `expected`; false when it is not, or the path is not there (deleted,
-    /// or deleted and pushed again, since it was read).
+    /// Replaces the text of a narinfo (its signatures changed, or its FileSize with
+    /// `file_size` when the NAR's frames were stored anew; the NAR is the same) if it
+    /// is still `expected`; false when it is not, or the path is not there (deleted, or
+    /// deleted and pushed again, since it was read). The cache's stats follow.
     fn replace_narinfo(
         &self,
         cache: &CacheName,
         path: &StorePathHash,
         expected: &[u8],
         text: &[u8],
+        file_size: Option<u64>,
     ) -> Result<bool>;
     /// Removes a narinfo with the cache's claim on its NAR and its `references`, and
     /// uncounts it; false when the path is not there.
@@ -352,6 +354,18 @@ pub trait Index: Send + Sync + 'static {
 
     /// Calls `f` with every NAR record.
     fn for_each_nar(&self, f: &mut dyn FnMut(Sha256, NarRecord) -> Result<()>) -> Result<()>;
+    /// Replaces a NAR record (its frames were stored anew) if it is still `expected`.
+    fn replace_nar(&self, nar_hash: &Sha256, expected: &NarRecord, new: &NarRecord)
+        -> Result<bool>;
+    /// Replaces where a log or realisation is stored if it is still `expected`.
+    fn replace_blob(
+        &self,
+        kind: BlobKind,
+        cache: &CacheName,
+        key: &str,
+        expected: &Stored,
+        new: &Stored,
+    ) -> Result<bool>;
     /// Removes a NAR record if it is still `expected` (an upload of the same NAR since
     /// it was read writes a new one); false when it is not.
     fn delete_nar_if(&self, nar_hash: &Sha256, expected: &NarRecord) -> Result<bool>;

@@ -487,9 +487,12 @@ impl Index for SledIndex {
         path: &StorePathHash,
         expected: &[u8],
         text: &[u8],
+        file_size: Option<u64>,
     ) -> Result<bool> {
         let key = scoped(cache, path.as_bytes());
-        let outcome = self.narinfos.transaction(|narinfos| {
+        let stats_key = cache.as_str().as_bytes();
+        let trees = (&self.narinfos, &self.cache_stats);
+        let outcome = trees.transaction(|(narinfos, cache_stats)| {
             let Some(existing) = narinfos.get(&key)? else {
                 return Ok(false);
             };
@@ -500,6 +503,12 @@ impl Index for SledIndex {
                 return Ok(false);
             }
             record.text = Bytes::copy_from_slice(text);
+            if let Some(size) = file_size.filter(|s| *s != record.file_size) {
+                let mut stats = read_stats(cache_stats, stats_key)?;
+                stats.stored_bytes = stats.stored_bytes.saturating_sub(record.file_size) + size;
+                cache_stats.insert(stats_key, &codec::encode_stats(&stats))?;
+                record.file_size = size;
+            }
             narinfos.insert(key.as_slice(), codec::encode_narinfo(&record))?;
             Ok(true)
         });
@@ -650,6 +659,40 @@ impl Index for SledIndex {
             )?;
         }
         Ok(())
+    }
+
+    fn replace_nar(
+        &self,
+        nar_hash: &Sha256,
+        expected: &NarRecord,
+        new: &NarRecord,
+    ) -> Result<bool> {
+        let (expected, new) = (codec::encode_nar(expected), codec::encode_nar(new));
+        let swapped = self.nars.compare_and_swap(
+            nar_hash.as_bytes(),
+            Some(expected.as_slice()),
+            Some(new.as_slice()),
+        )?;
+        Ok(swapped.is_ok())
+    }
+
+    fn replace_blob(
+        &self,
+        kind: BlobKind,
+        cache: &CacheName,
+        key: &str,
+        expected: &Stored,
+        new: &Stored,
+    ) -> Result<bool> {
+        let (mut old, mut value) = (Vec::new(), Vec::new());
+        codec::encode_stored(expected, &mut old);
+        codec::encode_stored(new, &mut value);
+        let swapped = self.blob_tree(kind).compare_and_swap(
+            scoped(cache, key.as_bytes()),
+            Some(old.as_slice()),
+            Some(value.as_slice()),
+        )?;
+        Ok(swapped.is_ok())
     }
 
     fn delete_nar_if(&self, nar_hash: &Sha256, expected: &NarRecord) -> Result<bool> {

@@ -5,8 +5,9 @@
 
 use crate::harness::{closure, local_nix, ok, Nix, NixHost, Server};
 
-/// Grace and pending-upload ages of zero: everything dead goes at once.
-const CONFIG: &str = "[gc]\ngrace_secs = 0\npending_upload_secs = 0\n";
+/// Grace and pending-upload ages of zero: everything dead goes at once; every pack
+/// with a dead byte is rewritten.
+const CONFIG: &str = "[gc]\ngrace_secs = 0\npending_upload_secs = 0\ncompact_dead_fraction = 0\n";
 
 fn json(text: &str) -> serde_json::Value {
     serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text}"))
@@ -58,6 +59,8 @@ fn gc_as_predicted(server: &Server) -> serde_json::Value {
         "manifests",
         "packs",
         "bytes_freed",
+        "packs_compacted",
+        "dead_bytes_compacted",
     ] {
         assert_eq!(
             done[field], predicted[field],
@@ -66,13 +69,16 @@ fn gc_as_predicted(server: &Server) -> serde_json::Value {
     }
     let after = pack_files(server);
     let size = |files: &[(String, u64)]| files.iter().map(|(_, n)| n).sum::<u64>();
+    let n = |field: &str| done[field].as_u64().unwrap();
     assert_eq!(
-        size(&before) - size(&after),
-        done["bytes_freed"].as_u64().unwrap()
+        size(&before) + n("bytes_written"),
+        size(&after) + n("bytes_freed") + n("bytes_compacted"),
+        "{done}"
     );
     assert_eq!(
-        before.len() - after.len(),
-        done["packs"].as_u64().unwrap() as usize
+        before.len() as u64 + n("packs_written"),
+        after.len() as u64 + n("packs") + n("packs_compacted"),
+        "{done}"
     );
     assert_eq!(stats(server, None)["last_gc"]["packs"], done["packs"]);
     done
@@ -82,6 +88,13 @@ fn gc_as_predicted(server: &Server) -> serde_json::Value {
 fn deleted_caches_are_reclaimed_as_a_dry_run_predicts() {
     let v1 = closure(48, "v1");
     let v2 = closure(48, "v2");
+
+    // What the rebuild alone stores.
+    let alone = Server::with_config(CONFIG);
+    ok(NixHost::new(&alone, Nix::V2_8).push(&alone, "zstd", &v2));
+    let alone_bytes = stats(&alone, None)["stored_bytes"].as_u64().unwrap();
+    drop(alone);
+
     let server = Server::with_config(CONFIG);
     server.admin(&["cache", "create", "a"]);
     server.admin(&["cache", "create", "b"]);
@@ -90,7 +103,9 @@ fn deleted_caches_are_reclaimed_as_a_dry_run_predicts() {
     ok(ci.push_to(&server.cache_url("b"), "zstd", &v2));
 
     // The rebuild shares most chunks with the first build: what only the first build
-    // had goes, and the rebuild still serves and verifies.
+    // had goes (its packs, shared frame by frame, are rewritten with the live frames,
+    // recompressed), and the rebuild still serves and verifies.
+    let both = stats(&server, None)["stored_bytes"].as_u64().unwrap();
     server.admin(&["cache", "delete", "a", "--yes"]);
     let done = gc_as_predicted(&server);
     assert_eq!(
@@ -99,6 +114,16 @@ fn deleted_caches_are_reclaimed_as_a_dry_run_predicts() {
         "{done}"
     );
     assert!(done["chunks"].as_u64().unwrap() > 0, "{done}");
+    assert!(done["packs_compacted"].as_u64().unwrap() > 0, "{done}");
+    let left = stats(&server, None)["stored_bytes"].as_u64().unwrap();
+    println!(
+        "stored: both builds {both} B; after deleting the first and gc {left} B; \
+         the rebuild alone {alone_bytes} B; {done}"
+    );
+    assert!(
+        left as f64 <= alone_bytes as f64 * 1.1,
+        "after gc {left} B, the rebuild alone {alone_bytes} B"
+    );
     verify_deep(&server);
     let host = NixHost::trusting(None, &[&server.public_key_of("b")], Nix::V2_8);
     ok(host.copy_from(&server.cache_url("b"), "store", &v2.top));

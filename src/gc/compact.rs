@@ -1,0 +1,444 @@
+//! Compaction: packs that are mostly dead are rewritten with their live frames only,
+//! and the frames are recompressed at a high level on the way (by a setting, also
+//! packs that are all live but old and never recompressed). Still one independent
+//! zstd frame per chunk, so a `.nar.zst` stays the concatenation of stored frames.
+//!
+//! Manifests hold chunk locations, so every NAR, log and realisation whose manifest
+//! names a moved frame gets a new manifest (new id: a download reading the old one is
+//! unaffected), swapped in only if its record is unchanged, and each narinfo of a NAR
+//! gets the new FileSize. The old packs and manifests are then unreferenced, and the
+//! collector deletes them after its next barrier.
+//!
+//! The work runs on one thread of its own, at a lower priority (`gc.compact_nice`) and
+//! optionally at a bounded rate, so that serving and pushes keep their speed.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
+use crate::index::{BlobKind, Index, NarRecord};
+use crate::jobs::Progress;
+use crate::nix::{CacheName, NarInfo, Sha256};
+use crate::store::{
+    ChunkId, ChunkRef, Manifest, ManifestId, PackId, PackInfo, PackStore, Segment, Stored,
+};
+
+/// How compaction runs.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Packs at least this dead (a fraction of their bytes) are rewritten; 0 rewrites
+    /// every pack with any dead byte.
+    pub dead_fraction: f64,
+    /// The zstd level of rewritten frames.
+    pub level: i32,
+    /// Packs older than this (seconds) that were never rewritten are recompressed even
+    /// when all live; 0 never.
+    pub recompress_after_secs: u64,
+    /// The niceness of the compacting thread.
+    pub nice: i32,
+    /// At most this many MiB of packs read per second; 0 no limit.
+    pub mib_per_sec: u64,
+    /// The size new packs are cut at.
+    pub pack_bytes: usize,
+}
+
+/// The index's own record that a pack was written by compaction.
+fn compacted_key(id: &PackId) -> String {
+    format!("compacted:{}", id.to_hex())
+}
+
+/// A pack chosen, with its bytes not named by any chunk record.
+#[derive(Debug, Clone, Copy)]
+pub struct Candidate {
+    /// The pack.
+    pub pack: PackInfo,
+    /// Its dead bytes.
+    pub dead: u64,
+}
+
+/// The packs of `packs` to rewrite at `now`.
+pub fn candidates(
+    index: &dyn Index,
+    packs: &[PackInfo],
+    exclude: &HashSet<ChunkId>,
+    settings: &Settings,
+    now: u64,
+) -> Result<Vec<Candidate>> {
+    let mut live: HashMap<PackId, u64> = HashMap::new();
+    index.for_each_chunk(&mut |c| {
+        if !exclude.contains(&c.id) {
+            *live.entry(c.pack).or_default() += u64::from(c.stored_len);
+        }
+        Ok(())
+    })?;
+    let mut out = Vec::new();
+    for p in packs {
+        let used = live.get(&p.id).copied().unwrap_or(0);
+        if used == 0 {
+            // Nothing to keep: the sweep deletes it once nothing names it.
+            continue;
+        }
+        let dead = p.size.saturating_sub(used);
+        let mostly_dead = dead > 0 && dead as f64 >= settings.dead_fraction * p.size as f64;
+        let old = settings.recompress_after_secs > 0
+            && now.saturating_sub(p.modified) >= settings.recompress_after_secs
+            && index.meta(&compacted_key(&p.id))?.is_none();
+        if mostly_dead || old {
+            out.push(Candidate { pack: *p, dead });
+        }
+    }
+    Ok(out)
+}
+
+/// What a compaction did.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    /// Packs rewritten (to be deleted once unreferenced).
+    pub old_packs: Vec<PackId>,
+    /// Manifests replaced (to be deleted once unreferenced).
+    pub old_manifests: Vec<ManifestId>,
+    /// Packs written.
+    pub packs_written: u64,
+    /// Bytes of the packs written.
+    pub bytes_written: u64,
+    /// Frames moved.
+    pub frames: u64,
+    /// Their stored bytes before, less after: what recompression saved.
+    pub recompression_saved: u64,
+    /// NARs, logs and realisations given new manifests.
+    pub contents: u64,
+}
+
+/// Whose manifest names a moved frame.
+enum Owner {
+    Nar(Sha256, NarRecord),
+    Blob(BlobKind, CacheName, String, Stored),
+}
+
+/// Rewrites `candidates`: on a thread of its own, at the configured priority.
+pub async fn rewrite(
+    index: Arc<dyn Index>,
+    store: PackStore,
+    candidates: Vec<Candidate>,
+    settings: Settings,
+    progress: Arc<Progress>,
+) -> Result<Outcome> {
+    let runtime = tokio::runtime::Handle::current();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("compaction".into())
+        .spawn(move || {
+            // On Linux the niceness of PRIO_PROCESS 0 is the calling thread's own.
+            if let Err(e) = rustix::process::setpriority_process(None, settings.nice) {
+                tracing::warn!(error = %e, "could not lower the compaction thread's priority");
+            }
+            let work = Work {
+                index: index.as_ref(),
+                store: &store,
+                runtime: &runtime,
+                settings: &settings,
+                progress: &progress,
+            };
+            let _ = tx.send(work.run(&candidates));
+        })
+        .map_err(|e| Error::Internal(format!("starting the compaction thread: {e}")))?;
+    rx.await
+        .map_err(|_| Error::Internal("the compaction thread died".into()))?
+}
+
+struct Work<'a> {
+    index: &'a dyn Index,
+    store: &'a PackStore,
+    runtime: &'a tokio::runtime::Handle,
+    settings: &'a Settings,
+    progress: &'a Progress,
+}
+
+/// Calls `f` with every chunk of a stored content.
+fn each_chunk(
+    index: &dyn Index,
+    stored: &Stored,
+    f: &mut dyn FnMut(&ChunkRef),
+) -> crate::index::Result<()> {
+    for i in 0..stored.segments.len() as u32 {
+        if let Some(m) = index.segment(&stored.id, i)? {
+            m.chunks.iter().for_each(&mut *f);
+        }
+    }
+    Ok(())
+}
+
+impl Work<'_> {
+    fn run(&self, candidates: &[Candidate]) -> Result<Outcome> {
+        let chosen: HashSet<PackId> = candidates.iter().map(|c| c.pack.id).collect();
+        // The live frames of the chosen packs, by pack and offset, and their owners.
+        let mut frames: BTreeMap<PackId, BTreeMap<u32, ChunkRef>> = BTreeMap::new();
+        let mut owners = Vec::new();
+        let mut visit = |stored: &Stored| -> crate::index::Result<bool> {
+            let mut named = false;
+            each_chunk(self.index, stored, &mut |c| {
+                if chosen.contains(&c.pack) {
+                    frames.entry(c.pack).or_default().insert(c.offset, *c);
+                    named = true;
+                }
+            })?;
+            Ok(named)
+        };
+        self.index.for_each_nar(&mut |hash, nar| {
+            if visit(&nar.contents)? | visit(&nar.listing)? {
+                owners.push(Owner::Nar(hash, nar));
+            }
+            Ok(())
+        })?;
+        self.index.for_each_blob(&mut |kind, cache, key, stored| {
+            if visit(&stored)? {
+                owners.push(Owner::Blob(kind, cache.clone(), key.to_owned(), stored));
+            }
+            Ok(())
+        })?;
+
+        let mut out = Outcome::default();
+        let moved = self.recompress(&frames, &mut out)?;
+        // Chunk records follow their frames (where they named the old place), so that
+        // new uploads reuse the new frames.
+        let mut records = Vec::new();
+        for c in moved.values() {
+            if let Some(old) = frames.get(&c.0).and_then(|f| f.get(&c.1)) {
+                if self
+                    .index
+                    .chunk(&old.id)?
+                    .is_some_and(|r| r.pack == old.pack && r.offset == old.offset)
+                {
+                    records.push(c.2);
+                }
+            }
+        }
+        self.index.put_chunks(&records)?;
+        self.index.flush()?;
+        self.progress.phase("compacting: manifests");
+        let relocate = |c: &ChunkRef| moved.get(&(c.pack, c.offset)).map_or(*c, |m| m.2);
+        for owner in owners {
+            self.reown(owner, &relocate, &mut out)?;
+            self.progress.add(1, 0);
+        }
+        self.index.flush()?;
+        // Only packs whose every frame moved are done with; one whose frames did not
+        // all read back right stays.
+        out.old_packs = candidates
+            .iter()
+            .map(|c| c.pack.id)
+            .filter(|p| {
+                frames
+                    .get(p)
+                    .is_none_or(|f| f.values().all(|c| moved.contains_key(&(c.pack, c.offset))))
+            })
+            .collect();
+        Ok(out)
+    }
+
+    /// Reads the live frames of each pack, recompresses them into new packs, and
+    /// returns where each went: (old pack, old offset) → (old pack, old offset, new).
+    #[allow(clippy::type_complexity)]
+    fn recompress(
+        &self,
+        frames: &BTreeMap<PackId, BTreeMap<u32, ChunkRef>>,
+        out: &mut Outcome,
+    ) -> Result<HashMap<(PackId, u32), (PackId, u32, ChunkRef)>> {
+        let started = Instant::now();
+        let mut read = 0u64;
+        let mut compressor = zstd::bulk::Compressor::new(self.settings.level)
+            .map_err(|e| Error::Internal(format!("zstd level {}: {e}", self.settings.level)))?;
+        let mut moved = HashMap::new();
+        let mut pack = PackId::random();
+        let mut buf: Vec<u8> = Vec::with_capacity(self.settings.pack_bytes + 65536);
+        let mut in_buf: Vec<(PackId, u32, ChunkRef)> = Vec::new();
+        for (old_pack, live) in frames {
+            let Some(end) = live.values().map(ChunkRef::end).max() else {
+                continue;
+            };
+            let data = self
+                .runtime
+                .block_on(self.store.get_range(old_pack, 0..end))
+                .map_err(|e| Error::Internal(format!("reading pack {old_pack:?}: {e}")))?;
+            read += end;
+            for c in live.values() {
+                let frame = &data[c.offset as usize..c.end() as usize];
+                let chunk = match zstd::bulk::decompress(frame, c.len as usize) {
+                    Ok(d) if d.len() == c.len as usize && ChunkId::of(&d) == c.id => d,
+                    _ => {
+                        tracing::error!(pack = ?old_pack, chunk = ?c.id, "a stored frame does not decompress to its chunk; its pack is left as it is");
+                        continue;
+                    }
+                };
+                let new_frame = compressor
+                    .compress(&chunk)
+                    .map_err(|e| Error::Internal(format!("zstd: {e}")))?;
+                // A frame that does not shrink stays as it was.
+                let frame: &[u8] = if new_frame.len() < frame.len() {
+                    &new_frame
+                } else {
+                    frame
+                };
+                out.recompression_saved += u64::from(c.stored_len) - frame.len() as u64;
+                let new = ChunkRef {
+                    id: c.id,
+                    pack,
+                    offset: buf.len() as u32,
+                    stored_len: frame.len() as u32,
+                    len: c.len,
+                };
+                buf.extend_from_slice(frame);
+                in_buf.push((*old_pack, c.offset, new));
+                out.frames += 1;
+                if buf.len() >= self.settings.pack_bytes {
+                    self.seal(&mut pack, &mut buf, &mut in_buf, &mut moved, out)?;
+                }
+            }
+            self.progress.add(1, end);
+            if self.settings.mib_per_sec > 0 {
+                let due = Duration::from_secs_f64(
+                    read as f64 / (self.settings.mib_per_sec as f64 * 1048576.0),
+                );
+                if let Some(wait) = due.checked_sub(started.elapsed()) {
+                    std::thread::sleep(wait);
+                }
+            }
+        }
+        self.seal(&mut pack, &mut buf, &mut in_buf, &mut moved, out)?;
+        Ok(moved)
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn seal(
+        &self,
+        pack: &mut PackId,
+        buf: &mut Vec<u8>,
+        in_buf: &mut Vec<(PackId, u32, ChunkRef)>,
+        moved: &mut HashMap<(PackId, u32), (PackId, u32, ChunkRef)>,
+        out: &mut Outcome,
+    ) -> Result<()> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let data = bytes::Bytes::from(std::mem::take(buf));
+        out.bytes_written += data.len() as u64;
+        self.runtime.block_on(self.store.put(pack, data))?;
+        self.index
+            .put_meta(&compacted_key(pack), &self.settings.level.to_le_bytes())?;
+        out.packs_written += 1;
+        for m in in_buf.drain(..) {
+            moved.insert((m.0, m.1), m);
+        }
+        *pack = PackId::random();
+        Ok(())
+    }
+
+    /// `stored` with its moved chunks in their new places, under a new manifest; `None`
+    /// if nothing of it moved.
+    fn moved_copy(
+        &self,
+        stored: &Stored,
+        relocate: &dyn Fn(&ChunkRef) -> ChunkRef,
+    ) -> Result<Option<Stored>> {
+        let mut segments = Vec::with_capacity(stored.segments.len());
+        let mut manifests = Vec::with_capacity(stored.segments.len());
+        let mut changed = false;
+        for i in 0..stored.segments.len() as u32 {
+            let Some(m) = self.index.segment(&stored.id, i)? else {
+                return Ok(None);
+            };
+            let chunks: Vec<ChunkRef> = m.chunks.iter().map(relocate).collect();
+            changed |= chunks != m.chunks;
+            let m = Manifest { chunks };
+            segments.push(Segment::of(&m));
+            manifests.push(m);
+        }
+        if !changed {
+            return Ok(None);
+        }
+        let id = ManifestId::random();
+        for (i, m) in manifests.iter().enumerate() {
+            self.index.put_segment(&id, i as u32, m)?;
+        }
+        Ok(Some(Stored { id, segments }))
+    }
+
+    /// Gives `owner` manifests with the moved frames, if its record is unchanged.
+    fn reown(
+        &self,
+        owner: Owner,
+        relocate: &dyn Fn(&ChunkRef) -> ChunkRef,
+        out: &mut Outcome,
+    ) -> Result<()> {
+        match owner {
+            Owner::Nar(hash, nar) => {
+                let contents = self.moved_copy(&nar.contents, relocate)?;
+                let listing = self.moved_copy(&nar.listing, relocate)?;
+                let new = NarRecord {
+                    contents: contents.clone().unwrap_or_else(|| nar.contents.clone()),
+                    listing: listing.clone().unwrap_or_else(|| nar.listing.clone()),
+                };
+                let fresh: Vec<ManifestId> = [&contents, &listing]
+                    .into_iter()
+                    .flatten()
+                    .map(|s| s.id)
+                    .collect();
+                if !self.index.replace_nar(&hash, &nar, &new)? {
+                    // Uploaded again meanwhile: that upload's record stands.
+                    fresh
+                        .iter()
+                        .try_for_each(|m| self.index.delete_manifest(m))?;
+                    return Ok(());
+                }
+                out.contents += 1;
+                if contents.is_some() {
+                    out.old_manifests.push(nar.contents.id);
+                }
+                if listing.is_some() {
+                    out.old_manifests.push(nar.listing.id);
+                }
+                let size = new.contents.stored_size();
+                if size != nar.contents.stored_size() {
+                    self.resize_narinfos(&hash, size)?;
+                }
+            }
+            Owner::Blob(kind, cache, key, stored) => {
+                let Some(new) = self.moved_copy(&stored, relocate)? else {
+                    return Ok(());
+                };
+                if self.index.replace_blob(kind, &cache, &key, &stored, &new)? {
+                    out.contents += 1;
+                    out.old_manifests.push(stored.id);
+                } else {
+                    self.index.delete_manifest(&new.id)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Every narinfo of the NAR `hash` says its new FileSize.
+    fn resize_narinfos(&self, hash: &Sha256, size: u64) -> Result<()> {
+        for cache in self.index.caches()? {
+            for path in self.index.paths_of_nar(&cache.name, hash)? {
+                let Some(record) = self.index.narinfo(&cache.name, &path)? else {
+                    continue;
+                };
+                let Ok(mut narinfo) = NarInfo::parse(&record.text) else {
+                    continue;
+                };
+                narinfo.file_size = Some(size);
+                // Lost to a concurrent change (a re-signing): the next run sets it.
+                self.index.replace_narinfo(
+                    &cache.name,
+                    &path,
+                    &record.text,
+                    narinfo.render().as_bytes(),
+                    Some(size),
+                )?;
+            }
+        }
+        Ok(())
+    }
+}
