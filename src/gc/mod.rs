@@ -633,3 +633,180 @@ fn live_now(
         restored: restored.len() as u64,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::body::Peer;
+    use crate::config::Config;
+    use crate::nix::nar::write::{nar, Entry};
+    use crate::nix::{Compression, StorePath};
+
+    fn open(dir: &std::path::Path, keep_age: Option<u64>) -> Arc<App> {
+        let mut config = Config {
+            data_dir: dir.to_path_buf(),
+            ..Config::default()
+        };
+        config.gc.grace_secs = 0;
+        config.gc.pending_upload_secs = 0;
+        config.gc.compact_dead_fraction = 0.0;
+        config.gc.keep_age_secs = keep_age;
+        App::open(config).unwrap().app
+    }
+
+    /// A store path named `name`, its hash made of its name.
+    fn store_path(name: &str) -> StorePath {
+        let digest = Sha256::digest(name.as_bytes());
+        let hash = StorePathHash::from_bytes(digest.as_bytes()[..20].try_into().unwrap());
+        StorePath::from_basename(&format!("{hash}-{name}")).unwrap()
+    }
+
+    /// Uploads and publishes to `main` a path with a file of `contents`, referring to
+    /// `refs`.
+    async fn push(app: &Arc<App>, name: &str, refs: &[&str], contents: &[u8]) -> StorePath {
+        let data = nar(&Entry::File {
+            executable: false,
+            contents,
+        });
+        let body = futures::stream::iter([Ok(bytes::Bytes::from(data))]);
+        let got = app
+            .ingestor
+            .ingest_nar(body, Compression::None, Peer::always())
+            .await
+            .unwrap();
+        let main: CacheName = "main".parse().unwrap();
+        let url = NarUrl {
+            hash: got.file_hash,
+            compression: Compression::None,
+        };
+        app.ingestor.record(&main, &url, &got).unwrap();
+        let path = store_path(name);
+        let refs: Vec<String> = refs.iter().map(|r| store_path(r).to_string()).collect();
+        let text = format!(
+            "StorePath: {}\nURL: {url}\nCompression: none\nNarHash: {}\nNarSize: {}\nReferences: {}\n",
+            path.full(),
+            got.nar_hash,
+            got.nar_size,
+            refs.join(" ")
+        );
+        let cache = app.caches.get(&main).unwrap();
+        crate::publish::publish(&app.index, &cache, path.hash(), text.as_bytes())
+            .await
+            .unwrap();
+        path
+    }
+
+    fn served(app: &App, path: &StorePath) -> bool {
+        let main: CacheName = "main".parse().unwrap();
+        app.index.narinfo(&main, &path.hash()).unwrap().is_some()
+    }
+
+    async fn verified(app: &Arc<App>) {
+        let options = crate::verify::Options {
+            cache: None,
+            deep: true,
+        };
+        let report = crate::verify::run(app.clone(), options, Arc::default())
+            .await
+            .unwrap();
+        assert_eq!(report.problems, vec![], "{report:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn retention_by_age_evicts_what_nothing_recent_needs_at_the_time_given() {
+        let dir = tempfile::tempdir().unwrap();
+        let app = open(dir.path(), Some(500));
+        let lib = push(
+            &app,
+            "lib",
+            &[],
+            &crate::testing::Xorshift(1).bytes(300_000),
+        )
+        .await;
+        let app_a = push(
+            &app,
+            "a",
+            &["lib"],
+            &crate::testing::Xorshift(2).bytes(200_000),
+        )
+        .await;
+        let app_d = push(
+            &app,
+            "d",
+            &["lib"],
+            &crate::testing::Xorshift(3).bytes(200_000),
+        )
+        .await;
+        let lone = push(
+            &app,
+            "lone",
+            &[],
+            &crate::testing::Xorshift(4).bytes(200_000),
+        )
+        .await;
+        app.accesses.flush(app.index.as_ref()).unwrap();
+        let main: CacheName = "main".parse().unwrap();
+        // Fetched long ago (as of a time 1,000 s from now): everything but d.
+        let now = crate::clock::now() + 1000;
+        let at = |p: &StorePath, t: u64| (p.hash(), now - t);
+        app.index
+            .put_accesses(
+                &main,
+                &[
+                    at(&lib, 900),
+                    at(&app_a, 900),
+                    at(&lone, 900),
+                    at(&app_d, 100),
+                ],
+            )
+            .unwrap();
+        let run = |dry_run| Options {
+            cache: None,
+            dry_run,
+            now,
+        };
+        let predicted = super::run(app.clone(), run(true), Arc::default())
+            .await
+            .unwrap();
+        let report = super::run(app.clone(), run(false), Arc::default())
+            .await
+            .unwrap();
+        assert_eq!(report.paths.get("main"), Some(&2));
+        assert_eq!(predicted.paths, report.paths);
+        assert!(!served(&app, &app_a) && !served(&app, &lone));
+        // lib is old, but d (recent) needs it.
+        assert!(served(&app, &lib) && served(&app, &app_d));
+        assert_eq!(
+            (report.nars, report.dead_bytes_compacted),
+            (2, predicted.dead_bytes_compacted)
+        );
+        assert!(
+            report.bytes_freed + report.bytes_compacted > 0,
+            "{report:?}"
+        );
+        verified(&app).await;
+
+        // Pinned, a's closure would have stayed: pin d, and age everything.
+        let pin = crate::pins::add(None, "d", app_d.full(), None, None, now);
+        app.index.put_pin(&main, &pin).unwrap();
+        let later = Options {
+            cache: None,
+            dry_run: false,
+            now: now + 10_000,
+        };
+        let report = super::run(app.clone(), later.clone(), Arc::default())
+            .await
+            .unwrap();
+        assert_eq!(report.paths.get("main"), None, "{report:?}");
+        assert!(served(&app, &lib) && served(&app, &app_d));
+        // Unpinned, they go, referrer first; nothing stays stored.
+        assert!(app.index.delete_pin(&main, "d").unwrap());
+        let report = super::run(app.clone(), later, Arc::default())
+            .await
+            .unwrap();
+        assert_eq!(report.paths.get("main"), Some(&2));
+        assert!(!served(&app, &lib) && !served(&app, &app_d));
+        assert!(app.packs.list().await.unwrap().is_empty());
+        verified(&app).await;
+    }
+}
