@@ -48,7 +48,7 @@ fn compacted_key(id: &PackId) -> String {
     format!("compacted:{}", id.to_hex())
 }
 
-/// A pack chosen, with its bytes not named by any chunk record.
+/// A pack chosen, with its bytes no manifest names.
 #[derive(Debug, Clone, Copy)]
 pub struct Candidate {
     /// The pack.
@@ -57,24 +57,18 @@ pub struct Candidate {
     pub dead: u64,
 }
 
-/// The packs of `packs` to rewrite at `now`.
+/// The packs of `packs` to rewrite at `now`, `used` saying how many bytes of each
+/// manifests name.
 pub fn candidates(
     index: &dyn Index,
     packs: &[PackInfo],
-    exclude: &HashSet<ChunkId>,
+    used: &HashMap<PackId, u64>,
     settings: &Settings,
     now: u64,
 ) -> Result<Vec<Candidate>> {
-    let mut live: HashMap<PackId, u64> = HashMap::new();
-    index.for_each_chunk(&mut |c| {
-        if !exclude.contains(&c.id) {
-            *live.entry(c.pack).or_default() += u64::from(c.stored_len);
-        }
-        Ok(())
-    })?;
     let mut out = Vec::new();
     for p in packs {
-        let used = live.get(&p.id).copied().unwrap_or(0);
+        let used = used.get(&p.id).copied().unwrap_or(0);
         if used == 0 {
             // Nothing to keep: the sweep deletes it once nothing names it.
             continue;
@@ -200,20 +194,10 @@ impl Work<'_> {
 
         let mut out = Outcome::default();
         let moved = self.recompress(&frames, &mut out)?;
-        // Chunk records follow their frames (where they named the old place), so that
-        // new uploads reuse the new frames.
-        let mut records = Vec::new();
-        for c in moved.values() {
-            if let Some(old) = frames.get(&c.0).and_then(|f| f.get(&c.1)) {
-                if self
-                    .index
-                    .chunk(&old.id)?
-                    .is_some_and(|r| r.pack == old.pack && r.offset == old.offset)
-                {
-                    records.push(c.2);
-                }
-            }
-        }
+        // Chunk records follow their frames, so that new uploads reuse the new frames;
+        // also a record that named another copy of the chunk, which is then unnamed
+        // and goes (two uploads at once may each have stored the chunk).
+        let records: Vec<ChunkRef> = moved.values().map(|m| m.2).collect();
         self.index.put_chunks(&records)?;
         self.index.flush()?;
         self.progress.phase("compacting: manifests");

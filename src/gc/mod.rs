@@ -79,6 +79,9 @@ pub struct Report {
     /// The bytes in them no chunk record named (what compaction reclaims beside what
     /// recompression saves).
     pub dead_bytes_compacted: u64,
+    /// Of `packs`, those released by compaction (a second copy of chunks whose records
+    /// now name the rewritten copy): not predicted by a dry run.
+    pub packs_released: u64,
     /// Packs compaction wrote.
     pub packs_written: u64,
     /// Their bytes.
@@ -288,12 +291,7 @@ pub async fn run(app: Arc<App>, options: Options, progress: Arc<Progress>) -> Re
             report.bytes_freed += p.size;
             progress.add(1, p.size);
         }
-        let exclude = if options.dry_run {
-            dead_chunks
-        } else {
-            Arc::new(HashSet::new())
-        };
-        compact(&app, &options, surviving, &exclude, &progress, &mut report).await?;
+        compact(&app, &options, surviving, live.used, &progress, &mut report).await?;
     }
     report.seconds = clock.elapsed().as_secs_f64();
     if !options.dry_run {
@@ -309,27 +307,28 @@ pub async fn run(app: Arc<App>, options: Options, progress: Arc<Progress>) -> Re
     Ok(report)
 }
 
-/// Rewrites the packs of `packs` that compaction chooses (reckoning the chunks of
-/// `exclude` dead: a dry run has not removed their records), waits for what may still
-/// read the old ones, and deletes those nothing names any more.
+/// Rewrites the packs of `packs` that compaction chooses (`used`: the bytes of each
+/// that manifests name), waits for what may still read the old ones, and deletes
+/// those nothing names any more, and any other of `packs` that the rewrite left
+/// unnamed (a copy of a chunk whose record now names the rewritten one).
 async fn compact(
     app: &Arc<App>,
     options: &Options,
     packs: Vec<PackInfo>,
-    exclude: &Arc<HashSet<ChunkId>>,
+    used: HashMap<PackId, u64>,
     progress: &Arc<Progress>,
     report: &mut Report,
 ) -> Result<()> {
     progress.phase("compacting");
     let settings = app.config.gc.compaction(app.config.ingest.pack_bytes);
-    let (index, s, now, exclude) = (
+    let (index, s, now, listed) = (
         app.index.clone(),
         settings.clone(),
         options.now,
-        exclude.clone(),
+        packs.clone(),
     );
     let chosen =
-        blocking(move || compact::candidates(index.as_ref(), &packs, &exclude, &s, now)).await?;
+        blocking(move || compact::candidates(index.as_ref(), &listed, &used, &s, now)).await?;
     report.dead_bytes_compacted = chosen.iter().map(|c| c.dead).sum();
     if options.dry_run || chosen.is_empty() {
         report.packs_compacted = chosen.len() as u64;
@@ -375,6 +374,16 @@ async fn compact(
         app.packs.delete(p).await?;
         report.packs_compacted += 1;
         report.bytes_compacted += sizes.get(p).copied().unwrap_or(0);
+    }
+    let old: HashSet<PackId> = done.old_packs.iter().copied().collect();
+    for p in packs
+        .iter()
+        .filter(|p| !old.contains(&p.id) && !live.packs.contains(&p.id))
+    {
+        app.packs.delete(&p.id).await?;
+        report.packs += 1;
+        report.bytes_freed += p.size;
+        report.packs_released += 1;
     }
     Ok(())
 }
@@ -572,9 +581,12 @@ fn unlink(
 }
 
 /// What the records name now.
-struct Live {
+pub(crate) struct Live {
     manifests: HashSet<ManifestId>,
+    /// Packs a manifest or a chunk record names.
     packs: HashSet<PackId>,
+    /// The bytes of each pack that manifests name (each frame once).
+    pub(crate) used: HashMap<PackId, u64>,
     restored: u64,
 }
 
@@ -582,7 +594,7 @@ struct Live {
 /// and chunk record (in a dry run, but for those the run would have removed). Chunks
 /// that live manifests use and that have no record (an upload reused them while this
 /// run unlinked them, or a run that waited out removed it) get it back.
-fn live_now(
+pub(crate) fn live_now(
     index: &dyn Index,
     dead_nars: &HashSet<Sha256>,
     dead_chunks: &HashSet<ChunkId>,
@@ -600,10 +612,15 @@ fn live_now(
     })?;
     let mut manifests = HashSet::new();
     let mut restore: HashMap<ChunkId, ChunkRef> = HashMap::new();
+    let mut frames: HashSet<(PackId, u32)> = HashSet::new();
+    let mut used: HashMap<PackId, u64> = HashMap::new();
     let mut visit = |stored: &Stored| -> crate::index::Result<()> {
         manifests.insert(stored.id);
         chunks_of(index, stored, &mut |c| {
             packs.insert(c.pack);
+            if frames.insert((c.pack, c.offset)) {
+                *used.entry(c.pack).or_default() += u64::from(c.stored_len);
+            }
             // Also a chunk whose record a run that could not finish removed.
             if !dry && !recorded.contains(&short(&c.id)) {
                 restore.insert(c.id, *c);
@@ -630,6 +647,7 @@ fn live_now(
     Ok(Live {
         manifests,
         packs,
+        used,
         restored: restored.len() as u64,
     })
 }

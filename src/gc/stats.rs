@@ -2,12 +2,12 @@
 //! for the server the chunks, packs and the dead bytes in packs that compaction would
 //! reclaim.
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 
 use crate::error::Result;
 use crate::index::Index;
 use crate::nix::CacheName;
-use crate::store::{PackId, PackInfo};
+use crate::store::PackInfo;
 
 /// The figures of the server, or of one cache.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -27,8 +27,8 @@ pub struct Stats {
     pub chunks: u64,
     /// Packs stored (server only).
     pub packs: u64,
-    /// Bytes of packs that no chunk record names (server only): what compaction
-    /// would reclaim.
+    /// Bytes of packs that no manifest names (server only): what compaction would
+    /// reclaim.
     pub dead_bytes: u64,
     /// The last garbage collection's report, if any ran.
     pub last_gc: Option<super::Report>,
@@ -68,16 +68,17 @@ pub fn stats(index: &dyn Index, cache: Option<&CacheName>, packs: &[PackInfo]) -
         out.paths += s.paths;
         out.nar_bytes += s.nar_bytes;
     }
-    let mut live: HashMap<PackId, u64> = HashMap::new();
-    index.for_each_chunk(&mut |c| {
+    index.for_each_chunk(&mut |_| {
         out.chunks += 1;
-        *live.entry(c.pack).or_default() += u64::from(c.stored_len);
         Ok(())
     })?;
+    let none = HashSet::new();
+    let live = super::live_now(index, &HashSet::new(), &none, true, &Default::default())?;
     for p in packs {
         out.packs += 1;
         out.stored_bytes += p.size;
-        out.dead_bytes += p.size.saturating_sub(live.get(&p.id).copied().unwrap_or(0));
+        let used = live.used.get(&p.id).copied().unwrap_or(0);
+        out.dead_bytes += p.size.saturating_sub(used);
     }
     out.dedup_ratio = ratio(out.nar_bytes, out.stored_bytes);
     Ok(out)

@@ -210,3 +210,152 @@ fn narinfo_url(store_path: &str) -> String {
     let base = store_path.rsplit('/').next().unwrap();
     format!("{}.narinfo", &base[..32])
 }
+
+/// Fetches every NAR of `closure` from `cache` by HTTP, uncompressed; panics on any
+/// NAR that arrives whole (200, the full length) with the wrong bytes or short. A
+/// miss or a failed response is no wrong data.
+fn fetch_all(server: &Server, cache: &str, closure: &crate::harness::Closure) -> usize {
+    let http = server.http();
+    let mut good = 0;
+    for (path, nar_hash) in &closure.nar_hashes {
+        let url = format!(
+            "{}/nar/{}.nar",
+            server.cache_url(cache),
+            nar_hash.to_nix32()
+        );
+        let Ok(r) = http.get(&url).send() else {
+            continue;
+        };
+        if r.status() != 200 {
+            assert_eq!(r.status(), 404, "{path}");
+            continue;
+        }
+        let length = r.content_length();
+        let Ok(body) = r.bytes() else { continue };
+        // A body cut short by a failing read is an error the client sees (its length
+        // falls short of Content-Length, and the stack reports it); a whole one must
+        // be right.
+        if length == Some(body.len() as u64) {
+            assert_eq!(
+                cachet::nix::Sha256::digest(&body),
+                *nar_hash,
+                "{path}: wrong NAR"
+            );
+            good += 1;
+        }
+    }
+    good
+}
+
+#[test]
+fn pushes_and_downloads_during_repeated_gc_lose_nothing() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    // Packs go as soon as they are dead and every pack with a dead byte is rewritten;
+    // uploads keep the default age, as a push's narinfo follows its NAR.
+    let server = Server::with_config("[gc]\ngrace_secs = 0\ncompact_dead_fraction = 0\n");
+    let kept = closure(24, "v1");
+    let churn = [closure(24, "v2"), closure(24, "v3")];
+    server.admin(&["cache", "create", "kept"]);
+    ok(NixHost::new(&server, Nix::V2_8).push_to(&server.cache_url("kept"), "zstd", &kept));
+
+    let stop = AtomicBool::new(false);
+    let (gcs, fetched) = std::thread::scope(|s| {
+        let collector = s.spawn(|| {
+            let mut runs = 0;
+            while !stop.load(Ordering::Relaxed) {
+                json(&server.admin(&["gc", "--json"]));
+                runs += 1;
+            }
+            runs
+        });
+        let reader = s.spawn(|| {
+            let mut fetched = 0;
+            while !stop.load(Ordering::Relaxed) {
+                fetched += fetch_all(&server, "kept", &kept);
+            }
+            fetched
+        });
+        // Caches made, pushed to with the real client, and deleted, over and over:
+        // their frames share packs with the kept cache's, which compaction rewrites
+        // while the reader downloads them.
+        for round in 0..4 {
+            let name = format!("churn{round}");
+            server.admin(&["cache", "create", &name]);
+            let c = &churn[round % 2];
+            ok(NixHost::new(&server, Nix::V2_8).push_to(&server.cache_url(&name), "zstd", c));
+            if round < 3 {
+                server.admin(&["cache", "delete", &name, "--yes"]);
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        (collector.join().unwrap(), reader.join().unwrap())
+    });
+    println!("{gcs} collections, {fetched} NARs fetched and checked during them");
+    assert!(gcs >= 2 && fetched > 0, "{gcs} collections, {fetched} NARs");
+
+    json(&server.admin(&["gc", "--json"]));
+    verify_deep(&server);
+    let fresh = |cache: &str, c: &crate::harness::Closure| {
+        let host = NixHost::trusting(None, &[&server.public_key_of(cache)], Nix::V2_8);
+        ok(host.copy_from(&server.cache_url(cache), "store", &c.top));
+        assert_eq!(
+            host.nar_hashes(Some(&host.store("store")), &c.top),
+            c.nar_hashes
+        );
+    };
+    fresh("kept", &kept);
+    fresh("churn3", &churn[1]);
+}
+
+#[test]
+fn a_server_killed_during_gc_restarts_whole_and_the_next_gc_finishes() {
+    let mut server = Server::with_config(CONFIG);
+    let v1 = closure(24, "v1");
+    let v2 = closure(24, "v2");
+    let v3 = closure(24, "v3");
+    server.admin(&["cache", "create", "b"]);
+    ok(NixHost::new(&server, Nix::V2_8).push_to(&server.cache_url("b"), "zstd", &v2));
+    let http = server.http();
+    // Killed at points spread over a collection's phases.
+    for (round, delay_ms) in [150u64, 600, 1200, 40].into_iter().enumerate() {
+        let name = format!("a{round}");
+        server.admin(&["cache", "create", &name]);
+        ok(NixHost::new(&server, Nix::V2_8).push_to(&server.cache_url(&name), "zstd", &v1));
+        server.admin(&["cache", "delete", &name, "--yes"]);
+        let started = http
+            .post(format!("{}/_api/v1/gc", server.base()))
+            .bearer_auth(server.token())
+            .send()
+            .unwrap();
+        assert_eq!(started.status(), 202);
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        server.restart();
+        verify_deep(&server);
+        assert_eq!(fetch_all(&server, "b", &v2), v2.nar_hashes.len());
+    }
+    // An upload killed mid-way leaves packs that no record names.
+    server.admin(&["cache", "create", "c"]);
+    std::thread::scope(|s| {
+        let push = s.spawn(|| {
+            NixHost::new(&server, Nix::V2_8).push_to(&server.cache_url("c"), "none", &v3)
+        });
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        let pid = server.pid();
+        let _ = std::process::Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status();
+        let _ = push.join();
+    });
+    server.restart();
+    server.admin(&["cache", "delete", "c", "--yes"]);
+
+    // The next collection finishes the job: every pack left is wholly live (what
+    // stats counts as dead bytes includes packs no record names), and what stays
+    // serves and verifies.
+    json(&server.admin(&["gc", "--json"]));
+    let s = stats(&server, None);
+    assert_eq!(s["dead_bytes"], 0, "{s}");
+    verify_deep(&server);
+    let host = NixHost::trusting(None, &[&server.public_key_of("b")], Nix::V2_8);
+    ok(host.copy_from(&server.cache_url("b"), "store", &v2.top));
+}
