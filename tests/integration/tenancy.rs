@@ -12,6 +12,8 @@ use cachet::nix::NarInfo;
 const DRV: &str = "4yncvzfm86cppqd91p6dvnpbbdx5d126-golden-top.drv";
 const REALISATION: &str =
     "realisations/sha256:1b4i2y0k1mhhk6hmm4axrhv3gq3m9c8rnqbz7sr3gnhv2rlcdhx8!out.doi";
+/// A store path no cache has.
+const MISSING: &str = "/nix/store/0000000000000000000000000000000a";
 
 /// A request with `token` as a Bearer token, or none.
 fn with(req: RequestBuilder, token: Option<&str>) -> RequestBuilder {
@@ -286,6 +288,35 @@ fn every_route_answers_every_token_as_specified() {
             Need::Admin,
             200,
         ),
+        route(
+            Method::GET,
+            "/_api/v1/caches/{c}/pins",
+            None,
+            Need::Pull,
+            200,
+        ),
+        // Allowed, but the path is not in the cache.
+        route(
+            Method::POST,
+            "/_api/v1/caches/{c}/pins",
+            Some(format!(r#"{{"name":"p","store_path":"{MISSING}-x"}}"#).into_bytes()),
+            Need::Push,
+            404,
+        ),
+        route(
+            Method::DELETE,
+            "/_api/v1/caches/{c}/pins/none",
+            None,
+            Need::Push,
+            404,
+        ),
+        route(
+            Method::GET,
+            "/_api/v1/stats?cache={c}",
+            None,
+            Need::Admin,
+            200,
+        ),
         // Allowed, but refused for want of the confirmation.
         route(
             Method::DELETE,
@@ -356,6 +387,29 @@ fn every_route_answers_every_token_as_specified() {
         for (method, path, body, need, ok) in [
             (Method::GET, "/_api/v1/caches", None, Need::Anyone, 200),
             (Method::GET, "/_api/v1/tokens", None, Need::ServerAdmin, 200),
+            (Method::GET, "/_api/v1/stats", None, Need::ServerAdmin, 200),
+            (
+                Method::GET,
+                "/_api/v1/jobs/999",
+                None,
+                Need::ServerAdmin,
+                404,
+            ),
+            // Allowed, but no such cache: no job starts.
+            (
+                Method::POST,
+                "/_api/v1/gc",
+                Some(br#"{"cache":"nowhere","dry_run":true}"#.to_vec()),
+                Need::ServerAdmin,
+                404,
+            ),
+            (
+                Method::POST,
+                "/_api/v1/verify",
+                Some(br#"{"cache":"nowhere"}"#.to_vec()),
+                Need::ServerAdmin,
+                404,
+            ),
             (
                 Method::DELETE,
                 "/_api/v1/tokens/nobody",
