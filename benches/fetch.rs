@@ -32,6 +32,8 @@ fn nar_url(narinfo: &str) -> Option<&str> {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
+    // reqwest is built without a default TLS provider (the project picks ring).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let args = Args::parse();
     let cache = args.cache.trim_end_matches('/').to_owned();
     let hashes: Vec<String> = std::fs::read_to_string(&args.hashes)?

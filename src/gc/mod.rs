@@ -236,10 +236,13 @@ pub async fn run(app: Arc<App>, options: Options, progress: Arc<Progress>) -> Re
         let ids = marked.dead_chunks;
         report.chunks = ids.len() as u64;
         dead_chunks = blocking(move || {
-            for batch in ids.chunks(8192) {
+            // Small batches, each made durable: sled holds the nodes a batch changes in
+            // memory until they are written (8,192 at once cost 400 MiB at 1,000,000
+            // chunks).
+            for batch in ids.chunks(1024) {
                 index.delete_chunks(batch)?;
+                index.flush()?;
             }
-            index.flush()?;
             Ok(ids.into_iter().collect())
         })
         .await?;
