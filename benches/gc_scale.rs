@@ -52,11 +52,9 @@ fn populate(dir: &std::path::Path, paths: u64) {
     let index = &app.index;
     let main: CacheName = "main".parse().unwrap();
     let doomed: CacheName = "doomed".parse().unwrap();
-    for name in [&doomed] {
-        let mut record = index.caches().unwrap().into_iter().next().unwrap();
-        record.name = name.clone();
-        index.put_cache(&record).unwrap();
-    }
+    let mut record = index.caches().unwrap().into_iter().next().unwrap();
+    record.name = doomed.clone();
+    index.put_cache(&record).unwrap();
     let packs = (paths * CHUNKS_PER_NAR).div_ceil(CHUNKS_PER_PACK);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let pack_id = |p: u64| {
