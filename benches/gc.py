@@ -87,6 +87,7 @@ def main():
     r["gc_s"] = time.monotonic() - started
     r["gc"] = status["result"] or status["error"]
     r["served_after"] = api(server, "GET", "stats?cache=main")["stored_bytes"]
+    r["packs_after"] = api(server, "GET", "stats")["stored_bytes"]
     r["nginx_4_after"], r["cachet_4_after"] = e2e.fetch([nginx, server.url], hashes_file, 4, args.runs)
     e2e.stop(nginx)
     r["peak_rss_mib"] = e2e.peak_rss_mib(server.proc.pid)
@@ -111,6 +112,8 @@ def report(r):
     row("download during the pass (vs idle)", r["cachet_4_busy"]["download_s"], r["cachet_4_idle"]["download_s"], 1.2, "s")
     row("push of a rebuild during the pass (vs idle)", r["push_busy"], r["push_idle"], 1.2, "s")
     print("measurements made while the pass ran: %s; the pass took %.0f s" % (r["busy_overlapped"], r["gc_s"]))
+    print("packs stored: %.1f MiB before, %.1f MiB after (with the two rebuilds pushed meanwhile)" % (
+        r["packs_before"] / 2**20, r["packs_after"] / 2**20))
     print("peak RSS of cachet over the run: %.0f MiB" % r["peak_rss_mib"])
     print(json.dumps(r))
 

@@ -102,12 +102,47 @@ pub struct Outcome {
     pub recompression_saved: u64,
     /// NARs, logs and realisations given new manifests.
     pub contents: u64,
+    /// Where each moved frame went, by its old pack and offset.
+    pub moved: HashMap<(PackId, u32), ChunkRef>,
 }
 
 /// Whose manifest names a moved frame.
 enum Owner {
     Nar(Sha256, NarRecord),
     Blob(BlobKind, CacheName, String, Stored),
+}
+
+/// Gives the contents whose manifests still name frames of `old` (uploads made while
+/// the frames moved found the old records) manifests naming where `moved` put them.
+pub fn reown_again(
+    index: &dyn Index,
+    moved: &HashMap<(PackId, u32), ChunkRef>,
+    old: &HashSet<PackId>,
+    out: &mut Outcome,
+) -> Result<()> {
+    let mut owners = Vec::new();
+    let names = |stored: &Stored| -> crate::index::Result<bool> {
+        let mut named = false;
+        each_chunk(index, stored, &mut |c| named |= old.contains(&c.pack))?;
+        Ok(named)
+    };
+    index.for_each_nar(&mut |hash, nar| {
+        if names(&nar.contents)? | names(&nar.listing)? {
+            owners.push(Owner::Nar(hash, nar));
+        }
+        Ok(())
+    })?;
+    index.for_each_blob(&mut |kind, cache, key, stored| {
+        if names(&stored)? {
+            owners.push(Owner::Blob(kind, cache.clone(), key.to_owned(), stored));
+        }
+        Ok(())
+    })?;
+    let relocate = |c: &ChunkRef| moved.get(&(c.pack, c.offset)).copied().unwrap_or(*c);
+    for owner in owners {
+        reown(index, owner, &relocate, out)?;
+    }
+    Ok(index.flush()?)
 }
 
 /// Rewrites `candidates`: on a thread of its own, at the configured priority.
@@ -203,7 +238,7 @@ impl Work<'_> {
         self.progress.phase("compacting: manifests");
         let relocate = |c: &ChunkRef| moved.get(&(c.pack, c.offset)).map_or(*c, |m| m.2);
         for owner in owners {
-            self.reown(owner, &relocate, &mut out)?;
+            reown(self.index, owner, &relocate, &mut out)?;
             self.progress.add(1, 0);
         }
         self.index.flush()?;
@@ -218,6 +253,7 @@ impl Work<'_> {
                     .is_none_or(|f| f.values().all(|c| moved.contains_key(&(c.pack, c.offset))))
             })
             .collect();
+        out.moved = moved.into_iter().map(|(k, m)| (k, m.2)).collect();
         Ok(out)
     }
 
@@ -317,112 +353,110 @@ impl Work<'_> {
         *pack = PackId::random();
         Ok(())
     }
+}
 
-    /// `stored` with its moved chunks in their new places, under a new manifest; `None`
-    /// if nothing of it moved.
-    fn moved_copy(
-        &self,
-        stored: &Stored,
-        relocate: &dyn Fn(&ChunkRef) -> ChunkRef,
-    ) -> Result<Option<Stored>> {
-        let mut segments = Vec::with_capacity(stored.segments.len());
-        let mut manifests = Vec::with_capacity(stored.segments.len());
-        let mut changed = false;
-        for i in 0..stored.segments.len() as u32 {
-            let Some(m) = self.index.segment(&stored.id, i)? else {
-                return Ok(None);
-            };
-            let chunks: Vec<ChunkRef> = m.chunks.iter().map(relocate).collect();
-            changed |= chunks != m.chunks;
-            let m = Manifest { chunks };
-            segments.push(Segment::of(&m));
-            manifests.push(m);
-        }
-        if !changed {
+/// `stored` with its moved chunks in their new places, under a new manifest; `None`
+/// if nothing of it moved.
+fn moved_copy(
+    index: &dyn Index,
+    stored: &Stored,
+    relocate: &dyn Fn(&ChunkRef) -> ChunkRef,
+) -> Result<Option<Stored>> {
+    let mut segments = Vec::with_capacity(stored.segments.len());
+    let mut manifests = Vec::with_capacity(stored.segments.len());
+    let mut changed = false;
+    for i in 0..stored.segments.len() as u32 {
+        let Some(m) = index.segment(&stored.id, i)? else {
             return Ok(None);
-        }
-        let id = ManifestId::random();
-        for (i, m) in manifests.iter().enumerate() {
-            self.index.put_segment(&id, i as u32, m)?;
-        }
-        Ok(Some(Stored { id, segments }))
+        };
+        let chunks: Vec<ChunkRef> = m.chunks.iter().map(relocate).collect();
+        changed |= chunks != m.chunks;
+        let m = Manifest { chunks };
+        segments.push(Segment::of(&m));
+        manifests.push(m);
     }
+    if !changed {
+        return Ok(None);
+    }
+    let id = ManifestId::random();
+    for (i, m) in manifests.iter().enumerate() {
+        index.put_segment(&id, i as u32, m)?;
+    }
+    Ok(Some(Stored { id, segments }))
+}
 
-    /// Gives `owner` manifests with the moved frames, if its record is unchanged.
-    fn reown(
-        &self,
-        owner: Owner,
-        relocate: &dyn Fn(&ChunkRef) -> ChunkRef,
-        out: &mut Outcome,
-    ) -> Result<()> {
-        match owner {
-            Owner::Nar(hash, nar) => {
-                let contents = self.moved_copy(&nar.contents, relocate)?;
-                let listing = self.moved_copy(&nar.listing, relocate)?;
-                let new = NarRecord {
-                    contents: contents.clone().unwrap_or_else(|| nar.contents.clone()),
-                    listing: listing.clone().unwrap_or_else(|| nar.listing.clone()),
-                };
-                let fresh: Vec<ManifestId> = [&contents, &listing]
-                    .into_iter()
-                    .flatten()
-                    .map(|s| s.id)
-                    .collect();
-                if !self.index.replace_nar(&hash, &nar, &new)? {
-                    // Uploaded again meanwhile: that upload's record stands.
-                    fresh
-                        .iter()
-                        .try_for_each(|m| self.index.delete_manifest(m))?;
-                    return Ok(());
-                }
+/// Gives `owner` manifests with the moved frames, if its record is unchanged.
+fn reown(
+    index: &dyn Index,
+    owner: Owner,
+    relocate: &dyn Fn(&ChunkRef) -> ChunkRef,
+    out: &mut Outcome,
+) -> Result<()> {
+    match owner {
+        Owner::Nar(hash, nar) => {
+            let contents = moved_copy(index, &nar.contents, relocate)?;
+            let listing = moved_copy(index, &nar.listing, relocate)?;
+            let new = NarRecord {
+                contents: contents.clone().unwrap_or_else(|| nar.contents.clone()),
+                listing: listing.clone().unwrap_or_else(|| nar.listing.clone()),
+            };
+            let fresh: Vec<ManifestId> = [&contents, &listing]
+                .into_iter()
+                .flatten()
+                .map(|s| s.id)
+                .collect();
+            if !index.replace_nar(&hash, &nar, &new)? {
+                // Uploaded again meanwhile: that upload's record stands.
+                fresh.iter().try_for_each(|m| index.delete_manifest(m))?;
+                return Ok(());
+            }
+            out.contents += 1;
+            if contents.is_some() {
+                out.old_manifests.push(nar.contents.id);
+            }
+            if listing.is_some() {
+                out.old_manifests.push(nar.listing.id);
+            }
+            let size = new.contents.stored_size();
+            if size != nar.contents.stored_size() {
+                resize_narinfos(index, &hash, size)?;
+            }
+        }
+        Owner::Blob(kind, cache, key, stored) => {
+            let Some(new) = moved_copy(index, &stored, relocate)? else {
+                return Ok(());
+            };
+            if index.replace_blob(kind, &cache, &key, &stored, &new)? {
                 out.contents += 1;
-                if contents.is_some() {
-                    out.old_manifests.push(nar.contents.id);
-                }
-                if listing.is_some() {
-                    out.old_manifests.push(nar.listing.id);
-                }
-                let size = new.contents.stored_size();
-                if size != nar.contents.stored_size() {
-                    self.resize_narinfos(&hash, size)?;
-                }
-            }
-            Owner::Blob(kind, cache, key, stored) => {
-                let Some(new) = self.moved_copy(&stored, relocate)? else {
-                    return Ok(());
-                };
-                if self.index.replace_blob(kind, &cache, &key, &stored, &new)? {
-                    out.contents += 1;
-                    out.old_manifests.push(stored.id);
-                } else {
-                    self.index.delete_manifest(&new.id)?;
-                }
+                out.old_manifests.push(stored.id);
+            } else {
+                index.delete_manifest(&new.id)?;
             }
         }
-        Ok(())
     }
+    Ok(())
+}
 
-    /// Every narinfo of the NAR `hash` says its new FileSize.
-    fn resize_narinfos(&self, hash: &Sha256, size: u64) -> Result<()> {
-        for cache in self.index.caches()? {
-            for path in self.index.paths_of_nar(&cache.name, hash)? {
-                let Some(record) = self.index.narinfo(&cache.name, &path)? else {
-                    continue;
-                };
-                let Ok(mut narinfo) = NarInfo::parse(&record.text) else {
-                    continue;
-                };
-                narinfo.file_size = Some(size);
-                // Lost to a concurrent change (a re-signing): the next run sets it.
-                self.index.replace_narinfo(
-                    &cache.name,
-                    &path,
-                    &record.text,
-                    narinfo.render().as_bytes(),
-                    Some(size),
-                )?;
-            }
+/// Every narinfo of the NAR `hash` says its new FileSize.
+fn resize_narinfos(index: &dyn Index, hash: &Sha256, size: u64) -> Result<()> {
+    for cache in index.caches()? {
+        for path in index.paths_of_nar(&cache.name, hash)? {
+            let Some(record) = index.narinfo(&cache.name, &path)? else {
+                continue;
+            };
+            let Ok(mut narinfo) = NarInfo::parse(&record.text) else {
+                continue;
+            };
+            narinfo.file_size = Some(size);
+            // Lost to a concurrent change (a re-signing): the next run sets it.
+            index.replace_narinfo(
+                &cache.name,
+                &path,
+                &record.text,
+                narinfo.render().as_bytes(),
+                Some(size),
+            )?;
         }
-        Ok(())
     }
+    Ok(())
 }

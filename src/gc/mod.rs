@@ -356,10 +356,40 @@ async fn compact(
         return Ok(());
     }
     progress.phase("sweeping compacted packs");
-    let index = app.index.clone();
-    let p = progress.clone();
-    let none = (HashSet::new(), HashSet::new());
-    let live = blocking(move || live_now(index.as_ref(), &none.0, &none.1, false, &p)).await?;
+    let mut done = done;
+    let moved = Arc::new(std::mem::take(&mut done.moved));
+    let mut live;
+    let mut round = 0;
+    loop {
+        let index = app.index.clone();
+        let p = progress.clone();
+        let none = (HashSet::new(), HashSet::new());
+        live = blocking(move || live_now(index.as_ref(), &none.0, &none.1, false, &p)).await?;
+        // Uploads made while the frames moved found their old records: their
+        // manifests are given the new places too, a few times at most.
+        let still: HashSet<PackId> = done
+            .old_packs
+            .iter()
+            .filter(|p| live.packs.contains(p))
+            .copied()
+            .collect();
+        round += 1;
+        if still.is_empty() || round > 3 {
+            break;
+        }
+        let (index, moved) = (app.index.clone(), moved.clone());
+        let again = blocking(move || {
+            let mut out = compact::Outcome::default();
+            compact::reown_again(index.as_ref(), &moved, &still, &mut out)?;
+            Ok(out)
+        })
+        .await?;
+        done.old_manifests.extend(again.old_manifests);
+        if !app.epochs.barrier(wait).await {
+            report.waited_out = true;
+            return Ok(());
+        }
+    }
     let old_manifests: Vec<ManifestId> = done
         .old_manifests
         .into_iter()
