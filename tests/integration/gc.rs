@@ -359,3 +359,39 @@ fn a_server_killed_during_gc_restarts_whole_and_the_next_gc_finishes() {
     let host = NixHost::trusting(None, &[&server.public_key_of("b")], Nix::V2_8);
     ok(host.copy_from(&server.cache_url("b"), "store", &v2.top));
 }
+
+#[test]
+fn verify_names_the_paths_a_missing_pack_breaks_and_fails() {
+    let server = Server::start();
+    let v1 = closure(24, "v1");
+    ok(NixHost::new(&server, Nix::V2_8).push(&server, "zstd", &v1));
+    verify_deep(&server);
+    // One pack gone, as a disk losing a file would.
+    let (name, _) = pack_files(&server).into_iter().next().unwrap();
+    let file = server
+        .data_dir()
+        .join("store/packs")
+        .join(&name[..2])
+        .join(&name);
+    std::fs::remove_file(&file).unwrap();
+    let out = server.cache_admin(&["verify"]);
+    assert!(!out.status.success(), "verify must fail");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("problem:") && text.contains("missing"),
+        "{text}"
+    );
+    // Each problem names the store paths it breaks, all of them from the closure.
+    let affected: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("affects main: "))
+        .collect();
+    assert!(!affected.is_empty(), "{text}");
+    assert!(
+        affected.iter().all(|p| v1.nar_hashes.contains_key(*p)),
+        "{text}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_slice(&server.cache_admin(&["verify", "--json"]).stdout).unwrap();
+    assert!(!json["problems"].as_array().unwrap().is_empty());
+}
