@@ -16,6 +16,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::chunks_of;
 use crate::error::{Error, Result};
 use crate::index::{BlobKind, Index, NarRecord};
 use crate::jobs::Progress;
@@ -123,7 +124,7 @@ pub fn reown_again(
     let mut owners = Vec::new();
     let names = |stored: &Stored| -> crate::index::Result<bool> {
         let mut named = false;
-        each_chunk(index, stored, &mut |c| named |= old.contains(&c.pack))?;
+        chunks_of(index, stored, &mut |c| named |= old.contains(&c.pack))?;
         Ok(named)
     };
     index.for_each_nar(&mut |hash, nar| {
@@ -184,20 +185,6 @@ struct Work<'a> {
     progress: &'a Progress,
 }
 
-/// Calls `f` with every chunk of a stored content.
-fn each_chunk(
-    index: &dyn Index,
-    stored: &Stored,
-    f: &mut dyn FnMut(&ChunkRef),
-) -> crate::index::Result<()> {
-    for i in 0..stored.segments.len() as u32 {
-        if let Some(m) = index.segment(&stored.id, i)? {
-            m.chunks.iter().for_each(&mut *f);
-        }
-    }
-    Ok(())
-}
-
 impl Work<'_> {
     fn run(&self, candidates: &[Candidate]) -> Result<Outcome> {
         let chosen: HashSet<PackId> = candidates.iter().map(|c| c.pack.id).collect();
@@ -206,7 +193,7 @@ impl Work<'_> {
         let mut owners = Vec::new();
         let mut visit = |stored: &Stored| -> crate::index::Result<bool> {
             let mut named = false;
-            each_chunk(self.index, stored, &mut |c| {
+            chunks_of(self.index, stored, &mut |c| {
                 if chosen.contains(&c.pack) {
                     frames.entry(c.pack).or_default().insert(c.offset, *c);
                     named = true;

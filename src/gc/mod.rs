@@ -501,7 +501,7 @@ struct Marked {
 }
 
 /// Calls `f` with every chunk of a stored content.
-fn chunks_of(
+pub(crate) fn chunks_of(
     index: &dyn Index,
     stored: &Stored,
     f: &mut dyn FnMut(&ChunkRef),
