@@ -37,6 +37,20 @@ fn pack_files(server: &Server) -> Vec<(String, u64)> {
     out
 }
 
+/// Every narinfo of `closure` in `cache` says the FileSize of the `.nar.zst` served.
+fn assert_file_sizes(server: &Server, cache: &str, closure: &crate::harness::Closure) {
+    let http = server.http();
+    for path in closure.nar_hashes.keys() {
+        let hash = &path["/nix/store/".len()..][..32];
+        let url = format!("{}/{hash}.narinfo", server.cache_url(cache));
+        let text = http.get(&url).send().unwrap().bytes().unwrap();
+        let info = cachet::nix::NarInfo::parse(&text).unwrap();
+        let nar = format!("{}/{}", server.cache_url(cache), info.url);
+        let body = http.get(&nar).send().unwrap().bytes().unwrap();
+        assert_eq!(info.file_size, Some(body.len() as u64), "{path}");
+    }
+}
+
 fn verify_deep(server: &Server) -> serde_json::Value {
     let report = json(&server.admin(&["verify", "--deep", "--json"]));
     assert_eq!(report["problems"], serde_json::json!([]), "{report}");
@@ -125,6 +139,7 @@ fn deleted_caches_are_reclaimed_as_a_dry_run_predicts() {
         "after gc {left} B, the rebuild alone {alone_bytes} B"
     );
     verify_deep(&server);
+    assert_file_sizes(&server, "b", &v2);
     let host = NixHost::trusting(None, &[&server.public_key_of("b")], Nix::V2_8);
     ok(host.copy_from(&server.cache_url("b"), "store", &v2.top));
     let again = json(&server.admin(&["gc", "--json"]));
