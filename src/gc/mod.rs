@@ -538,6 +538,14 @@ fn mark(
             }
         }
     }
+    // NAR records are read before uploads: a NAR and its upload are recorded
+    // together, so one recorded after the NAR walk passed it is not a candidate, and
+    // one recorded before is found with its upload.
+    let mut nars = Vec::new();
+    index.for_each_nar(&mut |hash, nar| {
+        nars.push((hash, nar));
+        Ok(())
+    })?;
     let mut live_nars = claimed.clone();
     let mut stale_uploads = Vec::new();
     index.for_each_upload(&mut |cache, url, upload| {
@@ -553,7 +561,7 @@ fn mark(
     })?;
     let mut live: HashSet<u64> = HashSet::new();
     let mut dead_nars = Vec::new();
-    index.for_each_nar(&mut |hash, nar| {
+    for (hash, nar) in nars {
         if live_nars.contains(&hash) {
             for stored in [&nar.contents, &nar.listing] {
                 chunks_of(index, stored, &mut |c| {
@@ -564,8 +572,7 @@ fn mark(
         } else {
             dead_nars.push((hash, nar));
         }
-        Ok(())
-    })?;
+    }
     index.for_each_blob(&mut |_, _, _, stored| {
         chunks_of(index, &stored, &mut |c| {
             live.insert(short(&c.id));

@@ -274,6 +274,13 @@ fn pushes_and_downloads_during_repeated_gc_lose_nothing() {
     ok(NixHost::new(&server, Nix::V2_8).push_to(&server.cache_url("kept"), "zstd", &kept));
 
     let stop = AtomicBool::new(false);
+    /// Stops the loops however the pushes end, a failure included.
+    struct Stop<'a>(&'a AtomicBool);
+    impl Drop for Stop<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Relaxed);
+        }
+    }
     let (gcs, fetched) = std::thread::scope(|s| {
         let collector = s.spawn(|| {
             let mut runs = 0;
@@ -290,6 +297,7 @@ fn pushes_and_downloads_during_repeated_gc_lose_nothing() {
             }
             fetched
         });
+        let stopping = Stop(&stop);
         // Caches made, pushed to with the real client, and deleted, over and over:
         // their frames share packs with the kept cache's, which compaction rewrites
         // while the reader downloads them.
@@ -302,7 +310,7 @@ fn pushes_and_downloads_during_repeated_gc_lose_nothing() {
                 server.admin(&["cache", "delete", &name, "--yes"]);
             }
         }
-        stop.store(true, Ordering::Relaxed);
+        drop(stopping);
         (collector.join().unwrap(), reader.join().unwrap())
     });
     println!("{gcs} collections, {fetched} NARs fetched and checked during them");
