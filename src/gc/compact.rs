@@ -121,10 +121,30 @@ pub fn reown_again(
     old: &HashSet<PackId>,
     out: &mut Outcome,
 ) -> Result<()> {
+    let owners = owners_naming(index, old, &mut |_| {})?;
+    let relocate = |c: &ChunkRef| moved.get(&(c.pack, c.offset)).copied().unwrap_or(*c);
+    for owner in owners {
+        reown(index, owner, &relocate, out)?;
+    }
+    Ok(index.flush()?)
+}
+
+/// The NARs, logs and realisations whose manifests name a frame of `packs`; `frame`
+/// is called with each such frame (once per naming).
+fn owners_naming(
+    index: &dyn Index,
+    packs: &HashSet<PackId>,
+    frame: &mut dyn FnMut(&ChunkRef),
+) -> Result<Vec<Owner>> {
     let mut owners = Vec::new();
-    let names = |stored: &Stored| -> crate::index::Result<bool> {
+    let mut names = |stored: &Stored| -> crate::index::Result<bool> {
         let mut named = false;
-        chunks_of(index, stored, &mut |c| named |= old.contains(&c.pack))?;
+        chunks_of(index, stored, &mut |c| {
+            if packs.contains(&c.pack) {
+                frame(c);
+                named = true;
+            }
+        })?;
         Ok(named)
     };
     index.for_each_nar(&mut |hash, nar| {
@@ -139,11 +159,7 @@ pub fn reown_again(
         }
         Ok(())
     })?;
-    let relocate = |c: &ChunkRef| moved.get(&(c.pack, c.offset)).copied().unwrap_or(*c);
-    for owner in owners {
-        reown(index, owner, &relocate, out)?;
-    }
-    Ok(index.flush()?)
+    Ok(owners)
 }
 
 /// Rewrites `candidates`: on a thread of its own, at the configured priority.
@@ -190,28 +206,8 @@ impl Work<'_> {
         let chosen: HashSet<PackId> = candidates.iter().map(|c| c.pack.id).collect();
         // The live frames of the chosen packs, by pack and offset, and their owners.
         let mut frames: BTreeMap<PackId, BTreeMap<u32, ChunkRef>> = BTreeMap::new();
-        let mut owners = Vec::new();
-        let mut visit = |stored: &Stored| -> crate::index::Result<bool> {
-            let mut named = false;
-            chunks_of(self.index, stored, &mut |c| {
-                if chosen.contains(&c.pack) {
-                    frames.entry(c.pack).or_default().insert(c.offset, *c);
-                    named = true;
-                }
-            })?;
-            Ok(named)
-        };
-        self.index.for_each_nar(&mut |hash, nar| {
-            if visit(&nar.contents)? | visit(&nar.listing)? {
-                owners.push(Owner::Nar(hash, nar));
-            }
-            Ok(())
-        })?;
-        self.index.for_each_blob(&mut |kind, cache, key, stored| {
-            if visit(&stored)? {
-                owners.push(Owner::Blob(kind, cache.clone(), key.to_owned(), stored));
-            }
-            Ok(())
+        let owners = owners_naming(self.index, &chosen, &mut |c| {
+            frames.entry(c.pack).or_default().insert(c.offset, *c);
         })?;
 
         let mut out = Outcome::default();

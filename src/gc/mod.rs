@@ -134,8 +134,8 @@ pub async fn run(app: Arc<App>, options: Options, progress: Arc<Progress>) -> Re
         ..Report::default()
     };
     {
-        let (index, accesses) = (app.index.clone(), app.clone());
-        blocking(move || Ok(accesses.accesses.flush(index.as_ref())?)).await?;
+        let a = app.clone();
+        blocking(move || Ok(a.accesses.flush(a.index.as_ref())?)).await?;
     }
     progress.phase("retention");
     let mut evicted: HashSet<(CacheName, StorePathHash)> = HashSet::new();
@@ -235,7 +235,7 @@ pub async fn run(app: Arc<App>, options: Options, progress: Arc<Progress>) -> Re
         let index = app.index.clone();
         let ids = marked.dead_chunks;
         report.chunks = ids.len() as u64;
-        dead_chunks = blocking(move || {
+        blocking(move || {
             // Small batches, each made durable: sled holds the nodes a batch changes in
             // memory until they are written (8,192 at once cost 400 MiB at 1,000,000
             // chunks).
@@ -243,9 +243,11 @@ pub async fn run(app: Arc<App>, options: Options, progress: Arc<Progress>) -> Re
                 index.delete_chunks(batch)?;
                 index.flush()?;
             }
-            Ok(ids.into_iter().collect())
+            Ok(())
         })
         .await?;
+        // Their records are gone: nothing below needs to tell them apart.
+        dead_chunks = HashSet::new();
 
         progress.phase("waiting");
         let wait = Duration::from_secs(app.config.gc.reader_wait_secs);

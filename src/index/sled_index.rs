@@ -85,6 +85,25 @@ fn claim_key(cache: &CacheName, nar_hash: &Sha256, path: &StorePathHash) -> Vec<
     k
 }
 
+/// The store paths that end the keys of `tree` under `prefix` (the referrers of a
+/// path, the paths claiming a NAR).
+fn paths_under(
+    tree: &sled::Tree,
+    prefix: &[u8],
+    record: &'static str,
+) -> Result<Vec<StorePathHash>> {
+    tree.scan_prefix(prefix)
+        .keys()
+        .map(|k| {
+            let k = k?;
+            let path: [u8; 20] = k[prefix.len()..]
+                .try_into()
+                .map_err(|_| IndexError::corrupt(record, &k))?;
+            Ok(StorePathHash::from_bytes(path))
+        })
+        .collect()
+}
+
 /// The cache and the rest of a `scoped` key.
 fn split_scoped(k: &[u8]) -> Option<(CacheName, &[u8])> {
     let split = k.iter().position(|&b| b == 0)?;
@@ -439,18 +458,11 @@ impl Index for SledIndex {
     }
 
     fn referrers(&self, cache: &CacheName, path: &StorePathHash) -> Result<Vec<StorePathHash>> {
-        let prefix = scoped(cache, path.as_bytes());
-        self.referrers
-            .scan_prefix(&prefix)
-            .keys()
-            .map(|k| {
-                let k = k?;
-                let bytes: [u8; 20] = k[prefix.len()..]
-                    .try_into()
-                    .map_err(|_| IndexError::corrupt("reference", &k))?;
-                Ok(StorePathHash::from_bytes(bytes))
-            })
-            .collect()
+        paths_under(
+            &self.referrers,
+            &scoped(cache, path.as_bytes()),
+            "reference",
+        )
     }
 
     fn narinfos(
@@ -613,18 +625,11 @@ impl Index for SledIndex {
     }
 
     fn paths_of_nar(&self, cache: &CacheName, nar_hash: &Sha256) -> Result<Vec<StorePathHash>> {
-        let prefix = scoped(cache, nar_hash.as_bytes());
-        self.cache_nars
-            .scan_prefix(&prefix)
-            .keys()
-            .map(|k| {
-                let k = k?;
-                let path: [u8; 20] = k[prefix.len()..]
-                    .try_into()
-                    .map_err(|_| IndexError::corrupt("claim", &k))?;
-                Ok(StorePathHash::from_bytes(path))
-            })
-            .collect()
+        paths_under(
+            &self.cache_nars,
+            &scoped(cache, nar_hash.as_bytes()),
+            "claim",
+        )
     }
 
     fn pins(&self, cache: &CacheName) -> Result<Vec<PinRecord>> {
