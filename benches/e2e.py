@@ -74,13 +74,14 @@ def dir_bytes(path):
 
 class Cachet:
     config = None
+    binary = os.path.join(ROOT, "target/release/cachet")
 
     def __init__(self, work, name):
         self.data = os.path.join(work, name)
         self.port = free_port()
         self.log = open(os.path.join(work, name + ".log"), "w")
         self.proc = subprocess.Popen(
-            [os.path.join(ROOT, "target/release/cachet"), "--listen", "127.0.0.1:%d" % self.port,
+            [Cachet.binary, "--listen", "127.0.0.1:%d" % self.port,
              "--data-dir", self.data, "--log", "warn"] + (["--config", Cachet.config] if Cachet.config else []),
             stdout=self.log, stderr=self.log)
         CHILDREN.append(self.proc)
@@ -175,9 +176,12 @@ def run():
     ap.add_argument("--runs", type=int, default=9, help="fetch runs per measurement (median)")
     ap.add_argument("--config", help="a cachet config file to run the server with")
     ap.add_argument("--skip-xz", action="store_true", help="leave out the xz pushes")
+    ap.add_argument("--server-bin", help="another cachet binary to measure (an A/B of two builds)")
     args = ap.parse_args()
     ensure_tools()
     Cachet.config = args.config and os.path.abspath(args.config)
+    if args.server_bin:
+        Cachet.binary = os.path.abspath(args.server_bin)
     os.environ["NIX_CONFIG"] = NIX_CONFIG
     sh("cargo", "build", "--release", "--quiet", "--manifest-path", os.path.join(ROOT, "Cargo.toml"),
        "--bin", "cachet", "--example", "fetch", capture=False)

@@ -19,6 +19,10 @@ use cachet::index::{NarInfoRecord, NarRecord, Upload};
 use cachet::nix::{CacheName, Compression, NarUrl, Sha256, StorePath, StorePathHash};
 use cachet::store::{ChunkId, ChunkRef, Manifest, ManifestId, PackId, Segment, Stored};
 
+/// The server's allocator, set up as the server does (`main`).
+#[global_allocator]
+static ALLOCATOR: cachet::allocator::Allocator = cachet::allocator::Allocator;
+
 const CHUNKS_PER_NAR: u64 = 10;
 const CHUNKS_PER_PACK: u64 = 128;
 const FRAME: u32 = 4096;
@@ -174,6 +178,7 @@ fn collect(dir: &std::path::Path) {
 }
 
 fn main() {
+    cachet::allocator::configure();
     let args: Vec<String> = std::env::args().collect();
     let dir = std::path::Path::new(&args[2]);
     match args[1].as_str() {

@@ -3,8 +3,10 @@
 # Nix client (Debian's nix-bin, used single-user as root), python3 for the closure
 # generator, Chromium for the page test, and a current Nix client (Debian 13's
 # nix-bin in a chroot, made once by scripts/nix-current.sh and kept in
-# $CACHET_NIX_CURRENT, default /var/tmp/cachet-nix-current). Runs as root: the tests
-# use Nix single-user, chroots and a small tmpfs. Extra arguments go to `cargo test`.
+# $CACHET_NIX_CURRENT, default /var/tmp/cachet-nix-current), and Garage, the S3 store
+# the S3 tests start on loopback ports (built once with `cargo install`, about 15
+# minutes). Runs as root: the tests use Nix single-user, chroots and a small tmpfs.
+# Extra arguments go to `cargo test`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,6 +20,11 @@ if [ "${#missing[@]}" -gt 0 ]; then
   [ "$(id -u)" = 0 ] || sudo="sudo"
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+if ! command -v garage >/dev/null 2>&1; then
+  echo "installing garage (cargo install garage --locked, about 15 minutes)" >&2
+  cargo install garage --version 2.5.0 --locked --quiet
 fi
 
 export CACHET_NIX_CURRENT="${CACHET_NIX_CURRENT:-/var/tmp/cachet-nix-current}"

@@ -56,6 +56,9 @@ pub struct Readiness {
 /// How long a readiness check stands: probes are writes, and anyone may ask.
 const READINESS_TTL: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// How long the readiness probe waits for the storage to write, read and delete.
+const READINESS_STORAGE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// What the first start created, to tell the operator.
 pub struct Opened {
     /// The server's state.
@@ -85,15 +88,19 @@ impl App {
         let index: Arc<dyn Index> = Arc::new(
             SledIndex::open(&index_dir, config.index.cache_mib * 1024 * 1024).map_err(explain)?,
         );
-        let storage_path = config.storage_path();
-        std::fs::create_dir_all(&storage_path)
-            .map_err(|e| anyhow::anyhow!("creating {}: {e}", storage_path.display()))?;
         let metrics = Arc::new(Metrics::new());
-        let packs = PackStore::local(storage_path.clone(), metrics.storage_errors.clone())?;
-        let space = SpaceCheck::new(
-            vec![index_dir, storage_path],
-            config.storage.min_free_mib * 1024 * 1024,
-        );
+        let errors = metrics.storage_errors.clone();
+        let mut local_dirs = vec![index_dir];
+        let packs = match config.storage_path() {
+            Some(path) => {
+                std::fs::create_dir_all(&path)
+                    .map_err(|e| anyhow::anyhow!("creating {}: {e}", path.display()))?;
+                local_dirs.push(path.clone());
+                PackStore::local(path, errors)?
+            }
+            None => PackStore::new(crate::store::s3::open(&config.storage)?, errors),
+        };
+        let space = SpaceCheck::new(local_dirs, config.storage.min_free_mib * 1024 * 1024);
         let ingestor = Ingestor::new(
             index.clone(),
             packs.clone(),
@@ -107,7 +114,7 @@ impl App {
         let serve = serve::Source {
             store: packs.clone(),
             index: index.clone(),
-            plan: config.serve.read_plan(),
+            plan: config.serve.read_plan(config.storage.backend),
             memory: Budget::new(config.serve.memory_mib * 1024 * 1024),
         };
         let app = Arc::new(App {
@@ -150,10 +157,19 @@ impl App {
                 false
             }
         };
-        let storage = match self.packs.check().await {
-            Ok(()) => true,
-            Err(e) => {
+        // A store that is silent would hold the probe for its whole retry time.
+        let probe = tokio::time::timeout(READINESS_STORAGE_WAIT, self.packs.check());
+        let storage = match probe.await {
+            Ok(Ok(())) => true,
+            Ok(Err(e)) => {
                 tracing::warn!(error = %e, "the storage is not ready");
+                false
+            }
+            Err(_) => {
+                tracing::warn!(
+                    secs = READINESS_STORAGE_WAIT.as_secs(),
+                    "the storage did not answer the readiness probe in time"
+                );
                 false
             }
         };

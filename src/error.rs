@@ -59,6 +59,9 @@ pub enum Error {
     /// The chunk storage failed.
     #[error("storage: {0}")]
     Storage(#[from] object_store::Error),
+    /// Reading stored content for a response failed before it began.
+    #[error("reading stored content: {0}")]
+    Read(std::io::Error),
     /// A bug: a task panicked, an invariant broke.
     #[error("internal error: {0}")]
     Internal(String),

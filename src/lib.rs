@@ -4,6 +4,7 @@
 
 pub mod access;
 pub mod admin;
+pub mod allocator;
 pub mod app;
 pub mod auth;
 pub mod body;

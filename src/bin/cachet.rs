@@ -7,6 +7,9 @@ use clap::Parser;
 
 use cachet::config::Config;
 
+#[global_allocator]
+static ALLOCATOR: cachet::allocator::Allocator = cachet::allocator::Allocator;
+
 /// A self-hosted Nix binary cache. With no arguments it serves on 127.0.0.1:8080 with
 /// its data in ./cachet-data.
 #[derive(Parser)]
@@ -37,6 +40,7 @@ enum LogFormat {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    cachet::allocator::configure();
     let args = Args::parse();
     let filter = tracing_subscriber::EnvFilter::try_new(&args.log)?;
     // Colours only for a terminal: a log file or a journal gets plain text.

@@ -202,7 +202,11 @@ pub async fn run(app: Arc<App>, options: Options, progress: Arc<Progress>) -> Re
 
     let dead_chunks: HashSet<ChunkId>;
     let mut dead_nars: HashSet<Sha256> = HashSet::new();
+    // Chunks whose records may be missing while a manifest names them: live ones
+    // found without a record, and those this run removes.
+    let mut restorable = marked.unrecorded;
     if options.dry_run {
+        restorable.clear();
         report.uploads = marked.stale_uploads.len() as u64;
         report.nars = marked.dead_nars.len() as u64;
         dead_nars = marked.dead_nars.iter().map(|(h, _)| *h).collect();
@@ -235,8 +239,9 @@ pub async fn run(app: Arc<App>, options: Options, progress: Arc<Progress>) -> Re
         let index = app.index.clone();
         let ids = marked.dead_chunks;
         report.chunks = ids.len() as u64;
+        restorable.extend(ids.iter().map(short));
         blocking(move || {
-            // Small batches, each made durable: sled holds the nodes a batch changes in
+            // Made durable every 1,024: sled holds the nodes the removals change in
             // memory until they are written (8,192 at once cost 400 MiB at 1,000,000
             // chunks).
             for batch in ids.chunks(1024) {
@@ -264,10 +269,10 @@ pub async fn run(app: Arc<App>, options: Options, progress: Arc<Progress>) -> Re
     if !report.waited_out {
         progress.phase("sweeping");
         let index = app.index.clone();
-        let (dry, p) = (options.dry_run, progress.clone());
-        let dead_chunks = Arc::new(dead_chunks);
-        let dead = dead_chunks.clone();
-        let live = blocking(move || live_now(index.as_ref(), &dead_nars, &dead, dry, &p)).await?;
+        let p = progress.clone();
+        let live =
+            blocking(move || live_now(index.as_ref(), &dead_nars, &dead_chunks, &restorable, &p))
+                .await?;
         report.chunks_restored = live.restored;
         let grace_end = options.now.saturating_sub(app.config.gc.grace_secs);
         let dead_manifests: Vec<ManifestId> = manifests
@@ -365,8 +370,16 @@ async fn compact(
     loop {
         let index = app.index.clone();
         let p = progress.clone();
-        let none = (HashSet::new(), HashSet::new());
-        live = blocking(move || live_now(index.as_ref(), &none.0, &none.1, false, &p)).await?;
+        live = blocking(move || {
+            live_now(
+                index.as_ref(),
+                &HashSet::new(),
+                &HashSet::new(),
+                &HashSet::new(),
+                &p,
+            )
+        })
+        .await?;
         // Uploads made while the frames moved found their old records: their
         // manifests are given the new places too, a few times at most.
         let still: HashSet<PackId> = done
@@ -500,6 +513,9 @@ struct Marked {
     stale_uploads: Vec<(CacheName, NarUrl, Upload)>,
     dead_nars: Vec<(Sha256, NarRecord)>,
     dead_chunks: Vec<ChunkId>,
+    /// Chunks that live manifests name and that have no record (an earlier run that
+    /// could not finish removed it while an upload reused the chunk).
+    unrecorded: HashSet<u64>,
 }
 
 /// Calls `f` with every chunk of a stored content.
@@ -542,55 +558,74 @@ fn mark(
     }
     // NAR records are read before uploads: a NAR and its upload are recorded
     // together, so one recorded after the NAR walk passed it is not a candidate, and
-    // one recorded before is found with its upload.
-    let mut nars = Vec::new();
-    index.for_each_nar(&mut |hash, nar| {
-        nars.push((hash, nar));
+    // one recorded before is found with its upload. Only the unclaimed are held
+    // (their records, for the compare-and-swap that unlinks them); the chunks of the
+    // rest are marked on the way.
+    // Each live chunk, and whether its record was seen.
+    let mut live: HashMap<u64, bool> = HashMap::new();
+    let mut mark_nar = |nar: &NarRecord| -> crate::index::Result<()> {
+        for stored in [&nar.contents, &nar.listing] {
+            chunks_of(index, stored, &mut |c| {
+                live.entry(short(&c.id)).or_insert(false);
+            })?;
+        }
+        progress.add(1, nar.contents.size());
         Ok(())
+    };
+    let mut unclaimed = Vec::new();
+    index.for_each_nar(&mut |hash, nar| {
+        if claimed.contains(&hash) {
+            mark_nar(&nar)
+        } else {
+            unclaimed.push((hash, nar));
+            Ok(())
+        }
     })?;
-    let mut live_nars = claimed.clone();
+    let mut pending: HashSet<Sha256> = HashSet::new();
     let mut stale_uploads = Vec::new();
     index.for_each_upload(&mut |cache, url, upload| {
         if claimed.contains(&upload.nar_hash) {
             return Ok(());
         }
         if upload.created.saturating_add(pending_secs) > now {
-            live_nars.insert(upload.nar_hash);
+            pending.insert(upload.nar_hash);
         } else {
             stale_uploads.push((cache.clone(), url, upload));
         }
         Ok(())
     })?;
-    let mut live: HashSet<u64> = HashSet::new();
+    drop(claimed);
     let mut dead_nars = Vec::new();
-    for (hash, nar) in nars {
-        if live_nars.contains(&hash) {
-            for stored in [&nar.contents, &nar.listing] {
-                chunks_of(index, stored, &mut |c| {
-                    live.insert(short(&c.id));
-                })?;
-            }
-            progress.add(1, nar.contents.size());
+    for (hash, nar) in unclaimed {
+        if pending.contains(&hash) {
+            mark_nar(&nar)?;
         } else {
             dead_nars.push((hash, nar));
         }
     }
     index.for_each_blob(&mut |_, _, _, stored| {
         chunks_of(index, &stored, &mut |c| {
-            live.insert(short(&c.id));
+            live.entry(short(&c.id)).or_insert(false);
         })
     })?;
     let mut dead_chunks = Vec::new();
     index.for_each_chunk(&mut |c| {
-        if !live.contains(&short(&c.id)) {
-            dead_chunks.push(c.id);
+        match live.get_mut(&short(&c.id)) {
+            Some(seen) => *seen = true,
+            None => dead_chunks.push(c.id),
         }
         Ok(())
     })?;
+    let unrecorded = live
+        .into_iter()
+        .filter(|(_, seen)| !seen)
+        .map(|(id, _)| id)
+        .collect();
     Ok(Marked {
         stale_uploads,
         dead_nars,
         dead_chunks,
+        unrecorded,
     })
 }
 
@@ -622,6 +657,50 @@ fn unlink(
     Ok(removed)
 }
 
+/// The frames that manifests name, each counted once however many name it: 12 bytes
+/// a frame (a million chunks take 12 MiB where a set of `(PackId, offset)` took 60),
+/// sorted and deduplicated whenever the list would grow.
+#[derive(Default)]
+struct Frames {
+    packs: Vec<PackId>,
+    numbers: HashMap<PackId, u32>,
+    /// Pack number, offset, stored length.
+    frames: Vec<[u32; 3]>,
+}
+
+impl Frames {
+    fn add(&mut self, c: &ChunkRef) {
+        let next = self.packs.len() as u32;
+        let pack = *self.numbers.entry(c.pack).or_insert_with(|| {
+            self.packs.push(c.pack);
+            next
+        });
+        if self.frames.len() == self.frames.capacity() {
+            self.dedup();
+            // Growing only when deduplicating freed less than half.
+            if self.frames.len() > self.frames.capacity() / 2 {
+                self.frames.reserve(self.frames.len().max(1024));
+            }
+        }
+        self.frames.push([pack, c.offset, c.stored_len]);
+    }
+
+    fn dedup(&mut self) {
+        self.frames.sort_unstable();
+        self.frames.dedup_by_key(|f| (f[0], f[1]));
+    }
+
+    /// The bytes of each pack that the frames use.
+    fn used(mut self) -> HashMap<PackId, u64> {
+        self.dedup();
+        let mut used = HashMap::with_capacity(self.packs.len());
+        for [pack, _, len] in self.frames {
+            *used.entry(self.packs[pack as usize]).or_default() += u64::from(len);
+        }
+        used
+    }
+}
+
 /// What the records name now.
 pub(crate) struct Live {
     manifests: HashSet<ManifestId>,
@@ -633,39 +712,34 @@ pub(crate) struct Live {
 }
 
 /// Everything the records name after unlinking: every NAR record, log and realisation
-/// and chunk record (in a dry run, but for those the run would have removed). Chunks
-/// that live manifests use and that have no record (an upload reused them while this
-/// run unlinked them, or a run that waited out removed it) get it back.
+/// and chunk record (in a dry run, but for `dead_nars` and `dead_chunks`, those the
+/// run would have removed). Chunks of `restorable` that live manifests use and that
+/// have no record (an upload reused them while this run unlinked them, or a run that
+/// could not finish removed them) get it back.
 pub(crate) fn live_now(
     index: &dyn Index,
     dead_nars: &HashSet<Sha256>,
     dead_chunks: &HashSet<ChunkId>,
-    dry: bool,
+    restorable: &HashSet<u64>,
     progress: &Progress,
 ) -> Result<Live> {
-    let mut recorded: HashSet<u64> = HashSet::new();
     let mut packs: HashSet<PackId> = HashSet::new();
     index.for_each_chunk(&mut |c| {
-        if !(dry && dead_chunks.contains(&c.id)) {
-            recorded.insert(short(&c.id));
+        if !dead_chunks.contains(&c.id) {
             packs.insert(c.pack);
         }
         Ok(())
     })?;
     let mut manifests = HashSet::new();
-    let mut restore: HashMap<ChunkId, ChunkRef> = HashMap::new();
-    let mut frames: HashSet<(PackId, u32)> = HashSet::new();
-    let mut used: HashMap<PackId, u64> = HashMap::new();
+    let mut candidates: HashMap<ChunkId, ChunkRef> = HashMap::new();
+    let mut frames = Frames::default();
     let mut visit = |stored: &Stored| -> crate::index::Result<()> {
         manifests.insert(stored.id);
         chunks_of(index, stored, &mut |c| {
             packs.insert(c.pack);
-            if frames.insert((c.pack, c.offset)) {
-                *used.entry(c.pack).or_default() += u64::from(c.stored_len);
-            }
-            // Also a chunk whose record a run that could not finish removed.
-            if !dry && !recorded.contains(&short(&c.id)) {
-                restore.insert(c.id, *c);
+            frames.add(c);
+            if restorable.contains(&short(&c.id)) {
+                candidates.insert(c.id, *c);
             }
         })
     };
@@ -678,7 +752,12 @@ pub(crate) fn live_now(
         visit(&nar.listing)
     })?;
     index.for_each_blob(&mut |_, _, _, stored| visit(&stored))?;
-    let restored: Vec<ChunkRef> = restore.into_values().collect();
+    let mut restored = Vec::new();
+    for (id, c) in candidates {
+        if index.chunk(&id)?.is_none() {
+            restored.push(c);
+        }
+    }
     if !restored.is_empty() {
         tracing::info!(
             chunks = restored.len(),
@@ -689,7 +768,7 @@ pub(crate) fn live_now(
     Ok(Live {
         manifests,
         packs,
-        used,
+        used: frames.used(),
         restored: restored.len() as u64,
     })
 }
@@ -770,6 +849,43 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(report.problems, vec![], "{report:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn chunk_records_a_killed_run_removed_under_a_live_manifest_come_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let app = open(dir.path(), None);
+        let kept = push(
+            &app,
+            "kept",
+            &[],
+            &crate::testing::Xorshift(7).bytes(400_000),
+        )
+        .await;
+        let main: CacheName = "main".parse().unwrap();
+        let record = app.index.narinfo(&main, &kept.hash()).unwrap().unwrap();
+        let nar = app.index.nar(&record.nar_hash).unwrap().unwrap();
+        let mut chunks = Vec::new();
+        chunks_of(app.index.as_ref(), &nar.contents, &mut |c| chunks.push(*c)).unwrap();
+        assert!(chunks.len() > 1, "{}", chunks.len());
+        // What a run killed after unlinking leaves when an upload had reused the
+        // chunks: a live manifest naming chunks with no record.
+        let ids: Vec<ChunkId> = chunks.iter().map(|c| c.id).collect();
+        app.index.delete_chunks(&ids[1..]).unwrap();
+        let options = Options {
+            cache: None,
+            dry_run: false,
+            now: crate::clock::now(),
+        };
+        let report = super::run(app.clone(), options, Arc::default())
+            .await
+            .unwrap();
+        assert_eq!(report.chunks_restored, ids.len() as u64 - 1, "{report:?}");
+        assert_eq!((report.chunks, report.packs), (0, 0), "{report:?}");
+        for c in &chunks {
+            assert_eq!(app.index.chunk(&c.id).unwrap(), Some(*c));
+        }
+        verified(&app).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -73,7 +73,13 @@ pub fn stats(index: &dyn Index, cache: Option<&CacheName>, packs: &[PackInfo]) -
         Ok(())
     })?;
     let none = HashSet::new();
-    let live = super::live_now(index, &HashSet::new(), &none, true, &Default::default())?;
+    let live = super::live_now(
+        index,
+        &none,
+        &HashSet::new(),
+        &HashSet::new(),
+        &Default::default(),
+    )?;
     for p in packs {
         out.packs += 1;
         out.stored_bytes += p.size;

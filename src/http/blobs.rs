@@ -78,7 +78,7 @@ async fn get_blob(
         .index
         .blob(kind, &cache.name, &key)?
         .ok_or(Error::NotFound("file"))?;
-    stream(app, epoch, &stored, Encoding::Plain, headers, content_type)
+    stream(app, epoch, &stored, Encoding::Plain, headers, content_type).await
 }
 
 async fn put_blob(

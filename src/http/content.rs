@@ -18,7 +18,7 @@ use crate::store::Stored;
 ///
 /// `epoch` was entered before `stored` was read, and is held until the body ends: the
 /// garbage collector deletes nothing that a body still reads.
-pub fn stream(
+pub async fn stream(
     app: &App,
     epoch: Guard,
     stored: &Stored,
@@ -34,7 +34,15 @@ pub fn stream(
         None => (StatusCode::OK, 0..size),
     };
     let len = span.end - span.start;
-    let body = serve::body(&app.serve, stored, encoding, span.clone()).map(move |read| {
+    let mut body = Box::pin(serve::body(&app.serve, stored, encoding, span.clone()));
+    // The first read comes before the status: a store that cannot be read (an S3
+    // store down) answers 503 rather than a 200 whose body breaks at once. Later
+    // failures can only cut the body short of its Content-Length.
+    let first = match body.next().await {
+        Some(Err(e)) => return Err(Error::Read(e)),
+        first => first,
+    };
+    let body = futures::stream::iter(first).chain(body).map(move |read| {
         let _held = &epoch;
         read
     });

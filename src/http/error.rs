@@ -46,6 +46,11 @@ pub fn status(e: &Error) -> StatusCode {
         },
         Error::Index(e) => index_status(e),
         Error::Storage(e) => storage_status(e),
+        // A recorded pack that is missing is damage; else the store is unavailable.
+        Error::Read(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            StatusCode::INTERNAL_SERVER_ERROR
+        }
+        Error::Read(_) => StatusCode::SERVICE_UNAVAILABLE,
         Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }

@@ -73,7 +73,7 @@ pub async fn get(
     let epoch = app.epochs.enter();
     let (nar_hash, stored, encoding) = served(&app, &cache, &url)?.ok_or(Error::NotFound("NAR"))?;
     app.accesses.nar(&cache.name, nar_hash, crate::clock::now());
-    stream(&app, epoch, &stored, encoding, &headers, NAR_TYPE)
+    stream(&app, epoch, &stored, encoding, &headers, NAR_TYPE).await
 }
 
 /// `HEAD`: whether the NAR is served, or uploaded and waiting for its narinfo.

@@ -77,6 +77,7 @@ pub async fn get(
                 &headers,
                 "application/json",
             )
+            .await
         }
     }
 }

@@ -16,7 +16,7 @@ use tokio::io::AsyncWriteExt as _;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::app::App;
-use crate::config::Config;
+use crate::config::{Config, StorageBackend};
 use conn::{ConnState, Timed, Timeouts};
 
 /// File descriptors kept for the index, pack reads and refusals beyond those the
@@ -68,6 +68,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let open_files = raise_open_files();
     let opened = App::open(config)?;
     let app = opened.app;
+    // A store that cannot be written and read is said at start, not at the first push.
+    if let Err(e) = app.packs.check().await {
+        return Err(match app.config.storage.backend {
+            StorageBackend::S3 => crate::store::s3::unusable(&app.config.storage, &e),
+            StorageBackend::Local => anyhow::anyhow!("the storage is not usable: {e}"),
+        });
+    }
     let listener = TcpListener::bind(listen)
         .await
         .map_err(|e| anyhow::anyhow!("listening on {listen}: {e}"))?;

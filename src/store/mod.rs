@@ -1,11 +1,12 @@
-//! Chunk storage over `object_store` (the local filesystem; S3 is the next backend):
-//! zstd frames packed into pack objects, and the manifests that put them back together
-//! into NARs. Local packs are read for serving directly (`local_read`).
+//! Chunk storage over `object_store` (the local filesystem, or an S3-compatible store:
+//! `s3`): zstd frames packed into pack objects, and the manifests that put them back
+//! together into NARs. Local packs are read for serving directly (`local_read`).
 
 pub mod frame;
 mod local_read;
 pub mod manifest;
 pub mod packs;
+pub mod s3;
 pub mod space;
 
 pub use manifest::{

@@ -99,11 +99,24 @@ impl PackStore {
                         io::ErrorKind::UnexpectedEof,
                         "pack is shorter than its records",
                     )),
+                    // A recorded pack that is missing is damage, not an outage.
+                    Err(e @ object_store::Error::NotFound { .. }) => {
+                        Err(io::Error::new(io::ErrorKind::NotFound, e))
+                    }
                     Err(e) => Err(io::Error::other(e)),
                 }
             }
         };
         self.count(got)
+    }
+
+    /// Whether the pack is stored.
+    pub async fn exists(&self, id: &PackId) -> object_store::Result<bool> {
+        match self.objects.head(&Self::path(id)).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => self.count(Err(e)),
+        }
     }
 
     /// Every pack stored, with its size and when it was written.

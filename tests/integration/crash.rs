@@ -67,12 +67,17 @@ pub fn check_served(server: &Server, paths: &[String]) -> usize {
 }
 
 fn a_killed_server_restarts_and_everything_it_serves_verifies(nix: Nix) {
-    let mut server = Server::start();
+    killed_during_pushes_restarts_whole(&mut Server::start(), nix);
+}
+
+/// Kills `server` at several moments of a push, restarts it, checks what it serves,
+/// and completes the closure.
+pub(crate) fn killed_during_pushes_restarts_whole(server: &mut Server, nix: Nix) {
     let c = closure(48, "v1");
     let paths: Vec<String> = c.nar_hashes.keys().cloned().collect();
     // Kill at several moments of an upload in flight: after the k-th publication.
     for k in [1usize, 8, 20] {
-        let host = NixHost::new(&server, nix);
+        let host = NixHost::new(server, nix);
         host.import(&c);
         let to = format!("{}?compression=zstd", server.url());
         let before = server.log().matches("published").count();
@@ -92,7 +97,7 @@ fn a_killed_server_restarts_and_everything_it_serves_verifies(nix: Nix) {
         server.kill();
         let _ = child.wait();
         server.restart();
-        let served = check_served(&server, &paths);
+        let served = check_served(server, &paths);
         eprintln!(
             "killed after publication {k}: {served} of {} paths served and verified",
             paths.len()
@@ -103,11 +108,11 @@ fn a_killed_server_restarts_and_everything_it_serves_verifies(nix: Nix) {
         );
     }
     // Pushing again completes the closure, and the real client verifies all of it.
-    let pusher = NixHost::new(&server, nix);
-    ok(pusher.push(&server, "zstd", &c));
-    assert_eq!(check_served(&server, &paths), paths.len());
+    let pusher = NixHost::new(server, nix);
+    ok(pusher.push(server, "zstd", &c));
+    assert_eq!(check_served(server, &paths), paths.len());
     // Another machine (the pusher's own client cache holds its unsigned narinfos)
     // verifies every signature and every NAR.
-    let verifier = NixHost::new(&server, nix);
+    let verifier = NixHost::new(server, nix);
     ok(verifier.nix(&["store", "verify", "--store", &server.url(), "-r", &c.top]));
 }

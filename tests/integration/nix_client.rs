@@ -19,7 +19,9 @@ fn round_trip(compression: &str, nix: Nix) {
     round_trip_through(&Server::start(), compression, nix);
 }
 
-fn round_trip_through(server: &Server, compression: &str, nix: Nix) -> Closure {
+/// Pushes a closure to `server` with `compression` and pulls it back every way a
+/// client does, into stores that trust only the cache's key.
+pub(crate) fn round_trip_through(server: &Server, compression: &str, nix: Nix) -> Closure {
     let c = closure(48, "v1");
     let ci = NixHost::new(server, nix);
     ok(ci.push(server, compression, &c));

@@ -1,0 +1,400 @@
+//! S3 storage on a real Garage: the storage contract on both backends, the real Nix
+//! clients end to end with packs in the bucket, and the store failing under uploads,
+//! downloads and while idle.
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use cachet::config::Config;
+use cachet::store::{PackId, PackStore};
+use prometheus_client::metrics::counter::Counter;
+
+use crate::crash::killed_during_pushes_restarts_whole;
+use crate::garage::Garage;
+use crate::harness::{closure, ok, Nix, NixHost, Server};
+use crate::nix_client::round_trip_through;
+
+fn s3_store(garage: &Garage, prefix: &str) -> PackStore {
+    let config: Config = toml::from_str(&garage.storage_toml(prefix)).unwrap();
+    config.validate().unwrap();
+    let objects = cachet::store::s3::open(&config.storage).unwrap();
+    PackStore::new(objects, Counter::default())
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// What every backend does: whole and ranged reads of what was written, a short read
+/// refused, listing with sizes and times, existence, deletion (twice is no error),
+/// the readiness probe.
+async fn contract(store: &PackStore) {
+    store.check().await.unwrap();
+    let data: Vec<u8> = (0..700_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let id = PackId::random();
+    store.put(&id, Bytes::from(data.clone())).await.unwrap();
+    let other = PackId::random();
+    store.put(&other, Bytes::from_static(b"x")).await.unwrap();
+    for r in [
+        0..700_000u64,
+        0..1,
+        5..70_000,
+        699_999..700_000,
+        300_000..650_000,
+    ] {
+        let got = store.get_range(&id, r.clone()).await.unwrap();
+        assert_eq!(&got[..], &data[r.start as usize..r.end as usize], "{r:?}");
+    }
+    assert!(store.get_range(&id, 699_000..700_001).await.is_err());
+    assert!(store.exists(&id).await.unwrap());
+    let listed = store.list().await.unwrap();
+    let info = listed.iter().find(|p| p.id == id).expect("listed");
+    assert_eq!(info.size, 700_000);
+    assert!(info.modified.abs_diff(now()) < 300, "{info:?}");
+    assert!(listed.iter().any(|p| p.id == other));
+
+    store.delete(&id).await.unwrap();
+    store.delete(&id).await.unwrap();
+    assert!(!store.exists(&id).await.unwrap());
+    assert!(store.list().await.unwrap().iter().all(|p| p.id != id));
+    let err = store.get_range(&id, 0..1).await.unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::NotFound, "{err}");
+    assert!(store.exists(&other).await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_storage_contract_holds_on_local_disk_and_on_garage() {
+    let dir = tempfile::tempdir().unwrap();
+    let local = PackStore::local(dir.path().to_path_buf(), Counter::default()).unwrap();
+    contract(&local).await;
+
+    let garage = tokio::task::spawn_blocking(Garage::start).await.unwrap();
+    let a = s3_store(&garage, "server-a");
+    contract(&a).await;
+    // The prefix keeps servers sharing a bucket apart.
+    let b = s3_store(&garage, "server-b/");
+    contract(&b).await;
+    let in_a = a.list().await.unwrap();
+    let in_b = b.list().await.unwrap();
+    assert_eq!((in_a.len(), in_b.len()), (1, 1));
+    assert_ne!(in_a[0].id, in_b[0].id);
+    let objects = tokio::task::spawn_blocking(move || {
+        let o = garage.objects("");
+        drop(garage);
+        o
+    })
+    .await
+    .unwrap();
+    let hex = in_a[0].id.to_hex();
+    let name = format!("server-a/packs/{}/{hex}", &hex[..2]);
+    assert!(
+        objects.iter().any(|(n, s)| *n == name && *s == 1),
+        "{objects:?}"
+    );
+    assert_eq!(objects.len(), 2, "probes are deleted: {objects:?}");
+}
+
+fn s3_server(garage: &Garage, prefix: &str) -> Server {
+    Server::with_config(&garage.storage_toml(prefix))
+}
+
+/// The bytes of packs the server keeps in the bucket.
+fn stored(garage: &Garage, prefix: &str) -> (usize, u64) {
+    let packs: Vec<u64> = garage
+        .objects(&format!("{prefix}/packs"))
+        .into_iter()
+        .map(|(_, s)| s)
+        .collect();
+    (packs.len(), packs.iter().sum())
+}
+
+#[test]
+fn nix_pushes_and_substitutes_every_compression_with_packs_in_s3() {
+    let garage = Garage::start();
+    let server = s3_server(&garage, "e2e");
+    let nix = Nix::V2_8;
+    for compression in ["xz", "zstd", "none"] {
+        let server = s3_server(&garage, &format!("e2e-{compression}"));
+        round_trip_through(&server, compression, nix);
+        assert!(stored(&garage, &format!("e2e-{compression}")).0 > 0);
+    }
+    // Dedup across pushes: the same closure from a second runner stores nothing new,
+    // its mass rebuild little.
+    let v1 = closure(48, "v1");
+    let v2 = closure(48, "v2");
+    ok(NixHost::new(&server, nix).push(&server, "zstd", &v1));
+    let after_v1 = stored(&garage, "e2e");
+    ok(NixHost::new(&server, Nix::Current).push(&server, "xz", &v1));
+    assert_eq!(stored(&garage, "e2e"), after_v1);
+    ok(NixHost::new(&server, nix).push(&server, "zstd", &v2));
+    let added = stored(&garage, "e2e").1 - after_v1.1;
+    assert!(added * 5 < v1.nar_bytes, "{added} of {}", v1.nar_bytes);
+    assert_eq!(
+        NixHost::new(&server, Nix::Current).pull(&server, "v2", &v2.top),
+        v2.nar_hashes
+    );
+}
+
+#[test]
+fn a_server_on_s3_killed_during_pushes_restarts_whole() {
+    let garage = Garage::start();
+    let mut server = s3_server(&garage, "crash");
+    killed_during_pushes_restarts_whole(&mut server, Nix::V2_8);
+}
+
+#[test]
+fn a_bad_endpoint_bucket_or_key_stops_the_start_with_the_reason() {
+    let garage = Garage::start();
+    let base = garage.storage_toml("");
+    let cases = [
+        (
+            base.replace(&garage.endpoint(), "http://127.0.0.1:9"),
+            "did not answer as S3 does",
+        ),
+        (
+            base.replace("bucket = \"cachet\"", "bucket = \"missing\""),
+            "the bucket does not exist",
+        ),
+        (
+            base.replace(&garage.secret, &"0".repeat(64)),
+            "access was denied",
+        ),
+    ];
+    for (config, reason) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cachet.toml");
+        std::fs::write(&path, &config).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_cachet"))
+            .args(["--listen", "127.0.0.1:0", "--config"])
+            .arg(&path)
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(err.contains(reason), "{reason:?} not in:\n{err}");
+        assert!(!err.contains(&garage.secret), "the secret is never shown");
+    }
+}
+
+/// Status and time of a GET.
+fn timed_status(server: &Server, path: &str) -> (u16, Duration) {
+    let at = Instant::now();
+    let status = server.get_status(path);
+    (status, at.elapsed())
+}
+
+fn ready_response(server: &Server) -> reqwest::blocking::Response {
+    server
+        .http()
+        .get(format!("{}/ready", server.base()))
+        .send()
+        .unwrap()
+}
+
+fn ready(server: &Server) -> bool {
+    ready_response(server).status() == 200
+}
+
+#[test]
+fn while_s3_is_down_lookups_answer_downloads_fail_fast_and_all_recovers() {
+    let mut garage = Garage::start();
+    let server = s3_server(&garage, "down");
+    let nix = Nix::V2_8;
+    let c = closure(24, "v1");
+    ok(NixHost::new(&server, nix).push(&server, "zstd", &c));
+    let (path, hash) = c.nar_hashes.iter().next().unwrap();
+    let narinfo_path = format!(
+        "{}.narinfo",
+        path.trim_start_matches("/nix/store/")
+            .split('-')
+            .next()
+            .unwrap()
+    );
+    let narinfo = server.get(&narinfo_path).text().unwrap();
+    let url = narinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("URL: "))
+        .unwrap()
+        .to_owned();
+    let nar_path = url;
+    assert!(ready(&server));
+
+    for how in ["refusing", "silent"] {
+        if how == "refusing" {
+            garage.stop();
+        } else {
+            garage.freeze(true);
+        }
+        // Lookups answer from the metadata.
+        assert_eq!(server.get_status(&narinfo_path), 200, "{how}");
+        assert_eq!(server.get_status("nix-cache-info"), 200, "{how}");
+        // A NAR is 503 (never 404, never a partial 200), within a bounded time.
+        let (status, took) = timed_status(&server, &nar_path);
+        assert_eq!(status, 503, "{how}");
+        assert!(took < Duration::from_secs(30), "{how}: {took:?}");
+        assert!(
+            !ready(&server),
+            "{how}: /ready says the storage is unavailable"
+        );
+        let body = ready_response(&server).text().unwrap();
+        assert!(body.contains("storage"), "{body}");
+        if how == "refusing" {
+            garage.restart();
+        } else {
+            garage.freeze(false);
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !ready(&server) {
+            assert!(Instant::now() < deadline, "{how}: ready again");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let got = server.get(&nar_path);
+        assert_eq!(got.status(), 200);
+        let nar = zstd::decode_all(&got.bytes().unwrap()[..]).unwrap();
+        assert_eq!(cachet::nix::Sha256::digest(&nar), *hash);
+    }
+}
+
+#[test]
+fn s3_stopped_mid_upload_refuses_it_and_leaves_nothing_visible() {
+    let mut garage = Garage::start();
+    let server = s3_server(&garage, "mid");
+    let nix = Nix::V2_8;
+    let c = closure(64, "v1");
+    let host = NixHost::new(&server, nix);
+    host.import(&c);
+    let to = format!("{}?compression=zstd", server.url());
+    let before = server.log().matches("published").count();
+    let mut child = host
+        .cmd("nix")
+        .args(["copy", "--to", &to, &c.top])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while server.log().matches("published").count() < before + 3 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let refusals = server.log().matches("503 Service Unavailable").count();
+    garage.stop();
+    // The upload under way is refused with 503 (the client would retry it a while).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while server.log().matches("503 Service Unavailable").count() == refusals {
+        assert!(Instant::now() < deadline, "no refusal:\n{}", server.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    garage.restart();
+    // Every narinfo the server serves has its NAR.
+    let served =
+        crate::crash::check_served(&server, &c.nar_hashes.keys().cloned().collect::<Vec<_>>());
+    assert!(
+        served < c.nar_hashes.len(),
+        "the push was cut off: {served}"
+    );
+    // The next push completes it, and another machine verifies all of it.
+    ok(NixHost::new(&server, nix).push(&server, "zstd", &c));
+    let verifier = NixHost::new(&server, nix);
+    assert_eq!(verifier.pull(&server, "after", &c.top), c.nar_hashes);
+}
+
+/// The NAR URL and NarSize of the largest path of `paths`, from the server's narinfos.
+fn largest_nar(server: &Server, paths: &[String]) -> (String, String, u64) {
+    paths
+        .iter()
+        .map(|p| {
+            let hash = p
+                .trim_start_matches("/nix/store/")
+                .split('-')
+                .next()
+                .unwrap();
+            let text = server.get(&format!("{hash}.narinfo")).text().unwrap();
+            let field = |name: &str| {
+                text.lines()
+                    .find_map(|l| l.strip_prefix(name))
+                    .unwrap()
+                    .to_owned()
+            };
+            (
+                p.clone(),
+                field("URL: "),
+                field("NarSize: ").parse().unwrap(),
+            )
+        })
+        .max_by_key(|(_, _, size)| *size)
+        .unwrap()
+}
+
+#[test]
+fn s3_stopped_during_a_download_breaks_it_and_a_retry_succeeds() {
+    use std::io::{BufRead as _, Read as _, Write as _};
+    let mut garage = Garage::start();
+    // Small reads, one ahead, a small send buffer: the download is many requests
+    // to the store, and little of it is ahead of the client.
+    let config = format!(
+        "{}\n[serve]\nremote_read_bytes = 65536\nread_ahead = 1\nsend_buffer_bytes = 65536\n",
+        garage.storage_toml("dl")
+    );
+    let server = Server::with_config(&config);
+    let nix = Nix::V2_8;
+    let c = closure(48, "v1");
+    ok(NixHost::new(&server, nix).push(&server, "none", &c));
+    let paths: Vec<String> = c.nar_hashes.keys().cloned().collect();
+    let (path, url, size) = largest_nar(&server, &paths);
+    assert!(size > 2 << 20, "a NAR larger than what is buffered: {size}");
+    let url = url.replace(".nar.zst", ".nar");
+
+    // A client with a small receive buffer that reads the headers and a little.
+    let stream = std::net::TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+    rustix::net::sockopt::set_socket_recv_buffer_size(&stream, 16 * 1024).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    (&stream)
+        .write_all(
+            format!("GET /main/{url} HTTP/1.1\r\nHost: cache\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .unwrap();
+    let mut reader = std::io::BufReader::new(&stream);
+    let mut length = None;
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        if line == "\r\n" {
+            break;
+        }
+        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length: ") {
+            length = Some(v.trim().parse::<u64>().unwrap());
+        }
+        if line.starts_with("HTTP/1.1") {
+            assert!(line.contains(" 200 "), "{line}");
+        }
+    }
+    assert_eq!(length, Some(size));
+    let mut first = vec![0u8; 4096];
+    reader.read_exact(&mut first).unwrap();
+    garage.stop();
+    let mut rest = Vec::new();
+    let _ = reader.read_to_end(&mut rest);
+    let got = 4096 + rest.len() as u64;
+    assert!(
+        got < size,
+        "the client sees a body shorter than its Content-Length: {got} of {size}"
+    );
+
+    garage.restart();
+    let again = server.get(&url);
+    assert_eq!(again.status(), 200);
+    let nar = again.bytes().unwrap();
+    assert_eq!(nar.len() as u64, size);
+    assert_eq!(cachet::nix::Sha256::digest(&nar), c.nar_hashes[&path]);
+}
