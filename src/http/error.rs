@@ -46,11 +46,7 @@ pub fn status(e: &Error) -> StatusCode {
         },
         Error::Index(e) => index_status(e),
         Error::Storage(e) => storage_status(e),
-        // A recorded pack that is missing is damage; else the store is unavailable.
-        Error::Read(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            StatusCode::INTERNAL_SERVER_ERROR
-        }
-        Error::Read(_) => StatusCode::SERVICE_UNAVAILABLE,
+        Error::Read(e) => read_status(e),
         Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
@@ -71,6 +67,25 @@ fn storage_status(e: &object_store::Error) -> StatusCode {
         object_store::Error::NotFound { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         e if chain_is_disk_full(e) => StatusCode::INSUFFICIENT_STORAGE,
         _ => StatusCode::SERVICE_UNAVAILABLE,
+    }
+}
+
+/// A store that fails or cannot be reached is unavailable (503); a recorded pack that
+/// is missing or short, a frame that does not decompress, a manifest segment that is
+/// gone, is damage (500).
+fn read_status(e: &std::io::Error) -> StatusCode {
+    use std::io::ErrorKind::{NotFound, UnexpectedEof};
+    if let Some(store) = e
+        .get_ref()
+        .and_then(|i| i.downcast_ref::<object_store::Error>())
+    {
+        return storage_status(store);
+    }
+    match e.kind() {
+        NotFound | UnexpectedEof => StatusCode::INTERNAL_SERVER_ERROR,
+        // The disk under a local store.
+        _ if e.raw_os_error().is_some() => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
 

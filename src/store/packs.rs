@@ -152,32 +152,44 @@ impl PackStore {
     /// Proves the storage usable: a local root must still be a directory (a storage
     /// mount gone missing must not be silently recreated empty), and a small object
     /// can be written, read back and deleted. Each probe has its own name, so probes
-    /// at once do not delete each other's.
+    /// at once do not delete each other's. The probe is a task of its own: a caller
+    /// that stops waiting (the readiness timeout) does not leave its object behind.
     pub async fn check(&self) -> object_store::Result<()> {
-        let path = Path::from(format!("ready-probe-{}", PackId::random().to_hex()));
-        let checked = async {
-            if let Some(root) = &self.local_root {
-                let meta = std::fs::metadata(root.as_path()).map_err(|source| {
-                    object_store::Error::Generic {
-                        store: "local",
-                        source: Box::new(source),
-                    }
-                })?;
-                if !meta.is_dir() {
-                    return Err(object_store::Error::Generic {
-                        store: "local",
-                        source: format!("{} is not a directory", root.display()).into(),
-                    });
-                }
-            }
-            self.objects
-                .put(&path, PutPayload::from_static(b"ready"))
-                .await?;
-            self.objects.get(&path).await?.bytes().await?;
-            self.objects.delete(&path).await
-        }
-        .await;
+        let this = self.clone();
+        let checked = match tokio::spawn(async move { this.probe().await }).await {
+            Ok(r) => r,
+            Err(e) => Err(object_store::Error::Generic {
+                store: "probe",
+                source: Box::new(e),
+            }),
+        };
         self.count(checked)
+    }
+
+    async fn probe(&self) -> object_store::Result<()> {
+        if let Some(root) = &self.local_root {
+            let meta = std::fs::metadata(root.as_path()).map_err(|source| {
+                object_store::Error::Generic {
+                    store: "local",
+                    source: Box::new(source),
+                }
+            })?;
+            if !meta.is_dir() {
+                return Err(object_store::Error::Generic {
+                    store: "local",
+                    source: format!("{} is not a directory", root.display()).into(),
+                });
+            }
+        }
+        let path = Path::from(format!("ready-probe-{}", PackId::random().to_hex()));
+        self.objects
+            .put(&path, PutPayload::from_static(b"ready"))
+            .await?;
+        let read = async { self.objects.get(&path).await?.bytes().await }.await;
+        // Deleted whether or not it read back.
+        let deleted = self.objects.delete(&path).await;
+        read?;
+        deleted
     }
 }
 

@@ -83,8 +83,7 @@ pub fn unusable(config: &StorageConfig, e: &object_store::Error) -> anyhow::Erro
         }
         _ if text.contains("AccessDenied")
             || text.contains("InvalidAccessKeyId")
-            || text.contains("SignatureDoesNotMatch")
-            || text.contains("403") =>
+            || text.contains("SignatureDoesNotMatch") =>
         {
             "access was denied: check the access key, its secret and the key's rights on the bucket"
         }
