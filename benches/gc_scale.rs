@@ -19,7 +19,7 @@ use cachet::index::{NarInfoRecord, NarRecord, Upload};
 use cachet::nix::{CacheName, Compression, NarUrl, Sha256, StorePath, StorePathHash};
 use cachet::store::{ChunkId, ChunkRef, Manifest, ManifestId, PackId, Segment, Stored};
 
-/// The server's allocator, set up as the server does (`main`).
+/// The server's allocator.
 #[global_allocator]
 static ALLOCATOR: cachet::allocator::Allocator = cachet::allocator::Allocator;
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 use cachet::nix::nar::write::{nar, Entry};
 use cachet::nix::Sha256;
 
-use crate::harness::{closure, ok, with_each_client, Nix, NixHost, Server};
+use crate::harness::{closure, ok, with_each_client, Closure, Nix, NixHost, Server};
 
 with_each_client!(a_killed_server_restarts_and_everything_it_serves_verifies);
 
@@ -66,6 +66,35 @@ pub fn check_served(server: &Server, paths: &[String]) -> usize {
     served
 }
 
+/// Starts a `nix copy` of `c` to `server` from a fresh host and returns, the push
+/// still running, once `k` more paths are published (or two minutes passed: fewer may
+/// be left to push).
+pub(crate) fn push_until_published(
+    server: &Server,
+    nix: Nix,
+    c: &Closure,
+    k: usize,
+) -> std::process::Child {
+    let host = NixHost::new(server, nix);
+    host.import(c);
+    let to = format!("{}?compression=zstd", server.url());
+    let before = server.log().matches("published").count();
+    let child = host
+        .cmd("nix")
+        .args(["copy", "--to", &to, &c.top])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(server.dir.path().join("push.err")).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while server.log().matches("published").count() < before + k
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child
+}
+
 fn a_killed_server_restarts_and_everything_it_serves_verifies(nix: Nix) {
     killed_during_pushes_restarts_whole(&mut Server::start(), nix);
 }
@@ -77,23 +106,7 @@ pub(crate) fn killed_during_pushes_restarts_whole(server: &mut Server, nix: Nix)
     let paths: Vec<String> = c.nar_hashes.keys().cloned().collect();
     // Kill at several moments of an upload in flight: after the k-th publication.
     for k in [1usize, 8, 20] {
-        let host = NixHost::new(server, nix);
-        host.import(&c);
-        let to = format!("{}?compression=zstd", server.url());
-        let before = server.log().matches("published").count();
-        let mut child = host
-            .cmd("nix")
-            .args(["copy", "--to", &to, &c.top])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let deadline = std::time::Instant::now() + Duration::from_secs(120);
-        while server.log().matches("published").count() < before + k
-            && std::time::Instant::now() < deadline
-        {
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        let mut child = push_until_published(server, nix, &c, k);
         server.kill();
         let _ = child.wait();
         server.restart();
