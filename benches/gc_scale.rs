@@ -19,10 +19,6 @@ use cachet::index::{NarInfoRecord, NarRecord, Upload};
 use cachet::nix::{CacheName, Compression, NarUrl, Sha256, StorePath, StorePathHash};
 use cachet::store::{ChunkId, ChunkRef, Manifest, ManifestId, PackId, Segment, Stored};
 
-/// The server's allocator.
-#[global_allocator]
-static ALLOCATOR: cachet::allocator::Allocator = cachet::allocator::Allocator;
-
 const CHUNKS_PER_NAR: u64 = 10;
 const CHUNKS_PER_PACK: u64 = 128;
 const FRAME: u32 = 4096;

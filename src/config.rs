@@ -256,8 +256,8 @@ pub struct IndexConfig {
     /// Memory sled may use for its page cache. Its own default (1 GiB) would dwarf the
     /// rest of the server, whose working set is a few MiB per transfer. sled counts
     /// what it caches in bytes as stored, and holds it as nodes several times that
-    /// size: at 8 MiB a collection over a million chunks peaks at 190 to 220 MiB of
-    /// resident memory, at 16 MiB at 220 to 266, at 64 MiB at 430.
+    /// size: at 8 MiB a collection over a million chunks peaks at 204 to 223 MiB of
+    /// resident memory; at 64 MiB it took over 400.
     pub cache_mib: u64,
 }
 

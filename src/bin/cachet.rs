@@ -7,9 +7,6 @@ use clap::Parser;
 
 use cachet::config::Config;
 
-#[global_allocator]
-static ALLOCATOR: cachet::allocator::Allocator = cachet::allocator::Allocator;
-
 /// A self-hosted Nix binary cache. With no arguments it serves on 127.0.0.1:8080 with
 /// its data in ./cachet-data.
 #[derive(Parser)]
@@ -38,9 +35,16 @@ enum LogFormat {
     Json,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    // Before the runtime's threads exist.
     cachet::allocator::configure();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(serve())
+}
+
+async fn serve() -> anyhow::Result<()> {
     let args = Args::parse();
     let filter = tracing_subscriber::EnvFilter::try_new(&args.log)?;
     // Colours only for a terminal: a log file or a journal gets plain text.
