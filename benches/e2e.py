@@ -158,14 +158,31 @@ def fetch(caches, hashes_file, connections, runs):
 CHILDREN = []
 
 
-def main():
+def run_and_clean(fn):
+    """Runs a benchmark's `fn`, then stops every process it started."""
     try:
-        run()
+        fn()
     finally:
         for p in CHILDREN:
             if p.poll() is None:
                 p.terminate()
                 p.wait()
+
+
+def admin_api(server, method, path, body=None):
+    """A call of a server's admin API with its admin token; the JSON answer."""
+    import urllib.request
+    token = open(os.path.join(server.data, "admin-token")).read().strip()
+    base = server.url.rsplit("/", 1)[0]
+    req = urllib.request.Request(base + "/_api/v1/" + path, method=method,
+                                 data=None if body is None else json.dumps(body).encode(),
+                                 headers={"Authorization": "Bearer " + token, "Content-Type": "application/json"})
+    with urllib.request.urlopen(req) as r:
+        return json.loads(r.read() or b"null")
+
+
+def main():
+    run_and_clean(run)
 
 
 def run():

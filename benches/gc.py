@@ -14,20 +14,13 @@
 The gc scale figures (100,000 paths, 1,000,000 chunks) come from
 `cargo run --release --example gc_scale` (see BENCHMARKS.md). Not part of the tests.
 """
-import argparse, json, os, statistics, sys, tempfile, time, urllib.request
+import argparse, json, os, statistics, sys, tempfile, time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import e2e  # noqa: E402
 
 
-def api(server, method, path, body=None):
-    token = open(os.path.join(server.data, "admin-token")).read().strip()
-    base = server.url.rsplit("/", 1)[0]
-    req = urllib.request.Request(base + "/_api/v1/" + path, method=method,
-                                 data=None if body is None else json.dumps(body).encode(),
-                                 headers={"Authorization": "Bearer " + token, "Content-Type": "application/json"})
-    with urllib.request.urlopen(req) as r:
-        return json.loads(r.read() or b"null")
+api = e2e.admin_api
 
 
 def cache_url(server, name):
@@ -119,10 +112,4 @@ def report(r):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    finally:
-        for p in e2e.CHILDREN:
-            if p.poll() is None:
-                p.terminate()
-                p.wait()
+    e2e.run_and_clean(main)

@@ -142,16 +142,11 @@ def main():
     r["fetch_4_garage_cpu"] = cpu_seconds(garage.proc.pid) - g0
     r["flat_1"], r["s3_1"] = fetch([web, on_s3.url], hashes_file, 1, args.runs)
     if args.recompress:
-        # The gc benchmark's admin API helper (its module name would shadow Python's gc).
-        import importlib.util
-        spec = importlib.util.spec_from_file_location("gc_bench", os.path.join(ROOT, "benches/gc.py"))
-        gc_bench = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(gc_bench)
-        job = gc_bench.api(on_s3, "POST", "gc", {})["id"]
-        status = gc_bench.api(on_s3, "GET", "jobs/%d" % job)
+        job = e2e.admin_api(on_s3, "POST", "gc", {})["id"]
+        status = e2e.admin_api(on_s3, "GET", "jobs/%d" % job)
         while not status["done"]:
             time.sleep(1)
-            status = gc_bench.api(on_s3, "GET", "jobs/%d" % job)
+            status = e2e.admin_api(on_s3, "GET", "jobs/%d" % job)
         r["gc"] = status["result"] or status["error"]
         r["flat_4_after"], r["s3_4_after"] = fetch([web, on_s3.url], hashes_file, 4, args.runs)
     r["peak_rss_mib"] = peak_rss_mib(on_s3.proc.pid)
@@ -184,10 +179,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    finally:
-        for p in e2e.CHILDREN:
-            if p.poll() is None:
-                p.terminate()
-                p.wait()
+    e2e.run_and_clean(main)
