@@ -14,7 +14,7 @@ use crate::jobs::Jobs;
 use crate::metrics::Metrics;
 use crate::serve;
 use crate::store::space::{free_bytes, SpaceCheck};
-use crate::store::PackStore;
+use crate::store::{PackCache, PackStore};
 
 /// The server's state, shared by every request.
 pub struct App {
@@ -98,7 +98,22 @@ impl App {
                 local_dirs.push(path.clone());
                 PackStore::local(path, errors)?
             }
-            None => PackStore::new(crate::store::s3::open(&config.storage)?, errors),
+            None => {
+                let packs = PackStore::new(crate::store::s3::open(&config.storage)?, errors);
+                match config.pack_cache_dir() {
+                    Some(dir) => {
+                        let cache = PackCache::open(
+                            dir.clone(),
+                            config.storage.cache_mib * 1024 * 1024,
+                            config.storage.min_free_mib * 1024 * 1024,
+                            metrics.pack_cache.clone(),
+                        )
+                        .map_err(|e| anyhow::anyhow!("the pack cache in {}: {e}", dir.display()))?;
+                        packs.with_cache(cache)
+                    }
+                    None => packs,
+                }
+            }
         };
         let space = SpaceCheck::new(local_dirs, config.storage.min_free_mib * 1024 * 1024);
         let ingestor = Ingestor::new(

@@ -109,6 +109,12 @@ pub struct StorageConfig {
     /// connections, with backoff. A NAR download answers 503 once a read has failed
     /// for this long.
     pub retry_timeout_secs: u64,
+    /// For `s3`: the directory of the cache of packs read for serving (default
+    /// `<data_dir>/pack-cache`). It is emptied at every start.
+    pub cache_dir: Option<PathBuf>,
+    /// For `s3`: the most the cache of packs holds on local disk, in MiB; 0 turns it
+    /// off (every read is a ranged GET).
+    pub cache_mib: u64,
 }
 
 impl StorageConfig {
@@ -127,6 +133,7 @@ impl StorageConfig {
                 "secret_access_key_file",
                 self.secret_access_key_file.is_some(),
             ),
+            ("cache_dir", self.cache_dir.is_some()),
         ];
         match self.backend {
             StorageBackend::Local => {
@@ -453,6 +460,9 @@ impl Default for StorageConfig {
             secret_access_key_file: None,
             request_timeout_secs: 10,
             retry_timeout_secs: 15,
+            cache_dir: None,
+            // A few closures' worth: what a fleet pulls after a CI run.
+            cache_mib: 4096,
         }
     }
 }
@@ -615,6 +625,18 @@ impl Config {
             StorageBackend::S3 => None,
         }
     }
+
+    /// The directory of the cache of packs of a remote store, when there is one.
+    pub fn pack_cache_dir(&self) -> Option<PathBuf> {
+        match self.storage.backend {
+            StorageBackend::Local => None,
+            StorageBackend::S3 if self.storage.cache_mib == 0 => None,
+            StorageBackend::S3 => Some(
+                (self.storage.cache_dir.clone())
+                    .unwrap_or_else(|| self.data_dir.join("pack-cache")),
+            ),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -653,5 +675,37 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("memory_mib"));
+    }
+
+    #[test]
+    fn storage_settings_of_the_other_backend_are_refused_and_the_cache_follows_s3() {
+        let refused = |text: &str, says: &str| {
+            let c: Config = toml::from_str(text).unwrap();
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(says), "{text}: {e}");
+        };
+        refused("[storage]\nbucket = \"b\"", "storage.bucket");
+        refused("[storage]\ncache_dir = \"/c\"", "storage.cache_dir");
+        refused("[storage]\ntype = \"s3\"", "storage.bucket");
+        refused(
+            "[storage]\ntype = \"s3\"\nbucket = \"b\"\npath = \"/p\"",
+            "storage.path",
+        );
+        refused(
+            "[storage]\ntype = \"s3\"\nbucket = \"b\"\nendpoint = \"http://127.0.0.1:1\"",
+            "allow_http",
+        );
+        let s3 = |extra: &str| {
+            let c: Config = toml::from_str(&format!(
+                "data_dir = \"/d\"\n[storage]\ntype = \"s3\"\nbucket = \"b\"\n{extra}"
+            ))
+            .unwrap();
+            c.validate().unwrap();
+            c.pack_cache_dir()
+        };
+        assert_eq!(s3(""), Some(PathBuf::from("/d/pack-cache")));
+        assert_eq!(s3("cache_dir = \"/c\""), Some(PathBuf::from("/c")));
+        assert_eq!(s3("cache_mib = 0"), None);
+        assert_eq!(Config::default().pack_cache_dir(), None);
     }
 }

@@ -11,6 +11,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+use crate::store::CacheMetrics;
+
 /// Requests by what they asked for and how they ended.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
@@ -80,6 +82,8 @@ pub struct Metrics {
     pub narinfo_conflicts: Counter,
     /// Failed reads or writes of the chunk storage.
     pub storage_errors: Counter,
+    /// The cache of packs of a remote store.
+    pub pack_cache: CacheMetrics,
 }
 
 impl Default for Metrics {
@@ -111,6 +115,7 @@ impl Metrics {
             uploads_rejected: Family::default(),
             narinfo_conflicts: Counter::default(),
             storage_errors: Counter::default(),
+            pack_cache: CacheMetrics::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -203,6 +208,21 @@ impl Metrics {
             "storage_errors",
             "Failed reads and writes of the chunk storage",
             m.storage_errors.clone(),
+        );
+        r.register(
+            "pack_cache_hits",
+            "Reads of packs answered from the cache on local disk",
+            m.pack_cache.hits.clone(),
+        );
+        r.register(
+            "pack_cache_misses",
+            "Reads of packs that fetched from the remote store",
+            m.pack_cache.misses.clone(),
+        );
+        r.register(
+            "pack_cache_bytes",
+            "Bytes the cache of packs holds on local disk",
+            m.pack_cache.bytes.clone(),
         );
         Self { registry, ..m }
     }

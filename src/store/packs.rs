@@ -1,6 +1,7 @@
 //! Pack objects in the object store, under `packs/<first two hex digits>/<hex>`
 //! (the prefix keeps directories small on disk). On local disk, reads for serving go
-//! around the object store (see `local_read`).
+//! around the object store (see `local_read`); from a remote store, through the
+//! optional cache of packs on local disk (`pack_cache`).
 
 use std::io;
 use std::ops::Range;
@@ -15,6 +16,7 @@ use prometheus_client::metrics::counter::Counter;
 
 use super::local_read;
 use super::manifest::PackId;
+use super::pack_cache::PackCache;
 
 /// A stored pack, as listed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,6 +35,8 @@ pub struct PackStore {
     objects: Arc<dyn ObjectStore>,
     /// The directory of a local store, read directly when serving.
     local_root: Option<Arc<PathBuf>>,
+    /// Packs of a remote store kept on local disk for serving.
+    cache: Option<Arc<PackCache>>,
     /// Failed reads and writes, for the metrics.
     errors: Counter,
 }
@@ -43,7 +47,16 @@ impl PackStore {
         Self {
             objects,
             local_root: None,
+            cache: None,
             errors,
+        }
+    }
+
+    /// The same store, its reads for serving going through `cache`.
+    pub fn with_cache(self, cache: Arc<PackCache>) -> Self {
+        Self {
+            cache: Some(cache),
+            ..self
         }
     }
 
@@ -60,6 +73,7 @@ impl PackStore {
         Ok(Self {
             objects: Arc::new(objects),
             local_root: Some(Arc::new(root)),
+            cache: None,
             errors,
         })
     }
@@ -91,21 +105,10 @@ impl PackStore {
         let path = Self::path(id);
         let got = match &self.local_root {
             Some(root) => local_read::read_range(root.join(path.as_ref()), range).await,
-            None => {
-                let want = range.end.saturating_sub(range.start);
-                match self.objects.get_range(&path, range).await {
-                    Ok(data) if data.len() as u64 == want => Ok(data),
-                    Ok(_) => Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "pack is shorter than its records",
-                    )),
-                    // A recorded pack that is missing is damage, not an outage.
-                    Err(e @ object_store::Error::NotFound { .. }) => {
-                        Err(io::Error::new(io::ErrorKind::NotFound, e))
-                    }
-                    Err(e) => Err(io::Error::other(e)),
-                }
-            }
+            None => match &self.cache {
+                Some(cache) => cache.read(&self.objects, id, &path, range).await,
+                None => read_from_store(self.objects.as_ref(), &path, range).await,
+            },
         };
         self.count(got)
     }
@@ -143,6 +146,9 @@ impl PackStore {
 
     /// Deletes a pack; one already gone is no error.
     pub async fn delete(&self, id: &PackId) -> object_store::Result<()> {
+        if let Some(cache) = &self.cache {
+            cache.forget(id);
+        }
         match self.objects.delete(&Self::path(id)).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => self.count(Err(e)),
@@ -190,6 +196,27 @@ impl PackStore {
         let deleted = self.objects.delete(&path).await;
         read?;
         deleted
+    }
+}
+
+/// Bytes `range` of the object at `path`, read from the store.
+pub(super) async fn read_from_store(
+    objects: &dyn ObjectStore,
+    path: &Path,
+    range: Range<u64>,
+) -> io::Result<Bytes> {
+    let want = range.end.saturating_sub(range.start);
+    match objects.get_range(path, range).await {
+        Ok(data) if data.len() as u64 == want => Ok(data),
+        Ok(_) => Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "pack is shorter than its records",
+        )),
+        // A recorded pack that is missing is damage, not an outage.
+        Err(e @ object_store::Error::NotFound { .. }) => {
+            Err(io::Error::new(io::ErrorKind::NotFound, e))
+        }
+        Err(e) => Err(io::Error::other(e)),
     }
 }
 

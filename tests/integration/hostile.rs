@@ -98,7 +98,7 @@ fn all_closed(conns: &[TcpStream], limit: Duration) -> usize {
 
 /// A counter or gauge of `/metrics`, summed over the samples whose labels include
 /// `labels`.
-fn metric(server: &Server, name: &str, labels: &str) -> f64 {
+pub(crate) fn metric(server: &Server, name: &str, labels: &str) -> f64 {
     let text = crate::harness::client()
         .get(format!("{}/metrics", server.base()))
         .send()

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use cachet::config::Config;
-use cachet::store::{PackId, PackStore};
+use cachet::store::{PackCache, PackId, PackStore};
 use prometheus_client::metrics::counter::Counter;
 
 use crate::crash::killed_during_pushes_restarts_whole;
@@ -77,6 +77,16 @@ async fn the_storage_contract_holds_on_local_disk_and_on_garage() {
     // The prefix keeps servers sharing a bucket apart.
     let b = s3_store(&garage, "server-b/");
     contract(&b).await;
+    // Reads through the cache of packs keep the contract too.
+    let cache_dir = tempfile::tempdir().unwrap();
+    let cache = PackCache::open(
+        cache_dir.path().join("packs"),
+        1 << 20,
+        0,
+        Default::default(),
+    )
+    .unwrap();
+    contract(&s3_store(&garage, "server-c").with_cache(cache)).await;
     let in_a = a.list().await.unwrap();
     let in_b = b.list().await.unwrap();
     assert_eq!((in_a.len(), in_b.len()), (1, 1));
@@ -94,7 +104,7 @@ async fn the_storage_contract_holds_on_local_disk_and_on_garage() {
         objects.iter().any(|(n, s)| *n == name && *s == 1),
         "{objects:?}"
     );
-    assert_eq!(objects.len(), 2, "probes are deleted: {objects:?}");
+    assert_eq!(objects.len(), 3, "probes are deleted: {objects:?}");
 }
 
 fn s3_server(garage: &Garage, prefix: &str) -> Server {
@@ -208,7 +218,9 @@ fn ready(server: &Server) -> bool {
 #[test]
 fn while_s3_is_down_lookups_answer_downloads_fail_fast_and_all_recovers() {
     let mut garage = Garage::start();
-    let server = s3_server(&garage, "down");
+    // Without the cache of packs, which would serve the NAR read after the first
+    // outage (see a_served_pack_is_served_again_from_the_cache_while_s3_is_down).
+    let server = Server::with_config(&format!("{}cache_mib = 0\n", garage.storage_toml("down")));
     let nix = Nix::V2_8;
     let c = closure(24, "v1");
     ok(NixHost::new(&server, nix).push(&server, "zstd", &c));
@@ -346,12 +358,27 @@ fn largest_nar(server: &Server, paths: &[String]) -> (String, String, u64) {
 
 #[test]
 fn s3_stopped_during_a_download_breaks_it_and_a_retry_succeeds() {
+    stopped_during_a_download(false);
+}
+
+#[test]
+fn s3_stopped_during_a_download_through_the_pack_cache_breaks_it_and_a_retry_succeeds() {
+    stopped_during_a_download(true);
+}
+
+fn stopped_during_a_download(cached: bool) {
     use std::io::{BufRead as _, Read as _, Write as _};
     let mut garage = Garage::start();
-    // Small reads, one ahead, a small send buffer: the download is many requests
-    // to the store, and little of it is ahead of the client.
+    // Small reads, one ahead, a small send buffer: the download is many requests to
+    // the store, and little of it is ahead of the client. The cache of packs fetches
+    // whole packs, so with it the packs are small.
+    let (storage, ingest) = if cached {
+        ("", "[ingest]\npack_bytes = 65536\n")
+    } else {
+        ("cache_mib = 0\n", "")
+    };
     let config = format!(
-        "{}\n[serve]\nremote_read_bytes = 65536\nread_ahead = 1\nsend_buffer_bytes = 65536\n",
+        "{}{storage}{ingest}[serve]\nremote_read_bytes = 65536\nread_ahead = 1\nsend_buffer_bytes = 65536\n",
         garage.storage_toml("dl")
     );
     let server = Server::with_config(&config);
@@ -408,4 +435,44 @@ fn s3_stopped_during_a_download_breaks_it_and_a_retry_succeeds() {
     let nar = again.bytes().unwrap();
     assert_eq!(nar.len() as u64, size);
     assert_eq!(cachet::nix::Sha256::digest(&nar), c.nar_hashes[&path]);
+    let fetched = crate::hostile::metric(&server, "cachet_pack_cache_misses_total", "");
+    assert_eq!(
+        fetched > 0.0,
+        cached,
+        "reads went through the cache: {fetched}"
+    );
+}
+
+#[test]
+fn a_served_pack_is_served_again_from_the_cache_while_s3_is_down() {
+    let mut garage = Garage::start();
+    let server = s3_server(&garage, "cached");
+    let nix = Nix::V2_8;
+    let c = closure(24, "v1");
+    ok(NixHost::new(&server, nix).push(&server, "zstd", &c));
+    let metric = |name: &str| crate::hostile::metric(&server, name, "") as u64;
+    assert_eq!(metric("cachet_pack_cache_misses_total"), 0);
+    // A first host's pull fetches the packs from the bucket, whole...
+    let first = NixHost::new(&server, nix);
+    assert_eq!(first.pull(&server, "first", &c.top), c.nar_hashes);
+    let fetched = metric("cachet_pack_cache_misses_total");
+    assert!(fetched > 0);
+    let (packs, pack_bytes) = stored(&garage, "cached");
+    let held = metric("cachet_pack_cache_bytes");
+    assert_eq!(
+        held, pack_bytes,
+        "every one of the {packs} packs, each once"
+    );
+    let dir = server.data_dir().join("pack-cache");
+    let on_disk: u64 = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum();
+    assert_eq!(on_disk, held);
+    // ...and with the store gone, a second host's pull is served from the cache.
+    garage.stop();
+    let second = NixHost::new(&server, nix);
+    assert_eq!(second.pull(&server, "second", &c.top), c.nar_hashes);
+    assert_eq!(metric("cachet_pack_cache_misses_total"), fetched);
+    assert!(metric("cachet_pack_cache_hits_total") > 0);
 }

@@ -1,0 +1,614 @@
+//! A read-through cache of packs on local disk, for a server in front of a remote
+//! store (S3). The first read of a pack fetches the whole object with one GET into a
+//! file; later reads of it are local reads, as from a local store.
+//!
+//! Why whole packs: a pack holds the frames of many NARs, and a closure's NARs are
+//! fetched together, so one GET serves many downloads. Ranged GETs of small NARs cost
+//! the store a whole block each (Garage reads and hashes 1 MiB blocks), and each is a
+//! round trip (BENCHMARKS.md).
+//!
+//! - Bounded: the files, and the fetches under way, never hold more than the capacity;
+//!   the least recently read packs make room. A pack that does not fit, or a disk
+//!   with less free space than the store's minimum, is read from the store instead.
+//! - One fetch per pack at a time: reads of a pack being fetched wait for that fetch,
+//!   which goes on when its first reader leaves (a task of its own).
+//! - Emptied at start: a file renamed into place but not yet written out before a
+//!   crash could read back as zeros, and packs carry no checksum the server checks
+//!   while serving. A cache is cheap to refill; a wrong NAR is not.
+//! - Packs are never rewritten (a pack's id is new for every pack), so a cached file
+//!   never goes stale; one deleted from the store is dropped from the cache too.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{self, Write as _};
+use std::ops::Range;
+use std::path::{Path as FsPath, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use futures::future::{BoxFuture, Shared};
+use futures::{FutureExt as _, StreamExt as _};
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt as _};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+
+use super::local_read;
+use super::manifest::PackId;
+use super::packs::read_from_store;
+use super::space;
+
+/// What the cache reports, for the metrics.
+#[derive(Clone, Default)]
+pub struct CacheMetrics {
+    /// Reads answered from a cached file.
+    pub hits: Counter,
+    /// Reads that waited for a fetch, or went to the store.
+    pub misses: Counter,
+    /// Bytes of the cached files and of the fetches under way.
+    pub bytes: Gauge,
+}
+
+/// The cache of packs in one directory.
+pub struct PackCache {
+    dir: PathBuf,
+    capacity: u64,
+    /// Free space the cache leaves on its filesystem (the storage's minimum).
+    min_free: u64,
+    state: Mutex<State>,
+    /// Fetches under way at once (`FETCHES_AT_ONCE`).
+    fetching: tokio::sync::Semaphore,
+    metrics: CacheMetrics,
+}
+
+/// Fetches under way at once, each holding up to `WRITE_BYTES` in memory: reads of
+/// many connections ahead of their clients each start one, and neither the memory
+/// nor the store's connections may grow with them.
+const FETCHES_AT_ONCE: usize = 16;
+
+/// What a fetch gathers before it writes.
+const WRITE_BYTES: usize = 1 << 20;
+
+#[derive(Default)]
+struct State {
+    /// Bumped on every read: the recency of a pack.
+    clock: u64,
+    /// Bytes of the files and of the fetches under way, never above the capacity.
+    held: u64,
+    files: HashMap<PackId, File>,
+    /// The files by their last read, oldest first.
+    by_use: BTreeMap<u64, PackId>,
+    fetches: HashMap<PackId, Fetch>,
+}
+
+struct File {
+    size: u64,
+    used: u64,
+}
+
+type Fetch = Shared<BoxFuture<'static, Fetched>>;
+
+/// How a fetch ended, for every read that waited on it.
+#[derive(Clone)]
+enum Fetched {
+    Cached,
+    /// Not kept (too large, no room, the local disk failed): read from the store.
+    NotCached,
+    Failed(Failure),
+}
+
+/// A fetch's failure, shared by its readers; each gets its own `io::Error`, which
+/// says (as the store's own errors do) whether the store is unavailable or the pack
+/// is gone.
+#[derive(Clone)]
+enum Failure {
+    Missing(Arc<str>),
+    Unavailable(Arc<str>),
+}
+
+impl Failure {
+    fn of(e: &object_store::Error) -> Self {
+        match e {
+            object_store::Error::NotFound { .. } => Self::Missing(e.to_string().into()),
+            _ => Self::Unavailable(e.to_string().into()),
+        }
+    }
+
+    fn to_io(&self) -> io::Error {
+        match self {
+            Self::Missing(text) => io::Error::new(io::ErrorKind::NotFound, text.to_string()),
+            Self::Unavailable(text) => io::Error::other(object_store::Error::Generic {
+                store: "S3",
+                source: text.to_string().into(),
+            }),
+        }
+    }
+}
+
+impl PackCache {
+    /// The cache in `dir` (created if missing), emptied of any earlier run's packs
+    /// and partial files; nothing else in the directory is touched.
+    pub fn open(
+        dir: PathBuf,
+        capacity: u64,
+        min_free: u64,
+        metrics: CacheMetrics,
+    ) -> io::Result<Arc<Self>> {
+        std::fs::create_dir_all(&dir)?;
+        for entry in std::fs::read_dir(&dir)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            let ours = PackId::from_hex(&name).is_some() || name.starts_with(".partial-");
+            if ours && entry.file_type()?.is_file() {
+                std::fs::remove_file(entry.path())?;
+            }
+        }
+        metrics.bytes.set(0);
+        Ok(Arc::new(Self {
+            dir,
+            capacity,
+            min_free,
+            state: Mutex::default(),
+            fetching: tokio::sync::Semaphore::new(FETCHES_AT_ONCE),
+            metrics,
+        }))
+    }
+
+    fn file_path(&self, id: &PackId) -> PathBuf {
+        self.dir.join(id.to_hex())
+    }
+
+    /// Bytes `range` of the pack `id` stored at `path` in `objects`; fewer bytes than
+    /// asked is an error.
+    pub async fn read(
+        self: &Arc<Self>,
+        objects: &Arc<dyn ObjectStore>,
+        id: &PackId,
+        path: &Path,
+        range: Range<u64>,
+    ) -> io::Result<Bytes> {
+        if self.touch(id) {
+            // Evicted since is the one case that goes on to fetch.
+            match local_read::read_range(self.file_path(id), range.clone()).await {
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                read => {
+                    self.metrics.hits.inc();
+                    return read;
+                }
+            }
+        }
+        self.metrics.misses.inc();
+        match self.fetch(objects, id, path).await {
+            Fetched::Cached => {
+                match local_read::read_range(self.file_path(id), range.clone()).await {
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    read => return read,
+                }
+            }
+            Fetched::NotCached => {}
+            Fetched::Failed(failure) => return Err(failure.to_io()),
+        }
+        read_from_store(objects.as_ref(), path, range).await
+    }
+
+    /// Marks a cached pack read now; false when it is not cached.
+    fn touch(&self, id: &PackId) -> bool {
+        let mut state = self.state.lock().expect("pack cache lock");
+        let State {
+            clock,
+            files,
+            by_use,
+            ..
+        } = &mut *state;
+        let Some(file) = files.get_mut(id) else {
+            return false;
+        };
+        *clock += 1;
+        by_use.remove(&file.used);
+        file.used = *clock;
+        by_use.insert(*clock, *id);
+        true
+    }
+
+    /// The fetch of `id` under way, or a new one.
+    fn fetch(self: &Arc<Self>, objects: &Arc<dyn ObjectStore>, id: &PackId, path: &Path) -> Fetch {
+        let mut state = self.state.lock().expect("pack cache lock");
+        if let Some(fetch) = state.fetches.get(id) {
+            return fetch.clone();
+        }
+        // Fetched since the caller looked.
+        if state.files.contains_key(id) {
+            return futures::future::ready(Fetched::Cached).boxed().shared();
+        }
+        let id = *id;
+        let (this, objects, path) = (self.clone(), objects.clone(), path.clone());
+        let task = tokio::spawn(async move {
+            let fetched = this.fill(objects.as_ref(), &id, &path).await;
+            let mut state = this.state.lock().expect("pack cache lock");
+            state.fetches.remove(&id);
+            match fetched {
+                Ok(Some(size)) => {
+                    state.clock += 1;
+                    let used = state.clock;
+                    state.by_use.insert(used, id);
+                    // One fetch at a time, and none of a cached pack: never a
+                    // second file, but its bytes must not be counted twice.
+                    if let Some(old) = state.files.insert(id, File { size, used }) {
+                        state.by_use.remove(&old.used);
+                        state.held -= old.size;
+                        this.metrics.bytes.set(state.held as i64);
+                    }
+                    Fetched::Cached
+                }
+                Ok(None) => Fetched::NotCached,
+                Err(failure) => Fetched::Failed(failure),
+            }
+        });
+        let this = self.clone();
+        let fetch = async move {
+            task.await.unwrap_or_else(|e| {
+                // The task ended before it could take its fetch out (a panic).
+                this.state
+                    .lock()
+                    .expect("pack cache lock")
+                    .fetches
+                    .remove(&id);
+                Fetched::Failed(Failure::Unavailable(format!("pack fetch: {e}").into()))
+            })
+        }
+        .boxed()
+        .shared();
+        state.fetches.insert(id, fetch.clone());
+        fetch
+    }
+
+    /// Fetches the pack into its file; its size when kept, `None` when it was not.
+    async fn fill(
+        &self,
+        objects: &dyn ObjectStore,
+        id: &PackId,
+        path: &Path,
+    ) -> Result<Option<u64>, Failure> {
+        let _turn = self.fetching.acquire().await.expect("never closed");
+        let got = objects.get(path).await.map_err(|e| Failure::of(&e))?;
+        let size = got.meta.size;
+        if !self.reserve(size) {
+            return Ok(None);
+        }
+        let partial = self
+            .dir
+            .join(format!(".partial-{}", PackId::random().to_hex()));
+        let written = write_file(&partial, got.into_stream(), size).await;
+        let kept = match written {
+            // A rename is a metadata update, quick enough for the async thread.
+            Ok(()) => std::fs::rename(&partial, self.file_path(id)).map_err(Written::Local),
+            Err(e) => Err(e),
+        };
+        match kept {
+            Ok(()) => Ok(Some(size)),
+            Err(e) => {
+                let _ = std::fs::remove_file(&partial);
+                self.release(size);
+                match e {
+                    Written::Store(failure) => Err(failure),
+                    Written::Local(e) => {
+                        tracing::warn!(dir = %self.dir.display(), error = %e,
+                            "the pack cache could not write a pack; reading it from the store");
+                        Ok(None)
+                    }
+                }
+            }
+        }
+    }
+
+    /// Makes room for `size` more bytes, evicting the least recently read files;
+    /// false when they do not fit (fetches under way hold the rest) or the disk is
+    /// short of space.
+    fn reserve(&self, size: u64) -> bool {
+        if size > self.capacity {
+            return false;
+        }
+        let free = space::free_bytes(&self.dir).unwrap_or(0);
+        if free < self.min_free.saturating_add(size) {
+            return false;
+        }
+        let mut state = self.state.lock().expect("pack cache lock");
+        while state.held + size > self.capacity {
+            let Some((_, id)) = state.by_use.pop_first() else {
+                return false;
+            };
+            if let Some(file) = state.files.remove(&id) {
+                state.held -= file.size;
+                // A read that opened the file keeps reading it; one that comes
+                // after finds it gone and fetches again.
+                let _ = std::fs::remove_file(self.file_path(&id));
+            }
+        }
+        state.held += size;
+        self.metrics.bytes.set(state.held as i64);
+        true
+    }
+
+    fn release(&self, size: u64) {
+        let mut state = self.state.lock().expect("pack cache lock");
+        state.held -= size;
+        self.metrics.bytes.set(state.held as i64);
+    }
+
+    /// Drops a pack deleted from the store.
+    pub fn forget(&self, id: &PackId) {
+        let mut state = self.state.lock().expect("pack cache lock");
+        if let Some(file) = state.files.remove(id) {
+            state.by_use.remove(&file.used);
+            state.held -= file.size;
+            self.metrics.bytes.set(state.held as i64);
+            let _ = std::fs::remove_file(self.file_path(id));
+        }
+    }
+}
+
+enum Written {
+    Store(Failure),
+    Local(io::Error),
+}
+
+/// Writes the object's body to `path`, which must come to `size` bytes. The parts
+/// the store sends (a few KiB each) are written in runs of `WRITE_BYTES` on the
+/// blocking pool: one hand-off per part cost more CPU than the copies.
+async fn write_file(
+    path: &FsPath,
+    mut body: futures::stream::BoxStream<'static, object_store::Result<Bytes>>,
+    size: u64,
+) -> Result<(), Written> {
+    let mut file = std::fs::File::create(path).map_err(Written::Local)?;
+    let (mut parts, mut pending, mut written) = (Vec::new(), 0usize, 0u64);
+    loop {
+        let part = body.next().await;
+        let end = part.is_none();
+        if let Some(part) = part {
+            let part = part.map_err(|e| Written::Store(Failure::of(&e)))?;
+            pending += part.len();
+            written += part.len() as u64;
+            parts.push(part);
+        }
+        if written > size {
+            break;
+        }
+        if pending >= WRITE_BYTES || (end && pending > 0) {
+            let run = std::mem::take(&mut parts);
+            pending = 0;
+            file = tokio::task::spawn_blocking(move || {
+                run.iter()
+                    .try_for_each(|p| file.write_all(p))
+                    .map(|()| file)
+            })
+            .await
+            .map_err(|e| Written::Local(io::Error::other(e)))?
+            .map_err(Written::Local)?;
+        }
+        if end {
+            break;
+        }
+    }
+    if written != size {
+        return Err(Written::Store(Failure::Unavailable(
+            format!("the store sent {written} bytes of a {size}-byte pack").into(),
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use object_store::local::LocalFileSystem;
+    use object_store::PutPayload;
+
+    struct Fixture {
+        _dirs: tempfile::TempDir,
+        objects: Arc<dyn ObjectStore>,
+        cache_dir: PathBuf,
+        metrics: CacheMetrics,
+    }
+
+    fn fixture() -> Fixture {
+        let dirs = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dirs.path().join("store")).unwrap();
+        let objects =
+            Arc::new(LocalFileSystem::new_with_prefix(dirs.path().join("store")).unwrap());
+        Fixture {
+            cache_dir: dirs.path().join("cache"),
+            _dirs: dirs,
+            objects,
+            metrics: CacheMetrics::default(),
+        }
+    }
+
+    impl Fixture {
+        fn cache(&self, capacity: u64) -> Arc<PackCache> {
+            PackCache::open(self.cache_dir.clone(), capacity, 0, self.metrics.clone()).unwrap()
+        }
+
+        /// A pack of `len` bytes in the store, its bytes all derived from `seed`.
+        async fn pack(&self, seed: u8, len: usize) -> (PackId, Path, Vec<u8>) {
+            let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8 ^ seed).collect();
+            let id = PackId::random();
+            let path = Path::from(id.to_hex());
+            self.objects
+                .put(&path, PutPayload::from(data.clone()))
+                .await
+                .unwrap();
+            (id, path, data)
+        }
+
+        fn cached(&self) -> Vec<(String, u64)> {
+            let mut files: Vec<_> = std::fs::read_dir(&self.cache_dir)
+                .unwrap()
+                .map(|e| {
+                    let e = e.unwrap();
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    (name, e.metadata().unwrap().len())
+                })
+                .collect();
+            files.sort();
+            files
+        }
+    }
+
+    #[tokio::test]
+    async fn a_pack_is_fetched_whole_once_then_read_from_local_disk() {
+        let f = fixture();
+        let cache = f.cache(1 << 20);
+        let (id, path, data) = f.pack(1, 100_000).await;
+        let got = cache.read(&f.objects, &id, &path, 10..5000).await.unwrap();
+        assert_eq!(&got[..], &data[10..5000]);
+        assert_eq!(f.cached(), vec![(id.to_hex(), 100_000)]);
+        assert_eq!((f.metrics.hits.get(), f.metrics.misses.get()), (0, 1));
+        assert_eq!(f.metrics.bytes.get(), 100_000);
+        // Gone from the store behind the cache's back, it is still served: the
+        // reads are the cache's.
+        f.objects.delete(&path).await.unwrap();
+        for range in [0..100_000, 99_999..100_000, 5000..5000] {
+            let got = cache
+                .read(&f.objects, &id, &path, range.clone())
+                .await
+                .unwrap();
+            assert_eq!(&got[..], &data[range.start as usize..range.end as usize]);
+        }
+        assert_eq!((f.metrics.hits.get(), f.metrics.misses.get()), (3, 1));
+        // Past the pack's end is the error a short pack is.
+        let err = cache
+            .read(&f.objects, &id, &path, 99_000..100_001)
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    #[tokio::test]
+    async fn the_cache_holds_at_most_its_capacity_and_evicts_the_least_recently_read() {
+        let f = fixture();
+        let cache = f.cache(250_000);
+        let (a, a_path, _) = f.pack(1, 100_000).await;
+        let (b, b_path, _) = f.pack(2, 100_000).await;
+        let (c, c_path, c_data) = f.pack(3, 100_000).await;
+        cache.read(&f.objects, &a, &a_path, 0..10).await.unwrap();
+        cache.read(&f.objects, &b, &b_path, 0..10).await.unwrap();
+        cache.read(&f.objects, &a, &a_path, 0..10).await.unwrap();
+        let got = cache
+            .read(&f.objects, &c, &c_path, 0..100_000)
+            .await
+            .unwrap();
+        assert_eq!(&got[..], &c_data[..]);
+        let mut left = vec![(a.to_hex(), 100_000), (c.to_hex(), 100_000)];
+        left.sort();
+        assert_eq!(f.cached(), left, "b was read least recently");
+        assert_eq!(f.metrics.bytes.get(), 200_000);
+        // A pack larger than the whole cache is read from the store, evicting nothing.
+        let (big, big_path, big_data) = f.pack(4, 300_000).await;
+        let got = cache
+            .read(&f.objects, &big, &big_path, 1000..300_000)
+            .await
+            .unwrap();
+        assert_eq!(&got[..], &big_data[1000..]);
+        assert_eq!(f.cached(), left);
+        // b comes back, evicting a (read before c).
+        cache.read(&f.objects, &b, &b_path, 0..10).await.unwrap();
+        let mut left = vec![(b.to_hex(), 100_000), (c.to_hex(), 100_000)];
+        left.sort();
+        assert_eq!(f.cached(), left);
+        // A pack deleted from the store leaves the cache.
+        cache.forget(&c);
+        assert_eq!(f.cached(), vec![(b.to_hex(), 100_000)]);
+        assert_eq!(f.metrics.bytes.get(), 100_000);
+    }
+
+    #[tokio::test]
+    async fn reads_of_a_pack_at_once_share_one_fetch() {
+        let f = fixture();
+        let cache = f.cache(1 << 20);
+        let (id, path, data) = f.pack(5, 200_000).await;
+        let reads = (0..8u64).map(|i| {
+            let (cache, objects, path) = (cache.clone(), f.objects.clone(), path.clone());
+            tokio::spawn(async move {
+                let range = i * 20_000..(i + 1) * 20_000;
+                (
+                    range.clone(),
+                    cache.read(&objects, &id, &path, range).await.unwrap(),
+                )
+            })
+        });
+        for read in futures::future::join_all(reads).await {
+            let (range, got) = read.unwrap();
+            assert_eq!(&got[..], &data[range.start as usize..range.end as usize]);
+        }
+        // One file, no partial one, and the bytes held counted once.
+        assert_eq!(f.cached(), vec![(id.to_hex(), 200_000)]);
+        assert_eq!(f.metrics.bytes.get(), 200_000);
+    }
+
+    #[tokio::test]
+    async fn a_start_empties_what_an_earlier_run_left_and_nothing_else() {
+        let f = fixture();
+        std::fs::create_dir_all(&f.cache_dir).unwrap();
+        let stale = PackId::random().to_hex();
+        for name in [stale.as_str(), ".partial-0123", "README"] {
+            std::fs::write(f.cache_dir.join(name), b"x").unwrap();
+        }
+        let cache = f.cache(1 << 20);
+        assert_eq!(f.cached(), vec![("README".to_owned(), 1)]);
+        // A pack named like the stale file is fetched, not taken from the disk.
+        let (id, path, data) = f.pack(6, 1000).await;
+        std::fs::write(f.cache_dir.join(id.to_hex()), vec![0u8; 1000]).unwrap();
+        let cache = {
+            drop(cache);
+            f.cache(1 << 20)
+        };
+        let got = cache.read(&f.objects, &id, &path, 0..1000).await.unwrap();
+        assert_eq!(&got[..], &data[..]);
+    }
+
+    #[tokio::test]
+    async fn a_missing_pack_is_damage_and_an_unreachable_store_is_an_outage() {
+        let f = fixture();
+        let cache = f.cache(1 << 20);
+        let id = PackId::random();
+        let path = Path::from(id.to_hex());
+        let err = cache.read(&f.objects, &id, &path, 0..1).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::NotFound);
+        assert!(f.cached().is_empty());
+        // Nothing listens on port 9 of loopback.
+        let unreachable = crate::store::s3::open(&crate::config::StorageConfig {
+            backend: crate::config::StorageBackend::S3,
+            bucket: Some("b".into()),
+            endpoint: Some("http://127.0.0.1:9".into()),
+            region: Some("r".into()),
+            allow_http: true,
+            access_key_id: Some("k".into()),
+            secret_access_key: Some(crate::config::Secret("s".into())),
+            request_timeout_secs: 1,
+            retry_timeout_secs: 0,
+            ..Default::default()
+        })
+        .unwrap();
+        let err = cache
+            .read(&unreachable, &id, &path, 0..1)
+            .await
+            .unwrap_err();
+        let inner = err
+            .get_ref()
+            .and_then(|e| e.downcast_ref::<object_store::Error>());
+        assert!(
+            matches!(inner, Some(e) if !matches!(e, object_store::Error::NotFound { .. })),
+            "{err}"
+        );
+        // Neither failure is remembered: the pack, once there, is read.
+        let (id, path, data) = f.pack(7, 10).await;
+        let _ = cache
+            .read(&unreachable, &id, &path, 0..1)
+            .await
+            .unwrap_err();
+        let got = cache.read(&f.objects, &id, &path, 0..10).await.unwrap();
+        assert_eq!(&got[..], &data[..]);
+        assert_eq!(f.metrics.bytes.get(), 10);
+    }
+}
