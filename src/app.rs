@@ -102,10 +102,13 @@ impl App {
                 let packs = PackStore::new(crate::store::s3::open(&config.storage)?, errors);
                 match config.pack_cache_dir() {
                     Some(dir) => {
+                        // Twice the uploads' minimum free: filling the cache never
+                        // brings uploads to their 507.
                         let cache = PackCache::open(
                             dir.clone(),
                             config.storage.cache_mib * 1024 * 1024,
-                            config.storage.min_free_mib * 1024 * 1024,
+                            2 * config.storage.min_free_mib * 1024 * 1024,
+                            config.ingest.pack_bytes as u64,
                             metrics.pack_cache.clone(),
                         )
                         .map_err(|e| anyhow::anyhow!("the pack cache in {}: {e}", dir.display()))?;

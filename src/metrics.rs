@@ -220,8 +220,13 @@ impl Metrics {
             m.pack_cache.misses.clone(),
         );
         r.register(
+            "pack_cache_fetches",
+            "Packs fetched whole from the remote store into the cache",
+            m.pack_cache.fetches.clone(),
+        );
+        r.register(
             "pack_cache_bytes",
-            "Bytes the cache of packs holds on local disk",
+            "Bytes of the cache of packs on local disk, and reserved by its fetches",
             m.pack_cache.bytes.clone(),
         );
         Self { registry, ..m }

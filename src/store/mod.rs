@@ -8,6 +8,7 @@ mod local_read;
 pub mod manifest;
 pub mod pack_cache;
 pub mod packs;
+mod remote_read;
 pub mod s3;
 pub mod space;
 

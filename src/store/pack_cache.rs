@@ -7,22 +7,26 @@
 //! the store a whole block each (Garage reads and hashes 1 MiB blocks), and each is a
 //! round trip (BENCHMARKS.md).
 //!
-//! - Bounded: the files, and the fetches under way, never hold more than the capacity;
-//!   the least recently read packs make room. A pack that does not fit, or a disk
-//!   with less free space than the store's minimum, is read from the store instead.
+//! - Bounded: the files, and the fetches under way, never hold more than the capacity,
+//!   and leave the disk its minimum free; the least recently read packs make room.
+//!   What cannot be cached (no room, every fetch slot taken, a local write failing) is
+//!   read from the store, never refused, and the store's failures reach the reader
+//!   in the same bounded time as without the cache.
 //! - One fetch per pack at a time: reads of a pack being fetched wait for that fetch,
 //!   which goes on when its first reader leaves (a task of its own).
 //! - Emptied at start: a file renamed into place but not yet written out before a
 //!   crash could read back as zeros, and packs carry no checksum the server checks
-//!   while serving. A cache is cheap to refill; a wrong NAR is not.
+//!   while serving. A cache is cheap to refill; a wrong NAR is not. The directory is
+//!   locked, so two servers never share (and empty) one.
 //! - Packs are never rewritten (a pack's id is new for every pack), so a cached file
 //!   never goes stale; one deleted from the store is dropped from the cache too.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{self, Write as _};
 use std::ops::Range;
+use std::panic::AssertUnwindSafe;
 use std::path::{Path as FsPath, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use bytes::Bytes;
 use futures::future::{BoxFuture, Shared};
@@ -31,11 +35,19 @@ use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt as _};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::local_read;
 use super::manifest::PackId;
-use super::packs::read_from_store;
-use super::space;
+use super::{local_read, remote_read, space};
+
+/// Fetches under way at once, each holding up to `WRITE_BYTES` in memory: reads of
+/// many connections ahead of their clients each want one, and neither the memory
+/// nor the store's connections may grow with them. A read that finds every slot
+/// taken reads its range from the store instead of waiting.
+const FETCHES_AT_ONCE: usize = 16;
+
+/// What a fetch gathers before it writes.
+const WRITE_BYTES: usize = 1 << 20;
 
 /// What the cache reports, for the metrics.
 #[derive(Clone, Default)]
@@ -44,6 +56,8 @@ pub struct CacheMetrics {
     pub hits: Counter,
     /// Reads that waited for a fetch, or went to the store.
     pub misses: Counter,
+    /// Packs fetched whole from the store.
+    pub fetches: Counter,
     /// Bytes of the cached files and of the fetches under way.
     pub bytes: Gauge,
 }
@@ -52,32 +66,31 @@ pub struct CacheMetrics {
 pub struct PackCache {
     dir: PathBuf,
     capacity: u64,
-    /// Free space the cache leaves on its filesystem (the storage's minimum).
+    /// Free space the cache leaves on its filesystem.
     min_free: u64,
+    /// The size most packs have: there must be room for one before a fetch starts.
+    usual_pack: u64,
     state: Mutex<State>,
-    /// Fetches under way at once (`FETCHES_AT_ONCE`).
-    fetching: tokio::sync::Semaphore,
+    slots: Arc<Semaphore>,
     metrics: CacheMetrics,
+    /// Held locked while the cache is open.
+    _lock: std::fs::File,
 }
-
-/// Fetches under way at once, each holding up to `WRITE_BYTES` in memory: reads of
-/// many connections ahead of their clients each start one, and neither the memory
-/// nor the store's connections may grow with them.
-const FETCHES_AT_ONCE: usize = 16;
-
-/// What a fetch gathers before it writes.
-const WRITE_BYTES: usize = 1 << 20;
 
 #[derive(Default)]
 struct State {
     /// Bumped on every read: the recency of a pack.
     clock: u64,
-    /// Bytes of the files and of the fetches under way, never above the capacity.
-    held: u64,
+    /// Bytes of the cached files.
+    cached: u64,
+    /// Bytes reserved by the fetches under way.
+    reserved: u64,
     files: HashMap<PackId, File>,
     /// The files by their last read, oldest first.
     by_use: BTreeMap<u64, PackId>,
     fetches: HashMap<PackId, Fetch>,
+    /// Packs deleted from the store while being fetched: not to be kept.
+    forgotten: HashSet<PackId>,
 }
 
 struct File {
@@ -91,7 +104,7 @@ type Fetch = Shared<BoxFuture<'static, Fetched>>;
 #[derive(Clone)]
 enum Fetched {
     Cached,
-    /// Not kept (too large, no room, the local disk failed): read from the store.
+    /// Not kept (no room, the local disk failed): read from the store.
     NotCached,
     Failed(Failure),
 }
@@ -103,6 +116,8 @@ enum Fetched {
 enum Failure {
     Missing(Arc<str>),
     Unavailable(Arc<str>),
+    /// A bug (the fetch panicked): 500, like any other.
+    Bug(Arc<str>),
 }
 
 impl Failure {
@@ -120,20 +135,32 @@ impl Failure {
                 store: "S3",
                 source: text.to_string().into(),
             }),
+            Self::Bug(text) => io::Error::other(text.to_string()),
         }
     }
 }
 
 impl PackCache {
     /// The cache in `dir` (created if missing), emptied of any earlier run's packs
-    /// and partial files; nothing else in the directory is touched.
+    /// and partial files; nothing else in the directory is touched. `usual_pack` is
+    /// the size packs are cut at.
     pub fn open(
         dir: PathBuf,
         capacity: u64,
         min_free: u64,
+        usual_pack: u64,
         metrics: CacheMetrics,
     ) -> io::Result<Arc<Self>> {
         std::fs::create_dir_all(&dir)?;
+        let lock = std::fs::File::create(dir.join(".lock"))?;
+        rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(
+            |_| {
+                io::Error::new(
+                    io::ErrorKind::ResourceBusy,
+                    "another server is using this pack cache directory",
+                )
+            },
+        )?;
         for entry in std::fs::read_dir(&dir)? {
             let entry = entry?;
             let name = entry.file_name();
@@ -148,10 +175,18 @@ impl PackCache {
             dir,
             capacity,
             min_free,
+            usual_pack,
             state: Mutex::default(),
-            fetching: tokio::sync::Semaphore::new(FETCHES_AT_ONCE),
+            slots: Arc::new(Semaphore::new(FETCHES_AT_ONCE)),
             metrics,
+            _lock: lock,
         }))
+    }
+
+    /// The state; one poisoned by a panic elsewhere is still consistent (every
+    /// change to it is made whole under one lock).
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn file_path(&self, id: &PackId) -> PathBuf {
@@ -167,182 +202,282 @@ impl PackCache {
         path: &Path,
         range: Range<u64>,
     ) -> io::Result<Bytes> {
-        if self.touch(id) {
-            // Evicted since is the one case that goes on to fetch.
-            match local_read::read_range(self.file_path(id), range.clone()).await {
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                read => {
-                    self.metrics.hits.inc();
-                    return read;
-                }
+        if let Some(size) = self.touch(id) {
+            if let Some(read) = self.read_file(id, size, range.clone()).await {
+                self.metrics.hits.inc();
+                return read;
             }
         }
         self.metrics.misses.inc();
-        match self.fetch(objects, id, path).await {
-            Fetched::Cached => {
-                match local_read::read_range(self.file_path(id), range.clone()).await {
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                    read => return read,
+        if let Some(fetch) = self.fetch(objects, id, path) {
+            match fetch.await {
+                Fetched::Cached => {
+                    let size = self.touch(id);
+                    if let Some(read) = self.read_file(id, size.unwrap_or(0), range.clone()).await {
+                        return read;
+                    }
                 }
+                Fetched::NotCached => {}
+                Fetched::Failed(failure) => return Err(failure.to_io()),
             }
-            Fetched::NotCached => {}
-            Fetched::Failed(failure) => return Err(failure.to_io()),
         }
-        read_from_store(objects.as_ref(), path, range).await
+        remote_read::read_range(objects.as_ref(), path, range).await
     }
 
-    /// Marks a cached pack read now; false when it is not cached.
-    fn touch(&self, id: &PackId) -> bool {
-        let mut state = self.state.lock().expect("pack cache lock");
+    /// `range` of the cached file of `id`, of `size` bytes; `None` when the file is
+    /// gone (evicted since) or cannot be read, which leaves the read to the store.
+    async fn read_file(
+        &self,
+        id: &PackId,
+        size: u64,
+        range: Range<u64>,
+    ) -> Option<io::Result<Bytes>> {
+        if range.end > size {
+            // Past the pack's end: damage, as the store would say.
+            return (size > 0).then(|| {
+                Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "pack is shorter than its records",
+                ))
+            });
+        }
+        match local_read::read_range(self.file_path(id), range).await {
+            Ok(data) => Some(Ok(data)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => {
+                tracing::warn!(dir = %self.dir.display(), error = %e,
+                    "a cached pack could not be read; reading it from the store");
+                self.forget(id);
+                None
+            }
+        }
+    }
+
+    /// Marks a cached pack read now; its size, or `None` when it is not cached.
+    fn touch(&self, id: &PackId) -> Option<u64> {
+        let mut state = self.state();
         let State {
             clock,
             files,
             by_use,
             ..
         } = &mut *state;
-        let Some(file) = files.get_mut(id) else {
-            return false;
-        };
+        let file = files.get_mut(id)?;
         *clock += 1;
         by_use.remove(&file.used);
         file.used = *clock;
         by_use.insert(*clock, *id);
-        true
+        Some(file.size)
     }
 
-    /// The fetch of `id` under way, or a new one.
-    fn fetch(self: &Arc<Self>, objects: &Arc<dyn ObjectStore>, id: &PackId, path: &Path) -> Fetch {
-        let mut state = self.state.lock().expect("pack cache lock");
+    /// The fetch of `id` under way, or a new one; `None` when there is no room for
+    /// a pack or no free slot, and the read goes to the store.
+    fn fetch(
+        self: &Arc<Self>,
+        objects: &Arc<dyn ObjectStore>,
+        id: &PackId,
+        path: &Path,
+    ) -> Option<Fetch> {
+        let free = space::free_bytes(&self.dir).unwrap_or(0);
+        let mut state = self.state();
         if let Some(fetch) = state.fetches.get(id) {
-            return fetch.clone();
+            return Some(fetch.clone());
         }
         // Fetched since the caller looked.
         if state.files.contains_key(id) {
-            return futures::future::ready(Fetched::Cached).boxed().shared();
+            return Some(futures::future::ready(Fetched::Cached).boxed().shared());
         }
+        if !self.could_hold(&state, free, self.usual_pack) {
+            return None;
+        }
+        let slot = self.slots.clone().try_acquire_owned().ok()?;
         let id = *id;
         let (this, objects, path) = (self.clone(), objects.clone(), path.clone());
         let task = tokio::spawn(async move {
-            let fetched = this.fill(objects.as_ref(), &id, &path).await;
-            let mut state = this.state.lock().expect("pack cache lock");
+            let filled = AssertUnwindSafe(this.fill(objects.as_ref(), &id, &path, slot))
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|_| Err(Failure::Bug("the fetch of a pack panicked".into())));
+            let mut state = this.state();
             state.fetches.remove(&id);
-            match fetched {
-                Ok(Some(size)) => {
-                    state.clock += 1;
-                    let used = state.clock;
-                    state.by_use.insert(used, id);
-                    // One fetch at a time, and none of a cached pack: never a
-                    // second file, but its bytes must not be counted twice.
-                    if let Some(old) = state.files.insert(id, File { size, used }) {
-                        state.by_use.remove(&old.used);
-                        state.held -= old.size;
-                        this.metrics.bytes.set(state.held as i64);
-                    }
+            let forgotten = state.forgotten.remove(&id);
+            let fetched = match filled {
+                Ok(Some(reservation)) if !forgotten => {
+                    reservation.into_file(&mut state, id);
+                    this.metrics.fetches.inc();
                     Fetched::Cached
+                }
+                Ok(Some(reservation)) => {
+                    reservation.release(&mut state);
+                    let _ = std::fs::remove_file(this.file_path(&id));
+                    Fetched::NotCached
                 }
                 Ok(None) => Fetched::NotCached,
                 Err(failure) => Fetched::Failed(failure),
-            }
+            };
+            this.metrics
+                .bytes
+                .set((state.cached + state.reserved) as i64);
+            fetched
         });
-        let this = self.clone();
         let fetch = async move {
             task.await.unwrap_or_else(|e| {
-                // The task ended before it could take its fetch out (a panic).
-                this.state
-                    .lock()
-                    .expect("pack cache lock")
-                    .fetches
-                    .remove(&id);
-                Fetched::Failed(Failure::Unavailable(format!("pack fetch: {e}").into()))
+                // Cancelled: the runtime is shutting down.
+                Fetched::Failed(Failure::Bug(format!("the fetch of a pack: {e}").into()))
             })
         }
         .boxed()
         .shared();
         state.fetches.insert(id, fetch.clone());
-        fetch
+        Some(fetch)
     }
 
-    /// Fetches the pack into its file; its size when kept, `None` when it was not.
+    /// Fetches the pack into its file; its reservation when kept, `None` when not.
     async fn fill(
         &self,
         objects: &dyn ObjectStore,
         id: &PackId,
         path: &Path,
-    ) -> Result<Option<u64>, Failure> {
-        let _turn = self.fetching.acquire().await.expect("never closed");
+        _slot: OwnedSemaphorePermit,
+    ) -> Result<Option<Reservation<'_>>, Failure> {
         let got = objects.get(path).await.map_err(|e| Failure::of(&e))?;
         let size = got.meta.size;
-        if !self.reserve(size) {
+        let Some(reservation) = self.reserve(size) else {
             return Ok(None);
-        }
-        let partial = self
-            .dir
-            .join(format!(".partial-{}", PackId::random().to_hex()));
-        let written = write_file(&partial, got.into_stream(), size).await;
-        let kept = match written {
+        };
+        let partial = Partial(Some(
+            self.dir
+                .join(format!(".partial-{}", PackId::random().to_hex())),
+        ));
+        let written = match write_file(partial.path(), got.into_stream(), size).await {
             // A rename is a metadata update, quick enough for the async thread.
-            Ok(()) => std::fs::rename(&partial, self.file_path(id)).map_err(Written::Local),
+            Ok(()) => std::fs::rename(partial.path(), self.file_path(id)).map_err(Written::Local),
             Err(e) => Err(e),
         };
-        match kept {
-            Ok(()) => Ok(Some(size)),
-            Err(e) => {
-                let _ = std::fs::remove_file(&partial);
-                self.release(size);
-                match e {
-                    Written::Store(failure) => Err(failure),
-                    Written::Local(e) => {
-                        tracing::warn!(dir = %self.dir.display(), error = %e,
-                            "the pack cache could not write a pack; reading it from the store");
-                        Ok(None)
-                    }
-                }
+        match written {
+            Ok(()) => {
+                partial.keep();
+                Ok(Some(reservation))
+            }
+            Err(Written::Store(failure)) => Err(failure),
+            Err(Written::Local(e)) => {
+                tracing::warn!(dir = %self.dir.display(), error = %e,
+                    "the pack cache could not write a pack; reading it from the store");
+                Ok(None)
             }
         }
     }
 
-    /// Makes room for `size` more bytes, evicting the least recently read files;
-    /// false when they do not fit (fetches under way hold the rest) or the disk is
-    /// short of space.
-    fn reserve(&self, size: u64) -> bool {
-        if size > self.capacity {
-            return false;
-        }
+    /// Whether the files and fetches could make room for `size` more bytes, in the
+    /// capacity and on a disk with `free` bytes free, by evicting files.
+    fn could_hold(&self, state: &State, free: u64, size: u64) -> bool {
+        let wanted = state.reserved + size;
+        wanted <= self.capacity && free + state.cached >= self.min_free + wanted
+    }
+
+    /// Makes room for `size` more bytes, evicting the least recently read files, and
+    /// reserves it; `None`, evicting nothing, when there cannot be room.
+    fn reserve(&self, size: u64) -> Option<Reservation<'_>> {
         let free = space::free_bytes(&self.dir).unwrap_or(0);
-        if free < self.min_free.saturating_add(size) {
-            return false;
+        let mut state = self.state();
+        if !self.could_hold(&state, free, size) {
+            return None;
         }
-        let mut state = self.state.lock().expect("pack cache lock");
-        while state.held + size > self.capacity {
-            let Some((_, id)) = state.by_use.pop_first() else {
-                return false;
-            };
+        // What the fetches under way will still write is counted as not yet free.
+        let mut freed = 0;
+        while state.cached + state.reserved + size > self.capacity
+            || free + freed < self.min_free + state.reserved + size
+        {
+            let (_, id) = state.by_use.pop_first()?;
             if let Some(file) = state.files.remove(&id) {
-                state.held -= file.size;
+                state.cached -= file.size;
+                freed += file.size;
                 // A read that opened the file keeps reading it; one that comes
                 // after finds it gone and fetches again.
                 let _ = std::fs::remove_file(self.file_path(&id));
             }
         }
-        state.held += size;
-        self.metrics.bytes.set(state.held as i64);
-        true
-    }
-
-    fn release(&self, size: u64) {
-        let mut state = self.state.lock().expect("pack cache lock");
-        state.held -= size;
-        self.metrics.bytes.set(state.held as i64);
+        state.reserved += size;
+        self.metrics
+            .bytes
+            .set((state.cached + state.reserved) as i64);
+        Some(Reservation { cache: self, size })
     }
 
     /// Drops a pack deleted from the store.
     pub fn forget(&self, id: &PackId) {
-        let mut state = self.state.lock().expect("pack cache lock");
+        let mut state = self.state();
         if let Some(file) = state.files.remove(id) {
             state.by_use.remove(&file.used);
-            state.held -= file.size;
-            self.metrics.bytes.set(state.held as i64);
+            state.cached -= file.size;
+            self.metrics
+                .bytes
+                .set((state.cached + state.reserved) as i64);
             let _ = std::fs::remove_file(self.file_path(id));
+        } else if state.fetches.contains_key(id) {
+            state.forgotten.insert(*id);
+        }
+    }
+}
+
+/// Bytes reserved for a fetch, given back when dropped (a failed or panicked fetch)
+/// unless they became a cached file.
+struct Reservation<'a> {
+    cache: &'a PackCache,
+    size: u64,
+}
+
+impl Reservation<'_> {
+    /// Gives the bytes back, under the lock the caller holds (dropping the
+    /// reservation there would take it again).
+    fn release(mut self, state: &mut State) {
+        state.reserved -= std::mem::take(&mut self.size);
+    }
+
+    /// The fetched pack's file becomes part of the cache.
+    fn into_file(mut self, state: &mut State, id: PackId) {
+        let size = std::mem::take(&mut self.size);
+        state.reserved -= size;
+        state.cached += size;
+        state.clock += 1;
+        let used = state.clock;
+        state.by_use.insert(used, id);
+        // One fetch at a time, and none of a cached pack: never a second file.
+        let old = state.files.insert(id, File { size, used });
+        debug_assert!(old.is_none(), "a pack fetched twice");
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if self.size > 0 {
+            let mut state = self.cache.state();
+            state.reserved -= self.size;
+            self.cache
+                .metrics
+                .bytes
+                .set((state.cached + state.reserved) as i64);
+        }
+    }
+}
+
+/// A partial file, deleted when dropped unless kept (renamed into place).
+struct Partial(Option<PathBuf>);
+
+impl Partial {
+    fn path(&self) -> &FsPath {
+        self.0.as_deref().expect("not kept yet")
+    }
+
+    fn keep(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Partial {
+    fn drop(&mut self) {
+        if let Some(path) = &self.0 {
+            let _ = std::fs::remove_file(path);
         }
     }
 }
@@ -426,7 +561,15 @@ mod tests {
 
     impl Fixture {
         fn cache(&self, capacity: u64) -> Arc<PackCache> {
-            PackCache::open(self.cache_dir.clone(), capacity, 0, self.metrics.clone()).unwrap()
+            let usual_pack = 100_000;
+            PackCache::open(
+                self.cache_dir.clone(),
+                capacity,
+                0,
+                usual_pack,
+                self.metrics.clone(),
+            )
+            .unwrap()
         }
 
         /// A pack of `len` bytes in the store, its bytes all derived from `seed`.
@@ -449,6 +592,7 @@ mod tests {
                     let name = e.file_name().to_string_lossy().into_owned();
                     (name, e.metadata().unwrap().len())
                 })
+                .filter(|(name, _)| name != ".lock")
                 .collect();
             files.sort();
             files
@@ -541,9 +685,37 @@ mod tests {
             let (range, got) = read.unwrap();
             assert_eq!(&got[..], &data[range.start as usize..range.end as usize]);
         }
-        // One file, no partial one, and the bytes held counted once.
+        // One fetch, one file, no partial one.
+        assert_eq!(f.metrics.fetches.get(), 1);
         assert_eq!(f.cached(), vec![(id.to_hex(), 200_000)]);
         assert_eq!(f.metrics.bytes.get(), 200_000);
+    }
+
+    #[tokio::test]
+    async fn without_room_for_a_pack_reads_go_to_the_store() {
+        let f = fixture();
+        // Less than the usual pack: no fetch starts.
+        let cache = f.cache(50_000);
+        let (id, path, data) = f.pack(8, 40_000).await;
+        let got = cache.read(&f.objects, &id, &path, 5..40_000).await.unwrap();
+        assert_eq!(&got[..], &data[5..]);
+        assert_eq!(f.metrics.fetches.get(), 0);
+        assert_eq!(f.cached(), Vec::<(String, u64)>::new());
+    }
+
+    #[tokio::test]
+    async fn a_cached_file_that_cannot_be_read_leaves_the_read_to_the_store() {
+        let f = fixture();
+        let cache = f.cache(1 << 20);
+        let (id, path, data) = f.pack(9, 10_000).await;
+        cache.read(&f.objects, &id, &path, 0..1).await.unwrap();
+        // The file turned into something that cannot be read as one.
+        let file = f.cache_dir.join(id.to_hex());
+        std::fs::remove_file(&file).unwrap();
+        std::fs::create_dir(&file).unwrap();
+        let got = cache.read(&f.objects, &id, &path, 0..10_000).await.unwrap();
+        assert_eq!(&got[..], &data[..]);
+        assert_eq!(f.metrics.bytes.get(), 0, "forgotten");
     }
 
     #[tokio::test]
@@ -556,15 +728,13 @@ mod tests {
         }
         let cache = f.cache(1 << 20);
         assert_eq!(f.cached(), vec![("README".to_owned(), 1)]);
-        // A pack named like the stale file is fetched, not taken from the disk.
-        let (id, path, data) = f.pack(6, 1000).await;
-        std::fs::write(f.cache_dir.join(id.to_hex()), vec![0u8; 1000]).unwrap();
-        let cache = {
-            drop(cache);
-            f.cache(1 << 20)
-        };
-        let got = cache.read(&f.objects, &id, &path, 0..1000).await.unwrap();
-        assert_eq!(&got[..], &data[..]);
+        // A second server cannot take the directory while the first has it.
+        let err = PackCache::open(f.cache_dir.clone(), 1, 0, 1, Default::default())
+            .err()
+            .unwrap();
+        assert_eq!(err.kind(), io::ErrorKind::ResourceBusy);
+        drop(cache);
+        f.cache(1 << 20);
     }
 
     #[tokio::test]
@@ -573,9 +743,10 @@ mod tests {
         let cache = f.cache(1 << 20);
         let id = PackId::random();
         let path = Path::from(id.to_hex());
+        let status = |e: io::Error| crate::http::error::status(&crate::error::Error::Read(e));
         let err = cache.read(&f.objects, &id, &path, 0..1).await.unwrap_err();
-        assert_eq!(err.kind(), io::ErrorKind::NotFound);
-        assert!(f.cached().is_empty());
+        assert_eq!(status(err), 500);
+        assert_eq!(f.cached(), Vec::<(String, u64)>::new());
         // Nothing listens on port 9 of loopback.
         let unreachable = crate::store::s3::open(&crate::config::StorageConfig {
             backend: crate::config::StorageBackend::S3,
@@ -594,13 +765,7 @@ mod tests {
             .read(&unreachable, &id, &path, 0..1)
             .await
             .unwrap_err();
-        let inner = err
-            .get_ref()
-            .and_then(|e| e.downcast_ref::<object_store::Error>());
-        assert!(
-            matches!(inner, Some(e) if !matches!(e, object_store::Error::NotFound { .. })),
-            "{err}"
-        );
+        assert_eq!(status(err), 503);
         // Neither failure is remembered: the pack, once there, is read.
         let (id, path, data) = f.pack(7, 10).await;
         let _ = cache

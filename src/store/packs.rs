@@ -14,9 +14,9 @@ use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt as _, PutPayload};
 use prometheus_client::metrics::counter::Counter;
 
-use super::local_read;
 use super::manifest::PackId;
 use super::pack_cache::PackCache;
+use super::{local_read, remote_read};
 
 /// A stored pack, as listed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,7 +107,7 @@ impl PackStore {
             Some(root) => local_read::read_range(root.join(path.as_ref()), range).await,
             None => match &self.cache {
                 Some(cache) => cache.read(&self.objects, id, &path, range).await,
-                None => read_from_store(self.objects.as_ref(), &path, range).await,
+                None => remote_read::read_range(self.objects.as_ref(), &path, range).await,
             },
         };
         self.count(got)
@@ -196,27 +196,6 @@ impl PackStore {
         let deleted = self.objects.delete(&path).await;
         read?;
         deleted
-    }
-}
-
-/// Bytes `range` of the object at `path`, read from the store.
-pub(super) async fn read_from_store(
-    objects: &dyn ObjectStore,
-    path: &Path,
-    range: Range<u64>,
-) -> io::Result<Bytes> {
-    let want = range.end.saturating_sub(range.start);
-    match objects.get_range(path, range).await {
-        Ok(data) if data.len() as u64 == want => Ok(data),
-        Ok(_) => Err(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            "pack is shorter than its records",
-        )),
-        // A recorded pack that is missing is damage, not an outage.
-        Err(e @ object_store::Error::NotFound { .. }) => {
-            Err(io::Error::new(io::ErrorKind::NotFound, e))
-        }
-        Err(e) => Err(io::Error::other(e)),
     }
 }
 

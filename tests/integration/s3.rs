@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use cachet::config::Config;
-use cachet::store::{PackCache, PackId, PackStore};
+use cachet::store::{CacheMetrics, PackCache, PackId, PackStore};
 use prometheus_client::metrics::counter::Counter;
 
 use crate::crash::killed_during_pushes_restarts_whole;
@@ -79,14 +79,17 @@ async fn the_storage_contract_holds_on_local_disk_and_on_garage() {
     contract(&b).await;
     // Reads through the cache of packs keep the contract too.
     let cache_dir = tempfile::tempdir().unwrap();
+    let metrics = CacheMetrics::default();
     let cache = PackCache::open(
         cache_dir.path().join("packs"),
         1 << 20,
         0,
-        Default::default(),
+        1,
+        metrics.clone(),
     )
     .unwrap();
     contract(&s3_store(&garage, "server-c").with_cache(cache)).await;
+    assert!(metrics.hits.get() > 0 && metrics.fetches.get() > 0);
     let in_a = a.list().await.unwrap();
     let in_b = b.list().await.unwrap();
     assert_eq!((in_a.len(), in_b.len()), (1, 1));
@@ -217,10 +220,26 @@ fn ready(server: &Server) -> bool {
 
 #[test]
 fn while_s3_is_down_lookups_answer_downloads_fail_fast_and_all_recovers() {
+    down_while_idle(true);
+}
+
+#[test]
+fn while_s3_is_down_without_the_pack_cache_downloads_fail_fast_and_all_recover() {
+    down_while_idle(false);
+}
+
+/// The store refused, then silent, while the server is idle. With the cache of
+/// packs (the default), the server restarts before each outage: a start empties the
+/// cache, which would otherwise serve the NAR read after the first outage (see
+/// a_served_pack_is_served_again_from_the_cache_while_s3_is_down).
+fn down_while_idle(cached: bool) {
     let mut garage = Garage::start();
-    // Without the cache of packs, which would serve the NAR read after the first
-    // outage (see a_served_pack_is_served_again_from_the_cache_while_s3_is_down).
-    let server = Server::with_config(&format!("{}cache_mib = 0\n", garage.storage_toml("down")));
+    let storage = garage.storage_toml("down");
+    let mut server = Server::with_config(&if cached {
+        storage
+    } else {
+        format!("{storage}cache_mib = 0\n")
+    });
     let nix = Nix::V2_8;
     let c = closure(24, "v1");
     ok(NixHost::new(&server, nix).push(&server, "zstd", &c));
@@ -242,6 +261,9 @@ fn while_s3_is_down_lookups_answer_downloads_fail_fast_and_all_recovers() {
     assert!(ready(&server));
 
     for how in ["refusing", "silent"] {
+        if cached {
+            server.restart();
+        }
         if how == "refusing" {
             garage.stop();
         } else {
@@ -435,12 +457,33 @@ fn stopped_during_a_download(cached: bool) {
     let nar = again.bytes().unwrap();
     assert_eq!(nar.len() as u64, size);
     assert_eq!(cachet::nix::Sha256::digest(&nar), c.nar_hashes[&path]);
-    let fetched = crate::hostile::metric(&server, "cachet_pack_cache_misses_total", "");
+    let metric = |name: &str| crate::hostile::metric(&server, name, "") as u64;
+    let fetched = metric("cachet_pack_cache_fetches_total");
     assert_eq!(
-        fetched > 0.0,
+        fetched > 0,
         cached,
         "reads went through the cache: {fetched}"
     );
+    if cached {
+        // The fetch the outage broke left no file and no reservation behind.
+        let files: Vec<(String, u64)> = std::fs::read_dir(server.data_dir().join("pack-cache"))
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                (
+                    e.file_name().to_string_lossy().into_owned(),
+                    e.metadata().unwrap().len(),
+                )
+            })
+            .filter(|(name, _)| name != ".lock")
+            .collect();
+        assert!(
+            files.iter().all(|(name, _)| !name.starts_with(".partial")),
+            "{files:?}"
+        );
+        let on_disk: u64 = files.iter().map(|(_, len)| len).sum();
+        assert_eq!(metric("cachet_pack_cache_bytes"), on_disk);
+    }
 }
 
 #[test]
@@ -451,11 +494,11 @@ fn a_served_pack_is_served_again_from_the_cache_while_s3_is_down() {
     let c = closure(24, "v1");
     ok(NixHost::new(&server, nix).push(&server, "zstd", &c));
     let metric = |name: &str| crate::hostile::metric(&server, name, "") as u64;
-    assert_eq!(metric("cachet_pack_cache_misses_total"), 0);
+    assert_eq!(metric("cachet_pack_cache_fetches_total"), 0);
     // A first host's pull fetches the packs from the bucket, whole...
     let first = NixHost::new(&server, nix);
     assert_eq!(first.pull(&server, "first", &c.top), c.nar_hashes);
-    let fetched = metric("cachet_pack_cache_misses_total");
+    let fetched = metric("cachet_pack_cache_fetches_total");
     assert!(fetched > 0);
     let (packs, pack_bytes) = stored(&garage, "cached");
     let held = metric("cachet_pack_cache_bytes");
@@ -468,11 +511,12 @@ fn a_served_pack_is_served_again_from_the_cache_while_s3_is_down() {
         .unwrap()
         .map(|e| e.unwrap().metadata().unwrap().len())
         .sum();
+    assert_eq!(fetched as usize, packs, "each pack fetched once");
     assert_eq!(on_disk, held);
     // ...and with the store gone, a second host's pull is served from the cache.
     garage.stop();
     let second = NixHost::new(&server, nix);
     assert_eq!(second.pull(&server, "second", &c.top), c.nar_hashes);
-    assert_eq!(metric("cachet_pack_cache_misses_total"), fetched);
+    assert_eq!(metric("cachet_pack_cache_fetches_total"), fetched);
     assert!(metric("cachet_pack_cache_hits_total") > 0);
 }
