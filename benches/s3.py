@@ -124,6 +124,14 @@ def main():
     # first timed push would otherwise pay for.
     flat = os.path.join(work, "flat")
     push(work, "file://%s?compression=zstd" % flat, v1)
+    garage.put_tree(flat, "localhost")
+    web = "http://localhost:%d" % garage.web
+    wait_http(web + "/nix-cache-info")
+    fetch_bin = os.path.join(ROOT, "target/release/examples/fetch")
+
+    def one(url, connections):
+        return json.loads(sh(fetch_bin, "--cache", url, "--hashes", hashes_file,
+                             "--connections", str(connections)))
     confs = {}
     for name, storage_extra in (("cached", ""), ("uncached", "cache_mib = 0\n")):
         confs[name] = os.path.join(work, "s3-%s.toml" % name)
@@ -148,6 +156,12 @@ def main():
             took = push(work, server.url + "?compression=zstd", v1, server.netrc)
             pushes[name].append({"s": took, "cpu": cpu_seconds(server.proc.pid) - cpu0,
                                  "garage_cpu": cpu_seconds(garage.proc.pid) - g0})
+            if name == "s3" and i == 0:
+                # The first download after the push, from the server that took it
+                # (the packs the push kept), beside the flat GETs at the same moment.
+                time.sleep(1)
+                r["after_push_flat_4"] = one(web, 4)
+                r["after_push_4"] = one(server.url, 4)
             server.stop()
     for name, runs in pushes.items():
         r["push_" + name] = statistics.median(x["s"] for x in runs)
@@ -166,14 +180,6 @@ def main():
         e2e.Cachet.config = None
         return state["server"]
 
-    garage.put_tree(flat, "localhost")
-    web = "http://localhost:%d" % garage.web
-    wait_http(web + "/nix-cache-info")
-    fetch_bin = os.path.join(ROOT, "target/release/examples/fetch")
-
-    def one(url, connections):
-        return json.loads(sh(fetch_bin, "--cache", url, "--hashes", hashes_file,
-                             "--connections", str(connections)))
 
     def downloads(connections, suffix=""):
         """Medians of the runs, each run: the flat GETs, cachet cold, warm, uncached."""
@@ -218,6 +224,8 @@ def main():
                            ("uncached", "without the cache of packs")):
             rows.append(("download, 4 connections, %s%s (vs Garage web GETs of the flat cache)" % (what, after),
                          r["%s_4%s" % (kind, suffix)]["download_s"], r["flat_4" + suffix]["download_s"], 1.25))
+    rows.insert(0, ("download, 4 connections, the first after the push, same server (vs the same)",
+                    r["after_push_4"]["download_s"], r["after_push_flat_4"]["download_s"], 1.25))
     for kind in ("cold", "warm", "uncached"):
         rows.append(("download, 1 connection, %s (vs the same)" % kind, r[kind + "_1"]["download_s"],
                      r["flat_1"]["download_s"], None))

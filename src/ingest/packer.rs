@@ -109,7 +109,7 @@ impl Packer {
         let (store, index, metrics) =
             (self.store.clone(), self.index.clone(), self.metrics.clone());
         let task = tokio::spawn(async move {
-            store.put(&pack, data).await?;
+            store.put_uploaded(&pack, data).await?;
             metrics.packs_written.inc();
             metrics.chunks_written.inc_by(chunks.len() as u64);
             index.put_chunks(&chunks)?;

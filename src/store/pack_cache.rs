@@ -18,6 +18,10 @@
 //!   crash could read back as zeros, and packs carry no checksum the server checks
 //!   while serving. A cache is cheap to refill; a wrong NAR is not. The directory is
 //!   locked, so two servers never share (and empty) one.
+//! - Written through by uploads: a pack an upload just stored is kept too (`keep`),
+//!   since what CI pushes is what the hosts pull next, and the first of them would
+//!   otherwise fetch it back. The garbage collector's rewritten packs are not: a
+//!   pass over the whole store would push out what is being read.
 //! - Packs are never rewritten (a pack's id is new for every pack), so a cached file
 //!   never goes stale; one deleted from the store is dropped from the cache too.
 
@@ -404,6 +408,43 @@ impl PackCache {
         Some(Reservation { cache: self, size })
     }
 
+    /// Keeps a copy of a pack just written to the store, in the background: the
+    /// upload does not wait for it, and it is skipped when every slot is taken or
+    /// there is no room.
+    pub fn keep(self: &Arc<Self>, id: PackId, data: Bytes) {
+        let Ok(slot) = self.slots.clone().try_acquire_owned() else {
+            return;
+        };
+        let this = self.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            let Some(reservation) = this.reserve(data.len() as u64) else {
+                return;
+            };
+            let partial = Partial(Some(
+                this.dir
+                    .join(format!(".partial-{}", PackId::random().to_hex())),
+            ));
+            let path = partial.path().to_owned();
+            let written = tokio::task::spawn_blocking(move || std::fs::write(path, &data))
+                .await
+                .map_err(io::Error::other)
+                .and_then(|r| r)
+                .and_then(|()| std::fs::rename(partial.path(), this.file_path(&id)));
+            if let Err(e) = written {
+                tracing::warn!(dir = %this.dir.display(), error = %e,
+                    "the pack cache could not keep an uploaded pack");
+                return;
+            }
+            partial.keep();
+            let mut state = this.state();
+            reservation.into_file(&mut state, id);
+            this.metrics
+                .bytes
+                .set((state.cached + state.reserved) as i64);
+        });
+    }
+
     /// Drops a pack deleted from the store.
     pub fn forget(&self, id: &PackId) {
         let mut state = self.state();
@@ -434,17 +475,20 @@ impl Reservation<'_> {
         state.reserved -= std::mem::take(&mut self.size);
     }
 
-    /// The fetched pack's file becomes part of the cache.
+    /// The pack's file, fetched or kept, becomes part of the cache. A pack read
+    /// while an upload's copy of it was being written may have been fetched too:
+    /// the two files were the same bytes under one name, counted once.
     fn into_file(mut self, state: &mut State, id: PackId) {
         let size = std::mem::take(&mut self.size);
         state.reserved -= size;
+        if state.files.contains_key(&id) {
+            return;
+        }
         state.cached += size;
         state.clock += 1;
         let used = state.clock;
         state.by_use.insert(used, id);
-        // One fetch at a time, and none of a cached pack: never a second file.
-        let old = state.files.insert(id, File { size, used });
-        debug_assert!(old.is_none(), "a pack fetched twice");
+        state.files.insert(id, File { size, used });
     }
 }
 
@@ -689,6 +733,27 @@ mod tests {
         assert_eq!(f.metrics.fetches.get(), 1);
         assert_eq!(f.cached(), vec![(id.to_hex(), 200_000)]);
         assert_eq!(f.metrics.bytes.get(), 200_000);
+    }
+
+    #[tokio::test]
+    async fn an_uploaded_pack_kept_is_read_without_a_fetch() {
+        let f = fixture();
+        let cache = f.cache(1 << 20);
+        let (id, path, data) = f.pack(10, 50_000).await;
+        cache.keep(id, Bytes::from(data.clone()));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !cache.state().files.contains_key(&id) {
+            assert!(std::time::Instant::now() < deadline);
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        f.objects.delete(&path).await.unwrap();
+        let got = cache
+            .read(&f.objects, &id, &path, 100..50_000)
+            .await
+            .unwrap();
+        assert_eq!(&got[..], &data[100..]);
+        assert_eq!((f.metrics.hits.get(), f.metrics.fetches.get()), (1, 0));
+        assert_eq!(f.cached(), vec![(id.to_hex(), 50_000)]);
     }
 
     #[tokio::test]

@@ -100,6 +100,16 @@ impl PackStore {
         self.count(put).map(drop)
     }
 
+    /// Writes a pack an upload made, which its first downloads are likely to read soon:
+    /// the cache of packs of a remote store keeps a copy.
+    pub async fn put_uploaded(&self, id: &PackId, data: Bytes) -> object_store::Result<()> {
+        self.put(id, data.clone()).await?;
+        if let Some(cache) = &self.cache {
+            cache.keep(*id, data);
+        }
+        Ok(())
+    }
+
     /// Bytes `range` of a pack; fewer bytes than asked is an error.
     pub async fn get_range(&self, id: &PackId, range: Range<u64>) -> io::Result<Bytes> {
         let path = Self::path(id);

@@ -403,10 +403,12 @@ fn stopped_during_a_download(cached: bool) {
         "{}{storage}{ingest}[serve]\nremote_read_bytes = 65536\nread_ahead = 1\nsend_buffer_bytes = 65536\n",
         garage.storage_toml("dl")
     );
-    let server = Server::with_config(&config);
+    let mut server = Server::with_config(&config);
     let nix = Nix::V2_8;
     let c = closure(48, "v1");
     ok(NixHost::new(&server, nix).push(&server, "none", &c));
+    // A start empties the cache of the packs the push kept: the download fetches.
+    server.restart();
     let paths: Vec<String> = c.nar_hashes.keys().cloned().collect();
     let (path, url, size) = largest_nar(&server, &paths);
     assert!(size > 2 << 20, "a NAR larger than what is buffered: {size}");
@@ -457,8 +459,7 @@ fn stopped_during_a_download(cached: bool) {
     let nar = again.bytes().unwrap();
     assert_eq!(nar.len() as u64, size);
     assert_eq!(cachet::nix::Sha256::digest(&nar), c.nar_hashes[&path]);
-    let metric = |name: &str| crate::hostile::metric(&server, name, "") as u64;
-    let fetched = metric("cachet_pack_cache_fetches_total");
+    let fetched = metric(&server, "cachet_pack_cache_fetches_total");
     assert_eq!(
         fetched > 0,
         cached,
@@ -466,57 +467,74 @@ fn stopped_during_a_download(cached: bool) {
     );
     if cached {
         // The fetch the outage broke left no file and no reservation behind.
-        let files: Vec<(String, u64)> = std::fs::read_dir(server.data_dir().join("pack-cache"))
-            .unwrap()
-            .map(|e| {
-                let e = e.unwrap();
-                (
-                    e.file_name().to_string_lossy().into_owned(),
-                    e.metadata().unwrap().len(),
-                )
-            })
-            .filter(|(name, _)| name != ".lock")
-            .collect();
+        let files = cache_files(&server);
         assert!(
             files.iter().all(|(name, _)| !name.starts_with(".partial")),
             "{files:?}"
         );
         let on_disk: u64 = files.iter().map(|(_, len)| len).sum();
-        assert_eq!(metric("cachet_pack_cache_bytes"), on_disk);
+        assert_eq!(metric(&server, "cachet_pack_cache_bytes"), on_disk);
     }
+}
+
+fn metric(server: &Server, name: &str) -> u64 {
+    crate::hostile::metric(server, name, "") as u64
+}
+
+/// The cache's files, but its lock: names and sizes.
+fn cache_files(server: &Server) -> Vec<(String, u64)> {
+    std::fs::read_dir(server.data_dir().join("pack-cache"))
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            let name = e.file_name().to_string_lossy().into_owned();
+            (name, e.metadata().unwrap().len())
+        })
+        .filter(|(name, _)| name != ".lock")
+        .collect()
+}
+
+/// Waits until the cache of packs holds `bytes` (uploads keep their packs in the
+/// background).
+fn cache_holds(server: &Server, bytes: u64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric(server, "cachet_pack_cache_bytes") != bytes {
+        assert!(Instant::now() < deadline, "the cache holds {bytes} bytes");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let on_disk: u64 = cache_files(server).iter().map(|(_, len)| len).sum();
+    assert_eq!(on_disk, bytes);
 }
 
 #[test]
 fn a_served_pack_is_served_again_from_the_cache_while_s3_is_down() {
     let mut garage = Garage::start();
-    let server = s3_server(&garage, "cached");
+    let mut server = s3_server(&garage, "cached");
     let nix = Nix::V2_8;
     let c = closure(24, "v1");
     ok(NixHost::new(&server, nix).push(&server, "zstd", &c));
-    let metric = |name: &str| crate::hostile::metric(&server, name, "") as u64;
-    assert_eq!(metric("cachet_pack_cache_fetches_total"), 0);
-    // A first host's pull fetches the packs from the bucket, whole...
+    let (packs, pack_bytes) = stored(&garage, "cached");
+    // The push kept its packs: the first host's pull reads none from the bucket.
+    cache_holds(&server, pack_bytes);
     let first = NixHost::new(&server, nix);
     assert_eq!(first.pull(&server, "first", &c.top), c.nar_hashes);
-    let fetched = metric("cachet_pack_cache_fetches_total");
-    assert!(fetched > 0);
-    let (packs, pack_bytes) = stored(&garage, "cached");
-    let held = metric("cachet_pack_cache_bytes");
-    assert_eq!(
-        held, pack_bytes,
-        "every one of the {packs} packs, each once"
-    );
-    let dir = server.data_dir().join("pack-cache");
-    let on_disk: u64 = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|e| e.unwrap().metadata().unwrap().len())
-        .sum();
-    assert_eq!(fetched as usize, packs, "each pack fetched once");
-    assert_eq!(on_disk, held);
-    // ...and with the store gone, a second host's pull is served from the cache.
-    garage.stop();
+    assert_eq!(metric(&server, "cachet_pack_cache_fetches_total"), 0);
+    assert!(metric(&server, "cachet_pack_cache_hits_total") > 0);
+    // After a restart (which empties the cache) a pull fetches each pack, whole,
+    // once...
+    server.restart();
+    cache_holds(&server, 0);
     let second = NixHost::new(&server, nix);
     assert_eq!(second.pull(&server, "second", &c.top), c.nar_hashes);
-    assert_eq!(metric("cachet_pack_cache_fetches_total"), fetched);
-    assert!(metric("cachet_pack_cache_hits_total") > 0);
+    let fetched = metric(&server, "cachet_pack_cache_fetches_total");
+    assert_eq!(
+        fetched as usize, packs,
+        "each of the {packs} packs fetched once"
+    );
+    cache_holds(&server, pack_bytes);
+    // ...and with the store gone, a third host's pull is served from the cache.
+    garage.stop();
+    let third = NixHost::new(&server, nix);
+    assert_eq!(third.pull(&server, "third", &c.top), c.nar_hashes);
+    assert_eq!(metric(&server, "cachet_pack_cache_fetches_total"), fetched);
 }
