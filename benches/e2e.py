@@ -33,6 +33,34 @@ def ensure_tools():
         sh("apt-get", "install", "-y", "-qq", *missing)
 
 
+def prepare(name):
+    """The tools, the client's config and a release build of the server and the fetch
+    client; a fresh work directory for the benchmark `name`."""
+    ensure_tools()
+    os.environ["NIX_CONFIG"] = NIX_CONFIG
+    sh("cargo", "build", "--release", "--quiet", "--manifest-path", os.path.join(ROOT, "Cargo.toml"),
+       "--bin", "cachet", "--example", "fetch", capture=False)
+    return tempfile.mkdtemp(prefix="cachet-%s-" % name)
+
+
+def make_closure(work, budget_mib, salt, link=None):
+    """The generator's closure of `budget_mib` installed MiB with `salt`, linked in
+    `work` as `link` (default: the salt); its top store path."""
+    gen = os.path.join(ROOT, "tests/workload/mkclosure.py")
+    return sh(sys.executable, gen, "--budget-mib", str(budget_mib), "--salt", salt,
+              "--out-link", os.path.join(work, link or salt)).strip()
+
+
+def closure_paths(work, top):
+    """The path infos of the closure of `top`, and a file of their hashes in `work`
+    for the fetch client."""
+    infos = json.loads(sh("nix", "path-info", "--json", "-r", top))
+    hashes_file = os.path.join(work, "hashes")
+    with open(hashes_file, "w") as f:
+        f.write("\n".join(os.path.basename(p["path"])[:32] for p in infos) + "\n")
+    return infos, hashes_file
+
+
 def free_port():
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
@@ -143,14 +171,19 @@ def push(work, to, path, netrc=None):
     return elapsed
 
 
+def fetch_once(cache, hashes_file, connections):
+    """One run of the fetch client against `cache`: its figures."""
+    return json.loads(sh(os.path.join(ROOT, "target/release/examples/fetch"), "--cache", cache,
+                         "--hashes", hashes_file, "--connections", str(connections)))
+
+
 def fetch(caches, hashes_file, connections, runs):
     """Median figures of `runs` runs of the fetch client against each cache, the caches
     taking turns so that drift on a shared machine affects them alike."""
     out = {c: [] for c in caches}
     for _ in range(runs):
         for c in caches:
-            out[c].append(json.loads(sh(os.path.join(ROOT, "target/release/examples/fetch"), "--cache", c,
-                                        "--hashes", hashes_file, "--connections", str(connections))))
+            out[c].append(fetch_once(c, hashes_file, connections))
     return [{k: statistics.median(r[k] for r in out[c]) for k in ("narinfo_s", "miss_s", "download_s", "bytes")}
             for c in caches]
 
@@ -195,26 +228,15 @@ def run():
     ap.add_argument("--skip-xz", action="store_true", help="leave out the xz pushes")
     ap.add_argument("--server-bin", help="another cachet binary to measure (an A/B of two builds)")
     args = ap.parse_args()
-    ensure_tools()
     Cachet.config = args.config and os.path.abspath(args.config)
     if args.server_bin:
         Cachet.binary = os.path.abspath(args.server_bin)
-    os.environ["NIX_CONFIG"] = NIX_CONFIG
-    sh("cargo", "build", "--release", "--quiet", "--manifest-path", os.path.join(ROOT, "Cargo.toml"),
-       "--bin", "cachet", "--example", "fetch", capture=False)
-    work = tempfile.mkdtemp(prefix="cachet-e2e-")
-    gen = os.path.join(ROOT, "tests/workload/mkclosure.py")
-    v1 = sh(sys.executable, gen, "--budget-mib", str(args.budget_mib), "--salt", "v1",
-            "--out-link", os.path.join(work, "v1")).strip()
-    v2 = sh(sys.executable, gen, "--budget-mib", str(args.budget_mib), "--salt", "v2",
-            "--out-link", os.path.join(work, "v2")).strip()
-    xz_closure = sh(sys.executable, gen, "--budget-mib", str(min(args.xz_budget_mib, args.budget_mib)),
-                    "--salt", "v1", "--out-link", os.path.join(work, "xz")).strip()
-    infos = json.loads(sh("nix", "path-info", "--json", "-r", v1))
+    work = prepare("e2e")
+    v1 = make_closure(work, args.budget_mib, "v1")
+    v2 = make_closure(work, args.budget_mib, "v2")
+    xz_closure = make_closure(work, min(args.xz_budget_mib, args.budget_mib), "v1", "xz")
+    infos, hashes_file = closure_paths(work, v1)
     nar_bytes = sum(p["narSize"] for p in infos)
-    hashes_file = os.path.join(work, "hashes")
-    with open(hashes_file, "w") as f:
-        f.write("\n".join(os.path.basename(p["path"])[:32] for p in infos) + "\n")
 
     r = {"paths": len(infos), "nar_mib": nar_bytes / 2**20}
     # Uploads: zstd and xz, each to a fresh cachet and a fresh file:// cache.

@@ -14,7 +14,7 @@
 The gc scale figures (100,000 paths, 1,000,000 chunks) come from
 `cargo run --release --example gc_scale` (see BENCHMARKS.md). Not part of the tests.
 """
-import argparse, json, os, statistics, sys, tempfile, time
+import argparse, json, os, sys, time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import e2e  # noqa: E402
@@ -32,20 +32,9 @@ def main():
     ap.add_argument("--budget-mib", type=int, default=1024, help="closure size (installed MiB)")
     ap.add_argument("--runs", type=int, default=5, help="fetch runs per measurement (median)")
     args = ap.parse_args()
-    e2e.ensure_tools()
-    os.environ["NIX_CONFIG"] = e2e.NIX_CONFIG
-    e2e.sh("cargo", "build", "--release", "--quiet", "--manifest-path", os.path.join(e2e.ROOT, "Cargo.toml"),
-           "--bin", "cachet", "--example", "fetch", capture=False)
-    work = tempfile.mkdtemp(prefix="cachet-gc-")
-    gen = os.path.join(e2e.ROOT, "tests/workload/mkclosure.py")
-    closures = {}
-    for salt in ("v1", "v3", "v4"):
-        closures[salt] = e2e.sh(sys.executable, gen, "--budget-mib", str(args.budget_mib), "--salt", salt,
-                                "--out-link", os.path.join(work, salt)).strip()
-    infos = json.loads(e2e.sh("nix", "path-info", "--json", "-r", closures["v1"]))
-    hashes_file = os.path.join(work, "hashes")
-    with open(hashes_file, "w") as f:
-        f.write("\n".join(os.path.basename(p["path"])[:32] for p in infos) + "\n")
+    work = e2e.prepare("gc")
+    closures = {salt: e2e.make_closure(work, args.budget_mib, salt) for salt in ("v1", "v3", "v4")}
+    infos, hashes_file = e2e.closure_paths(work, closures["v1"])
     config = os.path.join(work, "cachet.toml")
     with open(config, "w") as f:
         # Every pack older than a second is recompressed by the next collection.

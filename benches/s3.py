@@ -16,11 +16,11 @@
 Needs `garage` on PATH (scripts/test.sh installs it), nix-bin and curl. Not part of
 the test suite.
 """
-import argparse, json, os, statistics, subprocess, sys, tempfile, time
+import argparse, json, os, statistics, subprocess, sys, time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import e2e  # noqa: E402  (the helpers of the end-to-end benchmark)
-from e2e import ROOT, sh, free_port, push, cpu_seconds, peak_rss_mib, wait_http  # noqa: E402
+from e2e import sh, free_port, push, cpu_seconds, peak_rss_mib, wait_http  # noqa: E402
 
 
 class Garage:
@@ -105,18 +105,9 @@ def main():
     ap.add_argument("--recompress", action="store_true",
                     help="then run a gc that recompresses every pack and fetch again")
     args = ap.parse_args()
-    e2e.ensure_tools()
-    os.environ["NIX_CONFIG"] = e2e.NIX_CONFIG
-    sh("cargo", "build", "--release", "--quiet", "--manifest-path", os.path.join(ROOT, "Cargo.toml"),
-       "--bin", "cachet", "--example", "fetch", capture=False)
-    work = tempfile.mkdtemp(prefix="cachet-s3-")
-    gen = os.path.join(ROOT, "tests/workload/mkclosure.py")
-    v1 = sh(sys.executable, gen, "--budget-mib", str(args.budget_mib), "--salt", "v1",
-            "--out-link", os.path.join(work, "v1")).strip()
-    infos = json.loads(sh("nix", "path-info", "--json", "-r", v1))
-    hashes_file = os.path.join(work, "hashes")
-    with open(hashes_file, "w") as f:
-        f.write("\n".join(os.path.basename(p["path"])[:32] for p in infos) + "\n")
+    work = e2e.prepare("s3")
+    v1 = e2e.make_closure(work, args.budget_mib, "v1")
+    infos, hashes_file = e2e.closure_paths(work, v1)
     r = {"paths": len(infos), "nar_mib": sum(p["narSize"] for p in infos) / 2**20}
 
     garage = Garage(work, args.garage_db)
@@ -127,11 +118,10 @@ def main():
     garage.put_tree(flat, "localhost")
     web = "http://localhost:%d" % garage.web
     wait_http(web + "/nix-cache-info")
-    fetch_bin = os.path.join(ROOT, "target/release/examples/fetch")
 
     def one(url, connections):
-        return json.loads(sh(fetch_bin, "--cache", url, "--hashes", hashes_file,
-                             "--connections", str(connections)))
+        return e2e.fetch_once(url, hashes_file, connections)
+
     confs = {}
     for name, storage_extra in (("cached", ""), ("uncached", "cache_mib = 0\n")):
         confs[name] = os.path.join(work, "s3-%s.toml" % name)

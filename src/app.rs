@@ -2,6 +2,8 @@
 
 use std::sync::Arc;
 
+use prometheus_client::metrics::counter::Counter;
+
 use crate::access::Accesses;
 use crate::auth::{Authorizer, Token};
 use crate::budget::Budget;
@@ -77,6 +79,26 @@ fn create_private_dir(path: &std::path::Path) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("creating {}: {e}", path.display()))
 }
 
+/// The packs in the S3 store of `config`, read through the cache of packs unless it
+/// is off.
+fn remote_packs(config: &Config, errors: Counter, metrics: &Metrics) -> anyhow::Result<PackStore> {
+    let packs = PackStore::new(crate::store::s3::open(&config.storage)?, errors);
+    let Some(dir) = config.pack_cache_dir() else {
+        return Ok(packs);
+    };
+    // Twice the uploads' minimum free: filling the cache never brings uploads to
+    // their 507.
+    let cache = PackCache::open(
+        dir.clone(),
+        config.storage.cache_mib * 1024 * 1024,
+        2 * config.storage.min_free_mib * 1024 * 1024,
+        config.ingest.pack_bytes as u64,
+        metrics.pack_cache.clone(),
+    )
+    .map_err(|e| anyhow::anyhow!("the pack cache in {}: {e}", dir.display()))?;
+    Ok(packs.with_cache(cache))
+}
+
 impl App {
     /// Opens the data directory, the index and the storage; creates what a first start
     /// needs (the configured caches, their keys, the admin token).
@@ -98,25 +120,7 @@ impl App {
                 local_dirs.push(path.clone());
                 PackStore::local(path, errors)?
             }
-            None => {
-                let packs = PackStore::new(crate::store::s3::open(&config.storage)?, errors);
-                match config.pack_cache_dir() {
-                    Some(dir) => {
-                        // Twice the uploads' minimum free: filling the cache never
-                        // brings uploads to their 507.
-                        let cache = PackCache::open(
-                            dir.clone(),
-                            config.storage.cache_mib * 1024 * 1024,
-                            2 * config.storage.min_free_mib * 1024 * 1024,
-                            config.ingest.pack_bytes as u64,
-                            metrics.pack_cache.clone(),
-                        )
-                        .map_err(|e| anyhow::anyhow!("the pack cache in {}: {e}", dir.display()))?;
-                        packs.with_cache(cache)
-                    }
-                    None => packs,
-                }
-            }
+            None => remote_packs(&config, errors, &metrics)?,
         };
         let space = SpaceCheck::new(local_dirs, config.storage.min_free_mib * 1024 * 1024);
         let ingestor = Ingestor::new(

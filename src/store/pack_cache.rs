@@ -319,9 +319,7 @@ impl PackCache {
                 Ok(None) => Fetched::NotCached,
                 Err(failure) => Fetched::Failed(failure),
             };
-            this.metrics
-                .bytes
-                .set((state.cached + state.reserved) as i64);
+            this.show(&state);
             fetched
         });
         let fetch = async move {
@@ -349,10 +347,7 @@ impl PackCache {
         let Some(reservation) = self.reserve(size) else {
             return Ok(None);
         };
-        let partial = Partial(Some(
-            self.dir
-                .join(format!(".partial-{}", PackId::random().to_hex())),
-        ));
+        let partial = self.partial();
         let written = match write_file(partial.path(), got.into_stream(), size).await {
             // A rename is a metadata update, quick enough for the async thread.
             Ok(()) => std::fs::rename(partial.path(), self.file_path(id)).map_err(Written::Local),
@@ -402,9 +397,7 @@ impl PackCache {
             }
         }
         state.reserved += size;
-        self.metrics
-            .bytes
-            .set((state.cached + state.reserved) as i64);
+        self.show(&state);
         Some(Reservation { cache: self, size })
     }
 
@@ -421,10 +414,7 @@ impl PackCache {
             let Some(reservation) = this.reserve(data.len() as u64) else {
                 return;
             };
-            let partial = Partial(Some(
-                this.dir
-                    .join(format!(".partial-{}", PackId::random().to_hex())),
-            ));
+            let partial = this.partial();
             let path = partial.path().to_owned();
             let written = tokio::task::spawn_blocking(move || std::fs::write(path, &data))
                 .await
@@ -439,10 +429,21 @@ impl PackCache {
             partial.keep();
             let mut state = this.state();
             reservation.into_file(&mut state, id);
-            this.metrics
-                .bytes
-                .set((state.cached + state.reserved) as i64);
+            this.show(&state);
         });
+    }
+
+    /// Shows the bytes held in the metrics.
+    fn show(&self, state: &State) {
+        self.metrics
+            .bytes
+            .set((state.cached + state.reserved) as i64);
+    }
+
+    /// A new partial file in the cache's directory.
+    fn partial(&self) -> Partial {
+        let name = format!(".partial-{}", PackId::random().to_hex());
+        Partial(Some(self.dir.join(name)))
     }
 
     /// Drops a pack deleted from the store.
@@ -451,9 +452,7 @@ impl PackCache {
         if let Some(file) = state.files.remove(id) {
             state.by_use.remove(&file.used);
             state.cached -= file.size;
-            self.metrics
-                .bytes
-                .set((state.cached + state.reserved) as i64);
+            self.show(&state);
             let _ = std::fs::remove_file(self.file_path(id));
         } else if state.fetches.contains_key(id) {
             state.forgotten.insert(*id);
@@ -497,10 +496,7 @@ impl Drop for Reservation<'_> {
         if self.size > 0 {
             let mut state = self.cache.state();
             state.reserved -= self.size;
-            self.cache
-                .metrics
-                .bytes
-                .set((state.cached + state.reserved) as i64);
+            self.cache.show(&state);
         }
     }
 }
