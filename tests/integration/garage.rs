@@ -196,10 +196,7 @@ impl Garage {
 
     /// SIGKILL: the store is gone, connections are refused.
     pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            c.wait().unwrap();
-        }
+        crate::harness::kill_child(&mut self.child);
     }
 
     /// Starts it again on the same ports and data, and waits until the bucket answers.

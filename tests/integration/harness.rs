@@ -231,10 +231,7 @@ impl Server {
 
     /// SIGKILL: no shutdown code runs.
     pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            c.wait().unwrap();
-        }
+        kill_child(&mut self.child);
     }
 
     pub fn restart(&mut self) {
@@ -705,3 +702,11 @@ macro_rules! with_each_client {
     };
 }
 pub(crate) use with_each_client;
+
+/// SIGKILLs the process, if there is one, and reaps it.
+pub fn kill_child(child: &mut Option<std::process::Child>) {
+    if let Some(mut c) = child.take() {
+        let _ = c.kill();
+        c.wait().unwrap();
+    }
+}
