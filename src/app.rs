@@ -15,7 +15,7 @@ use crate::ingest::Ingestor;
 use crate::jobs::Jobs;
 use crate::metrics::Metrics;
 use crate::serve;
-use crate::store::space::{free_bytes, SpaceCheck};
+use crate::store::space::{free_bytes, Ballast, Space};
 use crate::store::{PackCache, PackStore};
 
 /// The server's state, shared by every request.
@@ -42,6 +42,8 @@ pub struct App {
     pub accesses: Accesses,
     /// The garbage collection or verification running.
     pub jobs: Jobs,
+    /// The free space uploads may take.
+    pub space: Arc<Space>,
     /// The last readiness check, reused for a second.
     ready: tokio::sync::Mutex<Option<(std::time::Instant, Readiness)>>,
 }
@@ -106,6 +108,15 @@ impl App {
         config.validate()?;
         create_private_dir(&config.data_dir)?;
         let explain = |e: anyhow::Error| explain_full_disk(e, &config.data_dir);
+        // On a disk with too little room for the database to open, the room kept for
+        // it is given back first.
+        let ballast = Ballast::new(
+            config.data_dir.join("space-reserve"),
+            config.storage.reserve_mib * 1024 * 1024,
+        );
+        if let Some(b) = &ballast {
+            b.release_if_short();
+        }
         let index_dir = config.data_dir.join("index");
         let index: Arc<dyn Index> = Arc::new(
             SledIndex::open(&index_dir, config.index.cache_mib * 1024 * 1024).map_err(explain)?,
@@ -122,13 +133,17 @@ impl App {
             }
             None => remote_packs(&config, errors, &metrics)?,
         };
-        let space = SpaceCheck::new(local_dirs, config.storage.min_free_mib * 1024 * 1024);
+        let space = Space::new(
+            local_dirs,
+            config.storage.min_free_mib * 1024 * 1024,
+            ballast,
+        );
         let ingestor = Ingestor::new(
             index.clone(),
             packs.clone(),
             config.ingest_settings(),
             metrics.clone(),
-            space,
+            space.clone(),
         );
         let caches = Caches::open(index.clone(), &config).map_err(explain)?;
         let (auth, admin_token) =
@@ -151,6 +166,7 @@ impl App {
             epochs: Arc::new(Epochs::default()),
             accesses: Accesses::default(),
             jobs: Jobs::default(),
+            space,
             ready: tokio::sync::Mutex::new(None),
         });
         Ok(Opened { app, admin_token })

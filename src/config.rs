@@ -68,6 +68,20 @@ pub struct ServerConfig {
     pub send_min_bytes: u64,
     /// On SIGTERM, requests in flight get this many seconds to finish.
     pub shutdown_grace_secs: u64,
+    /// Connections from one address at once (a trusted proxy's excepted); requests in
+    /// flight from one client that a trusted proxy forwards. At the limit the
+    /// address's own idle connections make room; when all of them are handling
+    /// requests, the newcomer is refused (503; 429 for a forwarded request).
+    pub max_connections_per_address: usize,
+    /// Reverse proxies (addresses or networks, `10.0.0.0/8`) whose `Forwarded` and
+    /// `X-Forwarded-For` headers name the client; their own connections have no
+    /// per-address limit. Anyone else's such headers are ignored.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// A second address to serve on (the same routes), with slots of its own: for the
+    /// operator, to reach the admin API and `/metrics` whatever happens on the main one.
+    pub admin_listen: Option<SocketAddr>,
+    /// Connections the admin listener takes at once.
+    pub admin_max_connections: usize,
 }
 
 /// Where chunks are stored. One flat table for every backend, so that the file reads
@@ -84,6 +98,10 @@ pub struct StorageConfig {
     /// metadata has less than this many MiB free, so that the metadata database never
     /// meets a full disk mid-write.
     pub min_free_mib: u64,
+    /// A file of this many MiB kept in the data directory and deleted when its
+    /// filesystem is nearly full, so that the metadata database always has room to
+    /// write: to start, to serve, and to run what frees space. 0: none.
+    pub reserve_mib: u64,
     /// For `s3`: the bucket.
     pub bucket: Option<String>,
     /// For `s3`: the endpoint, for a store other than AWS (`http://127.0.0.1:3900`).
@@ -438,6 +456,12 @@ impl Default for ServerConfig {
             // Long enough for an upload of a few GiB to finish; init systems wait
             // 90 s by default before they kill.
             shutdown_grace_secs: 60,
+            // Nix opens up to 25 connections (http-connections); this leaves room for
+            // ten busy runners behind one NAT address, and a sixteenth of the slots.
+            max_connections_per_address: 256,
+            trusted_proxies: Vec::new(),
+            admin_listen: None,
+            admin_max_connections: 64,
         }
     }
 }
@@ -449,6 +473,8 @@ impl Default for StorageConfig {
             path: None,
             // Room for a few large NARs in flight and for the metadata to grow.
             min_free_mib: 1024,
+            // What the database writes to open, delete a large cache and collect.
+            reserve_mib: 64,
             bucket: None,
             endpoint: None,
             region: None,
@@ -575,6 +601,14 @@ impl Config {
         anyhow::ensure!(
             self.server.max_connections > 0,
             "server.max_connections must be positive"
+        );
+        anyhow::ensure!(
+            self.server.max_connections_per_address > 0,
+            "server.max_connections_per_address must be positive"
+        );
+        anyhow::ensure!(
+            self.server.admin_max_connections > 0,
+            "server.admin_max_connections must be positive"
         );
         for (name, secs) in [
             (

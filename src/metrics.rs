@@ -54,8 +54,13 @@ pub struct Metrics {
     pub bytes_received: Counter,
     /// Connections open now.
     pub connections_open: Gauge,
-    /// Connections refused because too many were open.
-    pub connections_refused: Counter,
+    /// Connections refused, by why: every slot (`cap`) or every slot of the address
+    /// (`address`) was handling a request.
+    pub connections_refused: Family<ReasonLabels, Counter>,
+    /// Connections closed to make room for new ones, by what they were doing: kept
+    /// alive between requests (`idle`), or not having sent a whole request
+    /// (`incomplete`).
+    pub connections_evicted: Family<ReasonLabels, Counter>,
     /// Connections the server closed on a timeout, by which.
     pub connections_timed_out: Family<ReasonLabels, Counter>,
     /// NARs stored (uploads that checked out).
@@ -82,6 +87,10 @@ pub struct Metrics {
     pub narinfo_conflicts: Counter,
     /// Failed reads or writes of the chunk storage.
     pub storage_errors: Counter,
+    /// The least free space among the local filesystems written to.
+    pub storage_free_bytes: Gauge,
+    /// Free space promised to uploads in progress, not written yet.
+    pub storage_reserved_bytes: Gauge,
     /// The cache of packs of a remote store.
     pub pack_cache: CacheMetrics,
 }
@@ -102,7 +111,8 @@ impl Metrics {
             bytes_sent: Counter::default(),
             bytes_received: Counter::default(),
             connections_open: Gauge::default(),
-            connections_refused: Counter::default(),
+            connections_refused: Family::default(),
+            connections_evicted: Family::default(),
             connections_timed_out: Family::default(),
             nars_ingested: Counter::default(),
             nar_bytes_ingested: Counter::default(),
@@ -115,6 +125,8 @@ impl Metrics {
             uploads_rejected: Family::default(),
             narinfo_conflicts: Counter::default(),
             storage_errors: Counter::default(),
+            storage_free_bytes: Gauge::default(),
+            storage_reserved_bytes: Gauge::default(),
             pack_cache: CacheMetrics::default(),
             registry: Registry::default(),
         };
@@ -146,8 +158,15 @@ impl Metrics {
         );
         r.register(
             "connections_refused",
-            "Connections refused because server.max_connections were open",
+            "Connections refused because every slot (cap), or every slot of their address \
+             (address), was handling a request",
             m.connections_refused.clone(),
+        );
+        r.register(
+            "connections_evicted",
+            "Connections closed to make room for new ones, by what they were doing (idle \
+             between requests, incomplete request)",
+            m.connections_evicted.clone(),
         );
         r.register(
             "connections_timed_out",
@@ -210,6 +229,16 @@ impl Metrics {
             m.storage_errors.clone(),
         );
         r.register(
+            "storage_free_bytes",
+            "The least free space among the local filesystems the server writes to",
+            m.storage_free_bytes.clone(),
+        );
+        r.register(
+            "storage_reserved_bytes",
+            "Free space promised to uploads in progress and not written yet",
+            m.storage_reserved_bytes.clone(),
+        );
+        r.register(
             "pack_cache_hits",
             "Reads of packs answered from the cache on local disk",
             m.pack_cache.hits.clone(),
@@ -235,6 +264,20 @@ impl Metrics {
     /// Counts a refused upload.
     pub fn reject_upload(&self, reason: &'static str) {
         self.uploads_rejected
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
+    /// Counts a refused connection.
+    pub fn refused(&self, reason: &'static str) {
+        self.connections_refused
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
+    /// Counts a connection closed to make room.
+    pub fn evicted(&self, reason: &'static str) {
+        self.connections_evicted
             .get_or_create(&ReasonLabels { reason })
             .inc();
     }

@@ -4,7 +4,7 @@
 //! The NARs stay stored (other paths and caches may share their chunks) until the
 //! garbage collector finds them unclaimed.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use crate::error::{Error, Result};
 use crate::index::{Index, IndexError};
@@ -20,9 +20,20 @@ pub struct Outcome {
     pub missing: Vec<StorePathHash>,
 }
 
+/// Deletions made durable at a time: the database keeps what they change in memory
+/// until it is written, so a deletion of tens of thousands of paths would otherwise
+/// hold all of it.
+const FLUSH_EVERY: usize = 1024;
+
+/// Referrers named in a refusal at most; the count says how many more.
+const NAMED_REFERRERS: usize = 20;
+
 /// Deletes `paths` from `cache`, and with `with_referrers` every path that refers to
 /// them, transitively. Without it, a path that others refer to is refused with the
 /// list of its referrers, and nothing is deleted.
+///
+/// What it holds grows with the paths deleted only by a hash, a count and the list of
+/// references each (and the names it reports), not with what the cache holds.
 pub fn delete_paths(
     index: &dyn Index,
     cache: &CacheName,
@@ -30,92 +41,222 @@ pub fn delete_paths(
     with_referrers: bool,
 ) -> Result<Outcome> {
     let mut outcome = Outcome::default();
-    // Every path to delete, with what it refers to and what refers to it.
-    let mut doomed: BTreeMap<StorePathHash, Doomed> = BTreeMap::new();
+    let asked: HashSet<StorePathHash> = paths.iter().copied().collect();
+    // Every path to delete, with what it refers to.
+    let mut doomed: HashMap<StorePathHash, Doomed> = HashMap::new();
+    let mut outside: BTreeSet<StorePathHash> = BTreeSet::new();
     let mut queue: Vec<StorePathHash> = paths.to_vec();
     while let Some(path) = queue.pop() {
         if doomed.contains_key(&path) {
             continue;
         }
         let Some(record) = index.narinfo(cache, &path)? else {
-            if paths.contains(&path) && !outcome.missing.contains(&path) {
+            if asked.contains(&path) && !outcome.missing.contains(&path) {
                 outcome.missing.push(path);
             }
             continue;
         };
         let narinfo =
             NarInfo::parse(&record.text).map_err(|_| IndexError::corrupt_narinfo(cache, &path))?;
-        let referrers: BTreeSet<StorePathHash> = index
-            .referrers(cache, &path)?
-            .into_iter()
-            .filter(|r| *r != path)
-            .collect();
-        if with_referrers {
-            queue.extend(referrers.iter().copied());
+        for r in index.referrers(cache, &path)? {
+            if r == path {
+                continue;
+            }
+            if with_referrers {
+                queue.push(r);
+            } else if !asked.contains(&r) {
+                // Without `with_referrers`, a referrer outside the set breaks the
+                // closure.
+                outside.insert(r);
+            }
         }
         doomed.insert(
             path,
             Doomed {
-                references: narinfo.foreign_references().map(StorePath::hash).collect(),
-                referrers,
+                references: narinfo
+                    .foreign_references()
+                    .map(StorePath::hash)
+                    .filter(|r| *r != path)
+                    .collect(),
                 store_path: narinfo.store_path,
+                referrers_left: 0,
             },
         );
     }
-    // Without `with_referrers`, a referrer outside the set breaks the closure.
-    let mut outside = BTreeSet::new();
-    for d in doomed.values() {
-        outside.extend(
-            d.referrers
-                .iter()
-                .filter(|r| !doomed.contains_key(r))
-                .copied(),
-        );
-    }
     if !outside.is_empty() {
-        let mut names = Vec::new();
-        for r in &outside {
-            let name = match index.narinfo(cache, r)? {
-                Some(record) => NarInfo::parse(&record.text)
-                    .map(|n| n.store_path.full())
-                    .unwrap_or_else(|_| r.to_string()),
-                None => r.to_string(),
-            };
-            names.push(name);
-        }
-        return Err(Error::Conflict(format!(
-            "other paths of {cache} refer to what would be deleted, which would break their \
-             closures (with_referrers, or cache-admin's --with-referrers, deletes them too): {}",
-            names.join(" ")
-        )));
+        return Err(refusal(index, cache, &outside));
     }
     // Referrers before what they refer to: a path goes once nothing left in the set
-    // refers to it. Store references have no cycles but a path's reference to itself.
-    while !doomed.is_empty() {
-        let ready: Vec<StorePathHash> = doomed
-            .iter()
-            .filter(|(_, d)| d.referrers.iter().all(|r| !doomed.contains_key(r)))
-            .map(|(p, _)| *p)
-            .collect();
-        if ready.is_empty() {
-            return Err(Error::Internal(format!(
-                "reference cycle among paths of {cache}"
-            )));
+    // refers to it (store references have no cycles but a path's to itself).
+    let references: Vec<StorePathHash> = doomed
+        .values()
+        .flat_map(|d| d.references.iter().copied())
+        .collect();
+    for r in references {
+        if let Some(d) = doomed.get_mut(&r) {
+            d.referrers_left += 1;
         }
-        for path in ready {
-            let d = doomed.remove(&path).expect("listed above");
-            if index.delete_narinfo(cache, &path, &d.references)? {
-                tracing::info!(cache = %cache, path = %d.store_path, "deleted store path");
-                outcome.deleted.push(d.store_path);
+    }
+    let mut ready: Vec<StorePathHash> = doomed
+        .iter()
+        .filter(|(_, d)| d.referrers_left == 0)
+        .map(|(p, _)| *p)
+        .collect();
+    let mut since_flush = 0;
+    while let Some(path) = ready.pop() {
+        let d = doomed.remove(&path).expect("ready paths are doomed");
+        if index.delete_narinfo(cache, &path, &d.references)? {
+            tracing::info!(cache = %cache, path = %d.store_path, "deleted store path");
+            outcome.deleted.push(d.store_path);
+            since_flush += 1;
+            if since_flush == FLUSH_EVERY {
+                index.flush()?;
+                since_flush = 0;
+            }
+        }
+        for r in &d.references {
+            if let Some(next) = doomed.get_mut(r) {
+                next.referrers_left -= 1;
+                if next.referrers_left == 0 {
+                    ready.push(*r);
+                }
             }
         }
     }
     index.flush()?;
+    if !doomed.is_empty() {
+        return Err(Error::Internal(format!(
+            "reference cycle among paths of {cache}"
+        )));
+    }
     Ok(outcome)
+}
+
+/// The refusal of a deletion that would leave `outside` (paths of the cache that
+/// refer to what would go) with a reference missing, naming some of them.
+fn refusal(index: &dyn Index, cache: &CacheName, outside: &BTreeSet<StorePathHash>) -> Error {
+    let mut names = Vec::new();
+    for r in outside.iter().take(NAMED_REFERRERS) {
+        let name = match index.narinfo(cache, r) {
+            Ok(Some(record)) => NarInfo::parse(&record.text)
+                .map(|n| n.store_path.full())
+                .unwrap_or_else(|_| r.to_string()),
+            _ => r.to_string(),
+        };
+        names.push(name);
+    }
+    if outside.len() > NAMED_REFERRERS {
+        names.push(format!("and {} more", outside.len() - NAMED_REFERRERS));
+    }
+    Error::Conflict(format!(
+        "other paths of {cache} refer to what would be deleted, which would break their \
+         closures (with_referrers, or cache-admin's --with-referrers, deletes them too): {}",
+        names.join(" ")
+    ))
 }
 
 struct Doomed {
     store_path: StorePath,
+    /// What it refers to, itself excepted.
     references: Vec<StorePathHash>,
-    referrers: BTreeSet<StorePathHash>,
+    /// Paths of the set that refer to it and are not deleted yet.
+    referrers_left: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::index::{MemoryIndex, NarInfoRecord};
+    use crate::nix::Sha256;
+
+    fn hash(name: &str) -> StorePathHash {
+        let digest = Sha256::digest(name.as_bytes());
+        StorePathHash::from_bytes(digest.as_bytes()[..20].try_into().unwrap())
+    }
+
+    /// Publishes `name` referring to `refs` (and to itself).
+    fn publish(index: &dyn Index, cache: &CacheName, name: &str, refs: &[&str]) {
+        let mut all: Vec<String> = refs.iter().map(|r| format!("{}-{r}", hash(r))).collect();
+        all.push(format!("{}-{name}", hash(name)));
+        let nar_hash = Sha256::digest(name.as_bytes());
+        let text = format!(
+            "StorePath: /nix/store/{}-{name}\nURL: nar/x.nar\nCompression: none\n\
+             NarHash: {nar_hash}\nNarSize: 1\nReferences: {}\n",
+            hash(name),
+            all.join(" ")
+        );
+        let record = NarInfoRecord {
+            nar_hash,
+            nar_size: 1,
+            file_size: 1,
+            text: text.into(),
+        };
+        let references: Vec<StorePathHash> = refs.iter().map(|r| hash(r)).collect();
+        index
+            .commit_narinfo(cache, &hash(name), &record, &references)
+            .unwrap();
+    }
+
+    fn names(outcome: &Outcome) -> Vec<String> {
+        outcome
+            .deleted
+            .iter()
+            .map(|p| p.full().rsplit('-').next().unwrap().to_owned())
+            .collect()
+    }
+
+    #[test]
+    fn referrers_go_first_and_without_them_nothing_goes() {
+        let index = MemoryIndex::new();
+        let main: CacheName = "main".parse().unwrap();
+        publish(&index, &main, "a", &[]);
+        publish(&index, &main, "b", &["a"]);
+        publish(&index, &main, "c", &["b"]);
+        publish(&index, &main, "d", &["a"]);
+        publish(&index, &main, "other", &[]);
+        let err = delete_paths(&index, &main, &[hash("a")], false).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("-b") && text.contains("-d"), "{text}");
+        assert!(!text.contains("-c"), "c refers to a through b only: {text}");
+        assert!(index.narinfo(&main, &hash("a")).unwrap().is_some());
+        // Asked for together, a path and its referrers go.
+        let both = delete_paths(&index, &main, &[hash("d"), hash("c")], false).unwrap();
+        assert_eq!(names(&both).len(), 2);
+        publish(&index, &main, "c", &["b"]);
+        publish(&index, &main, "d", &["a"]);
+        let gone = delete_paths(&index, &main, &[hash("a"), hash("nope")], true).unwrap();
+        let order = names(&gone);
+        assert_eq!(order.len(), 4, "{order:?}");
+        let at = |n: &str| order.iter().position(|o| o == n).unwrap();
+        assert!(at("c") < at("b") && at("b") < at("a") && at("d") < at("a"), "{order:?}");
+        assert_eq!(gone.missing, vec![hash("nope")]);
+        assert!(index.referrers(&main, &hash("a")).unwrap().is_empty());
+        assert!(index.narinfo(&main, &hash("other")).unwrap().is_some());
+    }
+
+    #[test]
+    fn a_long_chain_goes_in_one_pass() {
+        let index = MemoryIndex::new();
+        let main: CacheName = "main".parse().unwrap();
+        let names: Vec<String> = (0..3000).map(|i| format!("p{i}")).collect();
+        publish(&index, &main, &names[0], &[]);
+        for w in names.windows(2) {
+            publish(&index, &main, &w[1], &[&w[0]]);
+        }
+        let gone = delete_paths(&index, &main, &[hash(&names[0])], true).unwrap();
+        assert_eq!(gone.deleted.len(), 3000);
+        assert_eq!(index.cache_stats(&main).unwrap().paths, 0);
+    }
+
+    #[test]
+    fn a_refusal_names_a_few_referrers_and_counts_the_rest() {
+        let index = MemoryIndex::new();
+        let main: CacheName = "main".parse().unwrap();
+        publish(&index, &main, "lib", &[]);
+        for i in 0..50 {
+            publish(&index, &main, &format!("app{i}"), &["lib"]);
+        }
+        let err = delete_paths(&index, &main, &[hash("lib")], false).unwrap_err();
+        assert!(err.to_string().ends_with("and 30 more"), "{err}");
+    }
 }

@@ -215,6 +215,7 @@ mod tests {
         let low = crate::store::space::LowSpace {
             dir: "/x".into(),
             free_mib: 1,
+            promised_mib: 0,
             min_mib: 2,
         };
         assert_eq!(

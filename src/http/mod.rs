@@ -216,6 +216,20 @@ impl Service {
     }
 }
 
+/// The answer to a client that a trusted proxy forwards when it has
+/// `server.max_connections_per_address` requests in flight already: 429, which
+/// clients retry, after a second.
+pub fn too_busy() -> Response {
+    let mut response = error::text_response(
+        StatusCode::TOO_MANY_REQUESTS,
+        "too many requests in flight from this address; try again shortly\n".into(),
+    );
+    response
+        .headers_mut()
+        .insert(axum::http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+    response
+}
+
 /// A handler panicked: the client gets a 500 that says only that, and the log the panic
 /// (see `Service`).
 fn panicked(panic: Box<dyn std::any::Any + Send + 'static>) -> Response {

@@ -616,11 +616,12 @@ impl Index for SledIndex {
     }
 
     fn put_accesses(&self, cache: &CacheName, accesses: &[(StorePathHash, u64)]) -> Result<()> {
-        let mut batch = sled::Batch::default();
+        // One at a time: nothing needs them together, and a batch keeps a copy of
+        // every node it changes until it is applied.
         for (path, at) in accesses {
-            batch.insert(scoped(cache, path.as_bytes()), &at.to_le_bytes());
+            self.accesses
+                .insert(scoped(cache, path.as_bytes()), &at.to_le_bytes())?;
         }
-        self.accesses.apply_batch(batch)?;
         Ok(())
     }
 

@@ -35,7 +35,7 @@ use crate::index::{Index, IndexError, NarRecord, Upload};
 use crate::metrics::Metrics;
 use crate::nix::nar::{self, NarError};
 use crate::nix::{CacheName, Compression, NarUrl, Sha256};
-use crate::store::space::{LowSpace, SpaceCheck};
+use crate::store::space::{LowSpace, Space};
 use crate::store::{
     frame, ChunkId, ChunkRef, Manifest, ManifestId, PackStore, Segment, Stored, SEGMENT_CHUNKS,
 };
@@ -333,7 +333,7 @@ pub struct Ingestor {
     packs: PackStore,
     settings: IngestSettings,
     metrics: Arc<Metrics>,
-    space: SpaceCheck,
+    space: Arc<Space>,
     /// Each upload holds two threads of the blocking pool for its whole life and
     /// borrows more to compress; bounding the uploads keeps the pool from running out,
     /// which would stall every upload.
@@ -402,7 +402,7 @@ impl Ingestor {
         packs: PackStore,
         settings: IngestSettings,
         metrics: Arc<Metrics>,
-        space: SpaceCheck,
+        space: Arc<Space>,
     ) -> Self {
         Self {
             index,
@@ -586,6 +586,7 @@ impl Ingestor {
                 self.packs.clone(),
                 self.index.clone(),
                 self.metrics.clone(),
+                self.space.clone(),
                 self.settings.pack_bytes,
             );
             let mut parts = [Segments::new(), Segments::new()];
@@ -846,7 +847,7 @@ mod tests {
             packs,
             settings,
             Arc::new(Metrics::new()),
-            SpaceCheck::new(vec![dir.to_owned()], 0),
+            Space::new(vec![dir.to_owned()], 0, None),
         )
     }
 

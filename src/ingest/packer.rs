@@ -10,10 +10,21 @@ use tokio::task::JoinHandle;
 use super::IngestError;
 use crate::index::Index;
 use crate::metrics::Metrics;
+use crate::store::space::Space;
 use crate::store::{ChunkId, ChunkRef, PackId, PackStore};
 
 /// Packs written at once per upload; more would only queue in the object store.
 pub const WRITES_IN_FLIGHT: usize = 2;
+
+/// What the records of one chunk may take on disk: the chunk record, its place in a
+/// manifest segment, and the database's own overhead (a log of pages, written again
+/// as they change). Reserved with the pack, generously: a 4 MiB pack of 32 KiB
+/// chunks reserves 64 KiB for them.
+const RECORD_BYTES_PER_CHUNK: u64 = 512;
+
+/// The database writes what it was given within half a second (sled's default flush
+/// interval); the room for the records of a pack stays promised until then.
+const RECORDS_WRITTEN_WITHIN: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A pack being written, and the chunks it holds.
 struct Write {
@@ -25,6 +36,7 @@ pub struct Packer {
     store: PackStore,
     index: Arc<dyn Index>,
     metrics: Arc<Metrics>,
+    space: Arc<Space>,
     target: usize,
     pack: PackId,
     buf: Vec<u8>,
@@ -44,12 +56,14 @@ impl Packer {
         store: PackStore,
         index: Arc<dyn Index>,
         metrics: Arc<Metrics>,
+        space: Arc<Space>,
         target: usize,
     ) -> Self {
         Self {
             store,
             index,
             metrics,
+            space,
             target,
             pack: PackId::random(),
             buf: Vec::new(),
@@ -91,7 +105,9 @@ impl Packer {
 
     /// Starts writing the current pack. Writes run as tasks of their own so they
     /// progress while the upload goes on; a pack outlives an aborted upload harmlessly
-    /// (its chunks are recorded, and merely unreferenced).
+    /// (its chunks are recorded, and merely unreferenced). The room the pack and its
+    /// records take on local disk is reserved first: an upload that cannot get it
+    /// stops here, with nothing visible.
     async fn seal(&mut self) -> Result<(), IngestError> {
         if self.buf.is_empty() {
             return Ok(());
@@ -99,6 +115,13 @@ impl Packer {
         while self.writes.len() >= WRITES_IN_FLIGHT {
             self.wait_one().await?;
         }
+        let pack_bytes = if self.store.is_local() {
+            self.buf.len() as u64
+        } else {
+            0
+        };
+        let records = self.space.reserve(self.in_buf.len() as u64 * RECORD_BYTES_PER_CHUNK)?;
+        let pack_room = self.space.reserve(pack_bytes)?;
         let data = Bytes::from(std::mem::replace(
             &mut self.buf,
             Vec::with_capacity(self.target + 65536),
@@ -109,10 +132,15 @@ impl Packer {
         let (store, index, metrics) =
             (self.store.clone(), self.index.clone(), self.metrics.clone());
         let task = tokio::spawn(async move {
-            store.put_uploaded(&pack, data).await?;
+            let stored = store.put_uploaded(&pack, data).await;
+            // Written or not, the pack takes no more room than it does now.
+            drop(pack_room);
+            stored?;
             metrics.packs_written.inc();
             metrics.chunks_written.inc_by(chunks.len() as u64);
-            index.put_chunks(&chunks)?;
+            let recorded = index.put_chunks(&chunks);
+            records.release_after(RECORDS_WRITTEN_WITHIN);
+            recorded?;
             Ok(())
         });
         self.writes.push_back(Write { task, chunks: ids });

@@ -1,23 +1,45 @@
-//! What the server does besides answering: writing the fetches it noted, and the
-//! garbage collection on its schedule.
+//! What the server does besides answering: writing the fetches it noted, looking after
+//! the free space, and the garbage collection on its schedule.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::app::App;
 
-/// Writes noted fetches every `access::FLUSH_EVERY`.
+/// Writes noted fetches every `access::FLUSH_EVERY`, or as soon as the notes are full.
 pub async fn write_accesses(app: Arc<App>) {
     let mut tick = tokio::time::interval(crate::access::FLUSH_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = app.accesses.filled() => {}
+        }
         let a = app.clone();
         match tokio::task::spawn_blocking(move || a.accesses.flush(a.index.as_ref())).await {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => tracing::warn!(error = %e, "writing the fetches of paths failed"),
             Err(e) => tracing::warn!(error = %e, "writing the fetches of paths failed"),
         }
+    }
+}
+
+/// Looks after the free space every second: the ballast, and the gauges.
+pub async fn watch_space(app: Arc<App>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let a = app.clone();
+        // A statvfs, and now and then a file written or removed: off the runtime.
+        let _ = tokio::task::spawn_blocking(move || {
+            a.space.tend();
+            if let Some(free) = a.space.free() {
+                a.metrics.storage_free_bytes.set(free as i64);
+            }
+            a.metrics.storage_reserved_bytes.set(a.space.reserved() as i64);
+        })
+        .await;
     }
 }
 

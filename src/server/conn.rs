@@ -11,12 +11,13 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::Notify;
 use tokio::time::{Instant, Sleep};
 
 use crate::metrics::{Metrics, ReasonLabels};
@@ -58,7 +59,8 @@ pub struct Timeouts {
     pub send_min_bytes: u64,
 }
 
-/// What the connection's service tells its socket.
+/// What the connection's service tells its socket, and what the accept loop reads to
+/// choose a connection to close when the slots run out (`slots`).
 pub struct ConnState {
     /// Requests being handled (HTTP/1.1 handles one at a time).
     busy: AtomicUsize,
@@ -66,7 +68,25 @@ pub struct ConnState {
     periods: AtomicU64,
     /// When the current idle period began, in milliseconds since `origin`.
     idle_since: AtomicU64,
+    /// One more than the idle period in which the next request's head began (its
+    /// first byte arrived); 0 before any.
+    head_period: AtomicU64,
     origin: Instant,
+    /// Set once the accept loop has chosen this connection to make room.
+    evicted: AtomicBool,
+    evict: Notify,
+}
+
+/// What a connection is doing, as far as choosing one to close goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activity {
+    /// A request is being handled: never closed to make room.
+    Busy,
+    /// Between requests, having served at least one, since this instant.
+    KeptAlive(Instant),
+    /// Has not sent a whole request since this instant: a new connection, or a
+    /// request head still arriving.
+    Incomplete(Instant),
 }
 
 impl ConnState {
@@ -76,7 +96,10 @@ impl ConnState {
             busy: AtomicUsize::new(0),
             periods: AtomicU64::new(0),
             idle_since: AtomicU64::new(0),
+            head_period: AtomicU64::new(0),
             origin: Instant::now(),
+            evicted: AtomicBool::new(false),
+            evict: Notify::new(),
         })
     }
 
@@ -85,6 +108,55 @@ impl ConnState {
     pub fn begin(self: &Arc<Self>) -> Busy {
         self.busy.fetch_add(1, Ordering::Relaxed);
         Busy(self.clone())
+    }
+
+    /// Whether a request is being handled.
+    pub fn is_busy(&self) -> bool {
+        self.busy.load(Ordering::Relaxed) > 0
+    }
+
+    /// What the connection is doing now.
+    pub fn activity(&self) -> Activity {
+        if self.is_busy() {
+            return Activity::Busy;
+        }
+        let period = self.periods.load(Ordering::Relaxed);
+        let since = self.origin
+            + Duration::from_millis(self.idle_since.load(Ordering::Relaxed));
+        let head_began = self.head_period.load(Ordering::Relaxed) == period + 1;
+        if period > 0 && !head_began {
+            Activity::KeptAlive(since)
+        } else {
+            Activity::Incomplete(since)
+        }
+    }
+
+    /// Notes that the next request's head began in the current idle period.
+    fn head_began(&self) {
+        let period = self.periods.load(Ordering::Relaxed);
+        self.head_period.store(period + 1, Ordering::Relaxed);
+    }
+
+    /// Asks the connection to close to make room for another; false if it was asked
+    /// already.
+    pub fn evict(&self) -> bool {
+        if self.evicted.swap(true, Ordering::Relaxed) {
+            return false;
+        }
+        // A permit is kept if the connection is not waiting yet.
+        self.evict.notify_one();
+        true
+    }
+
+    /// Whether the connection has been asked to close.
+    #[cfg(test)]
+    pub fn is_evicted(&self) -> bool {
+        self.evicted.load(Ordering::Relaxed)
+    }
+
+    /// Resolves once the connection has been asked to close.
+    pub async fn evicted(&self) {
+        self.evict.notified().await;
     }
 }
 
@@ -209,6 +281,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for Timed<T> {
                 this.metrics.bytes_received.inc_by(n as u64);
                 if n > 0 && this.read_deadline().is_some() && this.first_byte.is_none() {
                     this.first_byte = Some(Instant::now());
+                    this.state.head_began();
                 }
                 Poll::Ready(Ok(()))
             }

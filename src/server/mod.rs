@@ -3,10 +3,11 @@
 //! timeouts of `conn`, served by hyper over the router, and drained on SIGTERM.
 
 mod background;
+pub mod client;
 mod conn;
+mod slots;
 pub mod tls;
 
-use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,19 +15,26 @@ use std::time::Duration;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::AsyncWriteExt as _;
 use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
 
 use crate::app::App;
 use crate::config::{Config, StorageBackend};
+use client::{ClientAddr, TrustedProxies};
 use conn::{ConnState, Timed, Timeouts};
+use slots::{Limits, Slots};
 
-/// File descriptors kept for the index, pack reads and refusals beyond those the
-/// connections take.
+/// File descriptors kept for the index, pack reads, refusals (`MAX_REFUSING`) and
+/// connections closing (`MAX_CLOSING`) beyond those the connections take.
 const RESERVED_FILES: u64 = 256;
 /// Descriptors a connection may take: its socket, the duplicate that watches for the
 /// client leaving, and a pack being read for it.
 const FILES_PER_CONNECTION: u64 = 3;
 /// Refusals written at once; beyond that, connections over the cap are just closed.
 const MAX_REFUSING: usize = 64;
+/// Connections asked to close to make room and not closed yet, beyond which newcomers
+/// are refused: each holds its descriptors until its task has dropped it, which takes
+/// a moment, or a response's time for one that began a request meanwhile.
+const MAX_CLOSING: usize = 32;
 
 /// Raises the soft limit on open files to the hard limit (a server started by a shell
 /// or an init system often gets 1,024) and returns the limit now in force.
@@ -75,9 +83,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             StorageBackend::Local => anyhow::anyhow!("the storage is not usable: {e}"),
         });
     }
-    let listener = TcpListener::bind(listen)
-        .await
-        .map_err(|e| anyhow::anyhow!("listening on {listen}: {e}"))?;
+    let bind = |addr: std::net::SocketAddr| async move {
+        TcpListener::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("listening on {addr}: {e}"))
+    };
+    let listener = bind(listen).await?;
+    let admin_listener = match app.config.server.admin_listen {
+        Some(addr) => Some(bind(addr).await?),
+        None => None,
+    };
     let addr = listener.local_addr()?;
     let tls = match (&app.config.tls.cert_file, &app.config.tls.key_file) {
         (Some(cert), Some(key)) => Some(Arc::new(tls::Tls::new(cert, key)?)),
@@ -88,38 +103,66 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tokio::spawn(on_hangup(tls.clone()));
     tokio::spawn(background::write_accesses(app.clone()));
     tokio::spawn(background::scheduled_gc(app.clone()));
+    tokio::spawn(background::watch_space(app.clone()));
     announce(&app, addr, tls.is_some(), opened.admin_token.is_some());
-    let cap = connection_cap(app.config.server.max_connections, open_files);
-    if cap < app.config.server.max_connections {
+    let s = &app.config.server;
+    // The admin listener's connections come out of the same open-file limit.
+    let admin_share = admin_listener.as_ref().map_or(0, |_| s.admin_max_connections);
+    let cap = connection_cap(s.max_connections + admin_share, open_files);
+    if cap < s.max_connections + admin_share {
         tracing::warn!(
             open_files,
             max_connections = cap,
             "the open-file limit allows fewer connections than server.max_connections"
         );
     }
-    serve(
+    let main_cap = cap.saturating_sub(admin_share.min(cap / 2)).max(1);
+    let stop = CancellationToken::new();
+    let main = serve(
         listener,
         app.clone(),
-        cap,
-        tls.map(|t| t.acceptor()),
-        shutdown_signal(),
-    )
-    .await;
+        Limits {
+            cap: main_cap,
+            per_address: s.max_connections_per_address,
+            max_closing: MAX_CLOSING,
+        },
+        tls.as_ref().map(|t| t.acceptor()),
+        stop.clone(),
+    );
+    let admin = async {
+        if let Some(listener) = admin_listener {
+            tracing::info!(addr = %listener.local_addr()?, "admin listener");
+            let limits = Limits {
+                cap: (cap - main_cap).max(1),
+                per_address: s.admin_max_connections,
+                max_closing: MAX_CLOSING,
+            };
+            let acceptor = tls.as_ref().map(|t| t.acceptor());
+            serve(listener, app.clone(), limits, acceptor, stop.clone()).await;
+        }
+        Ok::<_, anyhow::Error>(())
+    };
+    let signal = async {
+        shutdown_signal().await;
+        stop.cancel();
+    };
+    let ((), admin, ()) = tokio::join!(main, admin, signal);
+    admin?;
     app.accesses.flush(app.index.as_ref())?;
     app.index.flush()?;
     tracing::info!("stopped");
     Ok(())
 }
 
-/// Serves connections from `listener` (over TLS with `tls`), at most `cap` at once,
-/// until `shutdown`; then stops accepting and waits (up to the configured grace) for
-/// requests in flight.
+/// Serves connections from `listener` (over TLS with `tls`) within `limits`, until
+/// `stop`; then stops accepting and waits (up to the configured grace) for requests
+/// in flight.
 pub async fn serve(
     listener: TcpListener,
     app: Arc<App>,
-    cap: usize,
+    limits: Limits,
     tls: Option<tokio_rustls::TlsAcceptor>,
-    shutdown: impl Future<Output = ()>,
+    stop: CancellationToken,
 ) {
     let service = crate::http::Service::new(app.clone());
     let s = &app.config.server;
@@ -129,14 +172,14 @@ pub async fn serve(
         send: Duration::from_secs(s.send_timeout_secs),
         send_min_bytes: s.send_min_bytes,
     };
-    let open = Arc::new(AtomicUsize::new(0));
+    let slots = Slots::new(limits);
+    let proxies = Arc::new(TrustedProxies::new(s.trusted_proxies.clone()));
+    let gate = client::Gate::new(s.max_connections_per_address);
     let refusing = Arc::new(AtomicUsize::new(0));
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let mut shutdown = std::pin::pin!(shutdown);
     loop {
-        let tcp = tokio::select! {
+        let (tcp, peer_addr) = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((tcp, _)) => tcp,
+                Ok(accepted) => accepted,
                 Err(e) => {
                     // Out of file descriptors (or a connection reset before it was
                     // accepted): wait a little rather than spin, and go on.
@@ -145,21 +188,34 @@ pub async fn serve(
                     continue;
                 }
             },
-            () = &mut shutdown => break,
+            () = stop.cancelled() => break,
         };
-        if open.load(Ordering::Relaxed) >= cap {
-            app.metrics.connections_refused.inc();
-            if refusing.fetch_add(1, Ordering::Relaxed) < MAX_REFUSING {
-                let refusing = refusing.clone();
-                tokio::spawn(async move {
-                    refuse(tcp).await;
-                    refusing.fetch_sub(1, Ordering::Relaxed);
-                });
-            } else {
-                refusing.fetch_sub(1, Ordering::Relaxed);
+        let address = peer_addr.ip();
+        let trusted = proxies.contains(address);
+        let state = ConnState::new();
+        let slot = match slots.admit(address, !trusted, state.clone()) {
+            Ok((slot, evicted)) => {
+                if let Some(kind) = evicted {
+                    app.metrics.evicted(kind.reason());
+                    // Lets the connection asked to close run and let go of its slot.
+                    tokio::task::yield_now().await;
+                }
+                slot
             }
-            continue;
-        }
+            Err(refusal) => {
+                app.metrics.refused(refusal.reason());
+                if refusing.fetch_add(1, Ordering::Relaxed) < MAX_REFUSING {
+                    let refusing = refusing.clone();
+                    tokio::spawn(async move {
+                        refuse(tcp).await;
+                        refusing.fetch_sub(1, Ordering::Relaxed);
+                    });
+                } else {
+                    refusing.fetch_sub(1, Ordering::Relaxed);
+                }
+                continue;
+            }
+        };
         configure(&tcp, app.config.serve.send_buffer_bytes);
         let peer = match conn::watch_peer(&tcp) {
             Ok(peer) => peer,
@@ -169,38 +225,32 @@ pub async fn serve(
                 continue;
             }
         };
-        open.fetch_add(1, Ordering::Relaxed);
         app.metrics.connections_open.inc();
         let connection = Connection {
             service: service.clone(),
             peer,
+            state,
             timeouts,
             metrics: app.metrics.clone(),
-            graceful: graceful.watcher(),
+            stop: stop.clone(),
             tls: tls.is_some(),
+            address,
+            forwarding: trusted.then(|| (proxies.clone(), gate.clone())),
         };
-        let (open, metrics, tls) = (open.clone(), app.metrics.clone(), tls.clone());
+        let (metrics, tls) = (app.metrics.clone(), tls.clone());
         tokio::spawn(async move {
+            let _slot = slot;
             match tls {
                 None => connection.serve(tcp).await,
-                // The handshake is part of the request head: it gets the same time.
-                Some(tls) => match tokio::time::timeout(timeouts.header, tls.accept(tcp)).await {
-                    Ok(Ok(stream)) => connection.serve(stream).await,
-                    Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
-                    Err(_) => tracing::debug!("TLS handshake timed out"),
-                },
+                Some(tls) => connection.serve_tls(tls, tcp).await,
             }
-            open.fetch_sub(1, Ordering::Relaxed);
             metrics.connections_open.dec();
         });
     }
     drop(listener);
     tracing::info!("shutting down: waiting for requests in flight");
     let grace = Duration::from_secs(app.config.server.shutdown_grace_secs);
-    if tokio::time::timeout(grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(grace, slots.drained()).await.is_err() {
         tracing::warn!("requests still in flight after the grace period; stopping anyway");
     }
 }
@@ -209,33 +259,81 @@ pub async fn serve(
 struct Connection {
     service: crate::http::Service,
     peer: crate::body::Peer,
+    state: Arc<ConnState>,
     timeouts: Timeouts,
     metrics: Arc<crate::metrics::Metrics>,
-    graceful: hyper_util::server::graceful::Watcher,
+    stop: CancellationToken,
     tls: bool,
+    /// The peer's address.
+    address: std::net::IpAddr,
+    /// For a trusted proxy: whose headers name the client, and the limit of requests
+    /// per client.
+    forwarding: Option<(Arc<TrustedProxies>, Arc<client::Gate>)>,
 }
 
 impl Connection {
+    /// The TLS handshake, then HTTP over it. The handshake counts as the request head:
+    /// it gets the same time, and a connection closed to make room ends it.
+    async fn serve_tls(self, tls: tokio_rustls::TlsAcceptor, tcp: TcpStream) {
+        let handshake = tokio::time::timeout(self.timeouts.header, tls.accept(tcp));
+        tokio::select! {
+            done = handshake => match done {
+                Ok(Ok(stream)) => self.serve(stream).await,
+                Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
+                Err(_) => tracing::debug!("TLS handshake timed out"),
+            },
+            () = self.state.evicted() => {}
+            () = self.stop.cancelled() => {}
+        }
+    }
+
     /// Serves HTTP/1.1 on `io` (TCP, or TLS over it) until the client or the server
-    /// ends it.
+    /// ends it, or it is closed to make room (at once between requests, after its
+    /// response otherwise).
     async fn serve<T>(self, io: T)
     where
         T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
-        let state = ConnState::new();
-        let io = TokioIo::new(Timed::new(io, state.clone(), self.timeouts, self.metrics));
+        let state = self.state.clone();
+        let io = TokioIo::new(Timed::new(
+            io,
+            state.clone(),
+            self.timeouts,
+            self.metrics.clone(),
+        ));
+        let metrics = self.metrics.clone();
         let (handler, peer, tls) = (self.service, self.peer, self.tls);
+        let (address, forwarding) = (self.address, self.forwarding);
         let per_request =
             hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
                 let busy = state.begin();
+                let (client, pass) = match &forwarding {
+                    None => (address, None),
+                    Some((proxies, gate)) => {
+                        let client = proxies.client(address, req.headers());
+                        (client, Some(gate.enter(client)))
+                    }
+                };
                 req.extensions_mut().insert(peer.clone());
+                req.extensions_mut().insert(ClientAddr(client));
                 if tls {
                     req.extensions_mut().insert(crate::http::OverTls);
                 }
-                let response = handler.call(req);
+                let response = match pass {
+                    // A forwarded client over its limit of requests in flight.
+                    Some(None) => {
+                        metrics.refused("address");
+                        futures::future::Either::Left(std::future::ready(crate::http::too_busy()))
+                    }
+                    _ => futures::future::Either::Right(handler.call(req)),
+                };
                 async move {
                     // The request counts as busy until its body is sent or dropped.
-                    let response = response.await.map(|inner| Tracked { inner, _busy: busy });
+                    let response = response.await.map(|inner| Tracked {
+                        inner,
+                        _busy: busy,
+                        _pass: pass.flatten(),
+                    });
                     Ok::<_, std::convert::Infallible>(response)
                 }
             });
@@ -244,7 +342,26 @@ impl Connection {
             // The idle and header timeouts are the connection's own (see `conn`).
             .header_read_timeout(None)
             .serve_connection(io, per_request);
-        if let Err(e) = self.graceful.watch(connection).await {
+        let mut connection = std::pin::pin!(connection);
+        let mut closing = false;
+        let ended = loop {
+            tokio::select! {
+                ended = connection.as_mut() => break ended,
+                () = self.state.evicted(), if !closing => {
+                    // Between requests, or before a whole one: close now.
+                    if !self.state.is_busy() {
+                        return;
+                    }
+                    connection.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+                () = self.stop.cancelled(), if !closing => {
+                    connection.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+            }
+        };
+        if let Err(e) = ended {
             tracing::debug!(error = %e, "connection ended with an error");
         }
     }
@@ -309,10 +426,12 @@ async fn refuse(mut tcp: TcpStream) {
     .await;
 }
 
-/// A response body that keeps its request marked busy until it is done.
+/// A response body that keeps its request marked busy (and counted against its
+/// forwarded client) until it is done.
 struct Tracked {
     inner: axum::body::Body,
     _busy: conn::Busy,
+    _pass: Option<client::Pass>,
 }
 
 impl http_body::Body for Tracked {

@@ -78,6 +78,11 @@ impl PackStore {
         })
     }
 
+    /// Whether the packs are on local disk (not in a remote store).
+    pub fn is_local(&self) -> bool {
+        self.local_root.is_some()
+    }
+
     fn path(id: &PackId) -> Path {
         let hex = id.to_hex();
         Path::from(format!("packs/{}/{}", &hex[..2], hex))
