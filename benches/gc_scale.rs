@@ -107,6 +107,8 @@ fn populate(dir: &std::path::Path, paths: u64) {
             file_hash: nar_hash,
             file_size: nar.contents.size(),
             created: 0,
+            stored_size: 0,
+            claimed: false,
         };
         // A tenth of the paths in the cache to delete.
         let cache = if n % 10 == 0 { &doomed } else { &main };
@@ -131,7 +133,7 @@ fn populate(dir: &std::path::Path, paths: u64) {
         };
         let ref_hashes: Vec<StorePathHash> = refs.iter().map(|r| hash_of(*r)).collect();
         index
-            .commit_narinfo(cache, &path.hash(), &record, &ref_hashes)
+            .commit_narinfo(cache, &path.hash(), &record, &ref_hashes, None)
             .unwrap();
     }
     index.flush().unwrap();
@@ -155,6 +157,7 @@ fn collect(dir: &std::path::Path) {
             cache: None,
             dry_run: false,
             now: cachet::clock::now(),
+            compact: false,
         };
         let report = cachet::gc::run(app.clone(), options, Arc::default())
             .await

@@ -211,7 +211,7 @@ fn pipeline(c: &mut Criterion) {
                     rt.block_on(ingestor.ingest_nar(
                         futures::stream::iter(pieces),
                         compression,
-                        peer,
+                        peer, None,
                     ))
                     .unwrap()
                 },

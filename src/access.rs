@@ -161,7 +161,7 @@ mod tests {
             text: bytes::Bytes::from_static(b"x"),
         };
         index
-            .commit_narinfo(&main, &path("b"), &record, &[])
+            .commit_narinfo(&main, &path("b"), &record, &[], None)
             .unwrap();
         let a = Accesses::default();
         a.narinfo(&main, path("a"), 10);

@@ -44,6 +44,8 @@ pub struct App {
     pub jobs: Jobs,
     /// The free space uploads may take.
     pub space: Arc<Space>,
+    /// What uploads in progress have stored, per cache, for the quotas.
+    pub in_flight: Arc<crate::quota::InFlight>,
     /// The last readiness check, reused for a second.
     ready: tokio::sync::Mutex<Option<(std::time::Instant, Readiness)>>,
 }
@@ -167,6 +169,7 @@ impl App {
             accesses: Accesses::default(),
             jobs: Jobs::default(),
             space,
+            in_flight: Arc::default(),
             ready: tokio::sync::Mutex::new(None),
         });
         Ok(Opened { app, admin_token })
@@ -174,6 +177,16 @@ impl App {
 }
 
 impl App {
+    /// Counts an upload to `cache` against its quota (none without one); refused when
+    /// the cache is at its quota already.
+    pub fn charge(
+        &self,
+        cache: &crate::caches::Cache,
+    ) -> crate::error::Result<Option<crate::quota::Charge>> {
+        let quota = self.config.quota.of(cache.record.quota_bytes);
+        Ok(self.in_flight.admit(&self.index, &cache.name, quota)?)
+    }
+
     /// Checks the index and the storage, at most once a second: callers at once share
     /// one check, and one a moment later its result.
     pub async fn readiness(&self) -> Readiness {

@@ -72,6 +72,7 @@ impl Cache {
             keys: vec![key_record(&key, None)],
             keep_client_signatures: true,
             retention: Retention::default(),
+            quota_bytes: None,
             created: 0,
         };
         Self::new(record, vec![key], false)
@@ -101,6 +102,8 @@ pub struct NewCache {
     pub keep_client_signatures: bool,
     /// What the garbage collector keeps.
     pub retention: Retention,
+    /// The most stored bytes it may hold.
+    pub quota_bytes: Option<u64>,
     /// An imported signing key; a key named `<cache>-1` is generated when none.
     pub key: Option<SecretKey>,
 }
@@ -122,6 +125,10 @@ pub struct CacheChange {
     /// The maximum size, in bytes; `Some(None)` removes the limit.
     #[serde(default, with = "double_option")]
     pub max_size_bytes: Option<Option<u64>>,
+    /// The quota, in stored bytes; `Some(None)` removes it (the server's default, if
+    /// any, applies then).
+    #[serde(default, with = "double_option")]
+    pub quota_bytes: Option<Option<u64>>,
 }
 
 /// `null` as "remove the limit", a missing field as "leave it".
@@ -288,6 +295,7 @@ impl Caches {
                 keys: vec![key_record(&key, Some(file))],
                 keep_client_signatures: true,
                 retention: Retention::default(),
+                quota_bytes: None,
                 created: now(),
             });
             tracing::info!(cache = %c.name, "created cache");
@@ -351,6 +359,7 @@ impl Caches {
             keys: vec![key_record(&key, Some(file))],
             keep_client_signatures: new.keep_client_signatures,
             retention: new.retention,
+            quota_bytes: new.quota_bytes,
             created: now(),
         };
         self.store(record)
@@ -378,6 +387,9 @@ impl Caches {
         }
         if let Some(size) = change.max_size_bytes {
             record.retention.max_size_bytes = size;
+        }
+        if let Some(quota) = change.quota_bytes {
+            record.quota_bytes = quota;
         }
         self.store(record)
     }
@@ -608,6 +620,7 @@ mod tests {
             priority: 40,
             keep_client_signatures: true,
             retention: Retention::default(),
+            quota_bytes: None,
             key: None,
         }
     }
@@ -634,6 +647,7 @@ mod tests {
                 keys: vec![migrated],
                 keep_client_signatures: true,
                 retention: Retention::default(),
+                quota_bytes: None,
                 created: 0,
             })
             .unwrap();

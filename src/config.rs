@@ -40,6 +40,8 @@ pub struct Config {
     pub tls: TlsConfig,
     /// The garbage collector.
     pub gc: GcConfig,
+    /// Limits on what caches hold.
+    pub quota: QuotaConfig,
     /// Caches created at start when missing. With none, a public `main` is created on
     /// an empty data directory.
     #[serde(rename = "cache")]
@@ -240,6 +242,12 @@ pub struct IngestConfig {
     pub body_stall_secs: u64,
     /// See `body_stall_secs`.
     pub body_min_bytes: u64,
+    /// A NAR that decodes to more than this many times the bytes of its body, once
+    /// past `expansion_floor_mib`, is refused (413) as a compression bomb: what a small
+    /// body can cost in CPU. 0: no limit.
+    pub max_expansion: u64,
+    /// See `max_expansion`.
+    pub expansion_floor_mib: u64,
 }
 
 /// Downloads.
@@ -309,11 +317,14 @@ pub struct TlsConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GcConfig {
-    /// An upload no narinfo took up is removed once this old (a client pushes the
-    /// narinfo right after the NAR; this only clears what a failed push left).
+    /// An upload no narinfo took up yet is kept this long, with its NAR, for the push
+    /// under way that sent it (a client pushes the narinfo right after the NAR);
+    /// then it is what a failed push left, and goes. An upload a narinfo took up holds
+    /// nothing once no narinfo claims its NAR.
     pub pending_upload_secs: u64,
     /// A pack no record names is deleted only once this old (a crash mid-upload leaves
-    /// such packs; the collector's protocol needs no grace, this is a margin).
+    /// such packs; the collector's protocol needs no grace, this is a margin). Packs
+    /// the collection itself emptied or rewrote go in the same run.
     pub grace_secs: u64,
     /// How long a collection waits for downloads and uploads that began before it
     /// unlinked records; what they might use is left for the next collection.
@@ -341,7 +352,9 @@ pub struct GcConfig {
 impl Default for GcConfig {
     fn default() -> Self {
         Self {
-            pending_upload_secs: 24 * 60 * 60,
+            // A push sends a path's narinfo within moments of its NAR; an hour covers
+            // the slowest push of one path's references first.
+            pending_upload_secs: 60 * 60,
             grace_secs: 60 * 60,
             // The send timeout cuts slow readers well before.
             reader_wait_secs: 600,
@@ -380,6 +393,23 @@ impl GcConfig {
             max_age_secs: own.max_age_secs.or(self.keep_age_secs),
             max_size_bytes: own.max_size_bytes.or(self.keep_size_bytes),
         }
+    }
+}
+
+/// Limits on what caches hold.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QuotaConfig {
+    /// The most stored bytes a cache that sets no quota of its own may hold (its
+    /// paths' `.nar.zst` bytes and its uploads waiting for a narinfo); none when
+    /// unset.
+    pub max_size_bytes: Option<u64>,
+}
+
+impl QuotaConfig {
+    /// The quota of a cache whose own is `own`.
+    pub fn of(&self, own: Option<u64>) -> Option<u64> {
+        own.or(self.max_size_bytes)
     }
 }
 
@@ -433,6 +463,7 @@ impl Default for Config {
             index: IndexConfig::default(),
             tls: TlsConfig::default(),
             gc: GcConfig::default(),
+            quota: QuotaConfig::default(),
             caches: Vec::new(),
         }
     }
@@ -523,6 +554,12 @@ impl Default for IngestConfig {
             // A CI runner on a slow link still sends 2 KiB a second.
             body_stall_secs: 30,
             body_min_bytes: 64 * 1024,
+            // NARs compress 2 to 10 times with xz or zstd; a thousand takes runs of a
+            // single byte over most of the NAR. A 135 KB zstd body of a 4 GiB NAR
+            // cost 8 CPU-seconds before; now it stops after 135 MB.
+            max_expansion: 1000,
+            // Small NARs of zeros (empty files, sparse data) are common and cheap.
+            expansion_floor_mib: 64,
         }
     }
 }
@@ -639,6 +676,8 @@ impl Config {
             max_nar_bytes: self.ingest.max_nar_bytes,
             max_nar_entries: self.ingest.max_nar_entries,
             memory_bytes: self.ingest.memory_mib * MIB,
+            max_expansion: self.ingest.max_expansion,
+            expansion_floor: self.ingest.expansion_floor_mib * MIB,
         }
     }
 

@@ -38,6 +38,9 @@ pub enum Error {
     /// The upload was refused or failed.
     #[error(transparent)]
     Ingest(#[from] IngestError),
+    /// The cache is at its quota.
+    #[error(transparent)]
+    Quota(#[from] crate::quota::QuotaExceeded),
     /// Credentials are missing or wrong.
     #[error("credentials required")]
     Unauthorized,
@@ -65,6 +68,15 @@ pub enum Error {
     /// A bug: a task panicked, an invariant broke.
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+impl From<crate::quota::ChargeError> for Error {
+    fn from(e: crate::quota::ChargeError) -> Self {
+        match e {
+            crate::quota::ChargeError::Exceeded(e) => Self::Quota(e),
+            crate::quota::ChargeError::Index(e) => Self::Index(e),
+        }
+    }
 }
 
 impl From<CollectError> for Error {

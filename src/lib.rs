@@ -25,6 +25,7 @@ pub mod metrics;
 pub mod nix;
 pub mod pins;
 pub mod publish;
+pub mod quota;
 pub mod removal;
 pub mod secret_file;
 pub mod serve;

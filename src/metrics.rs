@@ -36,6 +36,13 @@ pub struct ReasonLabels {
     pub reason: &'static str,
 }
 
+/// A cache, by name (the operator's: a bounded set).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CacheLabels {
+    /// The cache's name.
+    pub cache: String,
+}
+
 /// Time to the response head, from half a millisecond to about half a minute.
 fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.0005, 2.0, 16))
@@ -87,6 +94,10 @@ pub struct Metrics {
     pub narinfo_conflicts: Counter,
     /// Failed reads or writes of the chunk storage.
     pub storage_errors: Counter,
+    /// What each cache holds against its quota, set when the metrics are read.
+    pub cache_used_bytes: Family<CacheLabels, Gauge>,
+    /// Each cache's quota, for those that have one, set when the metrics are read.
+    pub cache_quota_bytes: Family<CacheLabels, Gauge>,
     /// The least free space among the local filesystems written to.
     pub storage_free_bytes: Gauge,
     /// Free space promised to uploads in progress, not written yet.
@@ -125,6 +136,8 @@ impl Metrics {
             uploads_rejected: Family::default(),
             narinfo_conflicts: Counter::default(),
             storage_errors: Counter::default(),
+            cache_used_bytes: Family::default(),
+            cache_quota_bytes: Family::default(),
             storage_free_bytes: Gauge::default(),
             storage_reserved_bytes: Gauge::default(),
             pack_cache: CacheMetrics::default(),
@@ -227,6 +240,17 @@ impl Metrics {
             "storage_errors",
             "Failed reads and writes of the chunk storage",
             m.storage_errors.clone(),
+        );
+        r.register(
+            "cache_used_bytes",
+            "What each cache holds against its quota: paths, uploads waiting for a \
+             narinfo, logs and realisations, in stored bytes",
+            m.cache_used_bytes.clone(),
+        );
+        r.register(
+            "cache_quota_bytes",
+            "Each cache's quota, in stored bytes, for those that have one",
+            m.cache_quota_bytes.clone(),
         );
         r.register(
             "storage_free_bytes",

@@ -48,22 +48,26 @@ pub fn resolve_nar_url(
     if url.compression != Compression::None || !index.cache_has_nar(cache, &url.hash)? {
         return Ok(None);
     }
+    // Nothing of it waits for a narinfo: the cache serves it already.
     Ok(index.nar(&url.hash)?.map(|nar| Upload {
         nar_hash: url.hash,
         nar_size: nar.contents.size(),
         file_hash: url.hash,
         file_size: nar.contents.size(),
         created: 0,
+        stored_size: 0,
+        claimed: true,
     }))
 }
 
 /// Checks the narinfo `body` a client pushed for `hash` to `cache`, signs it and makes
-/// it visible, durably.
+/// it visible, durably, within the cache's `quota`.
 pub async fn publish(
     index: &Arc<dyn Index>,
     cache: &Cache,
     hash: StorePathHash,
     body: &[u8],
+    quota: Option<u64>,
 ) -> Result<Published> {
     let claimed = NarInfo::parse(body)?;
     if claimed.store_path.hash() != hash {
@@ -98,6 +102,15 @@ pub async fn publish(
     })?;
 
     let file_size = nar.contents.stored_size();
+    // Taking up its own upload moves that upload's bytes from pending to stored; a
+    // narinfo for a NAR held already adds its frames.
+    let taken_up = if upload.claimed { 0 } else { upload.stored_size };
+    crate::quota::check_publish(
+        index.as_ref(),
+        &cache.name,
+        quota,
+        file_size.saturating_sub(taken_up),
+    )?;
     let mut served = NarInfo {
         url: NarUrl::served(upload.nar_hash).to_string(),
         compression: Compression::Zstd,
@@ -116,7 +129,7 @@ pub async fn publish(
         file_size,
         text: served.render().into(),
     };
-    let outcome = index.commit_narinfo(&cache.name, &hash, &record, &references)?;
+    let outcome = index.commit_narinfo(&cache.name, &hash, &record, &references, Some(&url))?;
     // Acknowledge only what would survive a crash; a path found already there may
     // come from a commit whose own flush has not finished yet.
     let flushing = index.clone();
@@ -180,6 +193,8 @@ mod tests {
             file_hash,
             file_size: 7,
             created: 1,
+            stored_size: 10,
+            claimed: false,
         };
         index.put_upload(&cache.name, &url, &up, &record).unwrap();
         (url, up)
@@ -199,7 +214,7 @@ mod tests {
         path: &str,
         text: &str,
     ) -> Result<Published> {
-        publish(index, cache, path.parse().unwrap(), text.as_bytes()).await
+        publish(index, cache, path.parse().unwrap(), text.as_bytes(), None).await
     }
 
     #[tokio::test]

@@ -193,7 +193,7 @@ mod tests {
         };
         let references: Vec<StorePathHash> = refs.iter().map(|r| hash(r)).collect();
         index
-            .commit_narinfo(cache, &hash(name), &record, &references)
+            .commit_narinfo(cache, &hash(name), &record, &references, None)
             .unwrap();
     }
 

@@ -91,6 +91,10 @@ enum Command {
         /// Report what would go; change nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Rewrite every pack with dead bytes now, whatever gc.compact_dead_fraction
+        /// (after deleting what must not stay, a secret pushed by mistake, say).
+        #[arg(long)]
+        compact: bool,
     },
     /// Check that everything the records name is stored (non-zero exit on a problem).
     Verify {
@@ -187,6 +191,10 @@ struct RetentionArgs {
     /// The least recently fetched paths may go above this size (e.g. 500GiB), or `none`.
     #[arg(long, value_parser = output::parse_limit_size)]
     keep_size: Option<Limit>,
+    /// The quota: pushes that would take the cache's stored bytes past this (e.g.
+    /// 100GiB) are refused with 507; `none` clears it (the server's default applies).
+    #[arg(long, value_parser = output::parse_limit_size)]
+    max_size: Option<Limit>,
 }
 
 #[derive(Subcommand)]
@@ -300,7 +308,11 @@ async fn run(cli: Cli, token_on_command_line: bool) -> anyhow::Result<()> {
         Command::Key { command } => key(&client, command, json).await,
         Command::Path { command } => path(&client, command, json).await,
         Command::Pin { command } => pin(&client, command, json).await,
-        Command::Gc { cache, dry_run } => gc(&client, cache, dry_run, json).await,
+        Command::Gc {
+            cache,
+            dry_run,
+            compact,
+        } => gc(&client, cache, (dry_run, compact), json).await,
         Command::Verify { cache, deep } => verify(&client, cache, deep, json).await,
         Command::Stats { cache } => stats(&client, cache, json).await,
         Command::Use { cache } => {
@@ -339,6 +351,7 @@ fn cache_fields(c: &CacheInfo) -> String {
         ("priority", c.priority.to_string()),
         ("paths", c.paths.to_string()),
         ("nar size", output::bytes(c.nar_bytes)),
+        ("used", used_of(c)),
         (
             "client signatures",
             if c.keep_client_signatures {
@@ -364,6 +377,19 @@ fn cache_fields(c: &CacheInfo) -> String {
         ("store dir", c.store_dir.clone()),
     ]);
     fields(&pairs)
+}
+
+/// What a cache holds, against its quota if it has one.
+fn used_of(c: &CacheInfo) -> String {
+    let used = output::bytes(c.used_bytes);
+    match c.effective_quota_bytes {
+        Some(q) => {
+            let percent = c.used_bytes as f64 * 100.0 / q.max(1) as f64;
+            let whose = if c.quota_bytes.is_some() { "" } else { ", the server's default" };
+            format!("{used} of its {} quota ({percent:.0}%{whose})", output::bytes(q))
+        }
+        None => format!("{used} (no quota)"),
+    }
 }
 
 fn retention_json(r: &RetentionArgs, body: &mut serde_json::Map<String, serde_json::Value>) {
@@ -393,6 +419,9 @@ async fn cache(client: &Client, command: CacheCommand, json: bool) -> anyhow::Re
                 "keep_client_signatures": client_signatures.as_deref() != Some("drop"),
                 "retention": r,
             });
+            if let Some(quota) = retention.max_size {
+                body["quota_bytes"] = quota.json();
+            }
             if let Some(p) = priority {
                 body["priority"] = p.into();
             }
@@ -464,7 +493,10 @@ async fn cache(client: &Client, command: CacheCommand, json: bool) -> anyhow::Re
                 body.insert("keep_client_signatures".into(), (c == "keep").into());
             }
             retention_json(&retention, &mut body);
-            anyhow::ensure!(!body.is_empty(), "nothing to change: give --public, --private, --priority, --keep-age, --keep-size or --client-signatures");
+            if let Some(quota) = retention.max_size {
+                body.insert("quota_bytes".into(), quota.json());
+            }
+            anyhow::ensure!(!body.is_empty(), "nothing to change: give --public, --private, --priority, --keep-age, --keep-size, --max-size or --client-signatures");
             let what = format!("updating cache {name}");
             let info: CacheInfo = client
                 .call(
@@ -796,10 +828,10 @@ async fn pin(client: &Client, command: PinCommand, json: bool) -> anyhow::Result
 async fn gc(
     client: &Client,
     cache: Option<CacheName>,
-    dry_run: bool,
+    (dry_run, compact): (bool, bool),
     json: bool,
 ) -> anyhow::Result<()> {
-    let body = json!({ "cache": cache, "dry_run": dry_run });
+    let body = json!({ "cache": cache, "dry_run": dry_run, "compact": compact });
     let report = jobs::run(client, "collecting garbage", "gc", body).await?;
     if json {
         return print_json(&report);
@@ -854,6 +886,30 @@ async fn gc(
     }
     if r.waited_out {
         println!("downloads or uploads from before were still running: their data is left for the next gc");
+    }
+    let mut left = Vec::new();
+    if r.left_pending_uploads > 0 {
+        left.push(format!(
+            "{} uploads not taken up by a narinfo yet (a push may be under way; gc.pending_upload_secs)",
+            r.left_pending_uploads
+        ));
+    }
+    if r.left_young_packs > 0 {
+        left.push(format!(
+            "{} packs ({}) no record names, younger than gc.grace_secs",
+            r.left_young_packs,
+            output::bytes(r.left_young_bytes)
+        ));
+    }
+    if r.left_partly_dead_packs > 0 {
+        left.push(format!(
+            "{} of dead frames in {} packs below gc.compact_dead_fraction (gc --compact rewrites them)",
+            output::bytes(r.left_dead_bytes),
+            r.left_partly_dead_packs
+        ));
+    }
+    for l in left {
+        println!("left {l}");
     }
     println!("took {:.1} s", r.seconds);
     Ok(())
@@ -912,6 +968,18 @@ async fn stats(client: &Client, cache: Option<CacheName>, json: bool) -> anyhow:
         ("stored bytes", output::bytes(s.stored_bytes)),
         ("dedup ratio", format!("{:.2}", s.dedup_ratio)),
     ];
+    if cache.is_some() {
+        let used = match s.quota_bytes {
+            Some(q) => format!(
+                "{} of its {} quota ({:.0}%)",
+                output::bytes(s.used_bytes),
+                output::bytes(q),
+                s.used_bytes as f64 * 100.0 / q.max(1) as f64
+            ),
+            None => format!("{} (no quota)", output::bytes(s.used_bytes)),
+        };
+        rows.push(("used", used));
+    }
     if cache.is_none() {
         rows.push(("chunks", s.chunks.to_string()));
         rows.push(("packs", s.packs.to_string()));

@@ -51,6 +51,8 @@ pub struct Options {
     pub dry_run: bool,
     /// The time retention is measured at.
     pub now: u64,
+    /// Rewrite every pack with a dead byte, whatever `gc.compact_dead_fraction`.
+    pub compact: bool,
 }
 
 /// What a run removed, or with `dry_run` would remove.
@@ -93,6 +95,24 @@ pub struct Report {
     /// Downloads or uploads were still running after `gc.reader_wait_secs`: what they
     /// might use was left for the next run.
     pub waited_out: bool,
+    /// Left: uploads no narinfo has taken up yet, younger than
+    /// `gc.pending_upload_secs` (a push may be under way), and their NARs.
+    #[serde(default)]
+    pub left_pending_uploads: u64,
+    /// Left: packs no record names, younger than `gc.grace_secs` (what a crash or a
+    /// failed upload left; deleted by a later run).
+    #[serde(default)]
+    pub left_young_packs: u64,
+    /// Their bytes.
+    #[serde(default)]
+    pub left_young_bytes: u64,
+    /// Left: packs with dead bytes below `gc.compact_dead_fraction`, not rewritten
+    /// (`gc --compact` rewrites them).
+    #[serde(default)]
+    pub left_partly_dead_packs: u64,
+    /// Their dead bytes.
+    #[serde(default)]
+    pub left_dead_bytes: u64,
     /// When the run started, in seconds since the epoch.
     pub started: u64,
     /// How long it took, in seconds.
@@ -202,6 +222,8 @@ pub async fn run(app: Arc<App>, options: Options, progress: Arc<Progress>) -> Re
 
     let dead_chunks: HashSet<ChunkId>;
     let mut dead_nars: HashSet<Sha256> = HashSet::new();
+    let emptied = marked.emptied;
+    report.left_pending_uploads = marked.pending_uploads;
     // Chunks whose records may be missing while a manifest names them: live ones
     // found without a record, and those this run removes.
     let mut restorable = marked.unrecorded;
@@ -279,9 +301,12 @@ pub async fn run(app: Arc<App>, options: Options, progress: Arc<Progress>) -> Re
             .into_iter()
             .filter(|m| !live.manifests.contains(m))
             .collect();
-        let (dead_packs, surviving): (Vec<PackInfo>, Vec<PackInfo>) = packs
-            .into_iter()
-            .partition(|p| !live.packs.contains(&p.id) && p.modified <= grace_end);
+        // A pack nothing names goes if this run emptied it (it removed the records
+        // that named it); another only once older than the grace period.
+        let (dead_packs, surviving): (Vec<PackInfo>, Vec<PackInfo>) =
+            packs.into_iter().partition(|p| {
+                !live.packs.contains(&p.id) && (p.modified <= grace_end || emptied.contains(&p.id))
+            });
         report.manifests = dead_manifests.len() as u64;
         if !options.dry_run {
             let index = app.index.clone();
@@ -301,6 +326,13 @@ pub async fn run(app: Arc<App>, options: Options, progress: Arc<Progress>) -> Re
             report.bytes_freed += p.size;
             progress.add(1, p.size);
         }
+        // What nothing names and is younger than the grace period stays, whatever
+        // compaction does.
+        let (young, surviving): (Vec<PackInfo>, Vec<PackInfo>) = surviving
+            .into_iter()
+            .partition(|p| !live.packs.contains(&p.id));
+        report.left_young_packs = young.len() as u64;
+        report.left_young_bytes = young.iter().map(|p| p.size).sum();
         compact(&app, &options, surviving, live.used, &progress, &mut report).await?;
     }
     report.seconds = clock.elapsed().as_secs_f64();
@@ -317,10 +349,11 @@ pub async fn run(app: Arc<App>, options: Options, progress: Arc<Progress>) -> Re
     Ok(report)
 }
 
-/// Rewrites the packs of `packs` that compaction chooses (`used`: the bytes of each
-/// that manifests name), waits for what may still read the old ones, and deletes
-/// those nothing names any more, and any other of `packs` that the rewrite left
-/// unnamed (a copy of a chunk whose record now names the rewritten one).
+/// Rewrites the packs of `packs` (live ones) that compaction chooses (`used`: the
+/// bytes of each that manifests name; all of them with `options.compact`), waits for
+/// what may still read the old ones, and deletes those nothing names any more, and
+/// any other of `packs` that the rewrite left unnamed (a copy of a chunk whose record
+/// now names the rewritten one).
 async fn compact(
     app: &Arc<App>,
     options: &Options,
@@ -330,16 +363,31 @@ async fn compact(
     report: &mut Report,
 ) -> Result<()> {
     progress.phase("compacting");
-    let settings = app.config.gc.compaction(app.config.ingest.pack_bytes);
+    let mut settings = app.config.gc.compaction(app.config.ingest.pack_bytes);
+    if options.compact {
+        settings.dead_fraction = 0.0;
+    }
     let (index, s, now, listed) = (
         app.index.clone(),
         settings.clone(),
         options.now,
         packs.clone(),
     );
-    let chosen =
-        blocking(move || compact::candidates(index.as_ref(), &listed, &used, &s, now)).await?;
+    let (chosen, used) = blocking(move || {
+        let chosen = compact::candidates(index.as_ref(), &listed, &used, &s, now)?;
+        Ok((chosen, used))
+    })
+    .await?;
     report.dead_bytes_compacted = chosen.iter().map(|c| c.dead).sum();
+    // What stays: packs with dead bytes too few to rewrite.
+    let rewritten: HashSet<PackId> = chosen.iter().map(|c| c.pack.id).collect();
+    for p in packs.iter().filter(|p| !rewritten.contains(&p.id)) {
+        let used = used.get(&p.id).copied().unwrap_or(0);
+        if used > 0 && used < p.size {
+            report.left_partly_dead_packs += 1;
+            report.left_dead_bytes += p.size - used;
+        }
+    }
     if options.dry_run || chosen.is_empty() {
         report.packs_compacted = chosen.len() as u64;
         return Ok(());
@@ -510,9 +558,14 @@ fn delete_unreferred(index: &dyn Index, cache: &CacheName, paths: &[StorePathHas
 
 /// What marking from the roots found dead.
 struct Marked {
+    /// NARs kept because an upload not taken up yet names them.
+    pending_uploads: u64,
     stale_uploads: Vec<(CacheName, NarUrl, Upload)>,
     dead_nars: Vec<(Sha256, NarRecord)>,
     dead_chunks: Vec<ChunkId>,
+    /// The packs the dead chunks' records name: once nothing names them, they are
+    /// the run's own doing, not a crash's leftovers, and go without a grace period.
+    emptied: HashSet<PackId>,
     /// Chunks that live manifests name and that have no record (an earlier run that
     /// could not finish removed it while an upload reused the chunk).
     unrecorded: HashSet<u64>,
@@ -587,7 +640,10 @@ fn mark(
         if claimed.contains(&upload.nar_hash) {
             return Ok(());
         }
-        if upload.created.saturating_add(pending_secs) > now {
+        // An upload a narinfo took up only lets a push skip the NAR: with no narinfo
+        // claiming the NAR any more it holds nothing. One not taken up yet may belong
+        // to a push under way, whose narinfo follows.
+        if !upload.claimed && upload.created.saturating_add(pending_secs) > now {
             pending.insert(upload.nar_hash);
         } else {
             stale_uploads.push((cache.clone(), url, upload));
@@ -609,10 +665,14 @@ fn mark(
         })
     })?;
     let mut dead_chunks = Vec::new();
+    let mut emptied = HashSet::new();
     index.for_each_chunk(&mut |c| {
         match live.get_mut(&short(&c.id)) {
             Some(seen) => *seen = true,
-            None => dead_chunks.push(c.id),
+            None => {
+                dead_chunks.push(c.id);
+                emptied.insert(c.pack);
+            }
         }
         Ok(())
     })?;
@@ -622,9 +682,11 @@ fn mark(
         .map(|(id, _)| id)
         .collect();
     Ok(Marked {
+        pending_uploads: pending.len() as u64,
         stale_uploads,
         dead_nars,
         dead_chunks,
+        emptied,
         unrecorded,
     })
 }
@@ -810,7 +872,7 @@ mod tests {
         let body = futures::stream::iter([Ok(bytes::Bytes::from(data))]);
         let got = app
             .ingestor
-            .ingest_nar(body, Compression::None, Peer::always())
+            .ingest_nar(body, Compression::None, Peer::always(), None)
             .await
             .unwrap();
         let main: CacheName = "main".parse().unwrap();
@@ -829,7 +891,7 @@ mod tests {
             refs.join(" ")
         );
         let cache = app.caches.get(&main).unwrap();
-        crate::publish::publish(&app.index, &cache, path.hash(), text.as_bytes())
+        crate::publish::publish(&app.index, &cache, path.hash(), text.as_bytes(), None)
             .await
             .unwrap();
         path
@@ -876,6 +938,7 @@ mod tests {
             cache: None,
             dry_run: false,
             now: crate::clock::now(),
+            compact: false,
         };
         let report = super::run(app.clone(), options, Arc::default())
             .await
@@ -940,6 +1003,7 @@ mod tests {
             cache: None,
             dry_run,
             now,
+            compact: false,
         };
         let predicted = super::run(app.clone(), run(true), Arc::default())
             .await
@@ -969,6 +1033,7 @@ mod tests {
             cache: None,
             dry_run: false,
             now: now + 10_000,
+            compact: false,
         };
         let report = super::run(app.clone(), later.clone(), Arc::default())
             .await

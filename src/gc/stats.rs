@@ -32,6 +32,13 @@ pub struct Stats {
     pub dead_bytes: u64,
     /// The last garbage collection's report, if any ran.
     pub last_gc: Option<super::Report>,
+    /// For a cache: what it holds against its quota (its paths' stored bytes, its
+    /// uploads waiting for a narinfo, its logs and realisations).
+    #[serde(default)]
+    pub used_bytes: u64,
+    /// For a cache: its quota, if it has one (its own or the server's default).
+    #[serde(default)]
+    pub quota_bytes: Option<u64>,
 }
 
 fn ratio(a: u64, b: u64) -> f64 {
@@ -42,8 +49,14 @@ fn ratio(a: u64, b: u64) -> f64 {
     }
 }
 
-/// The figures of `cache`, or of the server with `packs` listed.
-pub fn stats(index: &dyn Index, cache: Option<&CacheName>, packs: &[PackInfo]) -> Result<Stats> {
+/// The figures of `cache` (whose quota is `quota`), or of the server with `packs`
+/// listed.
+pub fn stats(
+    index: &dyn Index,
+    cache: Option<&CacheName>,
+    quota: Option<u64>,
+    packs: &[PackInfo],
+) -> Result<Stats> {
     let last_gc = index
         .meta(super::LAST_GC)?
         .and_then(|v| serde_json::from_slice(&v).ok());
@@ -56,6 +69,8 @@ pub fn stats(index: &dyn Index, cache: Option<&CacheName>, packs: &[PackInfo]) -
             stored_bytes: s.stored_bytes,
             dedup_ratio: ratio(s.nar_bytes, s.stored_bytes),
             last_gc,
+            used_bytes: s.used_bytes(),
+            quota_bytes: quota,
             ..Stats::default()
         });
     }

@@ -89,15 +89,15 @@ async fn put_blob(
     (peer, body): (Peer, Body),
 ) -> Result<StatusCode> {
     let cache = creds.cache(app, &cache, Permission::Push)?;
+    let charge = app.charge(&cache)?;
     // Held until the file is recorded: the chunks it finds stored stay stored.
     let _epoch = app.epochs.enter();
     let stored = match kind {
         // Logs are streamed into chunks: they may be tens of MiB.
         BlobKind::Log => {
             let body = guarded(app, body);
-            app.ingestor
-                .ingest_blob(body, app.config.ingest.max_log_bytes, peer)
-                .await?
+            let max = app.config.ingest.max_log_bytes;
+            app.ingestor.ingest_blob(body, max, peer, charge).await?
         }
         // A realisation is a small JSON document, checked before it is stored.
         BlobKind::Realisation => {
@@ -107,7 +107,7 @@ async fn put_blob(
             }
             let len = data.len() as u64;
             let body = futures::stream::iter([Ok(data)]);
-            app.ingestor.ingest_blob(body, len, peer).await?
+            app.ingestor.ingest_blob(body, len, peer, charge).await?
         }
     };
     app.index.put_blob(kind, &cache.name, &key, &stored)?;

@@ -27,12 +27,15 @@ pub fn status(e: &Error) -> StatusCode {
         Error::Unauthorized => StatusCode::UNAUTHORIZED,
         Error::Forbidden(_) => StatusCode::FORBIDDEN,
         Error::Conflict(_) => StatusCode::CONFLICT,
+        Error::Quota(_) => StatusCode::INSUFFICIENT_STORAGE,
         Error::RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
         Error::Ingest(e) => match e {
             IngestError::Unsupported(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             IngestError::Nar(NarError::TooManyEntries { .. })
             | IngestError::TooLarge { .. }
+            | IngestError::Expansion { .. }
             | IngestError::DecoderMemory { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            IngestError::Quota(_) => StatusCode::INSUFFICIENT_STORAGE,
             IngestError::Decompress { .. } | IngestError::Nar(_) | IngestError::TrailingData => {
                 StatusCode::BAD_REQUEST
             }
@@ -118,10 +121,16 @@ pub fn server_error_text(status: StatusCode) -> String {
 #[derive(Debug, Clone)]
 pub struct Failure(pub String);
 
+/// Whether a 5xx error's text is for the client: a cache at its quota is the
+/// pusher's to act on, and says nothing of the server's internals.
+fn says_why(e: &Error) -> bool {
+    matches!(e, Error::Quota(_) | Error::Ingest(IngestError::Quota(_)))
+}
+
 impl IntoResponse for Error {
     fn into_response(self) -> Response {
         let status = status(&self);
-        let text = if status.is_server_error() {
+        let text = if status.is_server_error() && !says_why(&self) {
             server_error_text(status)
         } else {
             format!("{self}\n")

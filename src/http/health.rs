@@ -53,8 +53,24 @@ pub async fn ready(State(app): State<Arc<App>>) -> impl IntoResponse {
     (status, Json(body))
 }
 
-/// `GET /metrics`.
+/// `GET /metrics`; each cache's figures are read now.
 pub async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
+    let m = &app.metrics;
+    m.cache_used_bytes.clear();
+    m.cache_quota_bytes.clear();
+    for cache in app.caches.all() {
+        let labels = crate::metrics::CacheLabels {
+            cache: cache.name.to_string(),
+        };
+        if let Ok(stats) = app.index.cache_stats(&cache.name) {
+            m.cache_used_bytes
+                .get_or_create(&labels)
+                .set(stats.used_bytes() as i64);
+        }
+        if let Some(q) = app.config.quota.of(cache.record.quota_bytes) {
+            m.cache_quota_bytes.get_or_create(&labels).set(q as i64);
+        }
+    }
     (
         [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
         app.metrics.render(),

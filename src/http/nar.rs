@@ -106,11 +106,13 @@ pub async fn put(
 ) -> Result<StatusCode> {
     let url = parse_file(&file)?;
     let cache = creds.cache(&app, &cache, Permission::Push)?;
+    // Counted against the cache's quota until its record counts it.
+    let charge = app.charge(&cache)?;
     // Held until the upload is recorded: the chunks it finds stored stay stored.
     let _epoch = app.epochs.enter();
     let nar = app
         .ingestor
-        .ingest_nar(guarded(&app, body), url.compression, peer)
+        .ingest_nar(guarded(&app, body), url.compression, peer, charge)
         .await?;
     // Nix names the file after the SHA-256 of the bytes it sends; holding uploads to
     // that keeps one URL from standing for two different bodies.

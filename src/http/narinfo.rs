@@ -98,7 +98,8 @@ pub async fn put(
             // one made while the body arrived is signed with (see `caches`).
             let _unchanged = app.caches.shared(&cache).await;
             let cache = creds.cache(&app, &cache, Permission::Push)?;
-            let published = publish::publish(&app.index, &cache, hash, &body).await?;
+            let quota = app.config.quota.of(cache.record.quota_bytes);
+            let published = publish::publish(&app.index, &cache, hash, &body, quota).await?;
             match published {
                 // A push counts as a fetch: retention measures age from it.
                 Published::New => app.accesses.narinfo(&cache.name, hash, crate::clock::now()),

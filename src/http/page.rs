@@ -86,8 +86,9 @@ pub fn host_of(url: &str) -> &str {
     }
 }
 
-/// The cache's page; `base` is the server's URL as the client reached it.
-pub fn render_cache(cache: &Cache, stats: &CacheStats, base: &str) -> String {
+/// The cache's page; `base` is the server's URL as the client reached it, `quota`
+/// the quota that applies to the cache.
+pub fn render_cache(cache: &Cache, stats: &CacheStats, quota: Option<u64>, base: &str) -> String {
     let url = format!("{base}/{}", cache.name);
     let key = cache.public_key().to_string();
     let host = host_of(base);
@@ -104,6 +105,21 @@ pub fn render_cache(cache: &Cache, stats: &CacheStats, base: &str) -> String {
         escape(&human(stats.nar_bytes)),
         escape(&human(stats.stored_bytes)),
     );
+    let used = stats.used_bytes();
+    let quota_line = match quota {
+        Some(q) => format!(
+            "<span id=\"used\">{}</span> of its <span id=\"quota\">{}</span> quota \
+             (<span id=\"used-percent\">{:.0}%</span>)",
+            escape(&human(used)),
+            escape(&human(q)),
+            used as f64 * 100.0 / q.max(1) as f64
+        ),
+        None => format!(
+            "<span id=\"used\">{}</span> (no quota)",
+            escape(&human(used))
+        ),
+    };
+    let _ = writeln!(body, "<dt>Stored</dt><dd>{quota_line}</dd>");
     copyable(&mut body, "public-key", "Public key", &key);
     copyable(
         &mut body,
@@ -174,7 +190,8 @@ pub async fn cache(
     let cache = creds.cache(&app, &cache, Permission::Pull)?;
     let stats = app.index.cache_stats(&cache.name)?;
     let base = base_url(&headers, tls.is_some());
-    Ok(Html(render_cache(&cache, &stats, &base)).into_response())
+    let quota = app.config.quota.of(cache.record.quota_bytes);
+    Ok(Html(render_cache(&cache, &stats, quota, &base)).into_response())
 }
 
 /// `GET /`.
@@ -198,8 +215,10 @@ mod tests {
             paths: 3,
             nar_bytes: 3 << 30,
             stored_bytes: 1000,
+            ..CacheStats::default()
         };
-        let html = render_cache(&cache, &stats, &format!("http://{MARKUP}"));
+        let html = render_cache(&cache, &stats, Some(4000), &format!("http://{MARKUP}"));
+        assert!(html.contains("<span id=\"used-percent\">25%</span>"), "{html}");
         assert!(!html.contains("<script>"), "{html}");
         assert!(!html.contains(MARKUP));
         assert!(html.contains("&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;&amp;&quot;"));

@@ -18,20 +18,31 @@ fn u64_at(b: &[u8], at: usize) -> Option<u64> {
 }
 
 pub fn encode_upload(u: &Upload) -> Vec<u8> {
-    let mut out = Vec::with_capacity(88);
+    let mut out = Vec::with_capacity(97);
     out.extend_from_slice(u.nar_hash.as_bytes());
     out.extend_from_slice(u.file_hash.as_bytes());
     out.extend_from_slice(&u.nar_size.to_le_bytes());
     out.extend_from_slice(&u.file_size.to_le_bytes());
     out.extend_from_slice(&u.created.to_le_bytes());
+    out.extend_from_slice(&u.stored_size.to_le_bytes());
+    out.push(u8::from(u.claimed));
     out
 }
 
-/// Reads an upload record; one of 80 bytes was written before uploads had a time.
+/// Reads an upload record; one of 80 bytes was written before uploads had a time, one
+/// of 88 before they had a stored size and a claim.
 pub fn decode_upload(b: &[u8]) -> Option<Upload> {
-    let created = match b.len() {
-        80 => 0,
-        88 => u64_at(b, 80)?,
+    let (created, stored_size, claimed) = match b.len() {
+        80 => (0, 0, false),
+        88 => (u64_at(b, 80)?, 0, false),
+        97 => {
+            let claimed = match b[96] {
+                0 => false,
+                1 => true,
+                _ => return None,
+            };
+            (u64_at(b, 80)?, u64_at(b, 88)?, claimed)
+        }
         _ => return None,
     };
     Some(Upload {
@@ -40,6 +51,8 @@ pub fn decode_upload(b: &[u8]) -> Option<Upload> {
         nar_size: u64_at(b, 64)?,
         file_size: u64_at(b, 72)?,
         created,
+        stored_size,
+        claimed,
     })
 }
 
@@ -135,22 +148,30 @@ pub fn segment_key(id: &ManifestId, index: u32) -> [u8; 20] {
     k
 }
 
-pub fn encode_stats(s: &CacheStats) -> [u8; 24] {
-    let mut out = [0u8; 24];
+pub fn encode_stats(s: &CacheStats) -> [u8; 40] {
+    let mut out = [0u8; 40];
     out[..8].copy_from_slice(&s.paths.to_le_bytes());
     out[8..16].copy_from_slice(&s.nar_bytes.to_le_bytes());
-    out[16..].copy_from_slice(&s.stored_bytes.to_le_bytes());
+    out[16..24].copy_from_slice(&s.stored_bytes.to_le_bytes());
+    out[24..32].copy_from_slice(&s.pending_bytes.to_le_bytes());
+    out[32..].copy_from_slice(&s.blob_bytes.to_le_bytes());
     out
 }
 
+/// Reads a cache's counts; one of 24 bytes was written before uploads, logs and
+/// realisations were counted (they count from the first write after).
 pub fn decode_stats(b: &[u8]) -> Option<CacheStats> {
-    if b.len() != 24 {
-        return None;
-    }
+    let (pending_bytes, blob_bytes) = match b.len() {
+        24 => (0, 0),
+        40 => (u64_at(b, 24)?, u64_at(b, 32)?),
+        _ => return None,
+    };
     Some(CacheStats {
         paths: u64_at(b, 0)?,
         nar_bytes: u64_at(b, 8)?,
         stored_bytes: u64_at(b, 16)?,
+        pending_bytes,
+        blob_bytes,
     })
 }
 
@@ -200,9 +221,29 @@ mod tests {
             paths: 1,
             nar_bytes: 2,
             stored_bytes: 3,
+            pending_bytes: 4,
+            blob_bytes: 5,
         };
         assert_eq!(decode_stats(&encode_stats(&stats)), Some(stats));
+        let old = decode_stats(&encode_stats(&stats)[..24]).unwrap();
+        assert_eq!((old.stored_bytes, old.pending_bytes, old.blob_bytes), (3, 0, 0));
         assert_eq!(decode_stats(&[0; 23]), None);
+        let upload = Upload {
+            nar_hash: Sha256::digest(b"n"),
+            file_hash: Sha256::digest(b"f"),
+            nar_size: 1,
+            file_size: 2,
+            created: 3,
+            stored_size: 4,
+            claimed: true,
+        };
+        let encoded = encode_upload(&upload);
+        assert_eq!(decode_upload(&encoded), Some(upload));
+        let before = decode_upload(&encoded[..88]).unwrap();
+        assert_eq!((before.created, before.stored_size, before.claimed), (3, 0, false));
+        let mut bad = encoded.clone();
+        bad[96] = 2;
+        assert_eq!(decode_upload(&bad), None);
         assert_eq!(decode_upload(&[0; 79]), None);
     }
 }

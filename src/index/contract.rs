@@ -68,6 +68,7 @@ pub fn caches_are_created_and_replaced(index: &dyn Index) {
         }],
         keep_client_signatures: true,
         retention: Retention::default(),
+        quota_bytes: None,
         created: 1,
     };
     index.put_cache(&record).unwrap();
@@ -117,6 +118,8 @@ pub fn chunks_and_nars_round_trip(index: &dyn Index) {
         file_hash: Sha256::digest(b"file"),
         file_size: 30,
         created: 5,
+        stored_size: 0,
+        claimed: false,
     };
     let url: NarUrl = format!("nar/{}.nar.xz", up.file_hash.to_nix32())
         .parse()
@@ -155,6 +158,8 @@ pub fn uploads_belong_to_their_cache(index: &dyn Index) {
         file_hash: Sha256::digest(b"f"),
         file_size: 3,
         created: 1,
+        stored_size: 0,
+        claimed: false,
     };
     index
         .put_upload(&cache("main"), &url, &up, &nar_record(1))
@@ -175,11 +180,11 @@ pub fn the_first_narinfo_wins_and_is_counted_once(index: &dyn Index) {
     let second = narinfo(b"b", "two");
     assert_eq!(index.cache_stats(&main).unwrap(), CacheStats::default());
     assert_eq!(
-        index.commit_narinfo(&main, &path(1), &first, &[]).unwrap(),
+        index.commit_narinfo(&main, &path(1), &first, &[], None).unwrap(),
         Commit::Written
     );
     assert_eq!(
-        index.commit_narinfo(&main, &path(1), &second, &[]).unwrap(),
+        index.commit_narinfo(&main, &path(1), &second, &[], None).unwrap(),
         Commit::Exists {
             nar_hash: first.nar_hash
         }
@@ -190,31 +195,104 @@ pub fn the_first_narinfo_wins_and_is_counted_once(index: &dyn Index) {
     assert!(!index.cache_has_nar(&other, &first.nar_hash).unwrap());
     assert_eq!(index.narinfo(&other, &path(1)).unwrap(), None);
     // A second path with the same NAR: the claim holds while either is there.
-    index.commit_narinfo(&main, &path(2), &first, &[]).unwrap();
+    index.commit_narinfo(&main, &path(2), &first, &[], None).unwrap();
     assert_eq!(
         index.cache_stats(&main).unwrap(),
         CacheStats {
             paths: 2,
             nar_bytes: 200,
-            stored_bytes: 80
+            stored_bytes: 80,
+            ..CacheStats::default()
         }
     );
     assert_eq!(index.cache_stats(&other).unwrap(), CacheStats::default());
+}
+
+pub fn uploads_count_as_pending_until_a_narinfo_takes_them_up(index: &dyn Index) {
+    let main = cache("main");
+    let record = narinfo(b"a", "one");
+    let url = |n: u8| NarUrl {
+        hash: Sha256::digest(&[n]),
+        compression: crate::nix::Compression::Zstd,
+    };
+    let up = |n: u8, nar: &[u8]| Upload {
+        nar_hash: Sha256::digest(nar),
+        nar_size: 100,
+        file_hash: Sha256::digest(&[n]),
+        file_size: 50,
+        created: 1,
+        stored_size: 40 + u64::from(n),
+        claimed: false,
+    };
+    let pending = |i: &dyn Index| i.cache_stats(&main).unwrap().pending_bytes;
+    index
+        .put_upload(&main, &url(1), &up(1, b"a"), &nar_record(1))
+        .unwrap();
+    index
+        .put_upload(&main, &url(2), &up(2, b"b"), &nar_record(2))
+        .unwrap();
+    assert_eq!(pending(index), 41 + 42);
+    // Sent again under the same URL: counted once.
+    index
+        .put_upload(&main, &url(1), &up(1, b"a"), &nar_record(1))
+        .unwrap();
+    assert_eq!(pending(index), 41 + 42);
+    // A narinfo of another NAR does not take it up.
+    index
+        .commit_narinfo(&main, &path(1), &record, &[], Some(&url(2)))
+        .unwrap();
+    assert_eq!(pending(index), 41 + 42);
+    // One of its NAR does; its record says so, and a repeat changes nothing.
+    index
+        .commit_narinfo(&main, &path(2), &record, &[], Some(&url(1)))
+        .unwrap();
+    assert_eq!(pending(index), 42);
+    let taken = index.upload(&main, &url(1)).unwrap().unwrap();
+    assert!(taken.claimed);
+    index
+        .commit_narinfo(&main, &path(2), &record, &[], Some(&url(1)))
+        .unwrap();
+    assert_eq!(pending(index), 42);
+    let stats = index.cache_stats(&main).unwrap();
+    assert_eq!(stats.used_bytes(), stats.stored_bytes + 42);
+    // Removing a pending upload uncounts it; a taken-up one was uncounted already.
+    assert!(index.delete_upload_if(&main, &url(2), &up(2, b"b")).unwrap());
+    assert!(index.delete_upload_if(&main, &url(1), &taken).unwrap());
+    assert_eq!(pending(index), 0);
+    // Logs and realisations count too, a replaced one no more.
+    let blob = |size: u64| Stored {
+        id: ManifestId::random(),
+        segments: vec![crate::store::Segment {
+            size,
+            stored_size: size / 2,
+        }],
+    };
+    let (first, second) = (blob(100), blob(300));
+    index.put_blob(BlobKind::Log, &main, "x.drv", &first).unwrap();
+    index.put_blob(BlobKind::Log, &main, "x.drv", &second).unwrap();
+    index
+        .put_blob(BlobKind::Realisation, &main, "y.doi", &first)
+        .unwrap();
+    assert_eq!(index.cache_stats(&main).unwrap().blob_bytes, 150 + 50);
+    assert!(index
+        .replace_blob(BlobKind::Log, &main, "x.drv", &second, &first)
+        .unwrap());
+    assert_eq!(index.cache_stats(&main).unwrap().blob_bytes, 50 + 50);
 }
 
 pub fn narinfos_are_paged_rewritten_and_deleted_with_their_references(index: &dyn Index) {
     let (main, other) = (cache("main"), cache("other"));
     let leaf = narinfo(b"leaf", "leaf");
     let top = narinfo(b"top", "top");
-    index.commit_narinfo(&main, &path(1), &leaf, &[]).unwrap();
+    index.commit_narinfo(&main, &path(1), &leaf, &[], None).unwrap();
     index
-        .commit_narinfo(&main, &path(2), &top, &[path(1)])
+        .commit_narinfo(&main, &path(2), &top, &[path(1)], None)
         .unwrap();
     index
-        .commit_narinfo(&main, &path(3), &top, &[path(1)])
+        .commit_narinfo(&main, &path(3), &top, &[path(1)], None)
         .unwrap();
     index
-        .commit_narinfo(&other, &path(4), &top, &[path(1)])
+        .commit_narinfo(&other, &path(4), &top, &[path(1)], None)
         .unwrap();
     assert_eq!(
         index.referrers(&main, &path(1)).unwrap(),
@@ -278,7 +356,8 @@ pub fn narinfos_are_paged_rewritten_and_deleted_with_their_references(index: &dy
         CacheStats {
             paths: 1,
             nar_bytes: 100,
-            stored_bytes: 40
+            stored_bytes: 40,
+            ..CacheStats::default()
         }
     );
 }
@@ -292,6 +371,7 @@ pub fn a_deleted_cache_leaves_nothing_under_its_name(index: &dyn Index) {
         keys: Vec::new(),
         keep_client_signatures: true,
         retention: Retention::default(),
+        quota_bytes: None,
         created: 0,
     };
     index.put_cache(&record(&main)).unwrap();
@@ -305,6 +385,8 @@ pub fn a_deleted_cache_leaves_nothing_under_its_name(index: &dyn Index) {
         file_hash: Sha256::digest(b"f"),
         file_size: 3,
         created: 1,
+        stored_size: 0,
+        claimed: false,
     };
     let info = narinfo(b"n", "n");
     let stored = Stored {
@@ -313,9 +395,9 @@ pub fn a_deleted_cache_leaves_nothing_under_its_name(index: &dyn Index) {
     };
     for c in [&main, &other] {
         index.put_upload(c, &url, &up, &nar_record(1)).unwrap();
-        index.commit_narinfo(c, &path(1), &info, &[]).unwrap();
+        index.commit_narinfo(c, &path(1), &info, &[], None).unwrap();
         index
-            .commit_narinfo(c, &path(2), &info, &[path(1)])
+            .commit_narinfo(c, &path(2), &info, &[path(1)], None)
             .unwrap();
         index.put_blob(BlobKind::Log, c, "x.drv", &stored).unwrap();
         index
@@ -437,6 +519,8 @@ pub fn what_the_collector_walks_and_deletes(index: &dyn Index) {
         file_hash: Sha256::digest(&[n]),
         file_size: 3,
         created: u64::from(n),
+        stored_size: 0,
+        claimed: false,
     };
     index
         .put_upload(&main, &url(1), &upload(1), &nar_record(1))
@@ -561,10 +645,10 @@ pub fn what_the_collector_walks_and_deletes(index: &dyn Index) {
 pub fn accesses_and_pins_are_kept_per_cache(index: &dyn Index) {
     let (main, other) = (cache("main"), cache("other"));
     index
-        .commit_narinfo(&main, &path(1), &narinfo(b"a", "a"), &[])
+        .commit_narinfo(&main, &path(1), &narinfo(b"a", "a"), &[], None)
         .unwrap();
     index
-        .commit_narinfo(&main, &path(2), &narinfo(b"a", "b"), &[])
+        .commit_narinfo(&main, &path(2), &narinfo(b"a", "b"), &[], None)
         .unwrap();
     let mut paths = index.paths_of_nar(&main, &Sha256::digest(b"a")).unwrap();
     paths.sort();
@@ -619,6 +703,7 @@ macro_rules! tests {
             chunks_and_nars_round_trip,
             segments_are_kept_by_manifest_and_index,
             uploads_belong_to_their_cache,
+            uploads_count_as_pending_until_a_narinfo_takes_them_up,
             the_first_narinfo_wins_and_is_counted_once,
             narinfos_are_paged_rewritten_and_deleted_with_their_references,
             a_deleted_cache_leaves_nothing_under_its_name,

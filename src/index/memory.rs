@@ -57,6 +57,13 @@ fn kind_tag(kind: BlobKind) -> u8 {
     }
 }
 
+/// A cache's pending bytes after the upload `old` (if any) is replaced by `new` (or
+/// removed): only unclaimed uploads count.
+pub(super) fn pending_after(pending: u64, old: Option<&Upload>, new: Option<&Upload>) -> u64 {
+    let counted = |u: Option<&Upload>| u.filter(|u| !u.claimed).map_or(0, |u| u.stored_size);
+    pending.saturating_sub(counted(old)).saturating_add(counted(new))
+}
+
 impl Index for MemoryIndex {
     fn caches(&self) -> Result<Vec<CacheRecord>> {
         self.with(|s| s.caches.values().cloned().collect())
@@ -137,7 +144,9 @@ impl Index for MemoryIndex {
     ) -> Result<()> {
         self.with(|s| {
             s.nars.insert(upload.nar_hash, nar.clone());
-            s.uploads.insert((cache.clone(), *url), *upload);
+            let replaced = s.uploads.insert((cache.clone(), *url), *upload);
+            let stats = s.stats.entry(cache.clone()).or_default();
+            stats.pending_bytes = pending_after(stats.pending_bytes, replaced.as_ref(), Some(upload));
         })
     }
 
@@ -151,13 +160,21 @@ impl Index for MemoryIndex {
         path: &StorePathHash,
         record: &NarInfoRecord,
         references: &[StorePathHash],
+        upload: Option<&NarUrl>,
     ) -> Result<Commit> {
         self.with(|s| {
             let key = (cache.clone(), *path);
-            if let Some(existing) = s.narinfos.get(&key) {
-                return Commit::Exists {
-                    nar_hash: existing.nar_hash,
-                };
+            let kept = s.narinfos.get(&key).map(|r| r.nar_hash);
+            let nar_hash = kept.unwrap_or(record.nar_hash);
+            if let Some(u) = upload.and_then(|url| s.uploads.get_mut(&(cache.clone(), *url))) {
+                if !u.claimed && u.nar_hash == nar_hash {
+                    u.claimed = true;
+                    let stats = s.stats.entry(cache.clone()).or_default();
+                    stats.pending_bytes = stats.pending_bytes.saturating_sub(u.stored_size);
+                }
+            }
+            if let Some(nar_hash) = kept {
+                return Commit::Exists { nar_hash };
             }
             s.narinfos.insert(key, record.clone());
             s.claims.insert((cache.clone(), record.nar_hash, *path));
@@ -268,10 +285,15 @@ impl Index for MemoryIndex {
         stored: &Stored,
     ) -> Result<()> {
         self.with(|s| {
-            s.blobs.insert(
+            let old = s.blobs.insert(
                 (kind_tag(kind), cache.clone(), key.to_owned()),
                 stored.clone(),
             );
+            let stats = s.stats.entry(cache.clone()).or_default();
+            stats.blob_bytes = stats
+                .blob_bytes
+                .saturating_sub(old.map_or(0, |o| o.stored_size()))
+                .saturating_add(stored.stored_size());
         })
     }
 
@@ -356,6 +378,11 @@ impl Index for MemoryIndex {
         self.with(|s| match s.blobs.get_mut(&k) {
             Some(b) if b == expected => {
                 *b = new.clone();
+                let stats = s.stats.entry(cache.clone()).or_default();
+                stats.blob_bytes = stats
+                    .blob_bytes
+                    .saturating_sub(expected.stored_size())
+                    .saturating_add(new.stored_size());
                 true
             }
             _ => false,
@@ -380,7 +407,12 @@ impl Index for MemoryIndex {
     fn delete_upload_if(&self, cache: &CacheName, url: &NarUrl, expected: &Upload) -> Result<bool> {
         let key = (cache.clone(), *url);
         self.with(|s| match s.uploads.get(&key) {
-            Some(u) if u == expected => s.uploads.remove(&key).is_some(),
+            Some(u) if u == expected => {
+                let removed = s.uploads.remove(&key);
+                let stats = s.stats.entry(cache.clone()).or_default();
+                stats.pending_bytes = pending_after(stats.pending_bytes, removed.as_ref(), None);
+                true
+            }
             _ => false,
         })
     }

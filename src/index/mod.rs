@@ -88,6 +88,9 @@ pub struct CacheRecord {
     /// How long and how much it keeps (read by the garbage collector).
     #[serde(default)]
     pub retention: Retention,
+    /// The most stored bytes it may hold (`None`: the server's default, if any).
+    #[serde(default)]
+    pub quota_bytes: Option<u64>,
     /// When it was created, in seconds since the epoch.
     #[serde(default)]
     pub created: u64,
@@ -153,6 +156,22 @@ pub struct CacheStats {
     /// The sum of their served `.nar.zst` sizes (their stored frames, before the
     /// sharing of chunks between NARs).
     pub stored_bytes: u64,
+    /// The stored sizes of the NARs uploaded to the cache that no narinfo has taken
+    /// up yet (`Upload::stored_size` of the unclaimed uploads): with `stored_bytes`,
+    /// what the cache holds against its quota.
+    pub pending_bytes: u64,
+    /// The stored bytes of its build logs and realisations.
+    pub blob_bytes: u64,
+}
+
+impl CacheStats {
+    /// What the cache holds against its quota: its paths' stored bytes, its uploads
+    /// waiting for their narinfos, its logs and realisations.
+    pub fn used_bytes(&self) -> u64 {
+        self.stored_bytes
+            .saturating_add(self.pending_bytes)
+            .saturating_add(self.blob_bytes)
+    }
 }
 
 /// A NAR received under a client-chosen URL, waiting for (or used by) a narinfo.
@@ -169,6 +188,13 @@ pub struct Upload {
     /// When it was received, in seconds since the epoch (0 for uploads recorded before
     /// the time was): an upload no narinfo took up is collected after a while.
     pub created: u64,
+    /// The stored bytes of the NAR's frames when it was received (0 for uploads
+    /// recorded before): what it counts against the cache's quota until a narinfo
+    /// takes it up.
+    pub stored_size: u64,
+    /// Whether a narinfo of the cache took it up. From then on it only lets a client
+    /// skip sending the NAR again: it holds nothing once no narinfo claims the NAR.
+    pub claimed: bool,
 }
 
 /// A stored NAR: its chunks, and the chunks of its `.ls` listing.
@@ -279,6 +305,8 @@ pub trait Index: Send + Sync + 'static {
     /// Records an upload and its NAR (under `upload.nar_hash`) together, only after the
     /// segments of the NAR's manifests are recorded. Together, so that the garbage
     /// collector never sees a NAR that an upload is about to name without the upload.
+    /// An unclaimed upload counts in the cache's `pending_bytes` (one it replaces
+    /// stops counting).
     fn put_upload(
         &self,
         cache: &CacheName,
@@ -291,13 +319,16 @@ pub trait Index: Send + Sync + 'static {
     fn narinfo(&self, cache: &CacheName, path: &StorePathHash) -> Result<Option<NarInfoRecord>>;
     /// The commit point of an upload: makes the narinfo, the cache's claim on its NAR
     /// and the path's references visible together, and counts it in the cache's stats,
-    /// unless the path is already there.
+    /// unless the path is already there. In the same step the upload under `upload`,
+    /// if it is unclaimed and of the NAR the path now has, becomes claimed and stops
+    /// counting as pending.
     fn commit_narinfo(
         &self,
         cache: &CacheName,
         path: &StorePathHash,
         record: &NarInfoRecord,
         references: &[StorePathHash],
+        upload: Option<&NarUrl>,
     ) -> Result<Commit>;
     /// The paths of `cache` whose narinfos name `path` among their references.
     fn referrers(&self, cache: &CacheName, path: &StorePathHash) -> Result<Vec<StorePathHash>>;
@@ -334,7 +365,8 @@ pub trait Index: Send + Sync + 'static {
 
     /// Where a log or realisation is stored.
     fn blob(&self, kind: BlobKind, cache: &CacheName, key: &str) -> Result<Option<Stored>>;
-    /// Records a log or realisation; only after its segments are recorded.
+    /// Records a log or realisation (counted in the cache's `blob_bytes`, instead of
+    /// one it replaces); only after its segments are recorded.
     fn put_blob(&self, kind: BlobKind, cache: &CacheName, key: &str, stored: &Stored)
         -> Result<()>;
 
@@ -374,7 +406,8 @@ pub trait Index: Send + Sync + 'static {
         &self,
         f: &mut dyn FnMut(&CacheName, NarUrl, Upload) -> Result<()>,
     ) -> Result<()>;
-    /// Removes an upload record if it is still `expected`; false when it is not.
+    /// Removes an upload record if it is still `expected` (uncounting it from the
+    /// cache's `pending_bytes` if unclaimed); false when it is not.
     fn delete_upload_if(&self, cache: &CacheName, url: &NarUrl, expected: &Upload) -> Result<bool>;
     /// Calls `f` with every log and realisation of every cache.
     fn for_each_blob(

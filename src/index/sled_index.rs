@@ -396,10 +396,22 @@ impl Index for SledIndex {
         let key = scoped(cache, url.to_string().as_bytes());
         let value = codec::encode_upload(upload);
         let nar_value = codec::encode_nar(nar);
-        let outcome = (&self.nars, &self.uploads).transaction(|(nars, uploads)| {
+        let stats_key = cache.as_str().as_bytes();
+        let trees = (&self.nars, &self.uploads, &self.cache_stats);
+        let outcome = trees.transaction(|(nars, uploads, cache_stats)| {
             nars.insert(upload.nar_hash.as_bytes(), nar_value.as_slice())?;
-            uploads.insert(key.as_slice(), value.as_slice())?;
-            Ok::<_, sled::transaction::ConflictableTransactionError<IndexError>>(())
+            let replaced = match uploads.insert(key.as_slice(), value.as_slice())? {
+                Some(old) => match codec::decode_upload(&old) {
+                    Some(old) => Some(old),
+                    None => return sled::transaction::abort(IndexError::corrupt("upload", &key)),
+                },
+                None => None,
+            };
+            let mut stats = read_stats(cache_stats, stats_key)?;
+            stats.pending_bytes =
+                super::memory::pending_after(stats.pending_bytes, replaced.as_ref(), Some(upload));
+            cache_stats.insert(stats_key, codec::encode_stats(&stats).as_slice())?;
+            Ok(())
         });
         outcome.map_err(transaction_error)
     }
@@ -421,12 +433,14 @@ impl Index for SledIndex {
         path: &StorePathHash,
         record: &NarInfoRecord,
         references: &[StorePathHash],
+        upload: Option<&NarUrl>,
     ) -> Result<Commit> {
         let key = scoped(cache, path.as_bytes());
         let value = codec::encode_narinfo(record);
         let claim = claim_key(cache, &record.nar_hash, path);
         let refs = reference_keys(cache, references, path);
         let stats_key = cache.as_str().as_bytes();
+        let upload_key = upload.map(|u| scoped(cache, u.to_string().as_bytes()));
         let corrupt = || IndexError::corrupt_narinfo(cache, path);
 
         let trees = (
@@ -434,15 +448,34 @@ impl Index for SledIndex {
             &self.cache_nars,
             &self.cache_stats,
             &self.referrers,
+            &self.uploads,
         );
-        let outcome = trees.transaction(|(narinfos, cache_nars, cache_stats, referrers)| {
-            if let Some(existing) = narinfos.get(&key)? {
-                return match codec::narinfo_nar_hash(&existing) {
-                    Some(nar_hash) => Ok(Commit::Exists { nar_hash }),
-                    None => sled::transaction::abort(corrupt()),
-                };
-            }
+        let outcome = trees.transaction(|(narinfos, cache_nars, cache_stats, referrers, uploads)| {
+            let kept = match narinfos.get(&key)? {
+                Some(existing) => match codec::narinfo_nar_hash(&existing) {
+                    Some(nar_hash) => Some(nar_hash),
+                    None => return sled::transaction::abort(corrupt()),
+                },
+                None => None,
+            };
             let mut stats = read_stats(cache_stats, stats_key)?;
+            // The upload the narinfo takes up stops counting as pending.
+            if let Some(upload_key) = &upload_key {
+                if let Some(v) = uploads.get(upload_key)? {
+                    let Some(mut u) = codec::decode_upload(&v) else {
+                        return sled::transaction::abort(IndexError::corrupt("upload", upload_key));
+                    };
+                    if !u.claimed && u.nar_hash == kept.unwrap_or(record.nar_hash) {
+                        u.claimed = true;
+                        stats.pending_bytes = stats.pending_bytes.saturating_sub(u.stored_size);
+                        uploads.insert(upload_key.as_slice(), codec::encode_upload(&u))?;
+                        cache_stats.insert(stats_key, codec::encode_stats(&stats).as_slice())?;
+                    }
+                }
+            }
+            if let Some(nar_hash) = kept {
+                return Ok(Commit::Exists { nar_hash });
+            }
             stats.paths += 1;
             stats.nar_bytes += record.nar_size;
             stats.stored_bytes += record.file_size;
@@ -451,7 +484,7 @@ impl Index for SledIndex {
             for r in &refs {
                 referrers.insert(r.as_slice(), &[])?;
             }
-            cache_stats.insert(stats_key, &codec::encode_stats(&stats))?;
+            cache_stats.insert(stats_key, codec::encode_stats(&stats).as_slice())?;
             Ok(Commit::Written)
         });
         outcome.map_err(transaction_error)
@@ -518,7 +551,7 @@ impl Index for SledIndex {
             if let Some(size) = file_size.filter(|s| *s != record.file_size) {
                 let mut stats = read_stats(cache_stats, stats_key)?;
                 stats.stored_bytes = stats.stored_bytes.saturating_sub(record.file_size) + size;
-                cache_stats.insert(stats_key, &codec::encode_stats(&stats))?;
+                cache_stats.insert(stats_key, codec::encode_stats(&stats).as_slice())?;
                 record.file_size = size;
             }
             narinfos.insert(key.as_slice(), codec::encode_narinfo(&record))?;
@@ -559,7 +592,7 @@ impl Index for SledIndex {
             stats.paths = stats.paths.saturating_sub(1);
             stats.nar_bytes = stats.nar_bytes.saturating_sub(record.nar_size);
             stats.stored_bytes = stats.stored_bytes.saturating_sub(record.file_size);
-            cache_stats.insert(stats_key, &codec::encode_stats(&stats))?;
+            cache_stats.insert(stats_key, codec::encode_stats(&stats).as_slice())?;
             Ok(true)
         });
         let deleted = outcome.map_err(transaction_error)?;
@@ -596,9 +629,26 @@ impl Index for SledIndex {
     ) -> Result<()> {
         let mut value = Vec::new();
         codec::encode_stored(stored, &mut value);
-        self.blob_tree(kind)
-            .insert(scoped(cache, key.as_bytes()), value)?;
-        Ok(())
+        let key = scoped(cache, key.as_bytes());
+        let stats_key = cache.as_str().as_bytes();
+        let trees = (self.blob_tree(kind), &self.cache_stats);
+        let outcome = trees.transaction(|(blobs, cache_stats)| {
+            let old = match blobs.insert(key.as_slice(), value.as_slice())? {
+                Some(v) => match codec::decode_stored(&v) {
+                    Some(old) => old.stored_size(),
+                    None => return sled::transaction::abort(IndexError::corrupt("blob", &key)),
+                },
+                None => 0,
+            };
+            let mut stats = read_stats(cache_stats, stats_key)?;
+            stats.blob_bytes = stats
+                .blob_bytes
+                .saturating_sub(old)
+                .saturating_add(stored.stored_size());
+            cache_stats.insert(stats_key, codec::encode_stats(&stats).as_slice())?;
+            Ok(())
+        });
+        outcome.map_err(transaction_error)
     }
 
     fn accesses(&self, cache: &CacheName) -> Result<Vec<(StorePathHash, u64)>> {
@@ -693,12 +743,23 @@ impl Index for SledIndex {
         let (mut old, mut value) = (Vec::new(), Vec::new());
         codec::encode_stored(expected, &mut old);
         codec::encode_stored(new, &mut value);
-        let swapped = self.blob_tree(kind).compare_and_swap(
-            scoped(cache, key.as_bytes()),
-            Some(old.as_slice()),
-            Some(value.as_slice()),
-        )?;
-        Ok(swapped.is_ok())
+        let key = scoped(cache, key.as_bytes());
+        let stats_key = cache.as_str().as_bytes();
+        let trees = (self.blob_tree(kind), &self.cache_stats);
+        let outcome = trees.transaction(|(blobs, cache_stats)| {
+            if blobs.get(&key)?.as_deref() != Some(old.as_slice()) {
+                return Ok(false);
+            }
+            blobs.insert(key.as_slice(), value.as_slice())?;
+            let mut stats = read_stats(cache_stats, stats_key)?;
+            stats.blob_bytes = stats
+                .blob_bytes
+                .saturating_sub(expected.stored_size())
+                .saturating_add(new.stored_size());
+            cache_stats.insert(stats_key, codec::encode_stats(&stats).as_slice())?;
+            Ok(true)
+        });
+        outcome.map_err(transaction_error)
     }
 
     fn delete_nar_if(&self, nar_hash: &Sha256, expected: &NarRecord) -> Result<bool> {
@@ -730,11 +791,21 @@ impl Index for SledIndex {
 
     fn delete_upload_if(&self, cache: &CacheName, url: &NarUrl, expected: &Upload) -> Result<bool> {
         let key = scoped(cache, url.to_string().as_bytes());
-        let expected = codec::encode_upload(expected);
-        let swapped =
-            self.uploads
-                .compare_and_swap(key, Some(expected.as_slice()), None::<&[u8]>)?;
-        Ok(swapped.is_ok())
+        let encoded = codec::encode_upload(expected);
+        let stats_key = cache.as_str().as_bytes();
+        let trees = (&self.uploads, &self.cache_stats);
+        let outcome = trees.transaction(|(uploads, cache_stats)| {
+            if uploads.get(&key)?.as_deref() != Some(encoded.as_slice()) {
+                return Ok(false);
+            }
+            uploads.remove(key.as_slice())?;
+            let mut stats = read_stats(cache_stats, stats_key)?;
+            stats.pending_bytes =
+                super::memory::pending_after(stats.pending_bytes, Some(expected), None);
+            cache_stats.insert(stats_key, codec::encode_stats(&stats).as_slice())?;
+            Ok(true)
+        });
+        outcome.map_err(transaction_error)
     }
 
     fn for_each_blob(
@@ -861,7 +932,7 @@ mod tests {
             text: Bytes::from_static(b"x"),
         };
         let err = index
-            .commit_narinfo(&cache(), &path, &record, &[])
+            .commit_narinfo(&cache(), &path, &record, &[], None)
             .unwrap_err();
         assert!(matches!(err, IndexError::Corrupt { .. }), "{err}");
 

@@ -34,6 +34,7 @@ use crate::budget::Budget;
 use crate::index::{Index, IndexError, NarRecord, Upload};
 use crate::metrics::Metrics;
 use crate::nix::nar::{self, NarError};
+use crate::quota::{Charge, ChargeError};
 use crate::nix::{CacheName, Compression, NarUrl, Sha256};
 use crate::store::space::{LowSpace, Space};
 use crate::store::{
@@ -71,6 +72,10 @@ pub struct IngestSettings {
     pub max_nar_entries: u64,
     /// Memory all uploads together may reserve (see `upload_memory`).
     pub memory_bytes: u64,
+    /// How much larger than its body a NAR may decode to, beyond `expansion_floor`.
+    pub max_expansion: u64,
+    /// NAR bytes decoded before `max_expansion` applies.
+    pub expansion_floor: u64,
 }
 
 impl IngestSettings {
@@ -129,6 +134,20 @@ pub enum IngestError {
         /// The setting that sets it.
         setting: &'static str,
     },
+    /// The body decodes to far more than it is: a compression bomb.
+    #[error(
+        "the NAR decodes to more than {max_expansion} times the bytes of its body past its \
+         first {floor_mib} MiB (ingest.max_expansion): refused as a compression bomb"
+    )]
+    Expansion {
+        /// The most a body may expand.
+        max_expansion: u64,
+        /// The NAR bytes allowed before that.
+        floor_mib: u64,
+    },
+    /// The cache would go past its quota.
+    #[error(transparent)]
+    Quota(#[from] crate::quota::QuotaExceeded),
     /// The decoder the stream asks for needs more memory than the server allows.
     #[error("decoding this stream needs {needed_mib} MiB, more than the {budget_mib} MiB the server gives all uploads (ingest.memory_mib)")]
     DecoderMemory {
@@ -165,6 +184,8 @@ impl IngestError {
             Self::Body(BodyError::Stalled { .. }) => "stalled",
             Self::Body(BodyError::Broken(_)) => "body",
             Self::TooLarge { .. } => "too_large",
+            Self::Expansion { .. } => "expansion",
+            Self::Quota(_) => "quota",
             Self::DecoderMemory { .. } => "decoder_memory",
             Self::LowSpace(_) => "disk_full",
             Self::Storage(_) | Self::Index(_) => "storage",
@@ -352,6 +373,32 @@ enum Prepared {
     },
 }
 
+impl Prepared {
+    /// The bytes of its frame.
+    fn stored_len(&self) -> u64 {
+        match self {
+            Self::Known(_, c) => u64::from(c.stored_len),
+            Self::New { frame, .. } => frame.len() as u64,
+        }
+    }
+}
+
+/// How far a body may expand when decoded: at most `max` times its own bytes once the
+/// NAR is past `floor` bytes. Nix's NARs compress a few times; only long runs of one
+/// byte (a disk image of zeros, a bomb) reach a thousand.
+#[derive(Debug, Clone, Copy)]
+struct Expansion {
+    max: u64,
+    floor: u64,
+}
+
+impl Expansion {
+    /// Whether `nar` bytes decoded from `body` bytes go past it.
+    fn exceeded(&self, nar: u64, body: u64) -> bool {
+        self.max > 0 && nar > self.floor && nar / self.max.max(1) > body
+    }
+}
+
 /// What the blocking stages and the storing loop produced.
 struct Ingested {
     decoded: Decoded,
@@ -422,11 +469,12 @@ impl Ingestor {
         body: S,
         compression: Compression,
         peer: Peer,
+        charge: Option<Charge>,
     ) -> Result<IngestedNar, IngestError>
     where
         S: Stream<Item = Result<Bytes, BodyError>> + Send + Unpin + 'static,
     {
-        let s = self.run(body, Content::Nar(compression), peer).await?;
+        let s = self.run(body, Content::Nar(compression), peer, charge).await?;
         Ok(IngestedNar {
             nar_hash: s.decoded.nar_hash,
             nar_size: s.decoded.nar_size,
@@ -448,11 +496,12 @@ impl Ingestor {
         body: S,
         max_bytes: u64,
         peer: Peer,
+        charge: Option<Charge>,
     ) -> Result<Stored, IngestError>
     where
         S: Stream<Item = Result<Bytes, BodyError>> + Send + Unpin + 'static,
     {
-        let s = self.run(body, Content::Blob(max_bytes), peer).await?;
+        let s = self.run(body, Content::Blob(max_bytes), peer, charge).await?;
         Ok(s.contents)
     }
 
@@ -470,6 +519,8 @@ impl Ingestor {
             file_hash: nar.file_hash,
             file_size: nar.file_size,
             created: crate::clock::now(),
+            stored_size: nar.record.contents.stored_size(),
+            claimed: false,
         };
         self.index.put_upload(cache, url, &upload, &nar.record)?;
         self.metrics.nars_ingested.inc();
@@ -477,7 +528,13 @@ impl Ingestor {
         Ok(upload)
     }
 
-    async fn run<S>(&self, body: S, content: Content, peer: Peer) -> Result<Ingested, IngestError>
+    async fn run<S>(
+        &self,
+        body: S,
+        content: Content,
+        peer: Peer,
+        charge: Option<Charge>,
+    ) -> Result<Ingested, IngestError>
     where
         S: Stream<Item = Result<Bytes, BodyError>> + Send + Unpin + 'static,
     {
@@ -485,7 +542,7 @@ impl Ingestor {
             metrics: &self.metrics,
             done: false,
         };
-        let result = self.run_counted(body, content, peer).await;
+        let result = self.run_counted(body, content, peer, charge).await;
         abandoned.done = true;
         if let Err(e) = &result {
             self.metrics.reject_upload(e.reason());
@@ -501,6 +558,7 @@ impl Ingestor {
         mut body: S,
         content: Content,
         peer: Peer,
+        mut charge: Option<Charge>,
     ) -> Result<Ingested, IngestError>
     where
         S: Stream<Item = Result<Bytes, BodyError>> + Send + Unpin + 'static,
@@ -562,12 +620,17 @@ impl Ingestor {
             Content::Nar(_) => self.settings.max_nar_bytes,
             Content::Blob(max) => max,
         };
+        let expansion = Expansion {
+            max: self.settings.max_expansion,
+            floor: self.settings.expansion_floor,
+        };
         let metrics = self.metrics.clone();
         let decoding = tokio::task::spawn_blocking({
             let turn = turn.clone();
             move || {
                 let _turn = turn;
-                decode(reader, content, memory, limit, (&metrics, &peer), nar_tx)
+                let limits = (limit, expansion);
+                decode(reader, content, memory, limits, (&metrics, &peer), nar_tx)
             }
         });
         let chunking = tokio::task::spawn_blocking({
@@ -591,7 +654,16 @@ impl Ingestor {
             );
             let mut parts = [Segments::new(), Segments::new()];
             while let Some(batch) = prepared.next().await {
-                for p in batch? {
+                let batch = batch?;
+                // What the batch adds to the cache, dedup or not: its frames.
+                if let Some(charge) = charge.as_mut() {
+                    let bytes = batch.iter().map(Prepared::stored_len).sum();
+                    charge.add(bytes).map_err(|e| match e {
+                        ChargeError::Exceeded(e) => IngestError::Quota(e),
+                        ChargeError::Index(e) => IngestError::Index(e),
+                    })?;
+                }
+                for p in batch {
                     let (part, chunk) = match p {
                         Prepared::Known(part, c) => (part, c),
                         Prepared::New {
@@ -693,7 +765,7 @@ fn decode(
     body: impl Read,
     content: Content,
     memory: decoder::DecoderMemory,
-    limit: u64,
+    (limit, expansion): (u64, Expansion),
     (metrics, peer): (&Metrics, &Peer),
     tx: std::sync::mpsc::SyncSender<Vec<u8>>,
 ) -> Result<Option<Decoded>, IngestError> {
@@ -702,7 +774,8 @@ fn decode(
         Content::Blob(_) => Compression::None,
     };
     let fail = |e| classify(e, content, limit);
-    let mut file = HashingReader::new(body);
+    let body_bytes = std::rc::Rc::new(std::cell::Cell::new(0));
+    let mut file = HashingReader::new(reader::Counted::new(body, body_bytes.clone()));
     let (nar_hash, nar_size) = {
         let raw = BufReader::with_capacity(STAGE_BUFFER, &mut file);
         let decoded = decoder::open(compression, raw, memory).map_err(fail)?;
@@ -718,6 +791,12 @@ fn decode(
             metrics.upload_bytes_decoded.inc_by(n as u64);
             if total > limit {
                 return Err(fail(io::Error::other(OverLimit)));
+            }
+            if expansion.exceeded(total, body_bytes.get()) {
+                return Err(IngestError::Expansion {
+                    max_expansion: expansion.max,
+                    floor_mib: expansion.floor >> 20,
+                });
             }
             // One peek at the socket per 256 KiB decoded: nothing next to the work.
             if peer.gone() {
@@ -882,7 +961,12 @@ mod tests {
         body: Vec<Piece>,
         compression: Compression,
     ) -> Result<IngestedNar, IngestError> {
-        let run = ingestor.ingest_nar(futures::stream::iter(body), compression, Peer::always());
+        let run = ingestor.ingest_nar(
+            futures::stream::iter(body),
+            compression,
+            Peer::always(),
+            None,
+        );
         tokio::time::timeout(Duration::from_secs(60), run)
             .await
             .expect("an ingest ends")
@@ -1047,19 +1131,54 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_body_that_expands_past_the_bound_is_refused_early() {
+        let dir = tempfile::tempdir().unwrap();
+        let ingestor = ingestor_with(
+            dir.path(),
+            IngestSettings {
+                max_expansion: 100,
+                expansion_floor: 1 << 20,
+                ..settings()
+            },
+        );
+        // 64 MiB of zeros in a few KiB of zstd.
+        let zeros = nar(&Entry::File {
+            executable: false,
+            contents: &vec![0u8; 64 << 20],
+        });
+        let body = zstd::encode_all(zeros.as_slice(), 3).unwrap();
+        let err = ingest_as(&ingestor, pieces(&body), Compression::Zstd)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, IngestError::Expansion { max_expansion: 100, floor_mib: 1 }),
+            "{err}"
+        );
+        // Stopped soon after the floor, not at the end of the NAR.
+        let decoded = ingestor.metrics.upload_bytes_decoded.get();
+        assert!(decoded < 8 << 20, "{decoded} bytes decoded");
+        assert!(ingestor.metrics.render().contains("reason=\"expansion\"} 1"));
+        // A NAR that compresses as real ones do goes through.
+        let real = zstd::encode_all(big_nar().as_slice(), 3).unwrap();
+        ingest_as(&ingestor, pieces(&real), Compression::Zstd)
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn blobs_are_stored_as_chunks_up_to_their_limit() {
         let dir = tempfile::tempdir().unwrap();
         let ingestor = ingestor(dir.path());
         let log = b"building\n".repeat(100_000);
         let body = futures::stream::iter(pieces(&log));
         let m = ingestor
-            .ingest_blob(body, 1 << 20, Peer::always())
+            .ingest_blob(body, 1 << 20, Peer::always(), None)
             .await
             .unwrap();
         assert_eq!(content(&ingestor, &m).await, log);
         let body = futures::stream::iter(pieces(&log));
         let err = ingestor
-            .ingest_blob(body, 1000, Peer::always())
+            .ingest_blob(body, 1000, Peer::always(), None)
             .await
             .unwrap_err();
         assert!(
@@ -1081,7 +1200,7 @@ mod tests {
         let data = big_nar();
         let body = futures::stream::iter(pieces(&data));
         let err = ingestor
-            .ingest_nar(body, Compression::None, peer)
+            .ingest_nar(body, Compression::None, peer, None)
             .await
             .unwrap_err();
         assert!(matches!(err, IngestError::ClientGone), "{err}");
@@ -1150,7 +1269,7 @@ mod tests {
             let ingestor = ingestor.clone();
             tokio::spawn(async move {
                 ingestor
-                    .ingest_nar(body, Compression::None, Peer::always())
+                    .ingest_nar(body, Compression::None, Peer::always(), None)
                     .await
                     .map(drop)
             })

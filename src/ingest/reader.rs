@@ -40,6 +40,28 @@ impl<R: Read> Read for HashingReader<R> {
     }
 }
 
+/// Counts everything read through it into a counter another reader of the same
+/// thread can look at (the decoding stage compares the body's bytes with the NAR's).
+pub struct Counted<R> {
+    inner: R,
+    count: std::rc::Rc<std::cell::Cell<u64>>,
+}
+
+impl<R: Read> Counted<R> {
+    /// Counts what is read from `inner` into `count`.
+    pub fn new(inner: R, count: std::rc::Rc<std::cell::Cell<u64>>) -> Self {
+        Self { inner, count }
+    }
+}
+
+impl<R: Read> Read for Counted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.count.set(self.count.get() + n as u64);
+        Ok(n)
+    }
+}
+
 /// Chunks everything read through it; `emit` receives each chunk.
 pub struct ChunkingReader<R, F> {
     inner: R,

@@ -59,6 +59,7 @@ pub async fn scheduled_gc(app: Arc<App>) {
             cache: None,
             dry_run: false,
             now: crate::clock::now(),
+            compact: false,
         };
         match crate::gc::start(&app, options) {
             Ok(id) => tracing::info!(job = id, "scheduled garbage collection started"),

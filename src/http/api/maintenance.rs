@@ -59,6 +59,7 @@ pub async fn gc(
         cache,
         dry_run: req.dry_run,
         now: crate::clock::now(),
+        compact: req.compact,
     };
     tracing::info!(by = %by.name, ?options, "garbage collection requested");
     started(crate::gc::start(&app, options))
@@ -105,19 +106,21 @@ pub async fn stats(
     Query(q): Query<StatsQuery>,
     creds: Credentials,
 ) -> Result<Json<Stats>> {
-    let packs = match &q.cache {
+    let (packs, quota) = match &q.cache {
         Some(c) => {
-            creds.cache(&app, c, Permission::Admin)?;
-            Vec::new()
+            let cache = creds.cache(&app, c, Permission::Admin)?;
+            (Vec::new(), app.config.quota.of(cache.record.quota_bytes))
         }
         None => {
             app.auth.server_admin(creds.token())?;
-            app.packs.list().await?
+            (app.packs.list().await?, None)
         }
     };
     let index = app.index.clone();
-    let stats =
-        blocking(move || crate::gc::stats::stats(index.as_ref(), q.cache.as_ref(), &packs)).await?;
+    let stats = blocking(move || {
+        crate::gc::stats::stats(index.as_ref(), q.cache.as_ref(), quota, &packs)
+    })
+    .await?;
     Ok(Json(stats))
 }
 

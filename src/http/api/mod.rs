@@ -81,9 +81,12 @@ fn describe(app: &App, cache: &Cache) -> Result<CacheInfo> {
         store_dir: crate::nix::store_path::STORE_DIR.to_owned(),
         keep_client_signatures: cache.keep_client_signatures,
         retention: cache.record.retention,
+        quota_bytes: cache.record.quota_bytes,
+        effective_quota_bytes: app.config.quota.of(cache.record.quota_bytes),
         declared: cache.declared,
         paths: stats.paths,
         nar_bytes: stats.nar_bytes,
+        used_bytes: stats.used_bytes(),
         created: cache.record.created,
     })
 }
@@ -128,6 +131,7 @@ pub async fn create_cache(
         priority: req.priority.unwrap_or(40),
         keep_client_signatures: req.keep_client_signatures.unwrap_or(true),
         retention: req.retention,
+        quota_bytes: req.quota_bytes,
         key: secret_key(&req.secret_key)?,
     };
     let lock = app.caches.exclusive(&name).await;

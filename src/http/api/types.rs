@@ -25,12 +25,22 @@ pub struct CacheInfo {
     pub keep_client_signatures: bool,
     /// What the garbage collector keeps.
     pub retention: Retention,
+    /// Its own quota, in stored bytes.
+    #[serde(default)]
+    pub quota_bytes: Option<u64>,
+    /// The quota that applies: its own, else the server's default.
+    #[serde(default)]
+    pub effective_quota_bytes: Option<u64>,
     /// Whether the config file declares it (and so owns its settings).
     pub declared: bool,
     /// Store paths it serves.
     pub paths: u64,
     /// The sum of their NAR sizes.
     pub nar_bytes: u64,
+    /// What it holds against its quota: its paths' stored bytes, and its uploads
+    /// waiting for a narinfo.
+    #[serde(default)]
+    pub used_bytes: u64,
     /// When it was created, in seconds since the epoch.
     pub created: u64,
 }
@@ -53,6 +63,9 @@ pub struct CreateCache {
     /// Retention, read by the garbage collector.
     #[serde(default)]
     pub retention: Retention,
+    /// The most stored bytes it may hold.
+    #[serde(default)]
+    pub quota_bytes: Option<u64>,
     /// A secret key to import, in the text of a Nix secret-key file; generated when
     /// absent.
     #[serde(default)]
@@ -222,6 +235,9 @@ pub struct GcRequest {
     /// Report, change nothing.
     #[serde(default)]
     pub dry_run: bool,
+    /// Rewrite every pack with a dead byte now.
+    #[serde(default)]
+    pub compact: bool,
 }
 
 /// `POST /_api/v1/verify`.
