@@ -16,7 +16,7 @@ use crate::body::Peer;
 use crate::error::{Error, Result};
 use crate::grants::Permission;
 use crate::index::BlobKind;
-use crate::nix::{CacheName, StorePath};
+use crate::nix::{blob_name, CacheName};
 use crate::serve::Encoding;
 
 fn bad(what: &'static str) -> Error {
@@ -26,42 +26,19 @@ fn bad(what: &'static str) -> Error {
     }
 }
 
-/// A derivation's basename, `<hash>-<name>.drv`.
+/// A log's key from its URL.
 fn drv_key(drv: &str) -> Result<String> {
-    let path = StorePath::from_basename(drv).map_err(|_| bad("derivation"))?;
-    if !path.name().ends_with(".drv") {
-        return Err(bad("derivation"));
-    }
-    Ok(path.to_string())
+    blob_name::log_key(drv).ok_or(bad("derivation"))
 }
 
-/// A realisation id, `sha256:<hex>!<output>`, with the `.doi` suffix.
+/// A realisation's key from its URL.
 fn realisation_key(id: &str) -> Result<String> {
-    let stem = id.strip_suffix(".doi").ok_or(bad("realisation"))?;
-    let (hash, output) = stem.split_once('!').ok_or(bad("realisation"))?;
-    let ok = hash.starts_with("sha256:")
-        && hash[7..].bytes().all(|c| c.is_ascii_alphanumeric())
-        && output_name_ok(output);
-    if !ok {
-        return Err(bad("realisation"));
-    }
-    Ok(stem.to_owned())
+    blob_name::realisation_key(id).ok_or(bad("realisation"))
 }
 
-fn output_name_ok(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 64
-        && s.bytes()
-            .all(|c| c.is_ascii_alphanumeric() || b"-_+.".contains(&c))
-}
-
+/// A build trace entry's key from its URL.
 fn trace_key(drv: &str, output: &str) -> Result<String> {
-    let drv = drv_key(drv)?;
-    let output = output
-        .strip_suffix(".doi")
-        .filter(|o| output_name_ok(o))
-        .ok_or(bad("output"))?;
-    Ok(format!("{drv}/{output}"))
+    blob_name::trace_key(drv, output).ok_or(bad("output"))
 }
 
 async fn get_blob(
@@ -184,29 +161,4 @@ pub async fn put_trace(
 ) -> Result<StatusCode> {
     let key = (BlobKind::Realisation, trace_key(&drv, &out)?);
     put_blob(&app, cache, creds, key, (peer, body)).await
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn keys_are_validated() {
-        let drv = "7h7qgvs4kgzsn8a6rb273saxyqh4jxlz-hello.drv";
-        assert_eq!(drv_key(drv).unwrap(), drv);
-        assert!(drv_key("7h7qgvs4kgzsn8a6rb273saxyqh4jxlz-hello").is_err());
-        assert!(drv_key("../etc/passwd").is_err());
-        let id = format!("sha256:{}!out.doi", "a".repeat(64));
-        assert_eq!(realisation_key(&id).unwrap(), &id[..id.len() - 4]);
-        for bad in [
-            "sha256:ab!out",
-            "md5:ab!out.doi",
-            "sha256:a/b!out.doi",
-            "sha256:ab!o/t.doi",
-        ] {
-            assert!(realisation_key(bad).is_err(), "{bad}");
-        }
-        assert_eq!(trace_key(drv, "out.doi").unwrap(), format!("{drv}/out"));
-        assert!(trace_key(drv, "..").is_err());
-    }
 }

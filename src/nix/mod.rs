@@ -2,6 +2,7 @@
 //! `Read` it is handed, and nothing depends on tokio or HTTP.
 
 pub mod base32;
+pub mod blob_name;
 pub mod cache_info;
 pub mod cache_name;
 pub mod compression;
@@ -9,6 +10,8 @@ pub mod hash;
 pub mod nar;
 pub mod nar_url;
 pub mod narinfo;
+#[cfg(test)]
+mod properties;
 pub mod signing;
 pub mod store_path;
 

@@ -35,6 +35,10 @@ const MAX_REFUSING: usize = 64;
 /// are refused: each holds its descriptors until its task has dropped it, which takes
 /// a moment, or a response's time for one that began a request meanwhile.
 const MAX_CLOSING: usize = 32;
+/// How long the accept loop waits for connections asked to close to let go of their
+/// descriptors before it refuses a newcomer: a flood of connects is slowed down
+/// rather than answered with refusals that would hit real clients too.
+const SETTLE: Duration = Duration::from_millis(200);
 
 /// Raises the soft limit on open files to the hard limit (a server started by a shell
 /// or an init system often gets 1,024) and returns the limit now in force.
@@ -190,6 +194,8 @@ pub async fn serve(
             },
             () = stop.cancelled() => break,
         };
+        // Connections asked to close a moment ago still hold their descriptors.
+        slots.closing_settled(SETTLE).await;
         let address = peer_addr.ip();
         let trusted = proxies.contains(address);
         let state = ConnState::new();

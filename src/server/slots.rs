@@ -77,6 +77,8 @@ pub struct Slots {
     limits: Limits,
     inner: Mutex<Inner>,
     emptied: tokio::sync::Notify,
+    /// Woken when a connection asked to close has closed.
+    closed: tokio::sync::Notify,
 }
 
 #[derive(Default)]
@@ -109,6 +111,7 @@ impl Drop for Slot {
         if let Some(held) = inner.conns.remove(&self.id) {
             if held.evicted {
                 inner.closing -= 1;
+                self.slots.closed.notify_waiters();
             } else if held.limited {
                 inner.release_address(held.address);
             }
@@ -180,6 +183,7 @@ impl Slots {
             limits,
             inner: Mutex::new(Inner::default()),
             emptied: tokio::sync::Notify::new(),
+            closed: tokio::sync::Notify::new(),
         })
     }
 
@@ -244,6 +248,22 @@ impl Slots {
             return Err(refusal);
         }
         inner.victim(address).ok_or(refusal)
+    }
+
+    /// Waits, at most `limit`, until fewer connections than the limit are closing:
+    /// under a flood, the accept loop lets the connections it asked to close let go of
+    /// their descriptors rather than refuse newcomers meanwhile.
+    pub async fn closing_settled(&self, limit: std::time::Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let closed = self.closed.notified();
+            if self.inner.lock().expect("never poisoned").closing < self.limits.max_closing {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, closed).await.is_err() {
+                return;
+            }
+        }
     }
 
     /// Waits until every connection has closed.

@@ -134,10 +134,13 @@ impl Space {
     }
 
     /// A directory that cannot be examined passes: the write itself will report it.
+    /// The room of a ballast that is not on disk (released, or not written yet) is
+    /// the metadata's: it counts as promised.
     fn check(&self, reserved: u64, bytes: u64) -> Result<(), LowSpace> {
         if self.min_bytes == 0 {
             return Ok(());
         }
+        let reserved = reserved + self.ballast.as_ref().map_or(0, Ballast::missing_bytes);
         for dir in &self.dirs {
             let Ok(free) = free_bytes(dir) else { continue };
             if free.saturating_sub(reserved) < self.min_bytes.saturating_add(bytes) {
@@ -160,6 +163,11 @@ impl Space {
             b.release_if_short();
             b.restore_if_roomy(self.min_bytes + self.reserved());
         }
+    }
+
+    /// The promised bytes, the ballast's missing room included, as uploads see them.
+    pub fn promised(&self) -> u64 {
+        self.reserved() + self.ballast.as_ref().map_or(0, Ballast::missing_bytes)
     }
 }
 
@@ -189,6 +197,15 @@ impl Ballast {
         self.path.exists()
     }
 
+    /// The room the file would take, when it is not there.
+    fn missing_bytes(&self) -> u64 {
+        if self.present() {
+            0
+        } else {
+            self.bytes
+        }
+    }
+
     /// Deletes the file when its filesystem has less free than the file's size;
     /// true if it did.
     pub fn release_if_short(&self) -> bool {
@@ -215,7 +232,8 @@ impl Ballast {
     }
 
     /// Writes the file when it is missing and its filesystem has room for it and
-    /// `keep` more beyond; true if it did.
+    /// `keep` more beyond (its room counts as promised meanwhile: writing it takes
+    /// nothing from uploads); true if it did.
     pub fn restore_if_roomy(&self, keep: u64) -> bool {
         if self.present() {
             return false;

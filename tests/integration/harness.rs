@@ -89,7 +89,7 @@ pub struct Server {
     pub dir: tempfile::TempDir,
     data_dir: PathBuf,
     extra_args: Vec<String>,
-    /// The soft open-file limit to start it under, if any.
+    /// The open-file limit to start it under, if any.
     open_files: Option<u64>,
     /// The CA of its certificate, when it serves HTTPS.
     pub ca_file: Option<PathBuf>,
@@ -102,7 +102,7 @@ pub struct Start<'a> {
     pub config: Option<&'a str>,
     /// Another data directory (a small filesystem, say).
     pub data_dir: Option<PathBuf>,
-    /// A soft limit on open files to start it under.
+    /// A limit on open files to start it under (soft and hard: it cannot raise it).
     pub open_files: Option<u64>,
     /// The CA that signed the server's certificate, when the config makes it serve
     /// HTTPS.
@@ -167,7 +167,7 @@ impl Server {
             // prlimit execs the server, so the child's pid is the server's.
             Some(n) => {
                 let mut c = Command::new("prlimit");
-                c.arg(format!("--nofile={n}:")).arg("--").arg(bin);
+                c.arg(format!("--nofile={n}:{n}")).arg("--").arg(bin);
                 c
             }
             None => Command::new(bin),
@@ -702,6 +702,14 @@ macro_rules! with_each_client {
     };
 }
 pub(crate) use with_each_client;
+
+/// Held by the tests that load the machine most (floods, hundreds of thousands of
+/// requests), so that two of them never run at once on its few cores and starve each
+/// other's timings.
+pub fn heavy() -> std::sync::MutexGuard<'static, ()> {
+    static HEAVY: Mutex<()> = Mutex::new(());
+    HEAVY.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// SIGKILLs the process, if there is one, and reaps it.
 pub fn kill_child(child: &mut Option<std::process::Child>) {

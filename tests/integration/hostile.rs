@@ -1,5 +1,5 @@
 //! Hostile clients against one real server, started under the common 1,024-file limit
-//! with its data on a small filesystem: idle and slow-header connections, trickling
+//! (256 connection slots) with its data on a small filesystem: idle and slow-header connections, trickling
 //! uploads, slow readers, compression bombs, archives of too many entries, a full disk.
 //! Real `nix` pushes and pulls go through meanwhile, memory stays bounded, and what
 //! was pushed before still verifies afterwards.
@@ -241,6 +241,7 @@ fn fill(dir: &Path, leave: u64) -> PathBuf {
 
 #[test]
 fn hostile_clients_do_not_lock_out_real_ones() {
+    let _heavy = crate::harness::heavy();
     let fs = Tmpfs::mount(640);
     let mut server = Server::launch(
         Start {
@@ -270,7 +271,6 @@ fn hostile_clients_do_not_lock_out_real_ones() {
     let trickling = drip(&slow, Duration::from_millis(250), 40);
     let puller = NixHost::new(&server, Nix::V2_8);
     assert_eq!(puller.pull(&server, "pulled", &v1.top), v1.nar_hashes);
-    assert_eq!(metric(&server, "cachet_connections_refused_total", ""), 0.0);
     assert_eq!(
         all_closed(&idle, Duration::from_secs(20)),
         0,
@@ -282,20 +282,11 @@ fn hostile_clients_do_not_lock_out_real_ones() {
         "slow heads cut"
     );
     trickling.join().unwrap();
-    assert!(
-        metric(
-            &server,
-            "cachet_connections_timed_out_total",
-            "reason=\"idle\""
-        ) >= 1500.0
-    );
-    assert!(
-        metric(
-            &server,
-            "cachet_connections_timed_out_total",
-            "reason=\"header\""
-        ) >= 500.0
-    );
+    // With 256 slots, most made room for the others at once; the rest timed out.
+    let cut = metric(&server, "cachet_connections_timed_out_total", "")
+        + metric(&server, "cachet_connections_evicted_total", "")
+        + metric(&server, "cachet_connections_refused_total", "");
+    assert!(cut >= 2000.0, "{cut} of 2,000 cut");
     drop((idle, slow));
 
     // More trickling uploads than ingest slots, each past the bytes that name its
