@@ -18,7 +18,7 @@ use cachet::ingest::{IngestSettings, Ingestor};
 use cachet::metrics::Metrics;
 use cachet::nix::nar::{self, write::Entry};
 use cachet::nix::Compression;
-use cachet::store::space::SpaceCheck;
+use cachet::store::space::Space;
 use cachet::store::PackStore;
 use cachet::testing::Xorshift;
 
@@ -198,7 +198,7 @@ fn pipeline(c: &mut Criterion) {
                         ..cachet::config::Config::default().ingest_settings()
                     };
                     let packs = PackStore::new(Arc::new(objects), Default::default());
-                    let space = SpaceCheck::new(Vec::new(), 0);
+                    let space = Space::new(Vec::new(), 0, None);
                     let metrics = Arc::new(Metrics::new());
                     (dir, Ingestor::new(index, packs, settings, metrics, space))
                 },
@@ -211,7 +211,8 @@ fn pipeline(c: &mut Criterion) {
                     rt.block_on(ingestor.ingest_nar(
                         futures::stream::iter(pieces),
                         compression,
-                        peer, None,
+                        peer,
+                        None,
                     ))
                     .unwrap()
                 },

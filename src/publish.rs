@@ -104,7 +104,11 @@ pub async fn publish(
     let file_size = nar.contents.stored_size();
     // Taking up its own upload moves that upload's bytes from pending to stored; a
     // narinfo for a NAR held already adds its frames.
-    let taken_up = if upload.claimed { 0 } else { upload.stored_size };
+    let taken_up = if upload.claimed {
+        0
+    } else {
+        upload.stored_size
+    };
     crate::quota::check_publish(
         index.as_ref(),
         &cache.name,

@@ -167,7 +167,14 @@ mod tests {
         // Together they would pass it.
         let err = b.add(50).unwrap_err();
         assert!(
-            matches!(err, ChargeError::Exceeded(QuotaExceeded { used: 110, quota: 100, .. })),
+            matches!(
+                err,
+                ChargeError::Exceeded(QuotaExceeded {
+                    used: 110,
+                    quota: 100,
+                    ..
+                })
+            ),
             "{err}"
         );
         assert!(err.to_string().contains("cache main"), "{err}");

@@ -228,7 +228,10 @@ mod tests {
         let order = names(&gone);
         assert_eq!(order.len(), 4, "{order:?}");
         let at = |n: &str| order.iter().position(|o| o == n).unwrap();
-        assert!(at("c") < at("b") && at("b") < at("a") && at("d") < at("a"), "{order:?}");
+        assert!(
+            at("c") < at("b") && at("b") < at("a") && at("d") < at("a"),
+            "{order:?}"
+        );
         assert_eq!(gone.missing, vec![hash("nope")]);
         assert!(index.referrers(&main, &hash("a")).unwrap().is_empty());
         assert!(index.narinfo(&main, &hash("other")).unwrap().is_some());

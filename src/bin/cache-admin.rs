@@ -385,8 +385,15 @@ fn used_of(c: &CacheInfo) -> String {
     match c.effective_quota_bytes {
         Some(q) => {
             let percent = c.used_bytes as f64 * 100.0 / q.max(1) as f64;
-            let whose = if c.quota_bytes.is_some() { "" } else { ", the server's default" };
-            format!("{used} of its {} quota ({percent:.0}%{whose})", output::bytes(q))
+            let whose = if c.quota_bytes.is_some() {
+                ""
+            } else {
+                ", the server's default"
+            };
+            format!(
+                "{used} of its {} quota ({percent:.0}%{whose})",
+                output::bytes(q)
+            )
         }
         None => format!("{used} (no quota)"),
     }

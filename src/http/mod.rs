@@ -224,9 +224,10 @@ pub fn too_busy() -> Response {
         StatusCode::TOO_MANY_REQUESTS,
         "too many requests in flight from this address; try again shortly\n".into(),
     );
-    response
-        .headers_mut()
-        .insert(axum::http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+    response.headers_mut().insert(
+        axum::http::header::RETRY_AFTER,
+        HeaderValue::from_static("1"),
+    );
     response
 }
 

@@ -218,7 +218,10 @@ mod tests {
             ..CacheStats::default()
         };
         let html = render_cache(&cache, &stats, Some(4000), &format!("http://{MARKUP}"));
-        assert!(html.contains("<span id=\"used-percent\">25%</span>"), "{html}");
+        assert!(
+            html.contains("<span id=\"used-percent\">25%</span>"),
+            "{html}"
+        );
         assert!(!html.contains("<script>"), "{html}");
         assert!(!html.contains(MARKUP));
         assert!(html.contains("&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;&amp;&quot;"));

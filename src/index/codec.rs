@@ -226,7 +226,10 @@ mod tests {
         };
         assert_eq!(decode_stats(&encode_stats(&stats)), Some(stats));
         let old = decode_stats(&encode_stats(&stats)[..24]).unwrap();
-        assert_eq!((old.stored_bytes, old.pending_bytes, old.blob_bytes), (3, 0, 0));
+        assert_eq!(
+            (old.stored_bytes, old.pending_bytes, old.blob_bytes),
+            (3, 0, 0)
+        );
         assert_eq!(decode_stats(&[0; 23]), None);
         let upload = Upload {
             nar_hash: Sha256::digest(b"n"),
@@ -240,7 +243,10 @@ mod tests {
         let encoded = encode_upload(&upload);
         assert_eq!(decode_upload(&encoded), Some(upload));
         let before = decode_upload(&encoded[..88]).unwrap();
-        assert_eq!((before.created, before.stored_size, before.claimed), (3, 0, false));
+        assert_eq!(
+            (before.created, before.stored_size, before.claimed),
+            (3, 0, false)
+        );
         let mut bad = encoded.clone();
         bad[96] = 2;
         assert_eq!(decode_upload(&bad), None);

@@ -180,11 +180,15 @@ pub fn the_first_narinfo_wins_and_is_counted_once(index: &dyn Index) {
     let second = narinfo(b"b", "two");
     assert_eq!(index.cache_stats(&main).unwrap(), CacheStats::default());
     assert_eq!(
-        index.commit_narinfo(&main, &path(1), &first, &[], None).unwrap(),
+        index
+            .commit_narinfo(&main, &path(1), &first, &[], None)
+            .unwrap(),
         Commit::Written
     );
     assert_eq!(
-        index.commit_narinfo(&main, &path(1), &second, &[], None).unwrap(),
+        index
+            .commit_narinfo(&main, &path(1), &second, &[], None)
+            .unwrap(),
         Commit::Exists {
             nar_hash: first.nar_hash
         }
@@ -195,7 +199,9 @@ pub fn the_first_narinfo_wins_and_is_counted_once(index: &dyn Index) {
     assert!(!index.cache_has_nar(&other, &first.nar_hash).unwrap());
     assert_eq!(index.narinfo(&other, &path(1)).unwrap(), None);
     // A second path with the same NAR: the claim holds while either is there.
-    index.commit_narinfo(&main, &path(2), &first, &[], None).unwrap();
+    index
+        .commit_narinfo(&main, &path(2), &first, &[], None)
+        .unwrap();
     assert_eq!(
         index.cache_stats(&main).unwrap(),
         CacheStats {
@@ -256,7 +262,9 @@ pub fn uploads_count_as_pending_until_a_narinfo_takes_them_up(index: &dyn Index)
     let stats = index.cache_stats(&main).unwrap();
     assert_eq!(stats.used_bytes(), stats.stored_bytes + 42);
     // Removing a pending upload uncounts it; a taken-up one was uncounted already.
-    assert!(index.delete_upload_if(&main, &url(2), &up(2, b"b")).unwrap());
+    assert!(index
+        .delete_upload_if(&main, &url(2), &up(2, b"b"))
+        .unwrap());
     assert!(index.delete_upload_if(&main, &url(1), &taken).unwrap());
     assert_eq!(pending(index), 0);
     // Logs and realisations count too, a replaced one no more.
@@ -268,8 +276,12 @@ pub fn uploads_count_as_pending_until_a_narinfo_takes_them_up(index: &dyn Index)
         }],
     };
     let (first, second) = (blob(100), blob(300));
-    index.put_blob(BlobKind::Log, &main, "x.drv", &first).unwrap();
-    index.put_blob(BlobKind::Log, &main, "x.drv", &second).unwrap();
+    index
+        .put_blob(BlobKind::Log, &main, "x.drv", &first)
+        .unwrap();
+    index
+        .put_blob(BlobKind::Log, &main, "x.drv", &second)
+        .unwrap();
     index
         .put_blob(BlobKind::Realisation, &main, "y.doi", &first)
         .unwrap();
@@ -284,7 +296,9 @@ pub fn narinfos_are_paged_rewritten_and_deleted_with_their_references(index: &dy
     let (main, other) = (cache("main"), cache("other"));
     let leaf = narinfo(b"leaf", "leaf");
     let top = narinfo(b"top", "top");
-    index.commit_narinfo(&main, &path(1), &leaf, &[], None).unwrap();
+    index
+        .commit_narinfo(&main, &path(1), &leaf, &[], None)
+        .unwrap();
     index
         .commit_narinfo(&main, &path(2), &top, &[path(1)], None)
         .unwrap();

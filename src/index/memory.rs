@@ -61,7 +61,9 @@ fn kind_tag(kind: BlobKind) -> u8 {
 /// removed): only unclaimed uploads count.
 pub(super) fn pending_after(pending: u64, old: Option<&Upload>, new: Option<&Upload>) -> u64 {
     let counted = |u: Option<&Upload>| u.filter(|u| !u.claimed).map_or(0, |u| u.stored_size);
-    pending.saturating_sub(counted(old)).saturating_add(counted(new))
+    pending
+        .saturating_sub(counted(old))
+        .saturating_add(counted(new))
 }
 
 impl Index for MemoryIndex {
@@ -146,7 +148,8 @@ impl Index for MemoryIndex {
             s.nars.insert(upload.nar_hash, nar.clone());
             let replaced = s.uploads.insert((cache.clone(), *url), *upload);
             let stats = s.stats.entry(cache.clone()).or_default();
-            stats.pending_bytes = pending_after(stats.pending_bytes, replaced.as_ref(), Some(upload));
+            stats.pending_bytes =
+                pending_after(stats.pending_bytes, replaced.as_ref(), Some(upload));
         })
     }
 

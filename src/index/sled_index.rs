@@ -450,43 +450,47 @@ impl Index for SledIndex {
             &self.referrers,
             &self.uploads,
         );
-        let outcome = trees.transaction(|(narinfos, cache_nars, cache_stats, referrers, uploads)| {
-            let kept = match narinfos.get(&key)? {
-                Some(existing) => match codec::narinfo_nar_hash(&existing) {
-                    Some(nar_hash) => Some(nar_hash),
-                    None => return sled::transaction::abort(corrupt()),
-                },
-                None => None,
-            };
-            let mut stats = read_stats(cache_stats, stats_key)?;
-            // The upload the narinfo takes up stops counting as pending.
-            if let Some(upload_key) = &upload_key {
-                if let Some(v) = uploads.get(upload_key)? {
-                    let Some(mut u) = codec::decode_upload(&v) else {
-                        return sled::transaction::abort(IndexError::corrupt("upload", upload_key));
-                    };
-                    if !u.claimed && u.nar_hash == kept.unwrap_or(record.nar_hash) {
-                        u.claimed = true;
-                        stats.pending_bytes = stats.pending_bytes.saturating_sub(u.stored_size);
-                        uploads.insert(upload_key.as_slice(), codec::encode_upload(&u))?;
-                        cache_stats.insert(stats_key, codec::encode_stats(&stats).as_slice())?;
+        let outcome =
+            trees.transaction(|(narinfos, cache_nars, cache_stats, referrers, uploads)| {
+                let kept = match narinfos.get(&key)? {
+                    Some(existing) => match codec::narinfo_nar_hash(&existing) {
+                        Some(nar_hash) => Some(nar_hash),
+                        None => return sled::transaction::abort(corrupt()),
+                    },
+                    None => None,
+                };
+                let mut stats = read_stats(cache_stats, stats_key)?;
+                // The upload the narinfo takes up stops counting as pending.
+                if let Some(upload_key) = &upload_key {
+                    if let Some(v) = uploads.get(upload_key)? {
+                        let Some(mut u) = codec::decode_upload(&v) else {
+                            return sled::transaction::abort(IndexError::corrupt(
+                                "upload", upload_key,
+                            ));
+                        };
+                        if !u.claimed && u.nar_hash == kept.unwrap_or(record.nar_hash) {
+                            u.claimed = true;
+                            stats.pending_bytes = stats.pending_bytes.saturating_sub(u.stored_size);
+                            uploads.insert(upload_key.as_slice(), codec::encode_upload(&u))?;
+                            cache_stats
+                                .insert(stats_key, codec::encode_stats(&stats).as_slice())?;
+                        }
                     }
                 }
-            }
-            if let Some(nar_hash) = kept {
-                return Ok(Commit::Exists { nar_hash });
-            }
-            stats.paths += 1;
-            stats.nar_bytes += record.nar_size;
-            stats.stored_bytes += record.file_size;
-            narinfos.insert(key.as_slice(), value.as_slice())?;
-            cache_nars.insert(claim.as_slice(), &[])?;
-            for r in &refs {
-                referrers.insert(r.as_slice(), &[])?;
-            }
-            cache_stats.insert(stats_key, codec::encode_stats(&stats).as_slice())?;
-            Ok(Commit::Written)
-        });
+                if let Some(nar_hash) = kept {
+                    return Ok(Commit::Exists { nar_hash });
+                }
+                stats.paths += 1;
+                stats.nar_bytes += record.nar_size;
+                stats.stored_bytes += record.file_size;
+                narinfos.insert(key.as_slice(), value.as_slice())?;
+                cache_nars.insert(claim.as_slice(), &[])?;
+                for r in &refs {
+                    referrers.insert(r.as_slice(), &[])?;
+                }
+                cache_stats.insert(stats_key, codec::encode_stats(&stats).as_slice())?;
+                Ok(Commit::Written)
+            });
         outcome.map_err(transaction_error)
     }
 

@@ -34,8 +34,8 @@ use crate::budget::Budget;
 use crate::index::{Index, IndexError, NarRecord, Upload};
 use crate::metrics::Metrics;
 use crate::nix::nar::{self, NarError};
-use crate::quota::{Charge, ChargeError};
 use crate::nix::{CacheName, Compression, NarUrl, Sha256};
+use crate::quota::{Charge, ChargeError};
 use crate::store::space::{LowSpace, Space};
 use crate::store::{
     frame, ChunkId, ChunkRef, Manifest, ManifestId, PackStore, Segment, Stored, SEGMENT_CHUNKS,
@@ -474,7 +474,9 @@ impl Ingestor {
     where
         S: Stream<Item = Result<Bytes, BodyError>> + Send + Unpin + 'static,
     {
-        let s = self.run(body, Content::Nar(compression), peer, charge).await?;
+        let s = self
+            .run(body, Content::Nar(compression), peer, charge)
+            .await?;
         Ok(IngestedNar {
             nar_hash: s.decoded.nar_hash,
             nar_size: s.decoded.nar_size,
@@ -501,7 +503,9 @@ impl Ingestor {
     where
         S: Stream<Item = Result<Bytes, BodyError>> + Send + Unpin + 'static,
     {
-        let s = self.run(body, Content::Blob(max_bytes), peer, charge).await?;
+        let s = self
+            .run(body, Content::Blob(max_bytes), peer, charge)
+            .await?;
         Ok(s.contents)
     }
 
@@ -1151,13 +1155,22 @@ mod tests {
             .await
             .unwrap_err();
         assert!(
-            matches!(err, IngestError::Expansion { max_expansion: 100, floor_mib: 1 }),
+            matches!(
+                err,
+                IngestError::Expansion {
+                    max_expansion: 100,
+                    floor_mib: 1
+                }
+            ),
             "{err}"
         );
         // Stopped soon after the floor, not at the end of the NAR.
         let decoded = ingestor.metrics.upload_bytes_decoded.get();
         assert!(decoded < 8 << 20, "{decoded} bytes decoded");
-        assert!(ingestor.metrics.render().contains("reason=\"expansion\"} 1"));
+        assert!(ingestor
+            .metrics
+            .render()
+            .contains("reason=\"expansion\"} 1"));
         // A NAR that compresses as real ones do goes through.
         let real = zstd::encode_all(big_nar().as_slice(), 3).unwrap();
         ingest_as(&ingestor, pieces(&real), Compression::Zstd)

@@ -120,7 +120,9 @@ impl Packer {
         } else {
             0
         };
-        let records = self.space.reserve(self.in_buf.len() as u64 * RECORD_BYTES_PER_CHUNK)?;
+        let records = self
+            .space
+            .reserve(self.in_buf.len() as u64 * RECORD_BYTES_PER_CHUNK)?;
         let pack_room = self.space.reserve(pack_bytes)?;
         let data = Bytes::from(std::mem::replace(
             &mut self.buf,

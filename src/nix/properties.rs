@@ -40,11 +40,18 @@ fn compression() -> impl Strategy<Value = Compression> {
 }
 
 fn signature() -> impl Strategy<Value = super::signing::Signature> {
-    ("[a-zA-Z0-9._-]{1,20}", proptest::collection::vec(any::<u8>(), 64)).prop_map(|(n, b)| {
-        use base64::Engine as _;
-        let text = format!("{n}:{}", base64::engine::general_purpose::STANDARD.encode(b));
-        text.parse().expect("a valid signature")
-    })
+    (
+        "[a-zA-Z0-9._-]{1,20}",
+        proptest::collection::vec(any::<u8>(), 64),
+    )
+        .prop_map(|(n, b)| {
+            use base64::Engine as _;
+            let text = format!(
+                "{n}:{}",
+                base64::engine::general_purpose::STANDARD.encode(b)
+            );
+            text.parse().expect("a valid signature")
+        })
 }
 
 prop_compose! {
@@ -127,16 +134,22 @@ enum Tree {
 
 fn tree() -> impl Strategy<Value = Tree> {
     let leaf = prop_oneof![
-        (any::<bool>(), proptest::collection::vec(any::<u8>(), 0..3000))
+        (
+            any::<bool>(),
+            proptest::collection::vec(any::<u8>(), 0..3000)
+        )
             .prop_map(|(x, c)| Tree::File(x, c)),
         "[a-z./]{1,30}".prop_map(Tree::Link),
     ];
     leaf.prop_recursive(4, 40, 6, |inner| {
-        proptest::collection::btree_map("[a-zA-Z0-9_.-]{1,12}", inner, 0..6)
-            .prop_map(|m| {
-                // `.` and `..` are no names; the filter keeps what a directory can hold.
-                Tree::Dir(m.into_iter().filter(|(n, _)| n != "." && n != "..").collect())
-            })
+        proptest::collection::btree_map("[a-zA-Z0-9_.-]{1,12}", inner, 0..6).prop_map(|m| {
+            // `.` and `..` are no names; the filter keeps what a directory can hold.
+            Tree::Dir(
+                m.into_iter()
+                    .filter(|(n, _)| n != "." && n != "..")
+                    .collect(),
+            )
+        })
     })
 }
 

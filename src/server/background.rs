@@ -37,7 +37,9 @@ pub async fn watch_space(app: Arc<App>) {
             if let Some(free) = a.space.free() {
                 a.metrics.storage_free_bytes.set(free as i64);
             }
-            a.metrics.storage_reserved_bytes.set(a.space.promised() as i64);
+            a.metrics
+                .storage_reserved_bytes
+                .set(a.space.promised() as i64);
         })
         .await;
     }

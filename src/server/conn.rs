@@ -121,8 +121,7 @@ impl ConnState {
             return Activity::Busy;
         }
         let period = self.periods.load(Ordering::Relaxed);
-        let since = self.origin
-            + Duration::from_millis(self.idle_since.load(Ordering::Relaxed));
+        let since = self.origin + Duration::from_millis(self.idle_since.load(Ordering::Relaxed));
         let head_began = self.head_period.load(Ordering::Relaxed) == period + 1;
         if period > 0 && !head_began {
             Activity::KeptAlive(since)

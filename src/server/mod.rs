@@ -111,7 +111,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     announce(&app, addr, tls.is_some(), opened.admin_token.is_some());
     let s = &app.config.server;
     // The admin listener's connections come out of the same open-file limit.
-    let admin_share = admin_listener.as_ref().map_or(0, |_| s.admin_max_connections);
+    let admin_share = admin_listener
+        .as_ref()
+        .map_or(0, |_| s.admin_max_connections);
     let cap = connection_cap(s.max_connections + admin_share, open_files);
     if cap < s.max_connections + admin_share {
         tracing::warn!(

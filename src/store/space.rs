@@ -257,7 +257,8 @@ impl Ballast {
         use std::io::Write as _;
         let partial = self.path.with_extension("partial");
         let mut file = std::fs::File::create(&partial)?;
-        let allocated = rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), 0, self.bytes);
+        let allocated =
+            rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), 0, self.bytes);
         if allocated.is_err() {
             let block = vec![0u8; 1 << 20];
             let mut left = self.bytes;
@@ -326,7 +327,10 @@ mod tests {
         let held: Vec<_> = (0..3).map(|_| space.reserve(gib).unwrap()).collect();
         let err = space.reserve(gib).err().unwrap();
         assert_eq!(err.promised_mib, 3 * 1024);
-        assert!(space.ensure().is_ok(), "half a GiB is left beyond the promises");
+        assert!(
+            space.ensure().is_ok(),
+            "half a GiB is left beyond the promises"
+        );
         drop(held);
         assert_eq!(space.reserved(), 0);
         let r = space.reserve(gib).unwrap();

@@ -88,7 +88,9 @@ impl Drop for Flood {
 
 /// The loopback addresses 127.0.0.`first` to 127.0.0.`last`.
 pub fn loopback(first: u8, last: u8) -> Vec<IpAddr> {
-    (first..=last).map(|n| IpAddr::from([127, 0, 0, n])).collect()
+    (first..=last)
+        .map(|n| IpAddr::from([127, 0, 0, n]))
+        .collect()
 }
 
 async fn connect(source: IpAddr, target: SocketAddr) -> std::io::Result<tokio::net::TcpStream> {

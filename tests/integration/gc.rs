@@ -418,3 +418,70 @@ fn verify_names_the_paths_a_missing_pack_breaks_and_fails() {
         serde_json::from_slice(&server.cache_admin(&["verify", "--json"]).stdout).unwrap();
     assert!(!json["problems"].as_array().unwrap().is_empty());
 }
+
+/// With the default configuration (an hour's grace, half-dead packs rewritten): one gc
+/// after `path delete` removes the paths' NARs, a deleted cache's packs go at that same
+/// gc, what it leaves is reported, and `gc --compact` brings the store within 10% of
+/// what the remaining paths alone store.
+#[test]
+fn with_the_defaults_one_gc_frees_what_was_removed() {
+    let server = Server::start();
+    let (a, b, c) = (closure(24, "gc-a"), closure(16, "gc-b"), closure(8, "gc-c"));
+    let host = NixHost::new(&server, Nix::V2_8);
+    // B first: A's chunks that B has too stay in B's packs.
+    ok(host.push(&server, "zstd", &b));
+    ok(host.push(&server, "zstd", &a));
+    server.admin(&["cache", "create", "doomed"]);
+    let before_c: Vec<String> = pack_files(&server).into_iter().map(|(p, _)| p).collect();
+    ok(host.push_to(&server.cache_url("doomed"), "zstd", &c));
+    let c_packs: Vec<String> = pack_files(&server)
+        .into_iter()
+        .map(|(p, _)| p)
+        .filter(|p| !before_c.contains(p))
+        .collect();
+    assert!(!c_packs.is_empty());
+
+    let mut delete = vec!["path", "delete", "main", "--with-referrers"];
+    delete.extend(b.nar_hashes.keys().map(String::as_str));
+    server.admin(&delete);
+    server.admin(&["cache", "delete", "doomed", "--yes"]);
+    let report = json(&server.admin(&["gc", "--json"]));
+    eprintln!("one gc with the defaults: {report}");
+    let removed = (b.nar_hashes.len() + c.nar_hashes.len()) as u64;
+    assert_eq!(report["nars"].as_u64(), Some(removed), "{report}");
+    let left: Vec<String> = pack_files(&server).into_iter().map(|(p, _)| p).collect();
+    for p in &c_packs {
+        assert!(
+            !left.contains(p),
+            "pack {p} of the deleted cache is still there"
+        );
+    }
+    // B's packs hold A's chunks too: a few of their bytes died, below the default
+    // threshold, and the report says so.
+    assert!(
+        report["left_partly_dead_packs"].as_u64().unwrap() > 0,
+        "{report}"
+    );
+    assert!(report["left_dead_bytes"].as_u64().unwrap() > 0, "{report}");
+    let text = server.admin(&["gc"]);
+    assert!(text.contains("gc --compact rewrites them"), "{text}");
+
+    // What A alone stores, pushed to a server of its own.
+    let alone = Server::start();
+    ok(NixHost::new(&alone, Nix::V2_8).push(&alone, "zstd", &a));
+    let reference: u64 = pack_files(&alone).iter().map(|(_, n)| n).sum();
+    let compacted = json(&server.admin(&["gc", "--compact", "--json"]));
+    assert!(
+        compacted["packs_compacted"].as_u64().unwrap() > 0,
+        "{compacted}"
+    );
+    let stored: u64 = pack_files(&server).iter().map(|(_, n)| n).sum();
+    eprintln!("after gc --compact: {stored} bytes stored; A alone: {reference}");
+    assert!(
+        stored * 10 <= reference * 11,
+        "{stored} bytes stored, {reference} for the remaining paths alone"
+    );
+    verify_deep(&server);
+    let puller = NixHost::new(&server, Nix::V2_8);
+    assert_eq!(puller.pull(&server, "after", &a.top), a.nar_hashes);
+}

@@ -464,6 +464,13 @@ impl NixHost {
         host
     }
 
+    /// This host with a line more in its nix.conf.
+    pub fn with_setting(mut self, line: &str) -> Self {
+        self.config.push_str(line);
+        self.config.push('\n');
+        self
+    }
+
     /// This host trusting the CA certificates of `ca` for HTTPS: through the
     /// `ssl-cert-file` setting, or for Nix 2.8, which has no such setting, its
     /// `NIX_SSL_CERT_FILE` variable.

@@ -16,12 +16,12 @@ use cachet::nix::Sha256;
 use crate::harness::{closure, ok, Nix, NixHost, Server, Start};
 
 /// A tmpfs of a few hundred MiB, unmounted when dropped.
-struct Tmpfs {
+pub(crate) struct Tmpfs {
     dir: tempfile::TempDir,
 }
 
 impl Tmpfs {
-    fn mount(mib: u64) -> Self {
+    pub(crate) fn mount(mib: u64) -> Self {
         let dir = tempfile::tempdir().unwrap();
         ok(Command::new("mount")
             .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
@@ -31,7 +31,7 @@ impl Tmpfs {
         Self { dir }
     }
 
-    fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         self.dir.path()
     }
 }
@@ -221,7 +221,7 @@ fn drip(conns: &[TcpStream], every: Duration, times: usize) -> std::thread::Join
 }
 
 /// Fills the filesystem of `dir` until `leave` bytes are free (0: until it is full).
-fn fill(dir: &Path, leave: u64) -> PathBuf {
+pub(crate) fn fill(dir: &Path, leave: u64) -> PathBuf {
     let path = dir.join(format!("filler-{leave}"));
     let mut f = std::fs::File::create(&path).unwrap();
     let block = vec![0xa5u8; 1 << 20];

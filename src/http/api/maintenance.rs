@@ -117,10 +117,9 @@ pub async fn stats(
         }
     };
     let index = app.index.clone();
-    let stats = blocking(move || {
-        crate::gc::stats::stats(index.as_ref(), q.cache.as_ref(), quota, &packs)
-    })
-    .await?;
+    let stats =
+        blocking(move || crate::gc::stats::stats(index.as_ref(), q.cache.as_ref(), quota, &packs))
+            .await?;
     Ok(Json(stats))
 }
 
