@@ -110,19 +110,23 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tokio::spawn(background::watch_space(app.clone()));
     announce(&app, addr, tls.is_some(), opened.admin_token.is_some());
     let s = &app.config.server;
-    // The admin listener's connections come out of the same open-file limit.
+    // The admin listener's connections come out of the same open-file limit: short of
+    // descriptors, it takes at most half of what there is.
     let admin_share = admin_listener
         .as_ref()
         .map_or(0, |_| s.admin_max_connections);
     let cap = connection_cap(s.max_connections + admin_share, open_files);
-    if cap < s.max_connections + admin_share {
+    let (main_cap, admin_cap) = if cap >= s.max_connections + admin_share {
+        (s.max_connections, admin_share)
+    } else {
         tracing::warn!(
             open_files,
             max_connections = cap,
             "the open-file limit allows fewer connections than server.max_connections"
         );
-    }
-    let main_cap = cap.saturating_sub(admin_share.min(cap / 2)).max(1);
+        let admin = admin_share.min(cap / 2);
+        ((cap - admin).max(1), admin.max(1))
+    };
     let stop = CancellationToken::new();
     let main = serve(
         listener,
@@ -139,7 +143,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         if let Some(listener) = admin_listener {
             tracing::info!(addr = %listener.local_addr()?, "admin listener");
             let limits = Limits {
-                cap: (cap - main_cap).max(1),
+                cap: admin_cap,
                 per_address: s.admin_max_connections,
                 max_closing: MAX_CLOSING,
             };

@@ -59,6 +59,9 @@ max_uploads = 4
 max_nar_bytes = 268435456
 max_nar_entries = 100000
 body_stall_secs = 3
+# The bound on expansion would stop the bombs below first (tested with the defaults in
+# `quota`): off, so that these reach the size limit and the client's leaving.
+max_expansion = 0
 ";
 const MAX_NAR_BYTES: usize = 268_435_456;
 const MAX_ENTRIES: usize = 100_000;

@@ -127,3 +127,51 @@ fn kept_alive_floods_from_many_addresses_leave_room_for_fresh_clients() {
     assert!(tries.served >= 19, "after 30 s: {tries:?}");
     assert!(flood.connects.load(std::sync::atomic::Ordering::Relaxed) > 4000);
 }
+
+#[test]
+fn the_admin_listener_answers_when_every_slot_is_handling_a_request() {
+    use std::io::Write as _;
+    let admin_port = crate::harness::free_port();
+    let config =
+        format!("[server]\nmax_connections = 4\nadmin_listen = \"127.0.0.1:{admin_port}\"\n");
+    let server = Server::with_config(&config);
+    // Four uploads whose bodies trickle: busy, so none can make room.
+    let busy: Vec<std::net::TcpStream> = (0..4)
+        .map(|i| {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+            write!(
+                s,
+                "PUT /main/nar/{}.nar HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\
+                 Content-Length: 1048576\r\n\r\nnix-archive",
+                cachet::nix::Sha256::digest(&[i]).to_nix32(),
+                server.token()
+            )
+            .unwrap();
+            s
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let r = crate::harness::client()
+        .get(format!("{}/health", server.base()))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 503, "every main slot is busy");
+    let admin = format!("http://127.0.0.1:{admin_port}");
+    let r = crate::harness::client()
+        .get(format!("{admin}/_api/v1/caches"))
+        .bearer_auth(server.token())
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let metrics = crate::harness::client()
+        .get(format!("{admin}/metrics"))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    assert!(
+        metrics.contains("cachet_connections_refused_total{reason=\"cap\"} 1"),
+        "{metrics}"
+    );
+    drop(busy);
+}
