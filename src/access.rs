@@ -5,15 +5,17 @@
 //! moments, which only makes those paths look older by as much.
 //!
 //! The notes are a fixed budget (`CAPACITY` entries), whatever clients ask for: a
-//! client reading many distinct paths fills it, which wakes the writer early, and
-//! while the writer is still writing a full set, new paths are not noted (a path
-//! already noted still gets its newer time). A path fetched again is noted again, so
-//! what is lost is at most one fetch of paths first fetched during a flood.
+//! client reading many distinct paths fills it, which wakes the writer early; until
+//! the writer has taken the full set (it takes it whole, then writes it), new paths
+//! are not noted (a path already noted still gets its newer time), and are counted in
+//! `cachet_access_notes_dropped_total`. A path fetched again is noted again, so what
+//! is lost is at most one fetch of paths first fetched during a flood.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
+
+use prometheus_client::metrics::counter::Counter;
 
 use crate::index::{Index, Result};
 use crate::nix::{CacheName, Sha256, StorePathHash};
@@ -37,7 +39,7 @@ pub struct Accesses {
     /// Woken when the notes are full.
     full: tokio::sync::Notify,
     /// Fetches not noted because the notes were full.
-    dropped: AtomicU64,
+    dropped: Counter,
 }
 
 #[derive(Default)]
@@ -55,6 +57,14 @@ struct PerCache {
 }
 
 impl Accesses {
+    /// Notes counting the fetches they drop in `dropped`.
+    pub fn new(dropped: Counter) -> Self {
+        Self {
+            dropped,
+            ..Self::default()
+        }
+    }
+
     /// Notes `at` under `key` in the map `pick` chooses, within the budget.
     fn note<K: std::hash::Hash + Eq>(
         &self,
@@ -87,7 +97,7 @@ impl Accesses {
     }
 
     fn overflow(&self) {
-        self.dropped.fetch_add(1, Ordering::Relaxed);
+        self.dropped.inc();
     }
 
     /// `path`'s narinfo was fetched from `cache` at `at`.
@@ -101,13 +111,14 @@ impl Accesses {
     }
 
     /// How many are noted now.
-    pub fn noted(&self) -> usize {
+    #[cfg(test)]
+    fn noted(&self) -> usize {
         self.noted.lock().expect("never poisoned").entries
     }
 
     /// Fetches not noted so far because the notes were full.
     pub fn dropped(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
+        self.dropped.get()
     }
 
     /// Resolves when the notes have reached their budget.

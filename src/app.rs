@@ -112,12 +112,16 @@ impl App {
         let explain = |e: anyhow::Error| explain_full_disk(e, &config.data_dir);
         // On a disk with too little room for the database to open, the room kept for
         // it is given back first.
+        let ballast_path = config.data_dir.join("space-reserve");
         let ballast = Ballast::new(
-            config.data_dir.join("space-reserve"),
+            ballast_path.clone(),
             config.storage.reserve_mib * 1024 * 1024,
         );
-        if let Some(b) = &ballast {
-            b.release_if_short();
+        match &ballast {
+            Some(b) => {
+                b.release_if_short();
+            }
+            None => Ballast::remove_at(&ballast_path),
         }
         let index_dir = config.data_dir.join("index");
         let index: Arc<dyn Index> = Arc::new(
@@ -156,6 +160,7 @@ impl App {
             plan: config.serve.read_plan(config.storage.backend),
             memory: Budget::new(config.serve.memory_mib * 1024 * 1024),
         };
+        let accesses = Accesses::new(metrics.access_notes_dropped.clone());
         let app = Arc::new(App {
             auth,
             config,
@@ -166,7 +171,7 @@ impl App {
             caches,
             metrics,
             epochs: Arc::new(Epochs::default()),
-            accesses: Accesses::default(),
+            accesses,
             jobs: Jobs::default(),
             space,
             in_flight: Arc::default(),

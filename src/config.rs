@@ -75,15 +75,29 @@ pub struct ServerConfig {
     /// address's own idle connections make room; when all of them are handling
     /// requests, the newcomer is refused (503; 429 for a forwarded request).
     pub max_connections_per_address: usize,
-    /// Reverse proxies (addresses or networks, `10.0.0.0/8`) whose `Forwarded` and
-    /// `X-Forwarded-For` headers name the client; their own connections have no
-    /// per-address limit. Anyone else's such headers are ignored.
+    /// Reverse proxies (addresses or networks, `10.0.0.0/8`) whose
+    /// `forwarded_header` names the client; their own connections have no per-address
+    /// limit. Anyone else's such headers are ignored.
+    #[serde(deserialize_with = "networks")]
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// The header trusted proxies name the client in: the one they append to
+    /// (`x-forwarded-for`, or `forwarded`); the other is passed through as the
+    /// client sent it, so it is never read.
+    pub forwarded_header: crate::server::client::ForwardedHeader,
     /// A second address to serve on (the same routes), with slots of its own: for the
     /// operator, to reach the admin API and `/metrics` whatever happens on the main one.
     pub admin_listen: Option<SocketAddr>,
     /// Connections the admin listener takes at once.
     pub admin_max_connections: usize,
+}
+
+/// Addresses or networks, as `server.trusted_proxies` takes them.
+fn networks<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<ipnet::IpNet>, D::Error> {
+    let texts = Vec::<String>::deserialize(d)?;
+    texts
+        .iter()
+        .map(|t| crate::server::client::parse_net(t).map_err(serde::de::Error::custom))
+        .collect()
 }
 
 /// Where chunks are stored. One flat table for every backend, so that the file reads
@@ -96,9 +110,10 @@ pub struct StorageConfig {
     pub backend: StorageBackend,
     /// For `local`: the directory of the pack files (default `<data_dir>/store`).
     pub path: Option<PathBuf>,
-    /// Uploads are refused (507) while the filesystem of the storage or of the
-    /// metadata has less than this many MiB free, so that the metadata database never
-    /// meets a full disk mid-write.
+    /// Uploads never take the filesystem of the storage or of the metadata below this
+    /// many MiB free: each reserves what it writes as it streams, and stops with 507
+    /// when it gets no room. What is below is the metadata's, so that the database
+    /// never meets a full disk mid-write.
     pub min_free_mib: u64,
     /// A file of this many MiB kept in the data directory and deleted when its
     /// filesystem is nearly full, so that the metadata database always has room to
@@ -401,8 +416,8 @@ impl GcConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct QuotaConfig {
     /// The most stored bytes a cache that sets no quota of its own may hold (its
-    /// paths' `.nar.zst` bytes and its uploads waiting for a narinfo); none when
-    /// unset.
+    /// paths' `.nar.zst` bytes, its uploads waiting for a narinfo, its logs and
+    /// realisations); none when unset.
     pub max_size_bytes: Option<u64>,
 }
 
@@ -491,6 +506,7 @@ impl Default for ServerConfig {
             // ten busy runners behind one NAT address, and a sixteenth of the slots.
             max_connections_per_address: 256,
             trusted_proxies: Vec::new(),
+            forwarded_header: Default::default(),
             admin_listen: None,
             admin_max_connections: 64,
         }

@@ -94,10 +94,8 @@ pub struct Metrics {
     pub narinfo_conflicts: Counter,
     /// Failed reads or writes of the chunk storage.
     pub storage_errors: Counter,
-    /// What each cache holds against its quota, set when the metrics are read.
-    pub cache_used_bytes: Family<CacheLabels, Gauge>,
-    /// Each cache's quota, for those that have one, set when the metrics are read.
-    pub cache_quota_bytes: Family<CacheLabels, Gauge>,
+    /// Fetches not noted for retention because the notes were at their budget.
+    pub access_notes_dropped: Counter,
     /// The least free space among the local filesystems written to.
     pub storage_free_bytes: Gauge,
     /// Free space promised to uploads in progress, not written yet.
@@ -136,8 +134,7 @@ impl Metrics {
             uploads_rejected: Family::default(),
             narinfo_conflicts: Counter::default(),
             storage_errors: Counter::default(),
-            cache_used_bytes: Family::default(),
-            cache_quota_bytes: Family::default(),
+            access_notes_dropped: Counter::default(),
             storage_free_bytes: Gauge::default(),
             storage_reserved_bytes: Gauge::default(),
             pack_cache: CacheMetrics::default(),
@@ -242,15 +239,9 @@ impl Metrics {
             m.storage_errors.clone(),
         );
         r.register(
-            "cache_used_bytes",
-            "What each cache holds against its quota: paths, uploads waiting for a \
-             narinfo, logs and realisations, in stored bytes",
-            m.cache_used_bytes.clone(),
-        );
-        r.register(
-            "cache_quota_bytes",
-            "Each cache's quota, in stored bytes, for those that have one",
-            m.cache_quota_bytes.clone(),
+            "access_notes_dropped",
+            "Fetches not noted for retention because the notes were at their budget",
+            m.access_notes_dropped.clone(),
         );
         r.register(
             "storage_free_bytes",
@@ -313,6 +304,49 @@ impl Metrics {
             .expect("writing to a String does not fail");
         out
     }
+}
+
+/// What a cache holds and may hold, for `render_caches`.
+pub struct CacheFigures {
+    /// Its name.
+    pub name: String,
+    /// What it holds against its quota.
+    pub used_bytes: u64,
+    /// Its quota, if it has one.
+    pub quota_bytes: Option<u64>,
+}
+
+/// Each cache's use and quota in the Prometheus text format, made anew for each
+/// reading: the set of caches changes at run time, and these series name them, so
+/// they are shown to the server admin only (see `http::health::metrics`).
+pub fn render_caches(caches: &[CacheFigures]) -> String {
+    let mut registry = Registry::with_prefix("cachet");
+    let used: Family<CacheLabels, Gauge> = Family::default();
+    let quota: Family<CacheLabels, Gauge> = Family::default();
+    for c in caches {
+        let labels = CacheLabels {
+            cache: c.name.clone(),
+        };
+        used.get_or_create(&labels).set(c.used_bytes as i64);
+        if let Some(q) = c.quota_bytes {
+            quota.get_or_create(&labels).set(q as i64);
+        }
+    }
+    registry.register(
+        "cache_used_bytes",
+        "What each cache holds against its quota: paths, uploads waiting for a narinfo, \
+         logs and realisations, in stored bytes",
+        used,
+    );
+    registry.register(
+        "cache_quota_bytes",
+        "Each cache's quota, in stored bytes, for those that have one",
+        quota,
+    );
+    let mut out = String::new();
+    prometheus_client::encoding::prometheus_text::encode(&mut out, &registry)
+        .expect("writing to a String does not fail");
+    out
 }
 
 /// The `Content-Type` of `render`'s output.

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use crate::caches::Cache;
 use crate::error::{Error, Rejection, Result};
-use crate::index::{Commit, Index, IndexError, NarInfoRecord, Upload};
+use crate::index::{Commit, Index, NarInfoRecord, Upload};
 use crate::nix::{CacheName, Compression, NarInfo, NarUrl, StorePathHash};
 
 fn mismatch(field: &'static str, claimed: impl ToString, actual: impl ToString) -> Rejection {
@@ -96,25 +96,24 @@ pub async fn publish(
             return Err(Rejection::MissingReference(r.full()).into());
         }
     }
-    let nar = index.nar(&upload.nar_hash)?.ok_or(IndexError::Corrupt {
-        record: "upload without its NAR",
-        key: format!("{}/{url}", cache.name),
-    })?;
+    // An upload record without its NAR (one a collection of an earlier build could not
+    // remove) names nothing: the client sends the NAR again.
+    let nar = index.nar(&upload.nar_hash)?.ok_or_else(unknown)?;
 
     let file_size = nar.contents.stored_size();
     // Taking up its own upload moves that upload's bytes from pending to stored; a
-    // narinfo for a NAR held already adds its frames.
+    // narinfo for a NAR held already adds its frames; a repeat adds nothing.
     let taken_up = if upload.claimed {
         0
     } else {
         upload.stored_size
     };
-    crate::quota::check_publish(
-        index.as_ref(),
-        &cache.name,
-        quota,
-        file_size.saturating_sub(taken_up),
-    )?;
+    let adds = if index.narinfo(&cache.name, &hash)?.is_some() {
+        0
+    } else {
+        file_size.saturating_sub(taken_up)
+    };
+    crate::quota::check_publish(index.as_ref(), &cache.name, quota, adds)?;
     let mut served = NarInfo {
         url: NarUrl::served(upload.nar_hash).to_string(),
         compression: Compression::Zstd,

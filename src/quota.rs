@@ -1,9 +1,9 @@
 //! Quotas: a cache may hold at most so many stored bytes (`--max-size`, or the
 //! server's `quota.max_size_bytes` for caches that set none), so that one tenant
 //! cannot take the disk from the others. What a cache holds is its paths' stored
-//! bytes and its uploads waiting for a narinfo (`CacheStats::used_bytes`, kept by the
-//! index), plus what its uploads in progress have stored so far, counted here as they
-//! stream. An upload is checked when it is admitted and after every batch of chunks,
+//! bytes, its uploads waiting for a narinfo and its logs and realisations
+//! (`CacheStats::used_bytes`, kept by the index), plus what its uploads in progress
+//! have stored so far, counted here as they stream. An upload is checked when it is admitted and after every batch of chunks,
 //! and stops with 507 as soon as it would take the cache past its quota, before
 //! anything of it is visible.
 
@@ -35,8 +35,8 @@ pub struct InFlight {
     bytes: Mutex<HashMap<CacheName, u64>>,
 }
 
-/// An upload's count against its cache's quota; what it counted goes when it drops
-/// (by then the upload's record counts it, or it failed).
+/// An upload's count against its cache's quota; what it counted goes when it drops,
+/// which its request does once the upload's record counts it (or it failed).
 pub struct Charge {
     in_flight: Arc<InFlight>,
     index: Arc<dyn Index>,
@@ -69,6 +69,7 @@ impl InFlight {
         Ok(Some(charge))
     }
 
+    #[cfg(test)]
     fn of(&self, cache: &CacheName) -> u64 {
         let bytes = self.bytes.lock().expect("never poisoned");
         bytes.get(cache).copied().unwrap_or(0)
@@ -88,10 +89,13 @@ pub enum ChargeError {
 
 impl Charge {
     /// Counts `bytes` more of the upload, unless that takes its cache past its quota
-    /// (at admission, `bytes` is 0 and a cache at its quota refuses).
+    /// (at admission, `bytes` is 0 and a cache at its quota refuses). The check and
+    /// the count are one step: uploads at once cannot all pass on the same room.
     pub fn add(&mut self, bytes: u64) -> Result<(), ChargeError> {
+        let mut all = self.in_flight.bytes.lock().expect("never poisoned");
         let stored = self.index.cache_stats(&self.cache)?.used_bytes();
-        let used = stored + self.in_flight.of(&self.cache) + bytes;
+        let in_flight = all.get(&self.cache).copied().unwrap_or(0);
+        let used = stored + in_flight + bytes;
         let over = if bytes == 0 {
             used >= self.quota
         } else {
@@ -105,7 +109,6 @@ impl Charge {
             }
             .into());
         }
-        let mut all = self.in_flight.bytes.lock().expect("never poisoned");
         *all.entry(self.cache.clone()).or_default() += bytes;
         self.counted += bytes;
         Ok(())

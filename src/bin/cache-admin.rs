@@ -915,6 +915,12 @@ async fn gc(
             r.left_partly_dead_packs
         ));
     }
+    if r.left_no_room_packs > 0 {
+        left.push(format!(
+            "{} packs to rewrite for want of free space (storage.min_free_mib)",
+            r.left_no_room_packs
+        ));
+    }
     for l in left {
         println!("left {l}");
     }

@@ -113,6 +113,10 @@ pub struct Report {
     /// Their dead bytes.
     #[serde(default)]
     pub left_dead_bytes: u64,
+    /// Left: packs chosen for rewriting that the free space had no room for (their
+    /// live bytes would have taken the disk below `storage.min_free_mib`).
+    #[serde(default)]
+    pub left_no_room_packs: u64,
     /// When the run started, in seconds since the epoch.
     pub started: u64,
     /// How long it took, in seconds.
@@ -373,11 +377,22 @@ async fn compact(
         options.now,
         packs.clone(),
     );
-    let (chosen, used) = blocking(move || {
+    let (mut chosen, used) = blocking(move || {
         let chosen = compact::candidates(index.as_ref(), &listed, &used, &s, now)?;
         Ok((chosen, used))
     })
     .await?;
+    // The rewritten packs are written before the old ones go: room for their live
+    // bytes is reserved like an upload's, the deadest packs first, so that a
+    // compaction on a nearly full disk rewrites what fits and never takes the room
+    // kept for the metadata.
+    let _room = if options.dry_run || !app.packs.is_local() {
+        None
+    } else {
+        let (room, left) = room_for(&app.space, &mut chosen);
+        report.left_no_room_packs = left;
+        room
+    };
     report.dead_bytes_compacted = chosen.iter().map(|c| c.dead).sum();
     // What stays: packs with dead bytes too few to rewrite.
     let rewritten: HashSet<PackId> = chosen.iter().map(|c| c.pack.id).collect();
@@ -484,6 +499,28 @@ async fn compact(
     Ok(())
 }
 
+/// Reserves room for rewriting `chosen` (their live bytes), giving up the least dead
+/// packs until it fits; returns the reservation and how many packs were given up.
+fn room_for(
+    space: &Arc<crate::store::space::Space>,
+    chosen: &mut Vec<compact::Candidate>,
+) -> (Option<crate::store::space::Reservation>, u64) {
+    chosen.sort_by(|a, b| {
+        let dead = |c: &compact::Candidate| c.dead as f64 / c.pack.size.max(1) as f64;
+        dead(b).total_cmp(&dead(a))
+    });
+    let mut left = 0;
+    while !chosen.is_empty() {
+        let live: u64 = chosen.iter().map(|c| c.pack.size - c.dead).sum();
+        if let Ok(r) = space.reserve(live) {
+            return (Some(r), left);
+        }
+        chosen.pop();
+        left += 1;
+    }
+    (None, left)
+}
+
 /// The paths of `cache` that `retention` evicts at `now`, referrers first. A path with
 /// no recorded fetch counts as fetched now (and, unless `dry`, is recorded so): data
 /// from before fetches were recorded gets the whole maximum age.
@@ -558,7 +595,7 @@ fn delete_unreferred(index: &dyn Index, cache: &CacheName, paths: &[StorePathHas
 
 /// What marking from the roots found dead.
 struct Marked {
-    /// NARs kept because an upload not taken up yet names them.
+    /// Uploads not taken up yet, whose NARs are kept.
     pending_uploads: u64,
     stale_uploads: Vec<(CacheName, NarUrl, Upload)>,
     dead_nars: Vec<(Sha256, NarRecord)>,
@@ -635,6 +672,7 @@ fn mark(
         }
     })?;
     let mut pending: HashSet<Sha256> = HashSet::new();
+    let mut pending_uploads = 0;
     let mut stale_uploads = Vec::new();
     index.for_each_upload(&mut |cache, url, upload| {
         if claimed.contains(&upload.nar_hash) {
@@ -645,6 +683,7 @@ fn mark(
         // to a push under way, whose narinfo follows.
         if !upload.claimed && upload.created.saturating_add(pending_secs) > now {
             pending.insert(upload.nar_hash);
+            pending_uploads += 1;
         } else {
             stale_uploads.push((cache.clone(), url, upload));
         }
@@ -682,7 +721,7 @@ fn mark(
         .map(|(id, _)| id)
         .collect();
     Ok(Marked {
-        pending_uploads: pending.len() as u64,
+        pending_uploads,
         stale_uploads,
         dead_nars,
         dead_chunks,

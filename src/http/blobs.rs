@@ -66,7 +66,8 @@ async fn put_blob(
     (peer, body): (Peer, Body),
 ) -> Result<StatusCode> {
     let cache = creds.cache(app, &cache, Permission::Push)?;
-    let charge = app.charge(&cache)?;
+    // Counted against the cache's quota until its record counts it.
+    let mut charge = app.charge(&cache)?;
     // Held until the file is recorded: the chunks it finds stored stay stored.
     let _epoch = app.epochs.enter();
     let stored = match kind {
@@ -74,7 +75,9 @@ async fn put_blob(
         BlobKind::Log => {
             let body = guarded(app, body);
             let max = app.config.ingest.max_log_bytes;
-            app.ingestor.ingest_blob(body, max, peer, charge).await?
+            app.ingestor
+                .ingest_blob(body, max, peer, charge.as_mut())
+                .await?
         }
         // A realisation is a small JSON document, checked before it is stored.
         BlobKind::Realisation => {
@@ -84,10 +87,13 @@ async fn put_blob(
             }
             let len = data.len() as u64;
             let body = futures::stream::iter([Ok(data)]);
-            app.ingestor.ingest_blob(body, len, peer, charge).await?
+            app.ingestor
+                .ingest_blob(body, len, peer, charge.as_mut())
+                .await?
         }
     };
     app.index.put_blob(kind, &cache.name, &key, &stored)?;
+    drop(charge);
     Ok(StatusCode::OK)
 }
 

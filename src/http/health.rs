@@ -1,6 +1,7 @@
 //! `/health` (the process answers), `/ready` (the index and the storage are usable)
 //! and `/metrics` (Prometheus text), for orchestrators and monitoring. None needs a
-//! token: they say nothing about the caches' contents.
+//! token: they say nothing about the caches or their contents. The caches' figures in
+//! `/metrics` are added for a server admin token only.
 
 use std::sync::Arc;
 
@@ -10,6 +11,7 @@ use axum::response::IntoResponse;
 use axum::Json;
 use serde::Serialize;
 
+use super::extract::Credentials;
 use crate::app::App;
 
 /// What `/health` and `/ready` answer.
@@ -53,26 +55,23 @@ pub async fn ready(State(app): State<Arc<App>>) -> impl IntoResponse {
     (status, Json(body))
 }
 
-/// `GET /metrics`; each cache's figures are read now.
-pub async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
-    let m = &app.metrics;
-    m.cache_used_bytes.clear();
-    m.cache_quota_bytes.clear();
-    for cache in app.caches.all() {
-        let labels = crate::metrics::CacheLabels {
-            cache: cache.name.to_string(),
-        };
-        if let Ok(stats) = app.index.cache_stats(&cache.name) {
-            m.cache_used_bytes
-                .get_or_create(&labels)
-                .set(stats.used_bytes() as i64);
+/// `GET /metrics`. With a server admin token (a scraper's `bearer_token`), each
+/// cache's use and quota too: those series name the caches, private ones included,
+/// which nobody else may learn.
+pub async fn metrics(State(app): State<Arc<App>>, creds: Credentials) -> impl IntoResponse {
+    let mut text = app.metrics.render();
+    if app.auth.server_admin(creds.token()).is_ok() {
+        let mut figures = Vec::new();
+        for cache in app.caches.all() {
+            if let Ok(stats) = app.index.cache_stats(&cache.name) {
+                figures.push(crate::metrics::CacheFigures {
+                    name: cache.name.to_string(),
+                    used_bytes: stats.used_bytes(),
+                    quota_bytes: app.config.quota.of(cache.record.quota_bytes),
+                });
+            }
         }
-        if let Some(q) = app.config.quota.of(cache.record.quota_bytes) {
-            m.cache_quota_bytes.get_or_create(&labels).set(q as i64);
-        }
+        text.push_str(&crate::metrics::render_caches(&figures));
     }
-    (
-        [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
-        app.metrics.render(),
-    )
+    ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text)
 }

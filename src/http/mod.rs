@@ -38,6 +38,11 @@ use crate::metrics::{FamilyLabels, RequestLabels};
 #[derive(Debug, Clone, Copy)]
 pub struct OverTls;
 
+/// The address a request is attributed to: its connection's peer, or the client a
+/// trusted proxy names (see `server::client`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientAddr(pub std::net::IpAddr);
+
 /// The header that carries a request's id.
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -153,6 +158,7 @@ impl Service {
         B::Error: Into<axum::BoxError>,
     {
         let (method, uri) = (req.method().clone(), req.uri().clone());
+        let client = req.extensions().get::<ClientAddr>().map(|c| c.0);
         let reads = matches!(method, Method::GET | Method::HEAD);
         // An id is made when a log line will name it: for every upload, and for a read
         // only if it fails. One a proxy gave is always kept and returned.
@@ -175,9 +181,13 @@ impl Service {
         let (router, metrics) = (self.router.clone(), self.metrics.clone());
         let started = Instant::now();
         let handled = async move {
-            let mut response = match router.oneshot(req.map(axum::body::Body::new)).await {
-                Ok(r) => r,
-                Err(never) => match never {},
+            let mut response = if req.extensions().get::<TooBusy>().is_some() {
+                too_busy()
+            } else {
+                match router.oneshot(req.map(axum::body::Body::new)).await {
+                    Ok(r) => r,
+                    Err(never) => match never {},
+                }
             };
             let status = response.status();
             metrics
@@ -195,10 +205,11 @@ impl Service {
                 Some(error::Failure(cause)) => {
                     let id = id.unwrap_or_else(|| Self::new_id(&prefix, &next));
                     let shown = id.to_str().unwrap_or("-");
+                    let client = client.map_or_else(|| "-".to_owned(), |c| c.to_string());
                     if status.is_server_error() {
-                        tracing::error!(id = shown, %method, %uri, %status, error = %cause, "request failed");
+                        tracing::error!(id = shown, %client, %method, %uri, %status, error = %cause, "request failed");
                     } else {
-                        tracing::debug!(id = shown, %method, %uri, %status, error = %cause, "request refused");
+                        tracing::debug!(id = shown, %client, %method, %uri, %status, error = %cause, "request refused");
                     }
                     Some(id)
                 }
@@ -216,10 +227,13 @@ impl Service {
     }
 }
 
-/// The answer to a client that a trusted proxy forwards when it has
-/// `server.max_connections_per_address` requests in flight already: 429, which
-/// clients retry, after a second.
-pub fn too_busy() -> Response {
+/// Marks a request of a client that a trusted proxy forwards and that has
+/// `server.max_connections_per_address` requests in flight already.
+#[derive(Debug, Clone, Copy)]
+pub struct TooBusy;
+
+/// The answer to a `TooBusy` request: 429, which clients retry, after a second.
+fn too_busy() -> Response {
     let mut response = error::text_response(
         StatusCode::TOO_MANY_REQUESTS,
         "too many requests in flight from this address; try again shortly\n".into(),
@@ -228,6 +242,9 @@ pub fn too_busy() -> Response {
         axum::http::header::RETRY_AFTER,
         HeaderValue::from_static("1"),
     );
+    response.extensions_mut().insert(error::Failure(
+        "the client's requests in flight are at server.max_connections_per_address".into(),
+    ));
     response
 }
 

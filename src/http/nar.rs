@@ -87,8 +87,13 @@ pub async fn head(
     let len = match served(&app, &cache, &url)? {
         Some((_, stored, encoding)) => encoding.body_size(&stored),
         None => {
+            // An upload counts only with its NAR, so that a client sends what is gone.
             let upload = app.index.upload(&cache.name, &url)?;
-            upload.ok_or(Error::NotFound("NAR"))?.file_size
+            let upload = upload.ok_or(Error::NotFound("NAR"))?;
+            app.index
+                .nar(&upload.nar_hash)?
+                .ok_or(Error::NotFound("NAR"))?;
+            upload.file_size
         }
     };
     let mut response = StatusCode::OK.into_response();
@@ -107,12 +112,12 @@ pub async fn put(
     let url = parse_file(&file)?;
     let cache = creds.cache(&app, &cache, Permission::Push)?;
     // Counted against the cache's quota until its record counts it.
-    let charge = app.charge(&cache)?;
+    let mut charge = app.charge(&cache)?;
     // Held until the upload is recorded: the chunks it finds stored stay stored.
     let _epoch = app.epochs.enter();
     let nar = app
         .ingestor
-        .ingest_nar(guarded(&app, body), url.compression, peer, charge)
+        .ingest_nar(guarded(&app, body), url.compression, peer, charge.as_mut())
         .await?;
     // Nix names the file after the SHA-256 of the bytes it sends; holding uploads to
     // that keeps one URL from standing for two different bodies.
@@ -125,6 +130,7 @@ pub async fn put(
         .into());
     }
     app.ingestor.record(&cache.name, &url, &nar)?;
+    drop(charge);
     tracing::info!(
         cache = %cache.name,
         %url,

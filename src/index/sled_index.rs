@@ -19,9 +19,13 @@ use crate::store::{ChunkId, ChunkRef, Manifest, ManifestId, Stored};
 /// The metadata layout; bumped on any incompatible change. Format 1 kept listings,
 /// logs and realisations as whole values and manifests whole; format 2 keeps every
 /// content as chunks, its manifest in segments; format 3 adds tokens, the references
-/// between paths, claims per path, and caches with several keys. A format 2 database
-/// is migrated when opened (`migrate_from_2`).
-const FORMAT_VERSION: &[u8] = b"3";
+/// between paths, claims per path, and caches with several keys; format 4 adds to
+/// upload records their stored size and whether a narinfo took them up, and to a
+/// cache's counts its pending uploads and its logs. A format 2 database is migrated
+/// when opened (`migrate_from_2`); a format 3 one needs nothing (format 4 reads its
+/// records, and writes its own as they change), only its version is written, so that
+/// a build of format 3 refuses what format 4 wrote instead of calling it corrupt.
+const FORMAT_VERSION: &[u8] = b"4";
 
 /// The sled database and its trees, one per kind of record.
 pub struct SledIndex {
@@ -221,7 +225,12 @@ impl SledIndex {
                 })?;
                 db.insert("format_version", FORMAT_VERSION)?;
                 db.flush()?;
-                tracing::info!(dir = %dir.display(), "migrated the metadata from format 2 to 3");
+                tracing::info!(dir = %dir.display(), "migrated the metadata from format 2 to 4");
+            }
+            Some(v) if v.as_ref() == b"3" => {
+                db.insert("format_version", FORMAT_VERSION)?;
+                db.flush()?;
+                tracing::info!(dir = %dir.display(), "the metadata is format 4 from now on");
             }
             Some(v) => anyhow::bail!(
                 "metadata in {} has format {:?}; this build reads format {:?} only \
@@ -795,11 +804,13 @@ impl Index for SledIndex {
 
     fn delete_upload_if(&self, cache: &CacheName, url: &NarUrl, expected: &Upload) -> Result<bool> {
         let key = scoped(cache, url.to_string().as_bytes());
-        let encoded = codec::encode_upload(expected);
         let stats_key = cache.as_str().as_bytes();
         let trees = (&self.uploads, &self.cache_stats);
         let outcome = trees.transaction(|(uploads, cache_stats)| {
-            if uploads.get(&key)?.as_deref() != Some(encoded.as_slice()) {
+            // Compared as records, not bytes: one written in an older layout decodes
+            // to what the caller read, and re-encodes to other bytes.
+            let current = uploads.get(&key)?.map(|v| codec::decode_upload(&v));
+            if current != Some(Some(*expected)) {
                 return Ok(false);
             }
             uploads.remove(key.as_slice())?;
@@ -1072,6 +1083,53 @@ mod tests {
         // Opened again, it is format 3 and stays as it is.
         let again = reopen(&db_dir).unwrap();
         assert!(again.narinfos(&cache(), None, 10).unwrap().is_empty());
+    }
+
+    #[test]
+    fn an_upload_recorded_in_an_older_layout_is_removed_and_uncounted() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = SledIndex::open(&dir.path().join("db"), 1 << 20).unwrap();
+        let url = NarUrl {
+            hash: Sha256::digest(b"f"),
+            compression: crate::nix::Compression::Xz,
+        };
+        let upload = Upload {
+            nar_hash: Sha256::digest(b"n"),
+            file_hash: url.hash,
+            nar_size: 1,
+            file_size: 2,
+            created: 3,
+            stored_size: 0,
+            claimed: false,
+        };
+        // What format 3 wrote: 88 bytes, no stored size, no claim.
+        let old = &codec::encode_upload(&upload)[..88];
+        index.damage(
+            "uploads",
+            &scoped(&cache(), url.to_string().as_bytes()),
+            old,
+        );
+        let read = index.upload(&cache(), &url).unwrap().unwrap();
+        assert_eq!(read, upload);
+        assert!(index.delete_upload_if(&cache(), &url, &read).unwrap());
+        assert_eq!(index.upload(&cache(), &url).unwrap(), None);
+        assert_eq!(index.cache_stats(&cache()).unwrap().pending_bytes, 0);
+    }
+
+    #[test]
+    fn a_format_3_database_is_format_4_once_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let db_dir = dir.path().join("db");
+        {
+            let db = sled::open(&db_dir).unwrap();
+            db.insert("format_version", b"3").unwrap();
+            db.flush().unwrap();
+        }
+        let index = reopen(&db_dir).unwrap();
+        assert_eq!(
+            index.db.get("format_version").unwrap().as_deref(),
+            Some(FORMAT_VERSION)
+        );
     }
 
     #[test]

@@ -374,6 +374,13 @@ enum Prepared {
 }
 
 impl Prepared {
+    /// Which manifest it belongs to.
+    fn part(&self) -> Part {
+        match self {
+            Self::Known(part, _) | Self::New { part, .. } => *part,
+        }
+    }
+
     /// The bytes of its frame.
     fn stored_len(&self) -> u64 {
         match self {
@@ -469,7 +476,7 @@ impl Ingestor {
         body: S,
         compression: Compression,
         peer: Peer,
-        charge: Option<Charge>,
+        charge: Option<&mut Charge>,
     ) -> Result<IngestedNar, IngestError>
     where
         S: Stream<Item = Result<Bytes, BodyError>> + Send + Unpin + 'static,
@@ -498,7 +505,7 @@ impl Ingestor {
         body: S,
         max_bytes: u64,
         peer: Peer,
-        charge: Option<Charge>,
+        charge: Option<&mut Charge>,
     ) -> Result<Stored, IngestError>
     where
         S: Stream<Item = Result<Bytes, BodyError>> + Send + Unpin + 'static,
@@ -537,7 +544,7 @@ impl Ingestor {
         body: S,
         content: Content,
         peer: Peer,
-        charge: Option<Charge>,
+        charge: Option<&mut Charge>,
     ) -> Result<Ingested, IngestError>
     where
         S: Stream<Item = Result<Bytes, BodyError>> + Send + Unpin + 'static,
@@ -562,7 +569,7 @@ impl Ingestor {
         mut body: S,
         content: Content,
         peer: Peer,
-        mut charge: Option<Charge>,
+        mut charge: Option<&mut Charge>,
     ) -> Result<Ingested, IngestError>
     where
         S: Stream<Item = Result<Bytes, BodyError>> + Send + Unpin + 'static,
@@ -659,9 +666,14 @@ impl Ingestor {
             let mut parts = [Segments::new(), Segments::new()];
             while let Some(batch) = prepared.next().await {
                 let batch = batch?;
-                // What the batch adds to the cache, dedup or not: its frames.
-                if let Some(charge) = charge.as_mut() {
-                    let bytes = batch.iter().map(Prepared::stored_len).sum();
+                // What the batch adds to the cache, dedup or not: the frames of its
+                // contents (a listing's are not counted: they are the server's own).
+                if let Some(charge) = charge.as_deref_mut() {
+                    let bytes = batch
+                        .iter()
+                        .filter(|p| p.part() == Part::Contents)
+                        .map(Prepared::stored_len)
+                        .sum();
                     charge.add(bytes).map_err(|e| match e {
                         ChargeError::Exceeded(e) => IngestError::Quota(e),
                         ChargeError::Index(e) => IngestError::Index(e),

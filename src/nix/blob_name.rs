@@ -18,7 +18,9 @@ pub fn realisation_key(id: &str) -> Option<String> {
     let stem = id.strip_suffix(".doi")?;
     let (hash, output) = stem.split_once('!')?;
     let digits = hash.strip_prefix("sha256:")?;
-    let ok = digits.bytes().all(|c| c.is_ascii_alphanumeric()) && output_name_ok(output);
+    let ok = !digits.is_empty()
+        && digits.bytes().all(|c| c.is_ascii_alphanumeric())
+        && output_name_ok(output);
     ok.then(|| stem.to_owned())
 }
 
@@ -30,9 +32,11 @@ pub fn trace_key(drv: &str, output: &str) -> Option<String> {
     Some(format!("{drv}/{output}"))
 }
 
-/// An output name: what Nix allows in one, and short.
+/// An output name: what Nix allows in one (no leading dot, so never `.` or `..`), and
+/// short.
 fn output_name_ok(s: &str) -> bool {
     !s.is_empty()
+        && !s.starts_with('.')
         && s.len() <= 64
         && s.bytes()
             .all(|c| c.is_ascii_alphanumeric() || b"-_+.".contains(&c))
@@ -62,5 +66,18 @@ mod tests {
         assert_eq!(trace_key(drv, "out.doi").unwrap(), format!("{drv}/out"));
         assert!(trace_key(drv, "..").is_none());
         assert!(trace_key(drv, "../x.doi").is_none());
+        assert!(realisation_key("sha256:!out.doi").is_none());
+    }
+
+    /// Found by the `names` fuzz target: `<drv>/..doi` gave the key `<drv>/..`.
+    #[test]
+    fn an_output_named_dot_dot_is_refused() {
+        let drv = "amhfscnw2qd9i5di3h12m34ryr5zf403-Ah.d0r5yzr43-Ah.drv";
+        assert!(log_key(drv).is_some());
+        assert!(trace_key(drv, "..doi").is_none());
+        assert!(trace_key(drv, "...doi").is_none());
+        assert!(trace_key(drv, ".out.doi").is_none());
+        let id = format!("sha256:{}!...doi", "a".repeat(64));
+        assert!(realisation_key(&id).is_none());
     }
 }

@@ -13,42 +13,57 @@ use std::sync::{Arc, Mutex};
 use axum::http::HeaderMap;
 use ipnet::IpNet;
 
-/// The address a request is attributed to, in its extensions.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ClientAddr(pub IpAddr);
+/// The header a trusted proxy names the client in.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ForwardedHeader {
+    /// `X-Forwarded-For`, which nginx (`$proxy_add_x_forwarded_for`), HAProxy and most
+    /// others append to.
+    #[default]
+    XForwardedFor,
+    /// `Forwarded` (RFC 7239).
+    Forwarded,
+}
 
-/// The reverse proxies whose forwarding headers are believed.
+/// The reverse proxies whose forwarding header is believed, and which header that is.
+/// Only that one: a proxy that appends to one passes the other through as the client
+/// sent it, and a client must not choose its own address.
 #[derive(Debug, Clone, Default)]
-pub struct TrustedProxies(Vec<IpNet>);
+pub struct TrustedProxies {
+    nets: Vec<IpNet>,
+    header: ForwardedHeader,
+}
 
 impl TrustedProxies {
-    /// Proxies at the addresses or in the networks of `nets`.
-    pub fn new(nets: Vec<IpNet>) -> Self {
-        Self(nets)
+    /// Proxies at the addresses or in the networks of `nets`, naming clients in
+    /// `header`.
+    pub fn new(nets: Vec<IpNet>, header: ForwardedHeader) -> Self {
+        Self { nets, header }
     }
 
     /// Whether `addr` is a trusted proxy.
     pub fn contains(&self, addr: IpAddr) -> bool {
         let addr = canonical(addr);
-        self.0.iter().any(|n| n.contains(&addr))
+        self.nets.iter().any(|n| n.contains(&addr))
     }
 
     /// The client of a request that arrived from `peer` with `headers`: for a trusted
-    /// peer, the nearest address in the forwarding chain that is not a trusted proxy
-    /// (`Forwarded` if present, else `X-Forwarded-For`); else the peer.
+    /// peer, the nearest address in the forwarding chain that is not a trusted proxy;
+    /// else the peer. A node that cannot be read (`unknown`, an obfuscated name)
+    /// ends the chain: the client is then the trusted proxy that named it.
     pub fn client(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
         if !self.contains(peer) {
             return peer;
         }
-        let chain = forwarded_for(headers).or_else(|| x_forwarded_for(headers));
-        let Some(chain) = chain else {
-            return peer;
+        let chain = match self.header {
+            ForwardedHeader::XForwardedFor => x_forwarded_for(headers),
+            ForwardedHeader::Forwarded => forwarded_for(headers),
         };
         // From the nearest hop back: each trusted proxy speaks for the one before it;
-        // the first that is not trusted is the client. A chain of proxies only names
-        // its first address.
+        // the first that is not trusted is the client.
         let mut client = peer;
-        for addr in chain.iter().rev() {
+        for node in chain.iter().rev() {
+            let Some(addr) = node else { break };
             client = *addr;
             if !self.contains(*addr) {
                 break;
@@ -83,36 +98,47 @@ fn parse_node(text: &str) -> Option<IpAddr> {
     host.parse().ok().map(canonical)
 }
 
-/// The `for=` addresses of every `Forwarded` header, nearest last (RFC 7239); `None`
-/// when there is none or one cannot be read (an obfuscated or unknown node ends the
-/// chain where it stands).
-fn forwarded_for(headers: &HeaderMap) -> Option<Vec<IpAddr>> {
+/// The `for=` nodes of every `Forwarded` header, nearest last (RFC 7239); `None` for
+/// one that is not an address.
+fn forwarded_for(headers: &HeaderMap) -> Vec<Option<IpAddr>> {
     let mut chain = Vec::new();
     for value in headers.get_all("forwarded") {
-        let value = value.to_str().ok()?;
+        let Ok(value) = value.to_str() else {
+            chain.push(None);
+            continue;
+        };
         for element in value.split(',') {
             for pair in element.split(';') {
-                let Some((key, node)) = pair.split_once('=') else {
-                    continue;
-                };
-                if key.trim().eq_ignore_ascii_case("for") {
-                    chain.push(parse_node(node)?);
+                if let Some((key, node)) = pair.split_once('=') {
+                    if key.trim().eq_ignore_ascii_case("for") {
+                        chain.push(parse_node(node));
+                    }
                 }
             }
         }
     }
-    (!chain.is_empty()).then_some(chain)
+    chain
 }
 
-/// The addresses of every `X-Forwarded-For` header, nearest last.
-fn x_forwarded_for(headers: &HeaderMap) -> Option<Vec<IpAddr>> {
+/// The nodes of every `X-Forwarded-For` header, nearest last; `None` for one that is
+/// not an address.
+fn x_forwarded_for(headers: &HeaderMap) -> Vec<Option<IpAddr>> {
     let mut chain = Vec::new();
     for value in headers.get_all("x-forwarded-for") {
-        for node in value.to_str().ok()?.split(',') {
-            chain.push(parse_node(node)?);
+        match value.to_str() {
+            Ok(value) => chain.extend(value.split(',').map(parse_node)),
+            Err(_) => chain.push(None),
         }
     }
-    (!chain.is_empty()).then_some(chain)
+    chain
+}
+
+/// Parses the networks of `server.trusted_proxies`: `10.0.0.0/8`, or a bare address
+/// for that one address.
+pub fn parse_net(text: &str) -> Result<IpNet, String> {
+    text.parse::<IpNet>()
+        .or_else(|_| text.parse::<IpAddr>().map(IpNet::from))
+        .map_err(|_| format!("{text:?} is neither an address nor a network (10.0.0.0/8)"))
 }
 
 /// Requests in flight per client address, for requests a trusted proxy forwards.
@@ -179,13 +205,28 @@ mod tests {
         s.parse().unwrap()
     }
 
+    fn trusted(header: ForwardedHeader) -> TrustedProxies {
+        TrustedProxies::new(
+            vec![
+                parse_net("10.0.0.0/8").unwrap(),
+                parse_net("2001:db8::/32").unwrap(),
+                parse_net("192.168.1.1").unwrap(),
+            ],
+            header,
+        )
+    }
+
     #[test]
     fn headers_count_only_from_trusted_proxies() {
-        let trusted = TrustedProxies::new(vec!["10.0.0.0/8".parse().unwrap()]);
+        let trusted = trusted(ForwardedHeader::XForwardedFor);
         let h = headers(&[("x-forwarded-for", "203.0.113.9")]);
         // From anyone else, the header is the client's own claim.
         assert_eq!(trusted.client(ip("198.51.100.1"), &h), ip("198.51.100.1"));
         assert_eq!(trusted.client(ip("10.1.2.3"), &h), ip("203.0.113.9"));
+        // A bare address is that address.
+        assert_eq!(trusted.client(ip("192.168.1.1"), &h), ip("203.0.113.9"));
+        assert_eq!(trusted.client(ip("192.168.1.2"), &h), ip("192.168.1.2"));
+        assert!(parse_net("proxy.example").is_err());
         // Without a header, the proxy itself.
         assert_eq!(
             trusted.client(ip("10.1.2.3"), &HeaderMap::new()),
@@ -195,29 +236,30 @@ mod tests {
 
     #[test]
     fn the_nearest_untrusted_hop_is_the_client() {
-        let trusted = TrustedProxies::new(vec![
-            "10.0.0.0/8".parse().unwrap(),
-            "2001:db8::/32".parse().unwrap(),
-        ]);
+        let xff = trusted(ForwardedHeader::XForwardedFor);
         // A client may put anything first; the proxies append what they saw.
         let h = headers(&[("x-forwarded-for", "1.2.3.4, 203.0.113.9, 10.0.0.7")]);
-        assert_eq!(trusted.client(ip("10.0.0.1"), &h), ip("203.0.113.9"));
+        assert_eq!(xff.client(ip("10.0.0.1"), &h), ip("203.0.113.9"));
+        let forwarded = trusted(ForwardedHeader::Forwarded);
         let h = headers(&[(
             "forwarded",
             "for=1.2.3.4;proto=https, for=\"[2001:db8:cafe::17]:4711\", for=192.0.2.60:80",
         )]);
-        assert_eq!(trusted.client(ip("10.0.0.1"), &h), ip("192.0.2.60"));
-        // Forwarded wins over X-Forwarded-For.
+        assert_eq!(forwarded.client(ip("10.0.0.1"), &h), ip("192.0.2.60"));
+        // Only the configured header counts: the other is the client's to forge.
         let h = headers(&[
             ("forwarded", "for=198.51.100.7"),
             ("x-forwarded-for", "203.0.113.9"),
         ]);
-        assert_eq!(trusted.client(ip("10.0.0.1"), &h), ip("198.51.100.7"));
-        // Unreadable headers leave the proxy as the client.
-        let h = headers(&[("forwarded", "for=unknown")]);
-        assert_eq!(trusted.client(ip("10.0.0.1"), &h), ip("10.0.0.1"));
+        assert_eq!(xff.client(ip("10.0.0.1"), &h), ip("203.0.113.9"));
+        assert_eq!(forwarded.client(ip("10.0.0.1"), &h), ip("198.51.100.7"));
+        // An unreadable node ends the chain: the proxy that named it is the client.
+        let h = headers(&[("forwarded", "for=198.51.100.7, for=unknown, for=10.0.0.9")]);
+        assert_eq!(forwarded.client(ip("10.0.0.1"), &h), ip("10.0.0.9"));
+        let h = headers(&[("x-forwarded-for", "198.51.100.7, , 10.0.0.9")]);
+        assert_eq!(xff.client(ip("10.0.0.1"), &h), ip("10.0.0.9"));
         // IPv4 mapped into IPv6 is IPv4.
-        assert!(trusted.contains(ip("::ffff:10.9.9.9")));
+        assert!(xff.contains(ip("::ffff:10.9.9.9")));
     }
 
     #[test]

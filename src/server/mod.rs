@@ -19,7 +19,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::app::App;
 use crate::config::{Config, StorageBackend};
-use client::{ClientAddr, TrustedProxies};
+use crate::http::ClientAddr;
+use client::TrustedProxies;
 use conn::{ConnState, Timed, Timeouts};
 use slots::{Limits, Slots};
 
@@ -66,9 +67,10 @@ pub fn raise_open_files() -> u64 {
     current
 }
 
-/// The connection cap that the open-file limit allows.
-pub fn connection_cap(configured: usize, open_files: u64) -> usize {
-    let allowed = open_files.saturating_sub(RESERVED_FILES) / FILES_PER_CONNECTION;
+/// The connection cap that the open-file limit allows `listeners` listeners (each keeps
+/// its own refusals and closing connections).
+pub fn connection_cap(configured: usize, open_files: u64, listeners: u64) -> usize {
+    let allowed = open_files.saturating_sub(RESERVED_FILES * listeners) / FILES_PER_CONNECTION;
     configured
         .min(usize::try_from(allowed).unwrap_or(usize::MAX))
         .max(1)
@@ -115,7 +117,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let admin_share = admin_listener
         .as_ref()
         .map_or(0, |_| s.admin_max_connections);
-    let cap = connection_cap(s.max_connections + admin_share, open_files);
+    let listeners = if admin_listener.is_some() { 2 } else { 1 };
+    let cap = connection_cap(s.max_connections + admin_share, open_files, listeners);
     let (main_cap, admin_cap) = if cap >= s.max_connections + admin_share {
         (s.max_connections, admin_share)
     } else {
@@ -183,7 +186,10 @@ pub async fn serve(
         send_min_bytes: s.send_min_bytes,
     };
     let slots = Slots::new(limits);
-    let proxies = Arc::new(TrustedProxies::new(s.trusted_proxies.clone()));
+    let proxies = Arc::new(TrustedProxies::new(
+        s.trusted_proxies.clone(),
+        s.forwarded_header,
+    ));
     let gate = client::Gate::new(s.max_connections_per_address);
     let refusing = Arc::new(AtomicUsize::new(0));
     loop {
@@ -313,7 +319,6 @@ impl Connection {
             self.timeouts,
             self.metrics.clone(),
         ));
-        let metrics = self.metrics.clone();
         let (handler, peer, tls) = (self.service, self.peer, self.tls);
         let (address, forwarding) = (self.address, self.forwarding);
         let per_request =
@@ -331,14 +336,12 @@ impl Connection {
                 if tls {
                     req.extensions_mut().insert(crate::http::OverTls);
                 }
-                let response = match pass {
-                    // A forwarded client over its limit of requests in flight.
-                    Some(None) => {
-                        metrics.refused("address");
-                        futures::future::Either::Left(std::future::ready(crate::http::too_busy()))
-                    }
-                    _ => futures::future::Either::Right(handler.call(req)),
-                };
+                // A forwarded client over its limit of requests in flight is answered
+                // by the service, which counts and logs it like any request.
+                if let Some(None) = &pass {
+                    req.extensions_mut().insert(crate::http::TooBusy);
+                }
+                let response = handler.call(req);
                 async move {
                     // The request counts as busy until its body is sent or dropped.
                     let response = response.await.map(|inner| Tracked {
@@ -507,9 +510,10 @@ mod tests {
 
     #[test]
     fn the_cap_leaves_room_for_files() {
-        assert_eq!(connection_cap(4096, 1 << 20), 4096);
-        assert_eq!(connection_cap(4096, 1024), 256);
-        assert_eq!(connection_cap(4096, 100), 1);
-        assert_eq!(connection_cap(10, u64::MAX), 10);
+        assert_eq!(connection_cap(4096, 1 << 20, 1), 4096);
+        assert_eq!(connection_cap(4096, 1024, 1), 256);
+        assert_eq!(connection_cap(4096, 1024, 2), 170);
+        assert_eq!(connection_cap(4096, 100, 1), 1);
+        assert_eq!(connection_cap(10, u64::MAX, 1), 10);
     }
 }

@@ -192,9 +192,20 @@ impl Ballast {
         self.path.parent().unwrap_or(Path::new("."))
     }
 
-    /// Whether the file is there.
+    /// Whether the file is there, at its size (one of another size, from another
+    /// setting, is replaced).
     pub fn present(&self) -> bool {
-        self.path.exists()
+        std::fs::metadata(&self.path).is_ok_and(|m| m.len() == self.bytes)
+    }
+
+    /// Removes the file a setting of none leaves (and a partial one): its room is
+    /// the disk's again.
+    pub fn remove_at(path: &Path) {
+        for p in [path.to_owned(), path.with_extension("partial")] {
+            if std::fs::remove_file(&p).is_ok() {
+                tracing::info!(file = %p.display(), "removed the space kept for the metadata");
+            }
+        }
     }
 
     /// The room the file would take, when it is not there.
@@ -210,7 +221,12 @@ impl Ballast {
     /// true if it did.
     pub fn release_if_short(&self) -> bool {
         let short = free_bytes(self.dir()).is_ok_and(|free| free < self.bytes);
-        if !short || !self.present() {
+        if !short {
+            return false;
+        }
+        // A write cut short (a crash) leaves a partial file: it goes first.
+        let _ = std::fs::remove_file(self.path.with_extension("partial"));
+        if !self.path.exists() {
             return false;
         }
         match std::fs::remove_file(&self.path) {
@@ -252,7 +268,9 @@ impl Ballast {
         }
     }
 
-    /// Allocates the file whole (written out where the filesystem cannot allocate).
+    /// Allocates the file whole; where the filesystem cannot allocate (ZFS), writes it
+    /// out with bytes that do not compress, so that a compressing filesystem keeps
+    /// the room too.
     fn write(&self) -> io::Result<()> {
         use std::io::Write as _;
         let partial = self.path.with_extension("partial");
@@ -260,7 +278,15 @@ impl Ballast {
         let allocated =
             rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), 0, self.bytes);
         if allocated.is_err() {
-            let block = vec![0u8; 1 << 20];
+            let mut block = vec![0u8; 1 << 20];
+            let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+            for word in block.chunks_exact_mut(8) {
+                // xorshift64: not a secret, only not compressible.
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                word.copy_from_slice(&state.to_le_bytes());
+            }
             let mut left = self.bytes;
             while left > 0 {
                 let n = left.min(block.len() as u64) as usize;

@@ -108,6 +108,17 @@ pub(crate) fn metric(server: &Server, name: &str, labels: &str) -> f64 {
         .unwrap()
         .text()
         .unwrap();
+    sample(&text, name, labels)
+}
+
+/// `metric`, as the server admin reads it (with each cache's figures).
+pub(crate) fn admin_metric(server: &Server, name: &str, labels: &str) -> f64 {
+    let text = server.admin_get("/metrics").text().unwrap();
+    sample(&text, name, labels)
+}
+
+/// The sum of the samples of `name` whose labels include `labels` in `text`.
+fn sample(text: &str, name: &str, labels: &str) -> f64 {
     text.lines()
         .filter(|l| l.starts_with(name) && l.contains(labels))
         .filter(|l| l[name.len()..].starts_with(['{', ' ']))

@@ -175,3 +175,92 @@ fn the_admin_listener_answers_when_every_slot_is_handling_a_request() {
     );
     drop(busy);
 }
+
+/// Opens a connection from `source` and starts an upload whose body never comes: the
+/// connection is busy from then on. `forwarded` goes in `X-Forwarded-For`.
+fn busy_upload(server: &Server, source: [u8; 4], forwarded: &str, n: u8) -> std::net::TcpStream {
+    use std::io::Write as _;
+    let socket = connect_from(source, server.port);
+    let mut s = socket;
+    write!(
+        s,
+        "PUT /main/nar/{}.nar HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\
+         X-Forwarded-For: {forwarded}\r\nContent-Length: 1048576\r\n\r\nnix-archive",
+        cachet::nix::Sha256::digest(&[n]).to_nix32(),
+        server.token()
+    )
+    .unwrap();
+    s
+}
+
+/// A blocking connection from `source` to the server's port.
+fn connect_from(source: [u8; 4], port: u16) -> std::net::TcpStream {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let stream = rt.block_on(async {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket
+            .bind(std::net::SocketAddr::from((source, 0)))
+            .unwrap();
+        socket
+            .connect(std::net::SocketAddr::from(([127, 0, 0, 1], port)))
+            .await
+            .unwrap()
+    });
+    let std = stream.into_std().unwrap();
+    std.set_nonblocking(false).unwrap();
+    std
+}
+
+/// The status line of the next response on `s`.
+fn status_line(s: &mut std::net::TcpStream) -> String {
+    use std::io::Read as _;
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut buf = [0u8; 1024];
+    let n = s.read(&mut buf).unwrap_or(0);
+    String::from_utf8_lossy(&buf[..n])
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[test]
+fn a_trusted_proxy_has_no_connection_limit_but_each_client_behind_it_has_one() {
+    let server = Server::with_config(
+        "[server]\nmax_connections_per_address = 2\ntrusted_proxies = [\"127.0.0.1/32\"]\n",
+    );
+    // Through the proxy: two requests of one client are its limit; a third is 429,
+    // another client's goes through, and the proxy itself holds three connections.
+    let _a = busy_upload(&server, [127, 0, 0, 1], "198.51.100.1, 203.0.113.9", 1);
+    let _b = busy_upload(&server, [127, 0, 0, 1], "203.0.113.9", 2);
+    std::thread::sleep(Duration::from_millis(300));
+    let mut third = busy_upload(&server, [127, 0, 0, 1], "203.0.113.9", 3);
+    assert_eq!(status_line(&mut third), "HTTP/1.1 429 Too Many Requests");
+    let r = crate::harness::client()
+        .get(format!("{}/health", server.base()))
+        .header("X-Forwarded-For", "203.0.113.10")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // Not through a trusted proxy: the header is the client's own claim, and the
+    // address's connections are what is limited.
+    let _c = busy_upload(&server, [127, 0, 0, 2], "203.0.113.11", 4);
+    let _d = busy_upload(&server, [127, 0, 0, 2], "203.0.113.12", 5);
+    std::thread::sleep(Duration::from_millis(300));
+    let mut e = busy_upload(&server, [127, 0, 0, 2], "203.0.113.13", 6);
+    assert_eq!(status_line(&mut e), "HTTP/1.1 503 Service Unavailable");
+    assert!(
+        metric(
+            &server,
+            "cachet_connections_refused_total",
+            "reason=\"address\""
+        ) >= 1.0
+    );
+    assert_eq!(
+        metric(&server, "cachet_http_requests_total", "status=\"429\""),
+        1.0
+    );
+}

@@ -9,7 +9,7 @@ use cachet::nix::nar::write::{nar, Entry};
 use cachet::nix::Sha256;
 
 use crate::harness::{closure, ok, Nix, NixHost, Server};
-use crate::hostile::metric;
+use crate::hostile::{admin_metric, metric};
 
 fn json(text: &str) -> serde_json::Value {
     serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text}"))
@@ -89,9 +89,22 @@ fn a_cache_at_its_quota_refuses_pushes_and_others_go_on() {
     assert!(page.contains("id=\"quota\""), "{page}");
     let shown = server.admin(&["stats", "small"]);
     assert!(shown.contains("quota"), "{shown}");
-    let quota = metric(&server, "cachet_cache_quota_bytes", "cache=\"small\"");
+    let quota = admin_metric(&server, "cachet_cache_quota_bytes", "cache=\"small\"");
     assert_eq!(quota as u64, used / 2);
-    assert!(metric(&server, "cachet_cache_used_bytes", "cache=\"small\"") > 0.0);
+    assert!(admin_metric(&server, "cachet_cache_used_bytes", "cache=\"small\"") > 0.0);
+    // Without a server admin token, no series names a cache.
+    assert_eq!(metric(&server, "cachet_cache_used_bytes", ""), 0.0);
+
+    // The tenant's own admin cannot lift its quota.
+    let tenant = server.new_token("small-admin", "admin", &["small"]);
+    let lift = crate::harness::cache_admin(
+        &server.base(),
+        Some(&tenant),
+        &["cache", "update", "small", "--max-size", "none"],
+    );
+    assert!(!lift.status.success());
+    let says = String::from_utf8_lossy(&lift.stderr);
+    assert!(says.contains("only the server admin"), "{says}");
 
     // Raised, the same push completes.
     let double = (used * 2).to_string();

@@ -1,8 +1,9 @@
 //! A full disk never wedges the server: uploads at once never take a small
 //! filesystem below `storage.min_free_mib` (they reserve what they write), other
 //! caches keep publishing meanwhile, deleting the cache and one gc give the space
-//! back, and a server started on a filesystem with no byte free comes up, serves and
-//! collects. Every request is answered within the client's timeout.
+//! back, and a server started on a filesystem with no byte free comes up, serves,
+//! deletes, collects and verifies. Every request is answered within the client's
+//! timeout.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -178,7 +179,8 @@ fn parallel_uploads_keep_the_minimum_free_and_a_full_disk_never_wedges_the_serve
     assert!(report["bytes_freed"].as_u64().unwrap() > (UPLOAD_MIB as u64) << 20);
 
     // Filled to the last byte by someone else, and restarted: it comes up, serves
-    // what it has, refuses uploads, and collects.
+    // what it has, refuses uploads, and deletes, collects and verifies.
+    server.admin(&["cache", "create", "spare"]);
     let filler = fill(fs.path(), 0);
     server.restart();
     let started = Instant::now();
@@ -201,6 +203,8 @@ fn parallel_uploads_keep_the_minimum_free_and_a_full_disk_never_wedges_the_serve
         "other",
         &format!("/nix/store/{}-o0", path(0)),
     ]);
+    server.admin(&["cache", "delete", "spare", "--yes"]);
+    server.admin(&["verify"]);
     assert!(server
         .log()
         .contains("released the space kept for the metadata"));

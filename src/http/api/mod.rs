@@ -2,7 +2,7 @@
 //! its bodies are in `types`, shared with `cache-admin`.
 //!
 //! Who may call what: reading a cache's settings needs pull on it; changing it, its
-//! keys or deleting it needs admin of it; deleting store paths needs delete; creating
+//! keys or deleting it needs admin of it, and its quota the server admin; deleting store paths needs delete; creating
 //! a cache needs admin of its name (a token with admin on `team-*` may create
 //! `team-x`); tokens are the server admin's (admin on `*`). No response carries a
 //! secret but the one `POST /tokens` makes, once.
@@ -70,6 +70,18 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
         .map_err(|e| Error::Internal(format!("an admin task failed: {e}")))?
 }
 
+/// Quotas limit the tenants that hold admin of their own caches: only the server
+/// admin sets them.
+fn quota_setter(holder: &crate::index::TokenRecord) -> Result<()> {
+    if holder.grants.server_admin() {
+        Ok(())
+    } else {
+        Err(Error::Forbidden(
+            "only the server admin (admin on '*') sets quotas".into(),
+        ))
+    }
+}
+
 fn describe(app: &App, cache: &Cache) -> Result<CacheInfo> {
     let stats = app.index.cache_stats(&cache.name)?;
     Ok(CacheInfo {
@@ -126,6 +138,9 @@ pub async fn create_cache(
     if !holder.grants.allow(&name, Permission::Admin) {
         return Err(Error::Forbidden(format!("the token may not create {name}")));
     }
+    if req.quota_bytes.is_some() {
+        quota_setter(&holder)?;
+    }
     let new = NewCache {
         public: req.public.unwrap_or(true),
         priority: req.priority.unwrap_or(40),
@@ -160,6 +175,9 @@ pub async fn update_cache(
 ) -> Result<Json<CacheInfo>> {
     let cache = creds.cache(&app, &cache, Permission::Admin)?;
     let change: CacheChange = json(&app, body).await?;
+    if change.quota_bytes.is_some() {
+        quota_setter(&app.auth.bearer(creds.token())?)?;
+    }
     let lock = app.caches.exclusive(&cache.name).await;
     let updated = app.caches.update(&lock, &change)?;
     Ok(Json(describe(&app, &updated)?))

@@ -25,7 +25,7 @@ pub struct CacheInfo {
     pub keep_client_signatures: bool,
     /// What the garbage collector keeps.
     pub retention: Retention,
-    /// Its own quota, in stored bytes.
+    /// Its own quota, in stored bytes (not the retention's `max_size_bytes`).
     #[serde(default)]
     pub quota_bytes: Option<u64>,
     /// The quota that applies: its own, else the server's default.
@@ -37,8 +37,8 @@ pub struct CacheInfo {
     pub paths: u64,
     /// The sum of their NAR sizes.
     pub nar_bytes: u64,
-    /// What it holds against its quota: its paths' stored bytes, and its uploads
-    /// waiting for a narinfo.
+    /// What it holds against its quota: its paths' stored bytes, its uploads waiting
+    /// for a narinfo, its logs and realisations.
     #[serde(default)]
     pub used_bytes: u64,
     /// When it was created, in seconds since the epoch.
