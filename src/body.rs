@@ -127,6 +127,91 @@ where
     }
 }
 
+/// How long a refused upload's body is read on (see `Kept`): long enough for the
+/// bytes in flight on any network a cache serves, short enough that a client that
+/// goes on sending holds nothing for long.
+pub const LINGER: Duration = Duration::from_secs(5);
+
+/// A body read through a handle its handler keeps (`Kept::handle`), so that what the
+/// client still sends after the server has refused the upload can be read and thrown
+/// away (`Kept::linger`).
+///
+/// An upload refused mid-body (a full disk, a quota, a bomb, a bad NAR) is answered
+/// before the client has sent all of it. Closing a connection with unread bytes makes
+/// the kernel reset it, and a client still sending (curl, and so Nix, reads the answer
+/// only once it has sent, or sees it arrive) may lose the answer to the reset: it
+/// reports a broken connection instead of the 507 or 413. Reading on for a moment, as
+/// nginx's lingering close does, lets the answer through.
+pub struct Kept<S> {
+    inner: Arc<std::sync::Mutex<KeptState<S>>>,
+}
+
+struct KeptState<S> {
+    body: S,
+    /// Bytes read so far.
+    read: u64,
+    /// Whether the body has ended (or failed).
+    done: bool,
+}
+
+impl<S> Kept<S> {
+    /// Keeps `body`.
+    pub fn new(body: S) -> Self {
+        Self {
+            inner: Arc::new(std::sync::Mutex::new(KeptState {
+                body,
+                read: 0,
+                done: false,
+            })),
+        }
+    }
+
+    /// Another handle on the same body.
+    pub fn handle(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<S: Stream<Item = Result<Bytes, BodyError>> + Unpin> Kept<S> {
+    /// Reads and throws away what is left of a body the handler did not read to its
+    /// end, for at most `limit`. Nothing when nothing was read (the client may be
+    /// waiting for `100 Continue` and sending nothing) or the body has ended.
+    pub async fn linger(self, limit: Duration) {
+        let drain = futures::stream::poll_fn(|cx| {
+            let mut state = self.inner.lock().expect("never poisoned");
+            if state.done || state.read == 0 {
+                return Poll::Ready(None);
+            }
+            match state.body.poll_next_unpin(cx) {
+                Poll::Ready(Some(Ok(_))) => Poll::Ready(Some(())),
+                Poll::Ready(_) => {
+                    state.done = true;
+                    Poll::Ready(None)
+                }
+                Poll::Pending => Poll::Pending,
+            }
+        });
+        let _ = tokio::time::timeout(limit, drain.for_each(|()| async {})).await;
+    }
+}
+
+impl<S: Stream<Item = Result<Bytes, BodyError>> + Unpin> Stream for Kept<S> {
+    type Item = Result<Bytes, BodyError>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let mut state = self.inner.lock().expect("never poisoned");
+        let polled = state.body.poll_next_unpin(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(data))) => state.read += data.len() as u64,
+            Poll::Ready(_) => state.done = true,
+            Poll::Pending => {}
+        }
+        polled
+    }
+}
+
 /// Why a small body was not read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CollectError {
@@ -189,6 +274,37 @@ mod tests {
             n += d?.len() as u64;
         }
         Ok(n)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_kept_body_is_read_on_after_its_reader_stops_and_only_then() {
+        let body = || {
+            let pieces = trickle(100, Duration::from_millis(10), 50);
+            Kept::new(pieces.map(|r| r.map_err(BodyError::Broken)))
+        };
+        // The reader takes two pieces and stops; the rest is read within the limit.
+        let mut kept = body();
+        let rest = kept.handle();
+        kept.next().await.unwrap().unwrap();
+        kept.next().await.unwrap().unwrap();
+        drop(kept);
+        let started = Instant::now();
+        rest.linger(Duration::from_secs(5)).await;
+        assert_eq!(started.elapsed(), Duration::from_millis(480));
+        // Nothing read (a client waiting for `100 Continue`): no wait at all.
+        let untouched = body();
+        let started = Instant::now();
+        untouched.handle().linger(Duration::from_secs(5)).await;
+        assert_eq!(started.elapsed(), Duration::ZERO);
+        // A body that never ends is left after the limit.
+        let endless = Kept::new(
+            trickle(100, Duration::from_secs(1), usize::MAX).map(|r| r.map_err(BodyError::Broken)),
+        );
+        let mut reader = endless.handle();
+        reader.next().await.unwrap().unwrap();
+        let started = Instant::now();
+        endless.linger(Duration::from_secs(5)).await;
+        assert_eq!(started.elapsed(), Duration::from_secs(5));
     }
 
     #[tokio::test(start_paused = true)]

@@ -12,7 +12,7 @@ use axum::response::Response;
 use super::content::stream;
 use super::extract::{guarded, small_body, Credentials};
 use crate::app::App;
-use crate::body::Peer;
+use crate::body::{Kept, Peer, LINGER};
 use crate::error::{Error, Result};
 use crate::grants::Permission;
 use crate::index::BlobKind;
@@ -69,15 +69,27 @@ async fn put_blob(
     // Counted against the cache's quota until its record counts it.
     let mut charge = app.charge(&cache)?;
     // Held until the file is recorded: the chunks it finds stored stay stored.
-    let _epoch = app.epochs.enter();
+    let epoch = app.epochs.enter();
     let stored = match kind {
         // Logs are streamed into chunks: they may be tens of MiB.
         BlobKind::Log => {
-            let body = guarded(app, body);
+            let body = Kept::new(guarded(app, body));
+            let rest = body.handle();
             let max = app.config.ingest.max_log_bytes;
-            app.ingestor
+            match app
+                .ingestor
                 .ingest_blob(body, max, peer, charge.as_mut())
-                .await?
+                .await
+            {
+                Ok(stored) => stored,
+                Err(e) => {
+                    // The answer must reach a client that is still sending; nothing
+                    // of the upload is held meanwhile.
+                    drop((epoch, charge));
+                    rest.linger(LINGER).await;
+                    return Err(e.into());
+                }
+            }
         }
         // A realisation is a small JSON document, checked before it is stored.
         BlobKind::Realisation => {

@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use super::content::{content_headers, stream};
 use super::extract::{guarded, Credentials};
 use crate::app::App;
-use crate::body::Peer;
+use crate::body::{Kept, Peer, LINGER};
 use crate::caches::Cache;
 use crate::error::{Error, Rejection, Result};
 use crate::grants::Permission;
@@ -114,11 +114,23 @@ pub async fn put(
     // Counted against the cache's quota until its record counts it.
     let mut charge = app.charge(&cache)?;
     // Held until the upload is recorded: the chunks it finds stored stay stored.
-    let _epoch = app.epochs.enter();
-    let nar = app
+    let epoch = app.epochs.enter();
+    let body = Kept::new(guarded(&app, body));
+    let rest = body.handle();
+    let ingested = app
         .ingestor
-        .ingest_nar(guarded(&app, body), url.compression, peer, charge.as_mut())
-        .await?;
+        .ingest_nar(body, url.compression, peer, charge.as_mut())
+        .await;
+    let nar = match ingested {
+        Ok(nar) => nar,
+        Err(e) => {
+            // The answer must reach a client that is still sending; nothing of the
+            // upload is held meanwhile.
+            drop((epoch, charge));
+            rest.linger(LINGER).await;
+            return Err(e.into());
+        }
+    };
     // Nix names the file after the SHA-256 of the bytes it sends; holding uploads to
     // that keeps one URL from standing for two different bodies.
     if nar.file_hash != url.hash {
