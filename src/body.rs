@@ -22,12 +22,26 @@ use crate::stall::Stall;
 /// arrived whole (a compression bomb, say) is neither, so its ingest asks this between
 /// buffers and stops when the client has gone.
 #[derive(Clone)]
-pub struct Peer(Arc<dyn Fn() -> bool + Send + Sync>);
+pub struct Peer {
+    gone: Arc<dyn Fn() -> bool + Send + Sync>,
+    address: Option<std::net::IpAddr>,
+}
 
 impl Peer {
     /// A peer that has gone when `gone` says so.
     pub fn new(gone: impl Fn() -> bool + Send + Sync + 'static) -> Self {
-        Self(Arc::new(gone))
+        Self {
+            gone: Arc::new(gone),
+            address: None,
+        }
+    }
+
+    /// The same peer, connected from `address`.
+    pub fn at(self, address: std::net::IpAddr) -> Self {
+        Self {
+            address: Some(address),
+            ..self
+        }
     }
 
     /// A peer that never goes away (for uploads not from a connection).
@@ -37,7 +51,12 @@ impl Peer {
 
     /// Whether the client has closed its connection.
     pub fn gone(&self) -> bool {
-        (self.0)()
+        (self.gone)()
+    }
+
+    /// The address the connection comes from, if it comes from one.
+    pub fn address(&self) -> Option<std::net::IpAddr> {
+        self.address
     }
 }
 

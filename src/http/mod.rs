@@ -38,8 +38,8 @@ use crate::metrics::{FamilyLabels, RequestLabels};
 #[derive(Debug, Clone, Copy)]
 pub struct OverTls;
 
-/// The address a request is attributed to: its connection's peer, or the client a
-/// trusted proxy names (see `server::client`).
+/// The client a trusted proxy names for a request it forwards (see `server::client`);
+/// other requests are their connection's peer's (`body::Peer::address`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ClientAddr(pub std::net::IpAddr);
 
@@ -158,7 +158,14 @@ impl Service {
         B::Error: Into<axum::BoxError>,
     {
         let (method, uri) = (req.method().clone(), req.uri().clone());
-        let client = req.extensions().get::<ClientAddr>().map(|c| c.0);
+        let client = req
+            .extensions()
+            .get::<ClientAddr>()
+            .map(|c| c.0)
+            .or_else(|| {
+                let peer = req.extensions().get::<crate::body::Peer>();
+                peer.and_then(crate::body::Peer::address)
+            });
         let reads = matches!(method, Method::GET | Method::HEAD);
         // An id is made when a log line will name it: for every upload, and for a read
         // only if it fails. One a proxy gave is always kept and returned.
@@ -205,7 +212,9 @@ impl Service {
                 Some(error::Failure(cause)) => {
                     let id = id.unwrap_or_else(|| Self::new_id(&prefix, &next));
                     let shown = id.to_str().unwrap_or("-");
-                    let client = client.map_or_else(|| "-".to_owned(), |c| c.to_string());
+                    // Formatted only if the line is written: most refusals (misses)
+                    // are not.
+                    let client = Shown(client);
                     if status.is_server_error() {
                         tracing::error!(id = shown, %client, %method, %uri, %status, error = %cause, "request failed");
                     } else {
@@ -246,6 +255,18 @@ fn too_busy() -> Response {
         "the client's requests in flight are at server.max_connections_per_address".into(),
     ));
     response
+}
+
+/// An address in a log line, or `-`.
+struct Shown(Option<std::net::IpAddr>);
+
+impl std::fmt::Display for Shown {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(a) => a.fmt(f),
+            None => f.write_str("-"),
+        }
+    }
 }
 
 /// A handler panicked: the client gets a 500 that says only that, and the log the panic

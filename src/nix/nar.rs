@@ -571,7 +571,7 @@ mod robustness {
 /// real directory trees validate here, and the listing written here says what its
 /// decoder reads.
 #[cfg(test)]
-mod second_implementation {
+pub(crate) mod second_implementation {
     use std::collections::BTreeMap;
     use std::io::Read as _;
     use std::os::unix::fs::PermissionsExt as _;
@@ -579,7 +579,39 @@ mod second_implementation {
     use super::*;
 
     /// What one entry of an archive is: (type, size, executable, offset, target).
-    type Seen = BTreeMap<String, (String, u64, bool, u64, String)>;
+    pub(crate) type Seen = BTreeMap<String, (String, u64, bool, u64, String)>;
+
+    /// What a listing says of every entry.
+    pub(crate) fn listed(listing: &[u8]) -> Seen {
+        let json: serde_json::Value = serde_json::from_slice(listing).unwrap();
+        let mut out = Seen::new();
+        flatten("", &json["root"], &mut out);
+        out
+    }
+
+    /// What the `nix-nar` crate's decoder reads of every entry of `archive`.
+    pub(crate) fn decoded(archive: &[u8]) -> Seen {
+        let decoder = nix_nar::Decoder::new(archive).unwrap();
+        let mut theirs = Seen::new();
+        for entry in decoder.entries().unwrap() {
+            let entry = entry.unwrap();
+            let path = entry.path.map(|p| p.to_string()).unwrap_or_default();
+            let seen = match entry.content {
+                nix_nar::Content::Directory => ("directory".into(), 0, false, 0, String::new()),
+                nix_nar::Content::Symlink { target } => {
+                    ("symlink".into(), 0, false, 0, target.to_string())
+                }
+                nix_nar::Content::File {
+                    executable,
+                    size,
+                    offset,
+                    ..
+                } => ("regular".into(), size, executable, offset, String::new()),
+            };
+            theirs.insert(path, seen);
+        }
+        theirs
+    }
 
     fn flatten(path: &str, node: &serde_json::Value, out: &mut Seen) {
         let kind = node["type"].as_str().unwrap().to_owned();
@@ -633,29 +665,8 @@ mod second_implementation {
         let mut listing = Vec::new();
         let summary = validate(&archive[..], &mut listing, u64::MAX).unwrap();
         assert_eq!(summary.size, archive.len() as u64);
-        let json: serde_json::Value = serde_json::from_slice(&listing).unwrap();
-        let mut ours = Seen::new();
-        flatten("", &json["root"], &mut ours);
-
-        let decoder = nix_nar::Decoder::new(&archive[..]).unwrap();
-        let mut theirs = Seen::new();
-        for entry in decoder.entries().unwrap() {
-            let entry = entry.unwrap();
-            let path = entry.path.map(|p| p.to_string()).unwrap_or_default();
-            let seen = match entry.content {
-                nix_nar::Content::Directory => ("directory".into(), 0, false, 0, String::new()),
-                nix_nar::Content::Symlink { target } => {
-                    ("symlink".into(), 0, false, 0, target.to_string())
-                }
-                nix_nar::Content::File {
-                    executable,
-                    size,
-                    offset,
-                    ..
-                } => ("regular".into(), size, executable, offset, String::new()),
-            };
-            theirs.insert(path, seen);
-        }
+        let ours = listed(&listing);
+        let theirs = decoded(&archive);
         assert_eq!(ours, theirs);
         assert_eq!(summary.entries, theirs.len() as u64);
         assert!(theirs.len() > 15, "the tree has every kind of entry");

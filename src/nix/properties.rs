@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use proptest::prelude::*;
 
+use super::nar::second_implementation;
 use super::nar_url::NarUrl;
 use super::narinfo::NarInfo;
 use super::store_path::{StorePath, StorePathHash};
@@ -185,29 +186,6 @@ fn materialise(t: &Tree, path: &std::path::Path) {
     }
 }
 
-/// What the listing says of every entry: path → (type, size, executable, offset,
-/// target).
-type Listed = BTreeMap<String, (String, u64, bool, u64, String)>;
-
-fn flatten(path: &str, node: &serde_json::Value, out: &mut Listed) {
-    let kind = node["type"].as_str().unwrap().to_owned();
-    let size = node["size"].as_u64().unwrap_or(0);
-    let executable = node["executable"].as_bool().unwrap_or(false);
-    let offset = node["narOffset"].as_u64().unwrap_or(0);
-    let target = node["target"].as_str().unwrap_or("").to_owned();
-    out.insert(path.to_owned(), (kind, size, executable, offset, target));
-    if let Some(entries) = node["entries"].as_object() {
-        for (name, child) in entries {
-            let p = if path.is_empty() {
-                name.clone()
-            } else {
-                format!("{path}/{name}")
-            };
-            flatten(&p, child, out);
-        }
-    }
-}
-
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
 
@@ -228,25 +206,8 @@ proptest! {
         let mut listing = Vec::new();
         let summary = super::nar::validate(&ours[..], &mut listing, u64::MAX).unwrap();
         prop_assert_eq!(summary.size, ours.len() as u64);
-        let json: serde_json::Value = serde_json::from_slice(&listing).unwrap();
-        let mut listed = Listed::new();
-        flatten("", &json["root"], &mut listed);
-
-        let mut decoded = Listed::new();
-        for e in nix_nar::Decoder::new(&ours[..]).unwrap().entries().unwrap() {
-            let e = e.unwrap();
-            let path = e.path.map(|p| p.to_string()).unwrap_or_default();
-            let seen = match e.content {
-                nix_nar::Content::Directory => ("directory".into(), 0, false, 0, String::new()),
-                nix_nar::Content::Symlink { target } => {
-                    ("symlink".into(), 0, false, 0, target.to_string())
-                }
-                nix_nar::Content::File { executable, size, offset, .. } => {
-                    ("regular".into(), size, executable, offset, String::new())
-                }
-            };
-            decoded.insert(path, seen);
-        }
+        let listed = second_implementation::listed(&listing);
+        let decoded = second_implementation::decoded(&ours);
         prop_assert_eq!(&listed, &decoded);
         prop_assert_eq!(summary.entries, decoded.len() as u64);
         for (kind, size, _, offset, _) in listed.values() {

@@ -236,7 +236,7 @@ pub async fn serve(
         };
         configure(&tcp, app.config.serve.send_buffer_bytes);
         let peer = match conn::watch_peer(&tcp) {
-            Ok(peer) => peer,
+            Ok(peer) => peer.at(address),
             Err(e) => {
                 // Out of descriptors: this connection would not get far either.
                 tracing::warn!(error = %e, "could not watch a connection");
@@ -324,15 +324,14 @@ impl Connection {
         let per_request =
             hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
                 let busy = state.begin();
-                let (client, pass) = match &forwarding {
-                    None => (address, None),
-                    Some((proxies, gate)) => {
-                        let client = proxies.client(address, req.headers());
-                        (client, Some(gate.enter(client)))
-                    }
-                };
+                // A request is the peer's (whose address `Peer` holds) unless a trusted
+                // proxy forwards it.
+                let pass = forwarding.as_ref().map(|(proxies, gate)| {
+                    let client = proxies.client(address, req.headers());
+                    req.extensions_mut().insert(ClientAddr(client));
+                    gate.enter(client)
+                });
                 req.extensions_mut().insert(peer.clone());
-                req.extensions_mut().insert(ClientAddr(client));
                 if tls {
                     req.extensions_mut().insert(crate::http::OverTls);
                 }

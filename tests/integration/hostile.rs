@@ -127,7 +127,7 @@ fn sample(text: &str, name: &str, labels: &str) -> f64 {
 }
 
 /// The status line of the response that `s` got, if any.
-fn status_of(s: &mut TcpStream) -> String {
+pub(crate) fn status_of(s: &mut TcpStream) -> String {
     s.set_nonblocking(false).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     let mut buf = vec![0u8; 4096];

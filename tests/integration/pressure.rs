@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use crate::flood::{fresh_clients, loopback, Behaviour, Flood};
 use crate::harness::{closure, heavy, ok, Nix, NixHost, Server, Start};
-use crate::hostile::metric;
+use crate::hostile::{metric, status_of};
 
 /// The server's timeouts as shipped: the attack must be beaten by making room, not by
 /// timing connections out early.
@@ -60,6 +60,23 @@ fn push(server: &Server) {
     ok(NixHost::new(server, Nix::V2_8).push(server, "zstd", &c));
 }
 
+/// After a push of the closure the pulls fetch: 4,000 connections from `sources`,
+/// each sending a request at once and every 30 s, and reconnecting a second after the
+/// server closes it, under way for 3 s.
+fn kept_alive_flood(server: &Server, sources: &[std::net::IpAddr]) -> Flood {
+    push(server);
+    let every = Duration::from_secs(30);
+    let flood = Flood::start(
+        server,
+        4000,
+        sources,
+        Behaviour::KeepAlive(every),
+        Duration::from_secs(1),
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    flood
+}
+
 #[test]
 fn silent_and_trickling_floods_leave_room_for_fresh_clients() {
     let _heavy = heavy();
@@ -80,16 +97,7 @@ fn silent_and_trickling_floods_leave_room_for_fresh_clients() {
 fn kept_alive_floods_from_one_address_leave_room_for_fresh_clients() {
     let _heavy = heavy();
     let server = server();
-    push(&server);
-    let every = Duration::from_secs(30);
-    let flood = Flood::start(
-        &server,
-        4000,
-        &loopback(1, 1),
-        Behaviour::KeepAlive(every),
-        Duration::from_secs(1),
-    );
-    std::thread::sleep(Duration::from_secs(3));
+    let flood = kept_alive_flood(&server, &loopback(1, 1));
     still_served(&server, "kept-alive flood from one address");
     let idle = metric(
         &server,
@@ -104,16 +112,7 @@ fn kept_alive_floods_from_one_address_leave_room_for_fresh_clients() {
 fn kept_alive_floods_from_many_addresses_leave_room_for_fresh_clients() {
     let _heavy = heavy();
     let server = server();
-    push(&server);
-    let every = Duration::from_secs(30);
-    let flood = Flood::start(
-        &server,
-        4000,
-        &loopback(2, 50),
-        Behaviour::KeepAlive(every),
-        Duration::from_secs(1),
-    );
-    std::thread::sleep(Duration::from_secs(3));
+    let flood = kept_alive_flood(&server, &loopback(2, 50));
     still_served(&server, "kept-alive flood from 49 addresses");
     // Long enough for every connection that stayed to send its second request.
     std::thread::sleep(Duration::from_secs(20));
@@ -214,19 +213,6 @@ fn connect_from(source: [u8; 4], port: u16) -> std::net::TcpStream {
     std
 }
 
-/// The status line of the next response on `s`.
-fn status_line(s: &mut std::net::TcpStream) -> String {
-    use std::io::Read as _;
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut buf = [0u8; 1024];
-    let n = s.read(&mut buf).unwrap_or(0);
-    String::from_utf8_lossy(&buf[..n])
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .to_owned()
-}
-
 #[test]
 fn a_trusted_proxy_has_no_connection_limit_but_each_client_behind_it_has_one() {
     let server = Server::with_config(
@@ -238,7 +224,7 @@ fn a_trusted_proxy_has_no_connection_limit_but_each_client_behind_it_has_one() {
     let _b = busy_upload(&server, [127, 0, 0, 1], "203.0.113.9", 2);
     std::thread::sleep(Duration::from_millis(300));
     let mut third = busy_upload(&server, [127, 0, 0, 1], "203.0.113.9", 3);
-    assert_eq!(status_line(&mut third), "HTTP/1.1 429 Too Many Requests");
+    assert_eq!(status_of(&mut third), "HTTP/1.1 429 Too Many Requests");
     let r = crate::harness::client()
         .get(format!("{}/health", server.base()))
         .header("X-Forwarded-For", "203.0.113.10")
@@ -251,7 +237,7 @@ fn a_trusted_proxy_has_no_connection_limit_but_each_client_behind_it_has_one() {
     let _d = busy_upload(&server, [127, 0, 0, 2], "203.0.113.12", 5);
     std::thread::sleep(Duration::from_millis(300));
     let mut e = busy_upload(&server, [127, 0, 0, 2], "203.0.113.13", 6);
-    assert_eq!(status_line(&mut e), "HTTP/1.1 503 Service Unavailable");
+    assert_eq!(status_of(&mut e), "HTTP/1.1 503 Service Unavailable");
     assert!(
         metric(
             &server,
