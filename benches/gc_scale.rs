@@ -47,16 +47,15 @@ fn path_of(n: u64) -> StorePath {
     StorePath::from_basename(&format!("{}-p{n}", hash_of(n))).unwrap()
 }
 
-fn populate(dir: &std::path::Path, paths: u64) {
-    let app = App::open(config(dir)).unwrap().app;
+async fn populate(dir: &std::path::Path, paths: u64) {
+    let app = App::open(config(dir)).await.unwrap().app;
     let index = &app.index;
     let main: CacheName = "main".parse().unwrap();
     let doomed: CacheName = "doomed".parse().unwrap();
-    let mut record = index.caches().unwrap().into_iter().next().unwrap();
+    let mut record = index.caches().await.unwrap().into_iter().next().unwrap();
     record.name = doomed.clone();
-    index.put_cache(&record).unwrap();
+    index.put_cache(&record).await.unwrap();
     let packs = (paths * CHUNKS_PER_NAR).div_ceil(CHUNKS_PER_PACK);
-    let rt = tokio::runtime::Runtime::new().unwrap();
     let pack_id = |p: u64| {
         let mut id = [0u8; 16];
         id[..8].copy_from_slice(&p.to_le_bytes());
@@ -64,8 +63,7 @@ fn populate(dir: &std::path::Path, paths: u64) {
     };
     let body = bytes::Bytes::from(vec![0u8; (CHUNKS_PER_PACK as usize) * FRAME as usize]);
     for p in 0..packs {
-        rt.block_on(app.packs.put(&pack_id(p), body.clone()))
-            .unwrap();
+        app.packs.put(&pack_id(p), body.clone()).await.unwrap();
     }
     let mut chunk_no = 0u64;
     for n in 0..paths {
@@ -82,10 +80,10 @@ fn populate(dir: &std::path::Path, paths: u64) {
             });
             chunk_no += 1;
         }
-        index.put_chunks(&chunks).unwrap();
+        index.put_chunks(&chunks).await.unwrap();
         let m = Manifest { chunks };
         let id = ManifestId::random();
-        index.put_segment(&id, 0, &m).unwrap();
+        index.put_segment(&id, 0, &m).await.unwrap();
         let nar = NarRecord {
             contents: Stored {
                 id,
@@ -112,7 +110,7 @@ fn populate(dir: &std::path::Path, paths: u64) {
         };
         // A tenth of the paths in the cache to delete.
         let cache = if n % 10 == 0 { &doomed } else { &main };
-        index.put_upload(cache, &url, &upload, &nar).unwrap();
+        index.put_upload(cache, &url, &upload, &nar).await.unwrap();
         let refs: Vec<u64> = (1..=3)
             .filter(|k| n >= k * 7)
             .map(|k| n - k * 7)
@@ -134,9 +132,10 @@ fn populate(dir: &std::path::Path, paths: u64) {
         let ref_hashes: Vec<StorePathHash> = refs.iter().map(|r| hash_of(*r)).collect();
         index
             .commit_narinfo(cache, &path.hash(), &record, &ref_hashes, None)
+            .await
             .unwrap();
     }
-    index.flush().unwrap();
+    index.flush().await.unwrap();
     println!(
         "{paths} paths, {chunk_no} chunks, {packs} packs in {}",
         dir.display()
@@ -149,9 +148,9 @@ fn collect(dir: &std::path::Path) {
         .build()
         .unwrap();
     rt.block_on(async {
-        let app = App::open(config(dir)).unwrap().app;
+        let app = App::open(config(dir)).await.unwrap().app;
         let doomed: CacheName = "doomed".parse().unwrap();
-        app.index.delete_cache(&doomed).unwrap();
+        app.index.delete_cache(&doomed).await.unwrap();
         let started = Instant::now();
         let options = cachet::gc::Options {
             cache: None,
@@ -181,7 +180,11 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     let dir = std::path::Path::new(&args[2]);
     match args[1].as_str() {
-        "populate" => populate(dir, args.get(3).map_or(100_000, |n| n.parse().unwrap())),
+        "populate" => {
+            let paths = args.get(3).map_or(100_000, |n| n.parse().unwrap());
+            let rt = tokio::runtime::Runtime::new().unwrap();
+            rt.block_on(populate(dir, paths));
+        }
         "collect" => collect(dir),
         other => panic!("unknown step {other}"),
     }

@@ -127,13 +127,13 @@ impl Accesses {
     }
 
     /// Writes what was noted, a batch at a time; returns how many paths.
-    pub fn flush(&self, index: &dyn Index) -> Result<usize> {
+    pub async fn flush(&self, index: &dyn Index) -> Result<usize> {
         let noted = std::mem::take(&mut *self.noted.lock().expect("never poisoned"));
         let mut written = 0;
         for (cache, n) in noted.caches {
             let mut paths = n.paths;
             for (nar, at) in n.nars {
-                for p in index.paths_of_nar(&cache, &nar)? {
+                for p in index.paths_of_nar(&cache, &nar).await? {
                     let e = paths.entry(p).or_insert(at);
                     *e = (*e).max(at);
                 }
@@ -142,12 +142,12 @@ impl Accesses {
             for entry in paths {
                 batch.push(entry);
                 if batch.len() == WRITE_BATCH {
-                    index.put_accesses(&cache, &batch)?;
+                    index.put_accesses(&cache, &batch).await?;
                     written += batch.len();
                     batch.clear();
                 }
             }
-            index.put_accesses(&cache, &batch)?;
+            index.put_accesses(&cache, &batch).await?;
             written += batch.len();
         }
         Ok(written)
@@ -159,8 +159,8 @@ mod tests {
     use super::*;
     use crate::index::{MemoryIndex, NarInfoRecord};
 
-    #[test]
-    fn fetches_are_written_per_path_nars_through_their_paths() {
+    #[tokio::test]
+    async fn fetches_are_written_per_path_nars_through_their_paths() {
         let index = MemoryIndex::new();
         let main: CacheName = "main".parse().unwrap();
         let path = |c: &str| -> StorePathHash { c.repeat(32).parse().unwrap() };
@@ -173,17 +173,18 @@ mod tests {
         };
         index
             .commit_narinfo(&main, &path("b"), &record, &[], None)
+            .await
             .unwrap();
         let a = Accesses::default();
         a.narinfo(&main, path("a"), 10);
         a.narinfo(&main, path("a"), 12);
         a.nar(&main, nar, 11);
-        assert_eq!(a.flush(&index).unwrap(), 2);
-        let mut got = index.accesses(&main).unwrap();
+        assert_eq!(a.flush(&index).await.unwrap(), 2);
+        let mut got = index.accesses(&main).await.unwrap();
         got.sort();
         assert_eq!(got, vec![(path("a"), 12), (path("b"), 11)]);
         // Nothing noted since: nothing written.
-        assert_eq!(a.flush(&index).unwrap(), 0);
+        assert_eq!(a.flush(&index).await.unwrap(), 0);
     }
 
     #[tokio::test]
@@ -211,8 +212,8 @@ mod tests {
         // A path already noted still gets its newer fetch.
         a.narinfo(&main, path(0), 5);
         assert_eq!(a.dropped(), 100);
-        assert_eq!(a.flush(&index).unwrap(), CAPACITY);
-        let got: HashMap<_, _> = index.accesses(&main).unwrap().into_iter().collect();
+        assert_eq!(a.flush(&index).await.unwrap(), CAPACITY);
+        let got: HashMap<_, _> = index.accesses(&main).await.unwrap().into_iter().collect();
         assert_eq!(got.len(), CAPACITY);
         assert_eq!(got[&path(0)], 5);
         // Room again once written.

@@ -106,7 +106,7 @@ fn remote_packs(config: &Config, errors: Counter, metrics: &Metrics) -> anyhow::
 impl App {
     /// Opens the data directory, the index and the storage; creates what a first start
     /// needs (the configured caches, their keys, the admin token).
-    pub fn open(config: Config) -> anyhow::Result<Opened> {
+    pub async fn open(config: Config) -> anyhow::Result<Opened> {
         config.validate()?;
         create_private_dir(&config.data_dir)?;
         let explain = |e: anyhow::Error| explain_full_disk(e, &config.data_dir);
@@ -151,9 +151,12 @@ impl App {
             metrics.clone(),
             space.clone(),
         );
-        let caches = Caches::open(index.clone(), &config).map_err(explain)?;
-        let (auth, admin_token) =
-            Authorizer::open(index.clone(), &config.data_dir).map_err(explain)?;
+        let caches = Caches::open(index.clone(), &config)
+            .await
+            .map_err(explain)?;
+        let (auth, admin_token) = Authorizer::open(index.clone(), &config.data_dir)
+            .await
+            .map_err(explain)?;
         let serve = serve::Source {
             store: packs.clone(),
             index: index.clone(),
@@ -184,12 +187,15 @@ impl App {
 impl App {
     /// Counts an upload to `cache` against its quota (none without one); refused when
     /// the cache is at its quota already.
-    pub fn charge(
+    pub async fn charge(
         &self,
         cache: &crate::caches::Cache,
     ) -> crate::error::Result<Option<crate::quota::Charge>> {
         let quota = self.config.quota.of(cache.record.quota_bytes);
-        Ok(self.in_flight.admit(&self.index, &cache.name, quota)?)
+        Ok(self
+            .in_flight
+            .admit(&self.index, &cache.name, quota)
+            .await?)
     }
 
     /// Checks the index and the storage, at most once a second: callers at once share
@@ -201,15 +207,10 @@ impl App {
                 return r;
             }
         }
-        let index = self.index.clone();
-        let index = match tokio::task::spawn_blocking(move || index.check()).await {
-            Ok(Ok(())) => true,
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "the index is not ready");
-                false
-            }
+        let index = match self.index.check().await {
+            Ok(()) => true,
             Err(e) => {
-                tracing::warn!(error = %e, "the index check failed");
+                tracing::warn!(error = %e, "the index is not ready");
                 false
             }
         };

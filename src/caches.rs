@@ -247,8 +247,8 @@ impl Caches {
     /// Creates the configured caches that are missing (or `main` on an empty data
     /// directory), updates the settings of those that changed in the config, loads
     /// every cache and its keys, and removes key files no cache names.
-    pub fn open(index: Arc<dyn Index>, config: &Config) -> anyhow::Result<Self> {
-        let mut records = index.caches()?;
+    pub async fn open(index: Arc<dyn Index>, config: &Config) -> anyhow::Result<Self> {
+        let mut records = index.caches().await?;
         let wanted: Vec<CacheConfig> = if config.caches.is_empty() && records.is_empty() {
             vec![CacheConfig {
                 name: "main".parse().expect("a valid name"),
@@ -273,7 +273,7 @@ impl Caches {
                 continue;
             }
             // What a deletion interrupted by a crash left under this name goes first.
-            index.purge_cache(&c.name)?;
+            index.purge_cache(&c.name).await?;
             let (key, file) = match &c.secret_key_file {
                 Some(file) => (keyfiles::read(file)?, file.clone()),
                 None => {
@@ -303,9 +303,9 @@ impl Caches {
         }
         if changed {
             for r in &records {
-                index.put_cache(r)?;
+                index.put_cache(r).await?;
             }
-            index.flush()?;
+            index.flush().await?;
         }
         let named: HashSet<PathBuf> = records
             .iter()
@@ -333,14 +333,14 @@ impl Caches {
     }
 
     /// Creates a cache at run time: its record and key, durably.
-    pub fn create(&self, lock: &Exclusive, new: NewCache) -> Result<Arc<Cache>> {
+    pub async fn create(&self, lock: &Exclusive, new: NewCache) -> Result<Arc<Cache>> {
         let name = lock.name();
         check_name(name)?;
         if self.get(name).is_some() {
             return Err(Error::Conflict(format!("cache {name} exists")));
         }
         // A deletion cut short may have left records under the name: they go first.
-        self.index.purge_cache(name)?;
+        self.index.purge_cache(name).await?;
         let file = self.keys.fresh(name);
         let key = match new.key {
             Some(key) => {
@@ -362,13 +362,13 @@ impl Caches {
             quota_bytes: new.quota_bytes,
             created: now(),
         };
-        self.store(record)
+        self.store(record).await
     }
 
     /// Changes a cache's settings. The config file owns a declared cache's public and
     /// priority settings. Under `exclusive` because whether client signatures are kept
     /// changes what publications sign.
-    pub fn update(&self, lock: &Exclusive, change: &CacheChange) -> Result<Arc<Cache>> {
+    pub async fn update(&self, lock: &Exclusive, change: &CacheChange) -> Result<Arc<Cache>> {
         let name = lock.name();
         let cache = self.get(name).ok_or(Error::NotFound("cache"))?;
         if cache.declared && (change.public.is_some() || change.priority.is_some()) {
@@ -391,12 +391,12 @@ impl Caches {
         if let Some(quota) = change.quota_bytes {
             record.quota_bytes = quota;
         }
-        self.store(record)
+        self.store(record).await
     }
 
     /// Deletes a cache: it stops being served at once; then its record goes durably,
     /// then its narinfos, claims, uploads, logs and realisations, then its key files.
-    pub fn delete(&self, lock: &Exclusive) -> Result<()> {
+    pub async fn delete(&self, lock: &Exclusive) -> Result<()> {
         let name = lock.name();
         let cache = self.get(name).ok_or(Error::NotFound("cache"))?;
         if cache.declared {
@@ -405,11 +405,12 @@ impl Caches {
             )));
         }
         self.map.write().expect("never poisoned").remove(name);
-        if let Err(e) = self.index.delete_cache(name) {
+        if let Err(e) = self.index.delete_cache(name).await {
             // Served again if its record is still there.
             if self
                 .index
                 .caches()
+                .await
                 .is_ok_and(|all| all.iter().any(|r| r.name == *name))
             {
                 self.map
@@ -432,7 +433,7 @@ impl Caches {
     /// from now on both sign. During a rotation under way (two signers already), adds
     /// nothing: the caller's walk finishes that rotation. Returns the cache and whether
     /// a key was added.
-    pub fn add_signer(
+    pub async fn add_signer(
         &self,
         lock: &Exclusive,
         imported: Option<SecretKey>,
@@ -476,13 +477,13 @@ impl Caches {
         self.keys.write(&file, &key).map_err(internal)?;
         let mut record = cache.record.clone();
         record.keys.push(key_record(&key, Some(file)));
-        Ok((self.store(record)?, true))
+        Ok((self.store(record).await?, true))
     }
 
     /// Retires every signing key but the newest. A retired key signs nothing more, so
     /// its file goes as soon as the record no longer names it (the walk that follows
     /// only removes its signatures). Returns the cache and the retired keys' names.
-    pub fn retire_old_signers(&self, lock: &Exclusive) -> Result<(Arc<Cache>, Vec<String>)> {
+    pub async fn retire_old_signers(&self, lock: &Exclusive) -> Result<(Arc<Cache>, Vec<String>)> {
         let cache = self.get(lock.name()).ok_or(Error::NotFound("cache"))?;
         let newest = cache.signers.last().map(|k| k.name().to_owned());
         let mut record = cache.record.clone();
@@ -498,7 +499,7 @@ impl Caches {
         if retired.is_empty() {
             return Ok((cache, retired));
         }
-        let stored = self.store(record)?;
+        let stored = self.store(record).await?;
         for file in &files {
             self.keys.remove(file);
         }
@@ -506,9 +507,9 @@ impl Caches {
     }
 
     /// Records a cache durably and serves it from now on.
-    fn store(&self, record: CacheRecord) -> Result<Arc<Cache>> {
-        self.index.put_cache(&record)?;
-        self.index.flush()?;
+    async fn store(&self, record: CacheRecord) -> Result<Arc<Cache>> {
+        self.index.put_cache(&record).await?;
+        self.index.flush().await?;
         let declared = self.declared.contains_key(&record.name);
         let cache = Arc::new(load(record, declared).map_err(internal)?);
         self.map
@@ -625,8 +626,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn keys_migrated_without_their_names_are_completed_from_their_files() {
+    #[tokio::test]
+    async fn keys_migrated_without_their_names_are_completed_from_their_files() {
         let dir = tempfile::tempdir().unwrap();
         let files = KeyFiles::new(dir.path().join("keys"));
         let file = files.first(&name("main"));
@@ -650,13 +651,16 @@ mod tests {
                 quota_bytes: None,
                 created: 0,
             })
+            .await
             .unwrap();
-        let caches = Caches::open(index.clone(), &config(dir.path(), "")).unwrap();
+        let caches = Caches::open(index.clone(), &config(dir.path(), ""))
+            .await
+            .unwrap();
         assert_eq!(
             caches.get(&name("main")).unwrap().public_key(),
             key.public()
         );
-        let stored = &index.caches().unwrap()[0].keys[0];
+        let stored = &index.caches().await.unwrap()[0].keys[0];
         assert_eq!(
             (stored.name.as_str(), stored.public_key.clone()),
             ("main-1", key.public().to_string())
@@ -668,7 +672,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let index: Arc<dyn Index> = Arc::new(MemoryIndex::new());
         let toml_text = "[[cache]]\nname = \"ci\"\npublic = false\n";
-        let caches = Caches::open(index, &config(dir.path(), toml_text)).unwrap();
+        let caches = Caches::open(index, &config(dir.path(), toml_text))
+            .await
+            .unwrap();
         let ci = caches.get(&name("ci")).unwrap();
         assert!(ci.declared && !ci.public);
         let lock = caches.exclusive(&name("ci")).await;
@@ -677,7 +683,7 @@ mod tests {
             ..CacheChange::default()
         };
         assert!(matches!(
-            caches.update(&lock, &publish),
+            caches.update(&lock, &publish).await,
             Err(Error::Conflict(_))
         ));
         let keep = CacheChange {
@@ -687,22 +693,26 @@ mod tests {
         assert_eq!(
             caches
                 .update(&lock, &keep)
+                .await
                 .unwrap()
                 .record
                 .retention
                 .max_age_secs,
             Some(60)
         );
-        assert!(matches!(caches.delete(&lock), Err(Error::Conflict(_))));
-        let (rotated, added) = caches.add_signer(&lock, None).unwrap();
+        assert!(matches!(
+            caches.delete(&lock).await,
+            Err(Error::Conflict(_))
+        ));
+        let (rotated, added) = caches.add_signer(&lock, None).await.unwrap();
         assert!(added);
         assert_eq!(rotated.signers.len(), 2);
-        let (again, added) = caches.add_signer(&lock, None).unwrap();
+        let (again, added) = caches.add_signer(&lock, None).await.unwrap();
         assert!(
             !added && again.signers.len() == 2,
             "a rotation under way is finished, not doubled"
         );
-        let (resigned, retired) = caches.retire_old_signers(&lock).unwrap();
+        let (resigned, retired) = caches.retire_old_signers(&lock).await.unwrap();
         assert_eq!(
             (resigned.signers.len(), retired),
             (1, vec!["ci-1".to_owned()])
@@ -710,18 +720,18 @@ mod tests {
         drop(lock);
 
         let tmp = caches.exclusive(&name("tmp")).await;
-        let made = caches.create(&tmp, new_cache()).unwrap();
+        let made = caches.create(&tmp, new_cache()).await.unwrap();
         assert!(matches!(
-            caches.create(&tmp, new_cache()),
+            caches.create(&tmp, new_cache()).await,
             Err(Error::Conflict(_))
         ));
         let file = made.record.keys[0].secret_key_file.clone().unwrap();
         assert!(file.exists());
-        caches.delete(&tmp).unwrap();
+        caches.delete(&tmp).await.unwrap();
         assert!(!file.exists() && caches.get(&name("tmp")).is_none());
         let reserved = caches.exclusive(&name("metrics")).await;
         assert!(matches!(
-            caches.create(&reserved, new_cache()),
+            caches.create(&reserved, new_cache()).await,
             Err(Error::BadBody(_))
         ));
     }

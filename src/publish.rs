@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use crate::caches::Cache;
-use crate::error::{Error, Rejection, Result};
+use crate::error::{Rejection, Result};
 use crate::index::{Commit, Index, NarInfoRecord, Upload};
 use crate::nix::{CacheName, Compression, NarInfo, NarUrl, StorePathHash};
 
@@ -37,19 +37,19 @@ pub enum Published {
 /// one the cache already serves uncompressed there. The latter happens with
 /// `compression=none`, where Nix names the file by its NarHash: after another runner
 /// published the same NAR, `HEAD` finds it served and the client skips the upload.
-pub fn resolve_nar_url(
+pub async fn resolve_nar_url(
     index: &dyn Index,
     cache: &CacheName,
     url: &NarUrl,
 ) -> Result<Option<Upload>> {
-    if let Some(upload) = index.upload(cache, url)? {
+    if let Some(upload) = index.upload(cache, url).await? {
         return Ok(Some(upload));
     }
-    if url.compression != Compression::None || !index.cache_has_nar(cache, &url.hash)? {
+    if url.compression != Compression::None || !index.cache_has_nar(cache, &url.hash).await? {
         return Ok(None);
     }
     // Nothing of it waits for a narinfo: the cache serves it already.
-    Ok(index.nar(&url.hash)?.map(|nar| Upload {
+    Ok(index.nar(&url.hash).await?.map(|nar| Upload {
         nar_hash: url.hash,
         nar_size: nar.contents.size(),
         file_hash: url.hash,
@@ -78,7 +78,9 @@ pub async fn publish(
     }
     let unknown = || Rejection::UnknownNarUrl(claimed.url.clone());
     let url: NarUrl = claimed.url.parse().map_err(|_| unknown())?;
-    let upload = resolve_nar_url(index.as_ref(), &cache.name, &url)?.ok_or_else(unknown)?;
+    let upload = resolve_nar_url(index.as_ref(), &cache.name, &url)
+        .await?
+        .ok_or_else(unknown)?;
     if claimed.nar_hash != upload.nar_hash {
         return Err(mismatch("NarHash", claimed.nar_hash, upload.nar_hash).into());
     }
@@ -92,13 +94,13 @@ pub async fn publish(
         return Err(mismatch("FileSize", s, upload.file_size).into());
     }
     for r in claimed.foreign_references() {
-        if index.narinfo(&cache.name, &r.hash())?.is_none() {
+        if index.narinfo(&cache.name, &r.hash()).await?.is_none() {
             return Err(Rejection::MissingReference(r.full()).into());
         }
     }
     // An upload record without its NAR (one a collection of an earlier build could not
     // remove) names nothing: the client sends the NAR again.
-    let nar = index.nar(&upload.nar_hash)?.ok_or_else(unknown)?;
+    let nar = index.nar(&upload.nar_hash).await?.ok_or_else(unknown)?;
 
     let file_size = nar.contents.stored_size();
     // Taking up its own upload moves that upload's bytes from pending to stored; a
@@ -108,12 +110,12 @@ pub async fn publish(
     } else {
         upload.stored_size
     };
-    let adds = if index.narinfo(&cache.name, &hash)?.is_some() {
+    let adds = if index.narinfo(&cache.name, &hash).await?.is_some() {
         0
     } else {
         file_size.saturating_sub(taken_up)
     };
-    crate::quota::check_publish(index.as_ref(), &cache.name, quota, adds)?;
+    crate::quota::check_publish(index.as_ref(), &cache.name, quota, adds).await?;
     let mut served = NarInfo {
         url: NarUrl::served(upload.nar_hash).to_string(),
         compression: Compression::Zstd,
@@ -132,13 +134,12 @@ pub async fn publish(
         file_size,
         text: served.render().into(),
     };
-    let outcome = index.commit_narinfo(&cache.name, &hash, &record, &references, Some(&url))?;
+    let outcome = index
+        .commit_narinfo(&cache.name, &hash, &record, &references, Some(&url))
+        .await?;
     // Acknowledge only what would survive a crash; a path found already there may
     // come from a commit whose own flush has not finished yet.
-    let flushing = index.clone();
-    tokio::task::spawn_blocking(move || flushing.flush())
-        .await
-        .map_err(|e| Error::Internal(format!("flushing the index: {e}")))??;
+    index.flush().await?;
     Ok(match outcome {
         Commit::Written => {
             tracing::info!(cache = %cache.name, path = %served.store_path, nar_size = served.nar_size, "published");
@@ -174,7 +175,12 @@ mod tests {
     }
 
     /// Records a NAR of `nar_size` bytes uploaded under a URL; returns the URL.
-    fn upload(index: &dyn Index, cache: &Cache, seed: &[u8], nar_size: u32) -> (NarUrl, Upload) {
+    async fn upload(
+        index: &dyn Index,
+        cache: &Cache,
+        seed: &[u8],
+        nar_size: u32,
+    ) -> (NarUrl, Upload) {
         let nar_hash = Sha256::digest(seed);
         let file_hash = Sha256::digest(&[seed, b".xz"].concat());
         // Publishing reads a NAR's sizes, not its chunks: the record is enough.
@@ -199,7 +205,10 @@ mod tests {
             stored_size: 10,
             claimed: false,
         };
-        index.put_upload(&cache.name, &url, &up, &record).unwrap();
+        index
+            .put_upload(&cache.name, &url, &up, &record)
+            .await
+            .unwrap();
         (url, up)
     }
 
@@ -224,7 +233,7 @@ mod tests {
     async fn a_narinfo_that_agrees_with_its_upload_is_signed_and_served() {
         let index: Arc<dyn Index> = Arc::new(MemoryIndex::new());
         let cache = cache();
-        let (url, up) = upload(index.as_ref(), &cache, b"leaf", 100);
+        let (url, up) = upload(index.as_ref(), &cache, b"leaf", 100).await;
         let text = narinfo(LEAF, &url, &up, &format!("{LEAF}-x"));
         assert_eq!(
             run(&index, &cache, LEAF, &text).await.unwrap(),
@@ -236,6 +245,7 @@ mod tests {
         );
         let record = index
             .narinfo(&cache.name, &LEAF.parse().unwrap())
+            .await
             .unwrap()
             .unwrap();
         let served = NarInfo::parse(&record.text).unwrap();
@@ -245,14 +255,14 @@ mod tests {
         assert!(cache
             .public_key()
             .verify(&served.fingerprint(), &served.sigs[0]));
-        assert_eq!(index.cache_stats(&cache.name).unwrap().paths, 1);
+        assert_eq!(index.cache_stats(&cache.name).await.unwrap().paths, 1);
     }
 
     #[tokio::test]
     async fn claims_that_differ_from_the_upload_are_refused() {
         let index: Arc<dyn Index> = Arc::new(MemoryIndex::new());
         let cache = cache();
-        let (url, up) = upload(index.as_ref(), &cache, b"leaf", 100);
+        let (url, up) = upload(index.as_ref(), &cache, b"leaf", 100).await;
         let good = narinfo(LEAF, &url, &up, "");
         let other = Sha256::digest(b"other");
         let cases = [
@@ -290,7 +300,10 @@ mod tests {
         let err = run(&index, &cache, TOP, &good).await.unwrap_err();
         assert!(err.to_string().contains("hash in the URL"), "{err}");
         assert_eq!(
-            index.narinfo(&cache.name, &LEAF.parse().unwrap()).unwrap(),
+            index
+                .narinfo(&cache.name, &LEAF.parse().unwrap())
+                .await
+                .unwrap(),
             None
         );
         // Another cache cannot claim the upload.
@@ -303,8 +316,8 @@ mod tests {
     async fn a_different_nar_for_a_published_path_is_a_conflict_and_the_first_stays() {
         let index: Arc<dyn Index> = Arc::new(MemoryIndex::new());
         let cache = cache();
-        let (url1, up1) = upload(index.as_ref(), &cache, b"one", 100);
-        let (url2, up2) = upload(index.as_ref(), &cache, b"two", 100);
+        let (url1, up1) = upload(index.as_ref(), &cache, b"one", 100).await;
+        let (url2, up2) = upload(index.as_ref(), &cache, b"two", 100).await;
         run(&index, &cache, LEAF, &narinfo(LEAF, &url1, &up1, ""))
             .await
             .unwrap();
@@ -314,6 +327,7 @@ mod tests {
         assert_eq!(second, Published::Conflict { kept: up1.nar_hash });
         let record = index
             .narinfo(&cache.name, &LEAF.parse().unwrap())
+            .await
             .unwrap()
             .unwrap();
         assert_eq!(record.nar_hash, up1.nar_hash);
@@ -323,7 +337,7 @@ mod tests {
     async fn an_uncompressed_url_resolves_to_a_nar_the_cache_serves() {
         let index: Arc<dyn Index> = Arc::new(MemoryIndex::new());
         let cache = cache();
-        let (url, up) = upload(index.as_ref(), &cache, b"leaf", 100);
+        let (url, up) = upload(index.as_ref(), &cache, b"leaf", 100).await;
         run(&index, &cache, LEAF, &narinfo(LEAF, &url, &up, ""))
             .await
             .unwrap();
@@ -332,12 +346,15 @@ mod tests {
             compression: Compression::None,
         };
         let resolved = resolve_nar_url(index.as_ref(), &cache.name, &plain)
+            .await
             .unwrap()
             .unwrap();
         assert_eq!((resolved.nar_hash, resolved.file_size), (up.nar_hash, 100));
         let other: CacheName = "other".parse().unwrap();
         assert_eq!(
-            resolve_nar_url(index.as_ref(), &other, &plain).unwrap(),
+            resolve_nar_url(index.as_ref(), &other, &plain)
+                .await
+                .unwrap(),
             None
         );
     }

@@ -48,7 +48,7 @@ pub struct Charge {
 impl InFlight {
     /// Admits an upload to `cache`, whose quota is `quota`, if the cache is not at it
     /// already; `None` without a quota.
-    pub fn admit(
+    pub async fn admit(
         self: &Arc<Self>,
         index: &Arc<dyn Index>,
         cache: &CacheName,
@@ -65,7 +65,7 @@ impl InFlight {
             counted: 0,
         };
         // Nothing of it yet: refused only if the cache is full already.
-        charge.add(0)?;
+        charge.add(0).await?;
         Ok(Some(charge))
     }
 
@@ -90,10 +90,12 @@ pub enum ChargeError {
 impl Charge {
     /// Counts `bytes` more of the upload, unless that takes its cache past its quota
     /// (at admission, `bytes` is 0 and a cache at its quota refuses). The check and
-    /// the count are one step: uploads at once cannot all pass on the same room.
-    pub fn add(&mut self, bytes: u64) -> Result<(), ChargeError> {
+    /// the count are one step: uploads at once cannot all pass on the same room. (The
+    /// stored bytes are read just before: a record written meanwhile only counts its
+    /// bytes twice until its upload's charge drops.)
+    pub async fn add(&mut self, bytes: u64) -> Result<(), ChargeError> {
+        let stored = self.index.cache_stats(&self.cache).await?.used_bytes();
         let mut all = self.in_flight.bytes.lock().expect("never poisoned");
-        let stored = self.index.cache_stats(&self.cache)?.used_bytes();
         let in_flight = all.get(&self.cache).copied().unwrap_or(0);
         let used = stored + in_flight + bytes;
         let over = if bytes == 0 {
@@ -129,7 +131,7 @@ impl Drop for Charge {
 
 /// Whether a narinfo that adds `adds` stored bytes to `cache` (its NAR's frames, less
 /// those of the upload it takes up) fits its quota.
-pub fn check_publish(
+pub async fn check_publish(
     index: &dyn Index,
     cache: &CacheName,
     quota: Option<u64>,
@@ -139,7 +141,7 @@ pub fn check_publish(
     if adds == 0 {
         return Ok(());
     }
-    let used = index.cache_stats(cache)?.used_bytes() + adds;
+    let used = index.cache_stats(cache).await?.used_bytes() + adds;
     if used > quota {
         return Err(QuotaExceeded {
             cache: cache.clone(),
@@ -158,17 +160,29 @@ mod tests {
     use crate::nix::{Compression, NarUrl, Sha256};
     use crate::store::{ManifestId, Stored};
 
-    #[test]
-    fn uploads_are_charged_as_they_stream_and_uncharged_when_done() {
+    #[tokio::test]
+    async fn uploads_are_charged_as_they_stream_and_uncharged_when_done() {
         let index: Arc<dyn Index> = Arc::new(MemoryIndex::new());
         let main: CacheName = "main".parse().unwrap();
         let in_flight = Arc::new(InFlight::default());
-        assert!(in_flight.admit(&index, &main, None).unwrap().is_none());
-        let mut a = in_flight.admit(&index, &main, Some(100)).unwrap().unwrap();
-        let mut b = in_flight.admit(&index, &main, Some(100)).unwrap().unwrap();
-        a.add(60).unwrap();
+        assert!(in_flight
+            .admit(&index, &main, None)
+            .await
+            .unwrap()
+            .is_none());
+        let mut a = in_flight
+            .admit(&index, &main, Some(100))
+            .await
+            .unwrap()
+            .unwrap();
+        let mut b = in_flight
+            .admit(&index, &main, Some(100))
+            .await
+            .unwrap()
+            .unwrap();
+        a.add(60).await.unwrap();
         // Together they would pass it.
-        let err = b.add(50).unwrap_err();
+        let err = b.add(50).await.unwrap_err();
         assert!(
             matches!(
                 err,
@@ -181,8 +195,11 @@ mod tests {
             "{err}"
         );
         assert!(err.to_string().contains("cache main"), "{err}");
-        b.add(40).unwrap();
-        assert!(in_flight.admit(&index, &main, Some(100)).is_err(), "full");
+        b.add(40).await.unwrap();
+        assert!(
+            in_flight.admit(&index, &main, Some(100)).await.is_err(),
+            "full"
+        );
         drop(a);
         drop(b);
         assert_eq!(in_flight.of(&main), 0);
@@ -208,10 +225,18 @@ mod tests {
             hash: upload.file_hash,
             compression: Compression::None,
         };
-        index.put_upload(&main, &url, &upload, &nar).unwrap();
-        let mut c = in_flight.admit(&index, &main, Some(100)).unwrap().unwrap();
-        assert!(c.add(11).is_err());
-        assert!(check_publish(index.as_ref(), &main, Some(100), 11).is_err());
-        check_publish(index.as_ref(), &main, Some(100), 0).unwrap();
+        index.put_upload(&main, &url, &upload, &nar).await.unwrap();
+        let mut c = in_flight
+            .admit(&index, &main, Some(100))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(c.add(11).await.is_err());
+        assert!(check_publish(index.as_ref(), &main, Some(100), 11)
+            .await
+            .is_err());
+        check_publish(index.as_ref(), &main, Some(100), 0)
+            .await
+            .unwrap();
     }
 }

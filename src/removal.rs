@@ -34,7 +34,7 @@ const NAMED_REFERRERS: usize = 20;
 ///
 /// What it holds grows with the paths deleted only by a hash, a count and the list of
 /// references each (and the names it reports), not with what the cache holds.
-pub fn delete_paths(
+pub async fn delete_paths(
     index: &dyn Index,
     cache: &CacheName,
     paths: &[StorePathHash],
@@ -50,7 +50,7 @@ pub fn delete_paths(
         if doomed.contains_key(&path) {
             continue;
         }
-        let Some(record) = index.narinfo(cache, &path)? else {
+        let Some(record) = index.narinfo(cache, &path).await? else {
             if asked.contains(&path) && !outcome.missing.contains(&path) {
                 outcome.missing.push(path);
             }
@@ -58,7 +58,7 @@ pub fn delete_paths(
         };
         let narinfo =
             NarInfo::parse(&record.text).map_err(|_| IndexError::corrupt_narinfo(cache, &path))?;
-        for r in index.referrers(cache, &path)? {
+        for r in index.referrers(cache, &path).await? {
             if r == path {
                 continue;
             }
@@ -84,7 +84,7 @@ pub fn delete_paths(
         );
     }
     if !outside.is_empty() {
-        return Err(refusal(index, cache, &outside));
+        return Err(refusal(index, cache, &outside).await);
     }
     // Referrers before what they refer to: a path goes once nothing left in the set
     // refers to it (store references have no cycles but a path's to itself).
@@ -105,12 +105,12 @@ pub fn delete_paths(
     let mut since_flush = 0;
     while let Some(path) = ready.pop() {
         let d = doomed.remove(&path).expect("ready paths are doomed");
-        if index.delete_narinfo(cache, &path, &d.references)? {
+        if index.delete_narinfo(cache, &path, &d.references).await? {
             tracing::info!(cache = %cache, path = %d.store_path, "deleted store path");
             outcome.deleted.push(d.store_path);
             since_flush += 1;
             if since_flush == FLUSH_EVERY {
-                index.flush()?;
+                index.flush().await?;
                 since_flush = 0;
             }
         }
@@ -123,7 +123,7 @@ pub fn delete_paths(
             }
         }
     }
-    index.flush()?;
+    index.flush().await?;
     if !doomed.is_empty() {
         return Err(Error::Internal(format!(
             "reference cycle among paths of {cache}"
@@ -134,10 +134,10 @@ pub fn delete_paths(
 
 /// The refusal of a deletion that would leave `outside` (paths of the cache that
 /// refer to what would go) with a reference missing, naming some of them.
-fn refusal(index: &dyn Index, cache: &CacheName, outside: &BTreeSet<StorePathHash>) -> Error {
+async fn refusal(index: &dyn Index, cache: &CacheName, outside: &BTreeSet<StorePathHash>) -> Error {
     let mut names = Vec::new();
     for r in outside.iter().take(NAMED_REFERRERS) {
-        let name = match index.narinfo(cache, r) {
+        let name = match index.narinfo(cache, r).await {
             Ok(Some(record)) => NarInfo::parse(&record.text)
                 .map(|n| n.store_path.full())
                 .unwrap_or_else(|_| r.to_string()),
@@ -175,7 +175,7 @@ mod tests {
     }
 
     /// Publishes `name` referring to `refs` (and to itself).
-    fn publish(index: &dyn Index, cache: &CacheName, name: &str, refs: &[&str]) {
+    async fn publish(index: &dyn Index, cache: &CacheName, name: &str, refs: &[&str]) {
         let mut all: Vec<String> = refs.iter().map(|r| format!("{}-{r}", hash(r))).collect();
         all.push(format!("{}-{name}", hash(name)));
         let nar_hash = Sha256::digest(name.as_bytes());
@@ -194,6 +194,7 @@ mod tests {
         let references: Vec<StorePathHash> = refs.iter().map(|r| hash(r)).collect();
         index
             .commit_narinfo(cache, &hash(name), &record, &references, None)
+            .await
             .unwrap();
     }
 
@@ -205,26 +206,32 @@ mod tests {
             .collect()
     }
 
-    #[test]
-    fn referrers_go_first_and_without_them_nothing_goes() {
+    #[tokio::test]
+    async fn referrers_go_first_and_without_them_nothing_goes() {
         let index = MemoryIndex::new();
         let main: CacheName = "main".parse().unwrap();
-        publish(&index, &main, "a", &[]);
-        publish(&index, &main, "b", &["a"]);
-        publish(&index, &main, "c", &["b"]);
-        publish(&index, &main, "d", &["a"]);
-        publish(&index, &main, "other", &[]);
-        let err = delete_paths(&index, &main, &[hash("a")], false).unwrap_err();
+        publish(&index, &main, "a", &[]).await;
+        publish(&index, &main, "b", &["a"]).await;
+        publish(&index, &main, "c", &["b"]).await;
+        publish(&index, &main, "d", &["a"]).await;
+        publish(&index, &main, "other", &[]).await;
+        let err = delete_paths(&index, &main, &[hash("a")], false)
+            .await
+            .unwrap_err();
         let text = err.to_string();
         assert!(text.contains("-b") && text.contains("-d"), "{text}");
         assert!(!text.contains("-c"), "c refers to a through b only: {text}");
-        assert!(index.narinfo(&main, &hash("a")).unwrap().is_some());
+        assert!(index.narinfo(&main, &hash("a")).await.unwrap().is_some());
         // Asked for together, a path and its referrers go.
-        let both = delete_paths(&index, &main, &[hash("d"), hash("c")], false).unwrap();
+        let both = delete_paths(&index, &main, &[hash("d"), hash("c")], false)
+            .await
+            .unwrap();
         assert_eq!(names(&both).len(), 2);
-        publish(&index, &main, "c", &["b"]);
-        publish(&index, &main, "d", &["a"]);
-        let gone = delete_paths(&index, &main, &[hash("a"), hash("nope")], true).unwrap();
+        publish(&index, &main, "c", &["b"]).await;
+        publish(&index, &main, "d", &["a"]).await;
+        let gone = delete_paths(&index, &main, &[hash("a"), hash("nope")], true)
+            .await
+            .unwrap();
         let order = names(&gone);
         assert_eq!(order.len(), 4, "{order:?}");
         let at = |n: &str| order.iter().position(|o| o == n).unwrap();
@@ -233,33 +240,41 @@ mod tests {
             "{order:?}"
         );
         assert_eq!(gone.missing, vec![hash("nope")]);
-        assert!(index.referrers(&main, &hash("a")).unwrap().is_empty());
-        assert!(index.narinfo(&main, &hash("other")).unwrap().is_some());
+        assert!(index.referrers(&main, &hash("a")).await.unwrap().is_empty());
+        assert!(index
+            .narinfo(&main, &hash("other"))
+            .await
+            .unwrap()
+            .is_some());
     }
 
-    #[test]
-    fn a_long_chain_goes_in_one_pass() {
+    #[tokio::test]
+    async fn a_long_chain_goes_in_one_pass() {
         let index = MemoryIndex::new();
         let main: CacheName = "main".parse().unwrap();
         let names: Vec<String> = (0..3000).map(|i| format!("p{i}")).collect();
-        publish(&index, &main, &names[0], &[]);
+        publish(&index, &main, &names[0], &[]).await;
         for w in names.windows(2) {
-            publish(&index, &main, &w[1], &[&w[0]]);
+            publish(&index, &main, &w[1], &[&w[0]]).await;
         }
-        let gone = delete_paths(&index, &main, &[hash(&names[0])], true).unwrap();
+        let gone = delete_paths(&index, &main, &[hash(&names[0])], true)
+            .await
+            .unwrap();
         assert_eq!(gone.deleted.len(), 3000);
-        assert_eq!(index.cache_stats(&main).unwrap().paths, 0);
+        assert_eq!(index.cache_stats(&main).await.unwrap().paths, 0);
     }
 
-    #[test]
-    fn a_refusal_names_a_few_referrers_and_counts_the_rest() {
+    #[tokio::test]
+    async fn a_refusal_names_a_few_referrers_and_counts_the_rest() {
         let index = MemoryIndex::new();
         let main: CacheName = "main".parse().unwrap();
-        publish(&index, &main, "lib", &[]);
+        publish(&index, &main, "lib", &[]).await;
         for i in 0..50 {
-            publish(&index, &main, &format!("app{i}"), &["lib"]);
+            publish(&index, &main, &format!("app{i}"), &["lib"]).await;
         }
-        let err = delete_paths(&index, &main, &[hash("lib")], false).unwrap_err();
+        let err = delete_paths(&index, &main, &[hash("lib")], false)
+            .await
+            .unwrap_err();
         assert!(err.to_string().ends_with("and 30 more"), "{err}");
     }
 }

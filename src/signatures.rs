@@ -38,35 +38,45 @@ pub struct Resigned {
 /// running it again. A narinfo that changed since its page was read (deleted, or
 /// deleted and pushed again) is left as it is: one published since was signed by the
 /// current signers.
-pub fn resign_all(index: &dyn Index, cache: &Cache) -> Result<Resigned> {
+pub async fn resign_all(index: &dyn Index, cache: &Cache) -> Result<Resigned> {
     let mut done = Resigned::default();
-    walk(index, &cache.name, |path, text| {
-        done.paths += 1;
-        let mut narinfo = parse(&cache.name, path, text)?;
-        let before = narinfo.sigs.clone();
-        apply(&mut narinfo, cache);
-        if narinfo.sigs != before
-            && index.replace_narinfo(&cache.name, path, text, narinfo.render().as_bytes(), None)?
-        {
-            done.rewritten += 1;
+    let mut after = None;
+    while let Some(page) = next_page(index, &cache.name, &mut after).await? {
+        for (path, record) in &page {
+            done.paths += 1;
+            let text = &record.text;
+            let mut narinfo = parse(&cache.name, path, text)?;
+            let before = narinfo.sigs.clone();
+            apply(&mut narinfo, cache);
+            if narinfo.sigs != before
+                && index
+                    .replace_narinfo(&cache.name, path, text, narinfo.render().as_bytes(), None)
+                    .await?
+            {
+                done.rewritten += 1;
+            }
         }
-        Ok(())
-    })?;
+    }
     Ok(done)
 }
 
 /// How many narinfos of `cache` carry a signature under each key name (the cache's
 /// and the clients').
-pub fn count_by_key(index: &dyn Index, cache: &CacheName) -> Result<(u64, BTreeMap<String, u64>)> {
+pub async fn count_by_key(
+    index: &dyn Index,
+    cache: &CacheName,
+) -> Result<(u64, BTreeMap<String, u64>)> {
     let mut counts = BTreeMap::new();
     let mut paths = 0;
-    walk(index, cache, |path, text| {
-        paths += 1;
-        for sig in parse(cache, path, text)?.sigs {
-            *counts.entry(sig.key_name().to_owned()).or_insert(0) += 1;
+    let mut after = None;
+    while let Some(page) = next_page(index, cache, &mut after).await? {
+        for (path, record) in &page {
+            paths += 1;
+            for sig in parse(cache, path, &record.text)?.sigs {
+                *counts.entry(sig.key_name().to_owned()).or_insert(0) += 1;
+            }
         }
-        Ok(())
-    })?;
+    }
     Ok((paths, counts))
 }
 
@@ -74,21 +84,19 @@ fn parse(cache: &CacheName, path: &crate::nix::StorePathHash, text: &[u8]) -> Re
     NarInfo::parse(text).map_err(|_| IndexError::corrupt_narinfo(cache, path))
 }
 
-/// Calls `each` with every narinfo of `cache`, a page at a time.
-fn walk(
+/// The next page of the narinfos of `cache` after `after` (which it moves on), or
+/// `None` at the end.
+async fn next_page(
     index: &dyn Index,
     cache: &CacheName,
-    mut each: impl FnMut(&crate::nix::StorePathHash, &[u8]) -> Result<()>,
-) -> Result<()> {
-    let mut after = None;
-    loop {
-        let page = index.narinfos(cache, after.as_ref(), PAGE)?;
-        for (path, record) in &page {
-            each(path, &record.text)?;
+    after: &mut Option<crate::nix::StorePathHash>,
+) -> Result<Option<Vec<(crate::nix::StorePathHash, crate::index::NarInfoRecord)>>> {
+    let page = index.narinfos(cache, after.as_ref(), PAGE).await?;
+    match page.last() {
+        Some((last, _)) => {
+            *after = Some(*last);
+            Ok(Some(page))
         }
-        match page.last() {
-            Some((last, _)) if page.len() == PAGE => after = Some(*last),
-            _ => return Ok(()),
-        }
+        None => Ok(None),
     }
 }

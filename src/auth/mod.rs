@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 
 use zeroize::Zeroizing;
 
@@ -54,9 +54,9 @@ pub const FIRST_ADMIN: &str = "admin";
 /// Decides who may do what, from the tokens it keeps in memory.
 pub struct Authorizer {
     index: Arc<dyn Index>,
-    tokens: RwLock<HashMap<Sha256, TokenRecord>>,
+    tokens: Arc<RwLock<HashMap<Sha256, TokenRecord>>>,
     /// Held by every write of a token record, so that writes never interleave.
-    writes: Mutex<()>,
+    writes: Arc<tokio::sync::Mutex<()>>,
     /// Where the first-start admin token was written; removed when it is revoked.
     admin_file: PathBuf,
 }
@@ -111,10 +111,17 @@ impl Authorizer {
     /// expired), makes one, written to `<data_dir>/admin-token` (mode 0600): whoever
     /// can restart the server and read its data directory can always administer it.
     /// Returns the authorizer and the secret of a token made now.
-    pub fn open(index: Arc<dyn Index>, data_dir: &Path) -> anyhow::Result<(Self, Option<Token>)> {
+    pub async fn open(
+        index: Arc<dyn Index>,
+        data_dir: &Path,
+    ) -> anyhow::Result<(Self, Option<Token>)> {
         let admin_file = data_dir.join("admin-token");
-        let mut tokens: HashMap<Sha256, TokenRecord> =
-            index.tokens()?.into_iter().map(|t| (t.hash, t)).collect();
+        let mut tokens: HashMap<Sha256, TokenRecord> = index
+            .tokens()
+            .await?
+            .into_iter()
+            .map(|t| (t.hash, t))
+            .collect();
         let file = match std::fs::read_to_string(&admin_file) {
             Ok(text) => Some(Token::new(text.trim().to_owned())),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
@@ -128,8 +135,8 @@ impl Authorizer {
                 Some(_) => {}
                 None if tokens.is_empty() => {
                     let record = first_admin(FIRST_ADMIN, t.digest());
-                    index.put_token(&record)?;
-                    index.flush()?;
+                    index.put_token(&record).await?;
+                    index.flush().await?;
                     tokens.insert(record.hash, record);
                 }
                 None => tracing::warn!(
@@ -159,15 +166,15 @@ impl Authorizer {
             let secret = Token::new(grants::new_token_secret().to_string());
             crate::secret_file::write(&admin_file, secret.expose())?;
             let record = first_admin(&name, secret.digest());
-            index.put_token(&record)?;
-            index.flush()?;
+            index.put_token(&record).await?;
+            index.flush().await?;
             tokens.insert(record.hash, record);
             created = Some(secret);
         }
         let auth = Self {
             index,
-            tokens: RwLock::new(tokens),
-            writes: Mutex::new(()),
+            tokens: Arc::new(RwLock::new(tokens)),
+            writes: Arc::new(tokio::sync::Mutex::new(())),
             admin_file,
         };
         Ok((auth, created))
@@ -186,20 +193,29 @@ impl Authorizer {
         if record.last_used.is_some_and(|u| u + LAST_USED_STEP > at) {
             return Some(record);
         }
-        // Every write of a token record holds `writes`, so this one cannot put back a
-        // record a revocation is replacing. If an admin change holds it, the use is
-        // noted on a later request.
-        let Ok(_writing) = self.writes.try_lock() else {
-            return Some(record);
+        let current = {
+            let mut tokens = self.tokens.write().expect("never poisoned");
+            let current = tokens.get_mut(&hash).filter(|t| usable(t, at))?;
+            current.last_used = Some(at);
+            current.clone()
         };
-        let mut tokens = self.tokens.write().expect("never poisoned");
-        let current = tokens.get_mut(&hash).filter(|t| usable(t, at))?;
-        current.last_used = Some(at);
-        // Not flushed: a lost last-used time costs nothing.
-        if let Err(e) = self.index.put_token(current) {
-            tracing::warn!(token = %current.name, error = %e, "could not record a token's use");
+        // Written in the background, not flushed: a lost last-used time costs nothing.
+        // The write holds `writes` and writes the record as it is then, so it cannot
+        // put back a record that a revocation replaced meanwhile.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let (index, tokens, writes) =
+                (self.index.clone(), self.tokens.clone(), self.writes.clone());
+            runtime.spawn(async move {
+                let _writing = writes.lock().await;
+                let now = tokens.read().expect("never poisoned").get(&hash).cloned();
+                if let Some(record) = now {
+                    if let Err(e) = index.put_token(&record).await {
+                        tracing::warn!(token = %record.name, error = %e, "could not record a token's use");
+                    }
+                }
+            });
         }
-        Some(current.clone())
+        Some(current)
     }
 
     /// The cache `name`, if the holder of `token` may do `wanted` on it.
@@ -252,9 +268,9 @@ impl Authorizer {
 
     /// Writes `record` durably, then serves it. Called holding `writes`; the map's lock
     /// is not held while the disk syncs, so requests go on meanwhile.
-    fn store(&self, record: &TokenRecord) -> Result<()> {
-        self.index.put_token(record)?;
-        self.index.flush()?;
+    async fn store(&self, record: &TokenRecord) -> Result<()> {
+        self.index.put_token(record).await?;
+        self.index.flush().await?;
         self.tokens
             .write()
             .expect("never poisoned")
@@ -263,7 +279,12 @@ impl Authorizer {
     }
 
     /// Makes a token. Names are unique among tokens not revoked.
-    pub fn create(&self, name: &str, grants: Grants, expires: Option<u64>) -> Result<NewToken> {
+    pub async fn create(
+        &self,
+        name: &str,
+        grants: Grants,
+        expires: Option<u64>,
+    ) -> Result<NewToken> {
         if !valid_token_name(name) {
             return Err(Error::BadBody(format!(
                 "token name {name:?} must be 1 to 64 letters, digits, '.', '_', '-' or '@'"
@@ -278,7 +299,7 @@ impl Authorizer {
         if expires.is_some_and(|e| e <= at) {
             return Err(Error::BadBody("the expiry is in the past".into()));
         }
-        let _writing = self.writes.lock().expect("never poisoned");
+        let _writing = self.writes.lock().await;
         if self
             .list()
             .iter()
@@ -296,15 +317,15 @@ impl Authorizer {
             last_used: None,
             revoked: None,
         };
-        self.store(&record)?;
+        self.store(&record).await?;
         Ok(NewToken { record, secret })
     }
 
     /// Revokes the token `name`, from its holder's next request on. The last usable
     /// server admin token stays: without it nobody could administer the server.
-    pub fn revoke(&self, name: &str) -> Result<TokenRecord> {
+    pub async fn revoke(&self, name: &str) -> Result<TokenRecord> {
         let at = now();
-        let _writing = self.writes.lock().expect("never poisoned");
+        let _writing = self.writes.lock().await;
         let all = self.list();
         let Some(record) = all.iter().find(|t| t.name == name && t.revoked.is_none()) else {
             return Err(Error::NotFound("token"));
@@ -322,7 +343,7 @@ impl Authorizer {
             revoked: Some(at),
             ..record.clone()
         };
-        self.store(&revoked)?;
+        self.store(&revoked).await?;
         if self.file_holds(&revoked.hash) {
             remove_file(&self.admin_file);
         }
@@ -394,8 +415,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn private_and_missing_caches_look_alike_without_a_token() {
+    #[tokio::test]
+    async fn private_and_missing_caches_look_alike_without_a_token() {
         use Permission::*;
         let key = || SecretKey::generate("k-1").unwrap();
         let public = Cache::for_test("a", true, key());
@@ -420,21 +441,25 @@ mod tests {
         assert_eq!(status(decide(Some(&all), &gone, None, Pull)), 404);
     }
 
-    #[test]
-    fn the_first_admin_token_is_made_once_and_revocable_only_with_another() {
+    #[tokio::test]
+    async fn the_first_admin_token_is_made_once_and_revocable_only_with_another() {
         let dir = tempfile::tempdir().unwrap();
         let index: Arc<dyn Index> = Arc::new(MemoryIndex::new());
-        let (auth, made) = Authorizer::open(index.clone(), dir.path()).unwrap();
+        let (auth, made) = Authorizer::open(index.clone(), dir.path()).await.unwrap();
         let first = made.expect("made on the first start");
         assert!(first.expose().starts_with(grants::TOKEN_PREFIX));
-        let (again, none) = Authorizer::open(index.clone(), dir.path()).unwrap();
+        let (again, none) = Authorizer::open(index.clone(), dir.path()).await.unwrap();
         assert!(none.is_none());
         assert!(again.server_admin(Some(&first)).is_ok());
-        assert!(matches!(auth.revoke(FIRST_ADMIN), Err(Error::Conflict(_))));
+        assert!(matches!(
+            auth.revoke(FIRST_ADMIN).await,
+            Err(Error::Conflict(_))
+        ));
         let second = auth
             .create("ops", grants(&[Permission::Admin], &["*"]), None)
+            .await
             .unwrap();
-        auth.revoke(FIRST_ADMIN).unwrap();
+        auth.revoke(FIRST_ADMIN).await.unwrap();
         assert!(matches!(
             auth.server_admin(Some(&first)),
             Err(Error::Unauthorized)
@@ -442,34 +467,35 @@ mod tests {
         assert!(!dir.path().join("admin-token").exists());
         let second = Token::new(second.secret.to_string());
         assert_eq!(auth.server_admin(Some(&second)).unwrap().name, "ops");
-        assert!(matches!(auth.revoke("ops"), Err(Error::Conflict(_))));
+        assert!(matches!(auth.revoke("ops").await, Err(Error::Conflict(_))));
         // A restart knows the revocation.
-        let (restarted, none) = Authorizer::open(index, dir.path()).unwrap();
+        let (restarted, none) = Authorizer::open(index, dir.path()).await.unwrap();
         assert!(none.is_none());
         assert!(restarted.identify(Some(&first)).is_none());
         assert!(restarted.identify(Some(&second)).is_some());
     }
 
-    #[test]
-    fn a_server_whose_admin_tokens_all_expired_makes_a_new_one_at_start() {
+    #[tokio::test]
+    async fn a_server_whose_admin_tokens_all_expired_makes_a_new_one_at_start() {
         let dir = tempfile::tempdir().unwrap();
         let index: Arc<dyn Index> = Arc::new(MemoryIndex::new());
-        let (auth, _) = Authorizer::open(index.clone(), dir.path()).unwrap();
+        let (auth, _) = Authorizer::open(index.clone(), dir.path()).await.unwrap();
         let ops = auth
             .create(
                 "ops",
                 grants(&[Permission::Admin], &["*"]),
                 Some(now() + 3600),
             )
+            .await
             .unwrap();
-        auth.revoke(FIRST_ADMIN).unwrap();
+        auth.revoke(FIRST_ADMIN).await.unwrap();
         // The clock passes its expiry.
         let expired = TokenRecord {
             expires: Some(now() - 1),
             ..ops.record
         };
-        index.put_token(&expired).unwrap();
-        let (restarted, made) = Authorizer::open(index, dir.path()).unwrap();
+        index.put_token(&expired).await.unwrap();
+        let (restarted, made) = Authorizer::open(index, dir.path()).await.unwrap();
         let made = made.expect("a new admin token");
         assert_eq!(
             restarted.server_admin(Some(&made)).unwrap().name,
@@ -482,13 +508,13 @@ mod tests {
             .is_none());
     }
 
-    #[test]
-    fn a_token_file_from_before_records_is_taken_in_and_expiry_holds() {
+    #[tokio::test]
+    async fn a_token_file_from_before_records_is_taken_in_and_expiry_holds() {
         let dir = tempfile::tempdir().unwrap();
         let old = "ab".repeat(32);
         std::fs::write(dir.path().join("admin-token"), format!("{old}\n")).unwrap();
         let index: Arc<dyn Index> = Arc::new(MemoryIndex::new());
-        let (auth, made) = Authorizer::open(index, dir.path()).unwrap();
+        let (auth, made) = Authorizer::open(index, dir.path()).await.unwrap();
         assert!(made.is_none());
         assert!(auth.server_admin(Some(&Token::new(old))).is_ok());
         let soon = auth
@@ -497,6 +523,7 @@ mod tests {
                 grants(&[Permission::Pull], &["a"]),
                 Some(now() + 3600),
             )
+            .await
             .unwrap();
         let t = Token::new(soon.secret.to_string());
         assert!(auth.identify(Some(&t)).is_some());
@@ -510,12 +537,15 @@ mod tests {
         assert!(auth.identify(Some(&t)).is_none());
         assert!(auth
             .create("x", grants(&[Permission::Pull], &["a"]), Some(1))
+            .await
             .is_err());
         assert!(auth
             .create("bad name", grants(&[Permission::Pull], &["a"]), None)
+            .await
             .is_err());
         assert!(matches!(
-            auth.create("soon", grants(&[Permission::Pull], &["a"]), None),
+            auth.create("soon", grants(&[Permission::Pull], &["a"]), None)
+                .await,
             Err(Error::Conflict(_))
         ));
     }

@@ -18,9 +18,9 @@ use std::time::{Duration, Instant};
 
 use super::chunks_of;
 use crate::error::{Error, Result};
-use crate::index::{BlobKind, Index, NarRecord};
+use crate::index::{BlobKey, Index, NarRecord, PAGE};
 use crate::jobs::Progress;
-use crate::nix::{CacheName, NarInfo, Sha256};
+use crate::nix::{NarInfo, Sha256};
 use crate::store::{
     ChunkId, ChunkRef, Manifest, ManifestId, PackId, PackInfo, PackStore, Segment, Stored,
 };
@@ -60,7 +60,7 @@ pub struct Candidate {
 
 /// The packs of `packs` to rewrite at `now`, `used` saying how many bytes of each
 /// manifests name.
-pub fn candidates(
+pub async fn candidates(
     index: &dyn Index,
     packs: &[PackInfo],
     used: &HashMap<PackId, u64>,
@@ -78,7 +78,7 @@ pub fn candidates(
         let mostly_dead = dead > 0 && dead as f64 >= settings.dead_fraction * p.size as f64;
         let old = settings.recompress_after_secs > 0
             && now.saturating_sub(p.modified) >= settings.recompress_after_secs
-            && index.meta(&compacted_key(&p.id))?.is_none();
+            && index.meta(&compacted_key(&p.id)).await?.is_none();
         if mostly_dead || old {
             out.push(Candidate { pack: *p, dead });
         }
@@ -110,56 +110,75 @@ pub struct Outcome {
 /// Whose manifest names a moved frame.
 enum Owner {
     Nar(Sha256, NarRecord),
-    Blob(BlobKind, CacheName, String, Stored),
+    Blob(BlobKey, Stored),
 }
 
 /// Gives the contents whose manifests still name frames of `old` (uploads made while
 /// the frames moved found the old records) manifests naming where `moved` put them.
-pub fn reown_again(
+pub async fn reown_again(
     index: &dyn Index,
     moved: &HashMap<(PackId, u32), ChunkRef>,
     old: &HashSet<PackId>,
     out: &mut Outcome,
 ) -> Result<()> {
-    let owners = owners_naming(index, old, &mut |_| {})?;
+    let owners = owners_naming(index, old, &mut |_| {}).await?;
     let relocate = |c: &ChunkRef| moved.get(&(c.pack, c.offset)).copied().unwrap_or(*c);
     for owner in owners {
-        reown(index, owner, &relocate, out)?;
+        reown(index, owner, &relocate, out).await?;
     }
-    Ok(index.flush()?)
+    Ok(index.flush().await?)
 }
 
 /// The NARs, logs and realisations whose manifests name a frame of `packs`; `frame`
 /// is called with each such frame (once per naming).
-fn owners_naming(
+async fn owners_naming(
     index: &dyn Index,
     packs: &HashSet<PackId>,
-    frame: &mut dyn FnMut(&ChunkRef),
+    frame: &mut (dyn FnMut(&ChunkRef) + Send),
 ) -> Result<Vec<Owner>> {
     let mut owners = Vec::new();
-    let mut names = |stored: &Stored| -> crate::index::Result<bool> {
-        let mut named = false;
-        chunks_of(index, stored, &mut |c| {
-            if packs.contains(&c.pack) {
-                frame(c);
-                named = true;
+    let mut after = None;
+    loop {
+        let page = index.nars_after(after.as_ref(), PAGE).await?;
+        let Some((last, _)) = page.last() else { break };
+        after = Some(*last);
+        for (hash, nar) in page {
+            let contents = names(index, packs, &nar.contents, frame).await?;
+            if contents | names(index, packs, &nar.listing, frame).await? {
+                owners.push(Owner::Nar(hash, nar));
             }
-        })?;
-        Ok(named)
-    };
-    index.for_each_nar(&mut |hash, nar| {
-        if names(&nar.contents)? | names(&nar.listing)? {
-            owners.push(Owner::Nar(hash, nar));
         }
-        Ok(())
-    })?;
-    index.for_each_blob(&mut |kind, cache, key, stored| {
-        if names(&stored)? {
-            owners.push(Owner::Blob(kind, cache.clone(), key.to_owned(), stored));
+    }
+    let mut after = None;
+    loop {
+        let page = index.blobs_after(after.as_ref(), PAGE).await?;
+        let Some((last, _)) = page.last() else { break };
+        after = Some(last.clone());
+        for (key, stored) in page {
+            if names(index, packs, &stored, frame).await? {
+                owners.push(Owner::Blob(key, stored));
+            }
         }
-        Ok(())
-    })?;
+    }
     Ok(owners)
+}
+
+/// Whether `stored` names a frame of `packs`; `frame` is called with each it names.
+async fn names(
+    index: &dyn Index,
+    packs: &HashSet<PackId>,
+    stored: &Stored,
+    frame: &mut (dyn FnMut(&ChunkRef) + Send),
+) -> Result<bool> {
+    let mut named = false;
+    chunks_of(index, stored, &mut |c| {
+        if packs.contains(&c.pack) {
+            frame(c);
+            named = true;
+        }
+    })
+    .await?;
+    Ok(named)
 }
 
 /// Rewrites `candidates`: on a thread of its own, at the configured priority.
@@ -202,13 +221,17 @@ struct Work<'a> {
 }
 
 impl Work<'_> {
+    /// The thread's work: the reading and recompressing here, the index's and the
+    /// store's calls on the runtime (`block_on`).
     fn run(&self, candidates: &[Candidate]) -> Result<Outcome> {
         let chosen: HashSet<PackId> = candidates.iter().map(|c| c.pack.id).collect();
         // The live frames of the chosen packs, by pack and offset, and their owners.
         let mut frames: BTreeMap<PackId, BTreeMap<u32, ChunkRef>> = BTreeMap::new();
-        let owners = owners_naming(self.index, &chosen, &mut |c| {
-            frames.entry(c.pack).or_default().insert(c.offset, *c);
-        })?;
+        let owners = self
+            .runtime
+            .block_on(owners_naming(self.index, &chosen, &mut |c| {
+                frames.entry(c.pack).or_default().insert(c.offset, *c);
+            }))?;
 
         let mut out = Outcome::default();
         let moved = self.recompress(&frames, &mut out)?;
@@ -216,15 +239,17 @@ impl Work<'_> {
         // also a record that named another copy of the chunk, which is then unnamed
         // and goes (two uploads at once may each have stored the chunk).
         let records: Vec<ChunkRef> = moved.values().map(|m| m.2).collect();
-        self.index.put_chunks(&records)?;
-        self.index.flush()?;
-        self.progress.phase("compacting: manifests");
         let relocate = |c: &ChunkRef| moved.get(&(c.pack, c.offset)).map_or(*c, |m| m.2);
-        for owner in owners {
-            reown(self.index, owner, &relocate, &mut out)?;
-            self.progress.add(1, 0);
-        }
-        self.index.flush()?;
+        self.runtime.block_on(async {
+            self.index.put_chunks(&records).await?;
+            self.index.flush().await?;
+            self.progress.phase("compacting: manifests");
+            for owner in owners {
+                reown(self.index, owner, &relocate, &mut out).await?;
+                self.progress.add(1, 0);
+            }
+            Ok::<_, Error>(self.index.flush().await?)
+        })?;
         // Only packs whose every frame moved are done with; one whose frames did not
         // all read back right stays.
         out.old_packs = candidates
@@ -326,9 +351,11 @@ impl Work<'_> {
         }
         let data = bytes::Bytes::from(std::mem::take(buf));
         out.bytes_written += data.len() as u64;
-        self.runtime.block_on(self.store.put(pack, data))?;
-        self.index
-            .put_meta(&compacted_key(pack), &self.settings.level.to_le_bytes())?;
+        self.runtime.block_on(async {
+            self.store.put(pack, data).await?;
+            let level = self.settings.level.to_le_bytes();
+            Ok::<_, Error>(self.index.put_meta(&compacted_key(pack), &level).await?)
+        })?;
         out.packs_written += 1;
         for m in in_buf.drain(..) {
             moved.insert((m.0, m.1), m);
@@ -340,16 +367,16 @@ impl Work<'_> {
 
 /// `stored` with its moved chunks in their new places, under a new manifest; `None`
 /// if nothing of it moved.
-fn moved_copy(
+async fn moved_copy(
     index: &dyn Index,
     stored: &Stored,
-    relocate: &dyn Fn(&ChunkRef) -> ChunkRef,
+    relocate: &(dyn Fn(&ChunkRef) -> ChunkRef + Sync),
 ) -> Result<Option<Stored>> {
     let mut segments = Vec::with_capacity(stored.segments.len());
     let mut manifests = Vec::with_capacity(stored.segments.len());
     let mut changed = false;
     for i in 0..stored.segments.len() as u32 {
-        let Some(m) = index.segment(&stored.id, i)? else {
+        let Some(m) = index.segment(&stored.id, i).await? else {
             return Ok(None);
         };
         let chunks: Vec<ChunkRef> = m.chunks.iter().map(relocate).collect();
@@ -363,22 +390,22 @@ fn moved_copy(
     }
     let id = ManifestId::random();
     for (i, m) in manifests.iter().enumerate() {
-        index.put_segment(&id, i as u32, m)?;
+        index.put_segment(&id, i as u32, m).await?;
     }
     Ok(Some(Stored { id, segments }))
 }
 
 /// Gives `owner` manifests with the moved frames, if its record is unchanged.
-fn reown(
+async fn reown(
     index: &dyn Index,
     owner: Owner,
-    relocate: &dyn Fn(&ChunkRef) -> ChunkRef,
+    relocate: &(dyn Fn(&ChunkRef) -> ChunkRef + Sync),
     out: &mut Outcome,
 ) -> Result<()> {
     match owner {
         Owner::Nar(hash, nar) => {
-            let contents = moved_copy(index, &nar.contents, relocate)?;
-            let listing = moved_copy(index, &nar.listing, relocate)?;
+            let contents = moved_copy(index, &nar.contents, relocate).await?;
+            let listing = moved_copy(index, &nar.listing, relocate).await?;
             let new = NarRecord {
                 contents: contents.clone().unwrap_or_else(|| nar.contents.clone()),
                 listing: listing.clone().unwrap_or_else(|| nar.listing.clone()),
@@ -388,9 +415,11 @@ fn reown(
                 .flatten()
                 .map(|s| s.id)
                 .collect();
-            if !index.replace_nar(&hash, &nar, &new)? {
+            if !index.replace_nar(&hash, &nar, &new).await? {
                 // Uploaded again meanwhile: that upload's record stands.
-                fresh.iter().try_for_each(|m| index.delete_manifest(m))?;
+                for m in &fresh {
+                    index.delete_manifest(m).await?;
+                }
                 return Ok(());
             }
             out.contents += 1;
@@ -402,18 +431,18 @@ fn reown(
             }
             let size = new.contents.stored_size();
             if size != nar.contents.stored_size() {
-                resize_narinfos(index, &hash, size)?;
+                resize_narinfos(index, &hash, size).await?;
             }
         }
-        Owner::Blob(kind, cache, key, stored) => {
-            let Some(new) = moved_copy(index, &stored, relocate)? else {
+        Owner::Blob(key, stored) => {
+            let Some(new) = moved_copy(index, &stored, relocate).await? else {
                 return Ok(());
             };
-            if index.replace_blob(kind, &cache, &key, &stored, &new)? {
+            if index.replace_blob(&key, &stored, &new).await? {
                 out.contents += 1;
                 out.old_manifests.push(stored.id);
             } else {
-                index.delete_manifest(&new.id)?;
+                index.delete_manifest(&new.id).await?;
             }
         }
     }
@@ -421,10 +450,10 @@ fn reown(
 }
 
 /// Every narinfo of the NAR `hash` says its new FileSize.
-fn resize_narinfos(index: &dyn Index, hash: &Sha256, size: u64) -> Result<()> {
-    for cache in index.caches()? {
-        for path in index.paths_of_nar(&cache.name, hash)? {
-            let Some(record) = index.narinfo(&cache.name, &path)? else {
+async fn resize_narinfos(index: &dyn Index, hash: &Sha256, size: u64) -> Result<()> {
+    for cache in index.caches().await? {
+        for path in index.paths_of_nar(&cache.name, hash).await? {
+            let Some(record) = index.narinfo(&cache.name, &path).await? else {
                 continue;
             };
             let Ok(mut narinfo) = NarInfo::parse(&record.text) else {
@@ -432,13 +461,15 @@ fn resize_narinfos(index: &dyn Index, hash: &Sha256, size: u64) -> Result<()> {
             };
             narinfo.file_size = Some(size);
             // Lost to a concurrent change (a re-signing): the next run sets it.
-            index.replace_narinfo(
-                &cache.name,
-                &path,
-                &record.text,
-                narinfo.render().as_bytes(),
-                Some(size),
-            )?;
+            index
+                .replace_narinfo(
+                    &cache.name,
+                    &path,
+                    &record.text,
+                    narinfo.render().as_bytes(),
+                    Some(size),
+                )
+                .await?;
         }
     }
     Ok(())

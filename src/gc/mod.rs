@@ -31,8 +31,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::app::App;
-use crate::error::{Error, Result};
-use crate::index::{Index, NarRecord, Retention, Upload};
+use crate::error::Result;
+use crate::index::{Index, NarRecord, Retention, Upload, PAGE};
 use crate::jobs::Progress;
 use crate::nix::{CacheName, NarInfo, NarUrl, Sha256, StorePathHash};
 use crate::store::{ChunkId, ChunkRef, ManifestId, PackId, PackInfo, Stored};
@@ -132,12 +132,6 @@ fn short(id: &ChunkId) -> u64 {
     u64::from_le_bytes(id.0[..8].try_into().expect("8 bytes"))
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| Error::Internal(format!("garbage collection task: {e}")))?
-}
-
 /// Starts a collection as the server's job.
 pub fn start(app: &Arc<App>, options: Options) -> std::result::Result<u64, crate::jobs::Busy> {
     let app = app.clone();
@@ -157,10 +151,7 @@ pub async fn run(app: Arc<App>, options: Options, progress: Arc<Progress>) -> Re
         started: crate::clock::now(),
         ..Report::default()
     };
-    {
-        let a = app.clone();
-        blocking(move || Ok(a.accesses.flush(a.index.as_ref())?)).await?;
-    }
+    app.accesses.flush(app.index.as_ref()).await?;
     progress.phase("retention");
     let mut evicted: HashSet<(CacheName, StorePathHash)> = HashSet::new();
     let targets: Vec<_> = app
@@ -175,24 +166,16 @@ pub async fn run(app: Arc<App>, options: Options, progress: Arc<Progress>) -> Re
             continue;
         }
         let name = cache.name.clone();
-        let (index, dry, now) = (app.index.clone(), options.dry_run, options.now);
-        let doomed = {
-            let name = name.clone();
-            blocking(move || select(index.as_ref(), &name, retention, now, dry)).await?
-        };
+        let (index, dry, now) = (app.index.as_ref(), options.dry_run, options.now);
+        let doomed = select(index, &name, retention, now, dry).await?;
         let mut deleted = 0;
         if options.dry_run {
             deleted = doomed.len() as u64;
             evicted.extend(doomed.into_iter().map(|p| (name.clone(), p)));
         } else {
             for batch in doomed.chunks(BATCH) {
-                let lock = app.caches.exclusive(&name).await;
-                let (index, batch, name) = (app.index.clone(), batch.to_vec(), name.clone());
-                deleted += blocking(move || {
-                    let _lock = lock;
-                    delete_unreferred(index.as_ref(), &name, &batch)
-                })
-                .await?;
+                let _lock = app.caches.exclusive(&name).await;
+                deleted += delete_unreferred(index, &name, batch).await?;
                 progress.add(deleted, 0);
             }
         }
@@ -204,25 +187,28 @@ pub async fn run(app: Arc<App>, options: Options, progress: Arc<Progress>) -> Re
 
     progress.phase("listing");
     let packs = app.packs.list().await?;
-    let index = app.index.clone();
-    let manifests = blocking(move || {
-        let mut ids = Vec::new();
-        index.for_each_manifest(&mut |id| {
-            ids.push(id);
-            Ok(())
-        })?;
-        Ok(ids)
-    })
-    .await?;
+    let mut manifests: Vec<ManifestId> = Vec::new();
+    loop {
+        let page = app
+            .index
+            .manifests_after(manifests.last(), crate::index::PAGE)
+            .await?;
+        if page.is_empty() {
+            break;
+        }
+        manifests.extend(page);
+    }
 
     progress.phase("marking");
-    let (index, pending, now, p) = (
-        app.index.clone(),
-        app.config.gc.pending_upload_secs,
+    let pending = app.config.gc.pending_upload_secs;
+    let marked = mark(
+        app.index.as_ref(),
+        &evicted,
+        pending,
         options.now,
-        progress.clone(),
-    );
-    let marked = blocking(move || mark(index.as_ref(), &evicted, pending, now, &p)).await?;
+        &progress,
+    )
+    .await?;
 
     let dead_chunks: HashSet<ChunkId>;
     let mut dead_nars: HashSet<Sha256> = HashSet::new();
@@ -252,31 +238,22 @@ pub async fn run(app: Arc<App>, options: Options, progress: Arc<Progress>) -> Re
             for n in &names {
                 locks.push(app.caches.exclusive(n).await);
             }
-            let (index, names) = (app.index.clone(), names.clone());
-            let (u, n) = blocking(move || {
-                let _locks = locks;
-                unlink(index.as_ref(), &names, &take_u, &take_n)
-            })
-            .await?;
+            let (u, n) = unlink(app.index.as_ref(), &names, &take_u, &take_n).await?;
+            drop(locks);
             report.uploads += u;
             report.nars += n;
             progress.add(u + n, 0);
         }
-        let index = app.index.clone();
         let ids = marked.dead_chunks;
         report.chunks = ids.len() as u64;
         restorable.extend(ids.iter().map(short));
-        blocking(move || {
-            // Made durable every 1,024: sled holds the nodes the removals change in
-            // memory until they are written (8,192 at once cost 400 MiB at 1,000,000
-            // chunks).
-            for batch in ids.chunks(1024) {
-                index.delete_chunks(batch)?;
-                index.flush()?;
-            }
-            Ok(())
-        })
-        .await?;
+        // Made durable every 1,024: sled holds the nodes the removals change in
+        // memory until they are written (8,192 at once cost 400 MiB at 1,000,000
+        // chunks).
+        for batch in ids.chunks(1024) {
+            app.index.delete_chunks(batch).await?;
+            app.index.flush().await?;
+        }
         // Their records are gone: nothing below needs to tell them apart.
         dead_chunks = HashSet::new();
 
@@ -294,11 +271,8 @@ pub async fn run(app: Arc<App>, options: Options, progress: Arc<Progress>) -> Re
 
     if !report.waited_out {
         progress.phase("sweeping");
-        let index = app.index.clone();
-        let p = progress.clone();
-        let live =
-            blocking(move || live_now(index.as_ref(), &dead_nars, &dead_chunks, &restorable, &p))
-                .await?;
+        let index = app.index.as_ref();
+        let live = live_now(index, &dead_nars, &dead_chunks, &restorable, &progress).await?;
         report.chunks_restored = live.restored;
         let grace_end = options.now.saturating_sub(app.config.gc.grace_secs);
         let dead_manifests: Vec<ManifestId> = manifests
@@ -313,14 +287,7 @@ pub async fn run(app: Arc<App>, options: Options, progress: Arc<Progress>) -> Re
             });
         report.manifests = dead_manifests.len() as u64;
         if !options.dry_run {
-            let index = app.index.clone();
-            blocking(move || {
-                for m in &dead_manifests {
-                    index.delete_manifest(m)?;
-                }
-                Ok(index.flush()?)
-            })
-            .await?;
+            delete_manifests(index, &dead_manifests).await?;
         }
         for p in &dead_packs {
             if !options.dry_run {
@@ -341,13 +308,9 @@ pub async fn run(app: Arc<App>, options: Options, progress: Arc<Progress>) -> Re
     }
     report.seconds = clock.elapsed().as_secs_f64();
     if !options.dry_run {
-        let index = app.index.clone();
         let text = serde_json::to_vec(&report).expect("a report always serialises");
-        blocking(move || {
-            index.put_meta(LAST_GC, &text)?;
-            Ok(index.flush()?)
-        })
-        .await?;
+        app.index.put_meta(LAST_GC, &text).await?;
+        app.index.flush().await?;
     }
     tracing::info!(?report, "garbage collection finished");
     Ok(report)
@@ -371,17 +334,8 @@ async fn compact(
     if options.compact {
         settings.dead_fraction = 0.0;
     }
-    let (index, s, now, listed) = (
-        app.index.clone(),
-        settings.clone(),
-        options.now,
-        packs.clone(),
-    );
-    let (mut chosen, used) = blocking(move || {
-        let chosen = compact::candidates(index.as_ref(), &listed, &used, &s, now)?;
-        Ok((chosen, used))
-    })
-    .await?;
+    let index = app.index.as_ref();
+    let mut chosen = compact::candidates(index, &packs, &used, &settings, options.now).await?;
     // The rewritten packs are written before the old ones go: room for their live
     // bytes is reserved like an upload's, the deadest packs first, so that a
     // compaction on a nearly full disk rewrites what fits and never takes the room
@@ -431,18 +385,8 @@ async fn compact(
     let mut live;
     let mut round = 0;
     loop {
-        let index = app.index.clone();
-        let p = progress.clone();
-        live = blocking(move || {
-            live_now(
-                index.as_ref(),
-                &HashSet::new(),
-                &HashSet::new(),
-                &HashSet::new(),
-                &p,
-            )
-        })
-        .await?;
+        let none = HashSet::new();
+        live = live_now(index, &HashSet::new(), &HashSet::new(), &none, progress).await?;
         // Uploads made while the frames moved found their old records: their
         // manifests are given the new places too, a few times at most.
         let still: HashSet<PackId> = done
@@ -455,13 +399,8 @@ async fn compact(
         if still.is_empty() || round > 3 {
             break;
         }
-        let (index, moved) = (app.index.clone(), moved.clone());
-        let again = blocking(move || {
-            let mut out = compact::Outcome::default();
-            compact::reown_again(index.as_ref(), &moved, &still, &mut out)?;
-            Ok(out)
-        })
-        .await?;
+        let mut again = compact::Outcome::default();
+        compact::reown_again(index, &moved, &still, &mut again).await?;
         done.old_manifests.extend(again.old_manifests);
         if !app.epochs.barrier(wait).await {
             report.waited_out = true;
@@ -473,14 +412,7 @@ async fn compact(
         .into_iter()
         .filter(|m| !live.manifests.contains(m))
         .collect();
-    let index = app.index.clone();
-    blocking(move || {
-        for m in &old_manifests {
-            index.delete_manifest(m)?;
-        }
-        Ok(index.flush()?)
-    })
-    .await?;
+    delete_manifests(index, &old_manifests).await?;
     for p in done.old_packs.iter().filter(|p| !live.packs.contains(p)) {
         app.packs.delete(p).await?;
         report.packs_compacted += 1;
@@ -497,6 +429,14 @@ async fn compact(
         report.packs_released += 1;
     }
     Ok(())
+}
+
+/// Removes the segments of `manifests`, durably.
+async fn delete_manifests(index: &dyn Index, manifests: &[ManifestId]) -> Result<()> {
+    for m in manifests {
+        index.delete_manifest(m).await?;
+    }
+    Ok(index.flush().await?)
 }
 
 /// Reserves room for rewriting `chosen` (their live bytes), giving up the least dead
@@ -524,19 +464,19 @@ fn room_for(
 /// The paths of `cache` that `retention` evicts at `now`, referrers first. A path with
 /// no recorded fetch counts as fetched now (and, unless `dry`, is recorded so): data
 /// from before fetches were recorded gets the whole maximum age.
-fn select(
+async fn select(
     index: &dyn Index,
     cache: &CacheName,
     retention: Retention,
     now: u64,
     dry: bool,
 ) -> Result<Vec<StorePathHash>> {
-    let accesses: HashMap<StorePathHash, u64> = index.accesses(cache)?.into_iter().collect();
+    let accesses: HashMap<StorePathHash, u64> = index.accesses(cache).await?.into_iter().collect();
     let mut paths = BTreeMap::new();
     let mut unrecorded = Vec::new();
     let mut after = None;
     loop {
-        let page = index.narinfos(cache, after.as_ref(), 1024)?;
+        let page = index.narinfos(cache, after.as_ref(), 1024).await?;
         let Some((last, _)) = page.last() else { break };
         after = Some(*last);
         for (hash, record) in page {
@@ -558,10 +498,10 @@ fn select(
         }
     }
     if !dry && !unrecorded.is_empty() {
-        index.put_accesses(cache, &unrecorded)?;
+        index.put_accesses(cache, &unrecorded).await?;
     }
     let mut pinned = Vec::new();
-    for pin in index.pins(cache)? {
+    for pin in index.pins(cache).await? {
         for r in crate::pins::kept(&pin, now) {
             if let Ok(p) = crate::nix::StorePath::from_full(&r.store_path) {
                 pinned.push(p.hash());
@@ -573,23 +513,32 @@ fn select(
 
 /// Deletes `paths` in order, each only if no path of the cache refers to it any more;
 /// returns how many went.
-fn delete_unreferred(index: &dyn Index, cache: &CacheName, paths: &[StorePathHash]) -> Result<u64> {
+async fn delete_unreferred(
+    index: &dyn Index,
+    cache: &CacheName,
+    paths: &[StorePathHash],
+) -> Result<u64> {
     let mut deleted = 0;
     for path in paths {
-        let Some(record) = index.narinfo(cache, path)? else {
+        let Some(record) = index.narinfo(cache, path).await? else {
             continue;
         };
-        if index.referrers(cache, path)?.iter().any(|r| r != path) {
+        if index
+            .referrers(cache, path)
+            .await?
+            .iter()
+            .any(|r| r != path)
+        {
             continue;
         }
         let narinfo = NarInfo::parse(&record.text)
             .map_err(|_| crate::index::IndexError::corrupt_narinfo(cache, path))?;
         let refs: Vec<StorePathHash> = narinfo.foreign_references().map(|r| r.hash()).collect();
-        if index.delete_narinfo(cache, path, &refs)? {
+        if index.delete_narinfo(cache, path, &refs).await? {
             deleted += 1;
         }
     }
-    index.flush()?;
+    index.flush().await?;
     Ok(deleted)
 }
 
@@ -609,23 +558,40 @@ struct Marked {
 }
 
 /// Calls `f` with every chunk of a stored content.
-pub(crate) fn chunks_of(
+pub(crate) async fn chunks_of(
     index: &dyn Index,
     stored: &Stored,
-    f: &mut dyn FnMut(&ChunkRef),
+    f: &mut (dyn FnMut(&ChunkRef) + Send),
 ) -> crate::index::Result<()> {
     for i in 0..stored.segments.len() as u32 {
         // A segment missing is for `verify` to report; here it names nothing.
-        if let Some(m) = index.segment(&stored.id, i)? {
+        if let Some(m) = index.segment(&stored.id, i).await? {
             m.chunks.iter().for_each(&mut *f);
         }
     }
     Ok(())
 }
 
+/// Marks every chunk of `nar` live (not seen with a record yet).
+async fn mark_nar(
+    index: &dyn Index,
+    nar: &NarRecord,
+    live: &mut HashMap<u64, bool>,
+    progress: &Progress,
+) -> crate::index::Result<()> {
+    for stored in [&nar.contents, &nar.listing] {
+        chunks_of(index, stored, &mut |c| {
+            live.entry(short(&c.id)).or_insert(false);
+        })
+        .await?;
+    }
+    progress.add(1, nar.contents.size());
+    Ok(())
+}
+
 /// Marks from the roots: claimed NARs (but for `evicted` paths, in a dry run), the
 /// NARs of uploads younger than `pending_secs`, logs and realisations.
-fn mark(
+async fn mark(
     index: &dyn Index,
     evicted: &HashSet<(CacheName, StorePathHash)>,
     pending_secs: u64,
@@ -633,10 +599,10 @@ fn mark(
     progress: &Progress,
 ) -> Result<Marked> {
     let mut claimed: HashSet<Sha256> = HashSet::new();
-    for cache in index.caches()? {
+    for cache in index.caches().await? {
         let mut after = None;
         loop {
-            let page = index.narinfos(&cache.name, after.as_ref(), 1024)?;
+            let page = index.narinfos(&cache.name, after.as_ref(), PAGE).await?;
             let Some((last, _)) = page.last() else { break };
             after = Some(*last);
             for (hash, record) in page {
@@ -653,68 +619,83 @@ fn mark(
     // rest are marked on the way.
     // Each live chunk, and whether its record was seen.
     let mut live: HashMap<u64, bool> = HashMap::new();
-    let mut mark_nar = |nar: &NarRecord| -> crate::index::Result<()> {
-        for stored in [&nar.contents, &nar.listing] {
-            chunks_of(index, stored, &mut |c| {
-                live.entry(short(&c.id)).or_insert(false);
-            })?;
-        }
-        progress.add(1, nar.contents.size());
-        Ok(())
-    };
     let mut unclaimed = Vec::new();
-    index.for_each_nar(&mut |hash, nar| {
-        if claimed.contains(&hash) {
-            mark_nar(&nar)
-        } else {
-            unclaimed.push((hash, nar));
-            Ok(())
+    let mut after = None;
+    loop {
+        let page = index.nars_after(after.as_ref(), PAGE).await?;
+        let Some((last, _)) = page.last() else { break };
+        after = Some(*last);
+        for (hash, nar) in page {
+            if claimed.contains(&hash) {
+                mark_nar(index, &nar, &mut live, progress).await?;
+            } else {
+                unclaimed.push((hash, nar));
+            }
         }
-    })?;
+    }
     let mut pending: HashSet<Sha256> = HashSet::new();
     let mut pending_uploads = 0;
     let mut stale_uploads = Vec::new();
-    index.for_each_upload(&mut |cache, url, upload| {
-        if claimed.contains(&upload.nar_hash) {
-            return Ok(());
+    let mut after = None;
+    loop {
+        let page = index.uploads_after(after.as_ref(), PAGE).await?;
+        let Some((cache, url, _)) = page.last() else {
+            break;
+        };
+        after = Some((cache.clone(), *url));
+        for (cache, url, upload) in page {
+            if claimed.contains(&upload.nar_hash) {
+                continue;
+            }
+            // An upload a narinfo took up only lets a push skip the NAR: with no
+            // narinfo claiming the NAR any more it holds nothing. One not taken up yet
+            // may belong to a push under way, whose narinfo follows.
+            if !upload.claimed && upload.created.saturating_add(pending_secs) > now {
+                pending.insert(upload.nar_hash);
+                pending_uploads += 1;
+            } else {
+                stale_uploads.push((cache, url, upload));
+            }
         }
-        // An upload a narinfo took up only lets a push skip the NAR: with no narinfo
-        // claiming the NAR any more it holds nothing. One not taken up yet may belong
-        // to a push under way, whose narinfo follows.
-        if !upload.claimed && upload.created.saturating_add(pending_secs) > now {
-            pending.insert(upload.nar_hash);
-            pending_uploads += 1;
-        } else {
-            stale_uploads.push((cache.clone(), url, upload));
-        }
-        Ok(())
-    })?;
+    }
     drop(claimed);
     let mut dead_nars = Vec::new();
     for (hash, nar) in unclaimed {
         if pending.contains(&hash) {
-            mark_nar(&nar)?;
+            mark_nar(index, &nar, &mut live, progress).await?;
         } else {
             dead_nars.push((hash, nar));
         }
     }
-    index.for_each_blob(&mut |_, _, _, stored| {
-        chunks_of(index, &stored, &mut |c| {
-            live.entry(short(&c.id)).or_insert(false);
-        })
-    })?;
+    let mut after = None;
+    loop {
+        let page = index.blobs_after(after.as_ref(), PAGE).await?;
+        let Some((last, _)) = page.last() else { break };
+        after = Some(last.clone());
+        for (_, stored) in page {
+            chunks_of(index, &stored, &mut |c| {
+                live.entry(short(&c.id)).or_insert(false);
+            })
+            .await?;
+        }
+    }
     let mut dead_chunks = Vec::new();
     let mut emptied = HashSet::new();
-    index.for_each_chunk(&mut |c| {
-        match live.get_mut(&short(&c.id)) {
-            Some(seen) => *seen = true,
-            None => {
-                dead_chunks.push(c.id);
-                emptied.insert(c.pack);
+    let mut after = None;
+    loop {
+        let page = index.chunks_after(after.as_ref(), PAGE).await?;
+        let Some(last) = page.last() else { break };
+        after = Some(last.id);
+        for c in page {
+            match live.get_mut(&short(&c.id)) {
+                Some(seen) => *seen = true,
+                None => {
+                    dead_chunks.push(c.id);
+                    emptied.insert(c.pack);
+                }
             }
         }
-        Ok(())
-    })?;
+    }
     let unrecorded = live
         .into_iter()
         .filter(|(_, seen)| !seen)
@@ -732,7 +713,7 @@ fn mark(
 
 /// Removes stale uploads and unclaimed NARs, each only if unchanged and, for NARs,
 /// still claimed by no cache. Runs under every cache's exclusive lock.
-fn unlink(
+async fn unlink(
     index: &dyn Index,
     caches: &[CacheName],
     uploads: &[(CacheName, NarUrl, Upload)],
@@ -740,21 +721,21 @@ fn unlink(
 ) -> Result<(u64, u64)> {
     let mut removed = (0, 0);
     for (cache, url, upload) in uploads {
-        if index.delete_upload_if(cache, url, upload)? {
+        if index.delete_upload_if(cache, url, upload).await? {
             removed.0 += 1;
         }
     }
     'nars: for (hash, nar) in nars {
         for c in caches {
-            if index.cache_has_nar(c, hash)? {
+            if index.cache_has_nar(c, hash).await? {
                 continue 'nars;
             }
         }
-        if index.delete_nar_if(hash, nar)? {
+        if index.delete_nar_if(hash, nar).await? {
             removed.1 += 1;
         }
     }
-    index.flush()?;
+    index.flush().await?;
     Ok(removed)
 }
 
@@ -817,7 +798,7 @@ pub(crate) struct Live {
 /// run would have removed). Chunks of `restorable` that live manifests use and that
 /// have no record (an upload reused them while this run unlinked them, or a run that
 /// could not finish removed them) get it back.
-pub(crate) fn live_now(
+pub(crate) async fn live_now(
     index: &dyn Index,
     dead_nars: &HashSet<Sha256>,
     dead_chunks: &HashSet<ChunkId>,
@@ -825,17 +806,94 @@ pub(crate) fn live_now(
     progress: &Progress,
 ) -> Result<Live> {
     let mut packs: HashSet<PackId> = HashSet::new();
-    index.for_each_chunk(&mut |c| {
-        if !dead_chunks.contains(&c.id) {
-            packs.insert(c.pack);
+    let mut after = None;
+    loop {
+        let page = index.chunks_after(after.as_ref(), PAGE).await?;
+        let Some(last) = page.last() else { break };
+        after = Some(last.id);
+        for c in page {
+            if !dead_chunks.contains(&c.id) {
+                packs.insert(c.pack);
+            }
         }
-        Ok(())
-    })?;
-    let mut manifests = HashSet::new();
-    let mut candidates: HashMap<ChunkId, ChunkRef> = HashMap::new();
-    let mut frames = Frames::default();
-    let mut visit = |stored: &Stored| -> crate::index::Result<()> {
-        manifests.insert(stored.id);
+    }
+    let mut seen = Seen {
+        restorable,
+        packs,
+        manifests: HashSet::new(),
+        candidates: HashMap::new(),
+        frames: Frames::default(),
+    };
+    let mut after = None;
+    loop {
+        let page = index.nars_after(after.as_ref(), PAGE).await?;
+        let Some((last, _)) = page.last() else { break };
+        after = Some(*last);
+        for (hash, nar) in page {
+            if dead_nars.contains(&hash) {
+                continue;
+            }
+            progress.add(1, nar.contents.size());
+            seen.visit(index, &nar.contents).await?;
+            seen.visit(index, &nar.listing).await?;
+        }
+    }
+    let mut after = None;
+    loop {
+        let page = index.blobs_after(after.as_ref(), PAGE).await?;
+        let Some((last, _)) = page.last() else { break };
+        after = Some(last.clone());
+        for (_, stored) in page {
+            seen.visit(index, &stored).await?;
+        }
+    }
+    let candidates: Vec<ChunkRef> = seen.candidates.into_values().collect();
+    let mut restored = Vec::new();
+    for batch in candidates.chunks(PAGE) {
+        let ids: Vec<ChunkId> = batch.iter().map(|c| c.id).collect();
+        let found = index.chunks(&ids).await?;
+        restored.extend(
+            batch
+                .iter()
+                .zip(found)
+                .filter(|(_, f)| f.is_none())
+                .map(|(c, _)| *c),
+        );
+    }
+    if !restored.is_empty() {
+        tracing::info!(
+            chunks = restored.len(),
+            "restored chunk records an upload reused during the collection"
+        );
+        index.put_chunks(&restored).await?;
+    }
+    Ok(Live {
+        manifests: seen.manifests,
+        packs: seen.packs,
+        used: seen.frames.used(),
+        restored: restored.len() as u64,
+    })
+}
+
+/// What a walk through the live manifests has seen.
+struct Seen<'a> {
+    restorable: &'a HashSet<u64>,
+    packs: HashSet<PackId>,
+    manifests: HashSet<ManifestId>,
+    /// Chunks of `restorable` that live manifests name.
+    candidates: HashMap<ChunkId, ChunkRef>,
+    frames: Frames,
+}
+
+impl Seen<'_> {
+    async fn visit(&mut self, index: &dyn Index, stored: &Stored) -> crate::index::Result<()> {
+        self.manifests.insert(stored.id);
+        let (packs, frames, candidates, restorable) = (
+            &mut self.packs,
+            &mut self.frames,
+            &mut self.candidates,
+            self.restorable,
+        );
         chunks_of(index, stored, &mut |c| {
             packs.insert(c.pack);
             frames.add(c);
@@ -843,35 +901,8 @@ pub(crate) fn live_now(
                 candidates.insert(c.id, *c);
             }
         })
-    };
-    index.for_each_nar(&mut |hash, nar| {
-        if dead_nars.contains(&hash) {
-            return Ok(());
-        }
-        progress.add(1, nar.contents.size());
-        visit(&nar.contents)?;
-        visit(&nar.listing)
-    })?;
-    index.for_each_blob(&mut |_, _, _, stored| visit(&stored))?;
-    let mut restored = Vec::new();
-    for (id, c) in candidates {
-        if index.chunk(&id)?.is_none() {
-            restored.push(c);
-        }
+        .await
     }
-    if !restored.is_empty() {
-        tracing::info!(
-            chunks = restored.len(),
-            "restored chunk records an upload reused during the collection"
-        );
-        index.put_chunks(&restored)?;
-    }
-    Ok(Live {
-        manifests,
-        packs,
-        used: frames.used(),
-        restored: restored.len() as u64,
-    })
 }
 
 #[cfg(test)]
@@ -882,7 +913,7 @@ mod tests {
     use crate::nix::nar::write::{nar, Entry};
     use crate::nix::{Compression, StorePath};
 
-    fn open(dir: &std::path::Path, keep_age: Option<u64>) -> Arc<App> {
+    async fn open(dir: &std::path::Path, keep_age: Option<u64>) -> Arc<App> {
         let mut config = Config {
             data_dir: dir.to_path_buf(),
             ..Config::default()
@@ -891,7 +922,7 @@ mod tests {
         config.gc.pending_upload_secs = 0;
         config.gc.compact_dead_fraction = 0.0;
         config.gc.keep_age_secs = keep_age;
-        App::open(config).unwrap().app
+        App::open(config).await.unwrap().app
     }
 
     /// A store path named `name`, its hash made of its name.
@@ -919,7 +950,7 @@ mod tests {
             hash: got.file_hash,
             compression: Compression::None,
         };
-        app.ingestor.record(&main, &url, &got).unwrap();
+        app.ingestor.record(&main, &url, &got).await.unwrap();
         let path = store_path(name);
         let refs: Vec<String> = refs.iter().map(|r| store_path(r).to_string()).collect();
         let text = format!(
@@ -936,9 +967,13 @@ mod tests {
         path
     }
 
-    fn served(app: &App, path: &StorePath) -> bool {
+    async fn served(app: &App, path: &StorePath) -> bool {
         let main: CacheName = "main".parse().unwrap();
-        app.index.narinfo(&main, &path.hash()).unwrap().is_some()
+        app.index
+            .narinfo(&main, &path.hash())
+            .await
+            .unwrap()
+            .is_some()
     }
 
     async fn verified(app: &Arc<App>) {
@@ -955,7 +990,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn chunk_records_a_killed_run_removed_under_a_live_manifest_come_back() {
         let dir = tempfile::tempdir().unwrap();
-        let app = open(dir.path(), None);
+        let app = open(dir.path(), None).await;
         let kept = push(
             &app,
             "kept",
@@ -964,15 +999,22 @@ mod tests {
         )
         .await;
         let main: CacheName = "main".parse().unwrap();
-        let record = app.index.narinfo(&main, &kept.hash()).unwrap().unwrap();
-        let nar = app.index.nar(&record.nar_hash).unwrap().unwrap();
+        let record = app
+            .index
+            .narinfo(&main, &kept.hash())
+            .await
+            .unwrap()
+            .unwrap();
+        let nar = app.index.nar(&record.nar_hash).await.unwrap().unwrap();
         let mut chunks = Vec::new();
-        chunks_of(app.index.as_ref(), &nar.contents, &mut |c| chunks.push(*c)).unwrap();
+        chunks_of(app.index.as_ref(), &nar.contents, &mut |c| chunks.push(*c))
+            .await
+            .unwrap();
         assert!(chunks.len() > 1, "{}", chunks.len());
         // What a run killed after unlinking leaves when an upload had reused the
         // chunks: a live manifest naming chunks with no record.
         let ids: Vec<ChunkId> = chunks.iter().map(|c| c.id).collect();
-        app.index.delete_chunks(&ids[1..]).unwrap();
+        app.index.delete_chunks(&ids[1..]).await.unwrap();
         let options = Options {
             cache: None,
             dry_run: false,
@@ -985,7 +1027,12 @@ mod tests {
         assert_eq!(report.chunks_restored, ids.len() as u64 - 1, "{report:?}");
         assert_eq!((report.chunks, report.packs), (0, 0), "{report:?}");
         for c in &chunks {
-            assert_eq!(app.index.chunk(&c.id).unwrap(), Some(*c));
+            assert_eq!(
+                crate::index::chunk(app.index.as_ref(), &c.id)
+                    .await
+                    .unwrap(),
+                Some(*c)
+            );
         }
         verified(&app).await;
     }
@@ -993,7 +1040,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn retention_by_age_evicts_what_nothing_recent_needs_at_the_time_given() {
         let dir = tempfile::tempdir().unwrap();
-        let app = open(dir.path(), Some(500));
+        let app = open(dir.path(), Some(500)).await;
         let lib = push(
             &app,
             "lib",
@@ -1022,7 +1069,7 @@ mod tests {
             &crate::testing::Xorshift(4).bytes(200_000),
         )
         .await;
-        app.accesses.flush(app.index.as_ref()).unwrap();
+        app.accesses.flush(app.index.as_ref()).await.unwrap();
         let main: CacheName = "main".parse().unwrap();
         // Fetched long ago (as of a time 1,000 s from now): everything but d.
         let now = crate::clock::now() + 1000;
@@ -1037,6 +1084,7 @@ mod tests {
                     at(&app_d, 100),
                 ],
             )
+            .await
             .unwrap();
         let run = |dry_run| Options {
             cache: None,
@@ -1052,9 +1100,9 @@ mod tests {
             .unwrap();
         assert_eq!(report.paths.get("main"), Some(&2));
         assert_eq!(predicted.paths, report.paths);
-        assert!(!served(&app, &app_a) && !served(&app, &lone));
+        assert!(!served(&app, &app_a).await && !served(&app, &lone).await);
         // lib is old, but d (recent) needs it.
-        assert!(served(&app, &lib) && served(&app, &app_d));
+        assert!(served(&app, &lib).await && served(&app, &app_d).await);
         assert_eq!(
             (report.nars, report.dead_bytes_compacted),
             (2, predicted.dead_bytes_compacted)
@@ -1067,7 +1115,7 @@ mod tests {
 
         // Pinned, a's closure would have stayed: pin d, and age everything.
         let pin = crate::pins::add(None, "d", app_d.full(), None, None, now);
-        app.index.put_pin(&main, &pin).unwrap();
+        app.index.put_pin(&main, &pin).await.unwrap();
         let later = Options {
             cache: None,
             dry_run: false,
@@ -1078,14 +1126,14 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(report.paths.get("main"), None, "{report:?}");
-        assert!(served(&app, &lib) && served(&app, &app_d));
+        assert!(served(&app, &lib).await && served(&app, &app_d).await);
         // Unpinned, they go, referrer first; nothing stays stored.
-        assert!(app.index.delete_pin(&main, "d").unwrap());
+        assert!(app.index.delete_pin(&main, "d").await.unwrap());
         let report = super::run(app.clone(), later, Arc::default())
             .await
             .unwrap();
         assert_eq!(report.paths.get("main"), Some(&2));
-        assert!(!served(&app, &lib) && !served(&app, &app_d));
+        assert!(!served(&app, &lib).await && !served(&app, &app_d).await);
         assert!(app.packs.list().await.unwrap().is_empty());
         verified(&app).await;
     }

@@ -51,17 +51,18 @@ fn ratio(a: u64, b: u64) -> f64 {
 
 /// The figures of `cache` (whose quota is `quota`), or of the server with `packs`
 /// listed.
-pub fn stats(
+pub async fn stats(
     index: &dyn Index,
     cache: Option<&CacheName>,
     quota: Option<u64>,
     packs: &[PackInfo],
 ) -> Result<Stats> {
     let last_gc = index
-        .meta(super::LAST_GC)?
+        .meta(super::LAST_GC)
+        .await?
         .and_then(|v| serde_json::from_slice(&v).ok());
     if let Some(c) = cache {
-        let s = index.cache_stats(c)?;
+        let s = index.cache_stats(c).await?;
         return Ok(Stats {
             cache: Some(c.to_string()),
             paths: s.paths,
@@ -78,15 +79,20 @@ pub fn stats(
         last_gc,
         ..Stats::default()
     };
-    for c in index.caches()? {
-        let s = index.cache_stats(&c.name)?;
+    for c in index.caches().await? {
+        let s = index.cache_stats(&c.name).await?;
         out.paths += s.paths;
         out.nar_bytes += s.nar_bytes;
     }
-    index.for_each_chunk(&mut |_| {
-        out.chunks += 1;
-        Ok(())
-    })?;
+    let mut after = None;
+    loop {
+        let page = index
+            .chunks_after(after.as_ref(), crate::index::PAGE)
+            .await?;
+        let Some(last) = page.last() else { break };
+        after = Some(last.id);
+        out.chunks += page.len() as u64;
+    }
     let none = HashSet::new();
     let live = super::live_now(
         index,
@@ -94,7 +100,8 @@ pub fn stats(
         &HashSet::new(),
         &HashSet::new(),
         &Default::default(),
-    )?;
+    )
+    .await?;
     for p in packs {
         out.packs += 1;
         out.stored_bytes += p.size;

@@ -53,7 +53,8 @@ async fn get_blob(
     let epoch = app.epochs.enter();
     let stored = app
         .index
-        .blob(kind, &cache.name, &key)?
+        .blob(kind, &cache.name, &key)
+        .await?
         .ok_or(Error::NotFound("file"))?;
     stream(app, epoch, &stored, Encoding::Plain, headers, content_type).await
 }
@@ -67,7 +68,7 @@ async fn put_blob(
 ) -> Result<StatusCode> {
     let cache = creds.cache(app, &cache, Permission::Push)?;
     // Counted against the cache's quota until its record counts it.
-    let mut charge = app.charge(&cache)?;
+    let mut charge = app.charge(&cache).await?;
     // Held until the file is recorded: the chunks it finds stored stay stored.
     let epoch = app.epochs.enter();
     let stored = match kind {
@@ -104,7 +105,7 @@ async fn put_blob(
                 .await?
         }
     };
-    app.index.put_blob(kind, &cache.name, &key, &stored)?;
+    app.index.put_blob(kind, &cache.name, &key, &stored).await?;
     drop(charge);
     Ok(StatusCode::OK)
 }

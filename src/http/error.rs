@@ -92,12 +92,13 @@ fn read_status(e: &std::io::Error) -> StatusCode {
     }
 }
 
-/// The metadata on a full disk is 507; any other failure of it is a bug or damage.
+/// The metadata on a full disk is 507; a database that cannot be reached for now is
+/// 503 (clients retry); any other failure of it is a bug or damage.
 fn index_status(e: &IndexError) -> StatusCode {
-    if e.is_disk_full() {
-        StatusCode::INSUFFICIENT_STORAGE
-    } else {
-        StatusCode::INTERNAL_SERVER_ERROR
+    match e {
+        IndexError::DiskFull(_) => StatusCode::INSUFFICIENT_STORAGE,
+        IndexError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        IndexError::Failed(_) | IndexError::Corrupt { .. } => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
 
@@ -216,10 +217,17 @@ mod tests {
             status(&Error::Ingest(IngestError::Storage(disk))),
             StatusCode::INSUFFICIENT_STORAGE
         );
-        let sled_full = IndexError::Db(sled::Error::Io(full()));
         assert_eq!(
-            status(&Error::Index(sled_full)),
+            status(&Error::Index(IndexError::io(&full()))),
             StatusCode::INSUFFICIENT_STORAGE
+        );
+        assert_eq!(
+            status(&Error::Index(IndexError::Unavailable("restarting".into()))),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(
+            status(&Error::Index(IndexError::Failed("bad".into()))),
+            StatusCode::INTERNAL_SERVER_ERROR
         );
         let low = crate::store::space::LowSpace {
             dir: "/x".into(),

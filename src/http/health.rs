@@ -63,7 +63,7 @@ pub async fn metrics(State(app): State<Arc<App>>, creds: Credentials) -> impl In
     if app.auth.server_admin(creds.token()).is_ok() {
         let mut figures = Vec::new();
         for cache in app.caches.all() {
-            if let Ok(stats) = app.index.cache_stats(&cache.name) {
+            if let Ok(stats) = app.index.cache_stats(&cache.name).await {
                 figures.push(crate::metrics::CacheFigures {
                     name: cache.name.to_string(),
                     used_bytes: stats.used_bytes(),

@@ -33,20 +33,24 @@ fn parse_file(file: &str) -> Result<NarUrl> {
 /// served because Nix keeps the narinfo it pushed in its own cache (for a month), so
 /// the pushing machine fetches the URL it chose rather than ours; any zstd stream of the
 /// NAR satisfies it.
-fn served(app: &App, cache: &Cache, url: &NarUrl) -> Result<Option<(Sha256, Stored, Encoding)>> {
+async fn served(
+    app: &App,
+    cache: &Cache,
+    url: &NarUrl,
+) -> Result<Option<(Sha256, Stored, Encoding)>> {
     let encoding = match url.compression {
         Compression::None => Encoding::Plain,
         Compression::Zstd => Encoding::Zstd,
         _ => return Ok(None),
     };
     // A NAR is readable through a cache only if that cache holds a narinfo for it.
-    let nar_hash = if app.index.cache_has_nar(&cache.name, &url.hash)? {
+    let nar_hash = if app.index.cache_has_nar(&cache.name, &url.hash).await? {
         url.hash
     } else {
-        match app.index.upload(&cache.name, url)? {
+        match app.index.upload(&cache.name, url).await? {
             Some(u)
                 if encoding == Encoding::Zstd
-                    && app.index.cache_has_nar(&cache.name, &u.nar_hash)? =>
+                    && app.index.cache_has_nar(&cache.name, &u.nar_hash).await? =>
             {
                 u.nar_hash
             }
@@ -55,7 +59,8 @@ fn served(app: &App, cache: &Cache, url: &NarUrl) -> Result<Option<(Sha256, Stor
     };
     Ok(app
         .index
-        .nar(&nar_hash)?
+        .nar(&nar_hash)
+        .await?
         .map(|n| (nar_hash, n.contents, encoding)))
 }
 
@@ -71,7 +76,9 @@ pub async fn get(
     let url = parse_file(&file)?;
     let cache = creds.cache(&app, &cache, Permission::Pull)?;
     let epoch = app.epochs.enter();
-    let (nar_hash, stored, encoding) = served(&app, &cache, &url)?.ok_or(Error::NotFound("NAR"))?;
+    let (nar_hash, stored, encoding) = served(&app, &cache, &url)
+        .await?
+        .ok_or(Error::NotFound("NAR"))?;
     app.accesses.nar(&cache.name, nar_hash, crate::clock::now());
     stream(&app, epoch, &stored, encoding, &headers, NAR_TYPE).await
 }
@@ -84,14 +91,15 @@ pub async fn head(
 ) -> Result<Response> {
     let url = parse_file(&file)?;
     let cache = creds.cache(&app, &cache, Permission::Pull)?;
-    let len = match served(&app, &cache, &url)? {
+    let len = match served(&app, &cache, &url).await? {
         Some((_, stored, encoding)) => encoding.body_size(&stored),
         None => {
             // An upload counts only with its NAR, so that a client sends what is gone.
-            let upload = app.index.upload(&cache.name, &url)?;
+            let upload = app.index.upload(&cache.name, &url).await?;
             let upload = upload.ok_or(Error::NotFound("NAR"))?;
             app.index
-                .nar(&upload.nar_hash)?
+                .nar(&upload.nar_hash)
+                .await?
                 .ok_or(Error::NotFound("NAR"))?;
             upload.file_size
         }
@@ -112,7 +120,7 @@ pub async fn put(
     let url = parse_file(&file)?;
     let cache = creds.cache(&app, &cache, Permission::Push)?;
     // Counted against the cache's quota until its record counts it.
-    let mut charge = app.charge(&cache)?;
+    let mut charge = app.charge(&cache).await?;
     // Held until the upload is recorded: the chunks it finds stored stay stored.
     let epoch = app.epochs.enter();
     let body = Kept::new(guarded(&app, body));
@@ -141,7 +149,7 @@ pub async fn put(
         }
         .into());
     }
-    app.ingestor.record(&cache.name, &url, &nar)?;
+    app.ingestor.record(&cache.name, &url, &nar).await?;
     drop(charge);
     tracing::info!(
         cache = %cache.name,

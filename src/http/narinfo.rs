@@ -51,7 +51,8 @@ pub async fn get(
     let (File::NarInfo(hash) | File::Listing(hash)) = file;
     let record = app
         .index
-        .narinfo(&cache.name, &hash)?
+        .narinfo(&cache.name, &hash)
+        .await?
         .ok_or(Error::NotFound("narinfo"))?;
     match file {
         File::NarInfo(_) => {
@@ -67,7 +68,8 @@ pub async fn get(
             let epoch = app.epochs.enter();
             let nar = app
                 .index
-                .nar(&record.nar_hash)?
+                .nar(&record.nar_hash)
+                .await?
                 .ok_or(Error::NotFound("listing"))?;
             stream(
                 &app,

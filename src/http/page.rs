@@ -188,7 +188,7 @@ pub async fn cache(
     headers: HeaderMap,
 ) -> Result<Response> {
     let cache = creds.cache(&app, &cache, Permission::Pull)?;
-    let stats = app.index.cache_stats(&cache.name)?;
+    let stats = app.index.cache_stats(&cache.name).await?;
     let base = base_url(&headers, tls.is_some());
     let quota = app.config.quota.of(cache.record.quota_bytes);
     Ok(Html(render_cache(&cache, &stats, quota, &base)).into_response())

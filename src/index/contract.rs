@@ -47,14 +47,22 @@ fn nar_record(n: u8) -> NarRecord {
     }
 }
 
+fn blob_key(kind: BlobKind, cache: &CacheName, key: &str) -> BlobKey {
+    BlobKey {
+        kind,
+        cache: cache.clone(),
+        key: key.to_owned(),
+    }
+}
+
 fn path(n: u8) -> StorePathHash {
     let letters = "0123456789abcdfghijklmnpqrsvwxyz";
     let c = letters.as_bytes()[usize::from(n) % 32] as char;
     c.to_string().repeat(32).parse().unwrap()
 }
 
-pub fn caches_are_created_and_replaced(index: &dyn Index) {
-    assert!(index.caches().unwrap().is_empty());
+pub async fn caches_are_created_and_replaced(index: &dyn Index) {
+    assert!(index.caches().await.unwrap().is_empty());
     let mut record = CacheRecord {
         name: cache("main"),
         public: true,
@@ -71,33 +79,36 @@ pub fn caches_are_created_and_replaced(index: &dyn Index) {
         quota_bytes: None,
         created: 1,
     };
-    index.put_cache(&record).unwrap();
+    index.put_cache(&record).await.unwrap();
     record.public = false;
-    index.put_cache(&record).unwrap();
+    index.put_cache(&record).await.unwrap();
     let other = CacheRecord {
         name: cache("other"),
         ..record.clone()
     };
-    index.put_cache(&other).unwrap();
-    let mut all = index.caches().unwrap();
+    index.put_cache(&other).await.unwrap();
+    let mut all = index.caches().await.unwrap();
     all.sort_by(|a, b| a.name.cmp(&b.name));
     assert_eq!(all, vec![record, other]);
 }
 
-pub fn chunks_and_nars_round_trip(index: &dyn Index) {
-    assert_eq!(index.chunk(&chunk(1).id).unwrap(), None);
-    index.put_chunks(&[chunk(1), chunk(2)]).unwrap();
-    assert_eq!(index.chunk(&chunk(2).id).unwrap(), Some(chunk(2)));
+pub async fn chunks_and_nars_round_trip(index: &dyn Index) {
+    assert_eq!(super::chunk(index, &chunk(1).id).await.unwrap(), None);
+    index.put_chunks(&[chunk(1), chunk(2)]).await.unwrap();
+    assert_eq!(
+        super::chunk(index, &chunk(2).id).await.unwrap(),
+        Some(chunk(2))
+    );
     // The last record of a chunk wins (two uploads may store the same chunk).
     let moved = ChunkRef {
         offset: 99,
         ..chunk(1)
     };
-    index.put_chunks(&[moved]).unwrap();
-    assert_eq!(index.chunk(&moved.id).unwrap(), Some(moved));
+    index.put_chunks(&[moved]).await.unwrap();
+    assert_eq!(super::chunk(index, &moved.id).await.unwrap(), Some(moved));
 
     let h = Sha256::digest(b"nar");
-    assert_eq!(index.nar(&h).unwrap(), None);
+    assert_eq!(index.nar(&h).await.unwrap(), None);
     let stored = |n: u8, segments: usize| Stored {
         id: ManifestId([n; 16]),
         segments: vec![
@@ -126,29 +137,36 @@ pub fn chunks_and_nars_round_trip(index: &dyn Index) {
         .unwrap();
     index
         .put_upload(&cache("main"), &url, &up, &record)
+        .await
         .unwrap();
-    assert_eq!(index.nar(&h).unwrap(), Some(record));
+    assert_eq!(index.nar(&h).await.unwrap(), Some(record));
 }
 
-pub fn segments_are_kept_by_manifest_and_index(index: &dyn Index) {
+pub async fn segments_are_kept_by_manifest_and_index(index: &dyn Index) {
     let (a, b) = (ManifestId([1; 16]), ManifestId([2; 16]));
     let seg = |chunks: &[u8]| Manifest {
         chunks: chunks.iter().map(|&n| chunk(n)).collect(),
     };
-    assert_eq!(index.segment(&a, 0).unwrap(), None);
-    index.put_segment(&a, 0, &seg(&[1, 2])).unwrap();
-    index.put_segment(&a, 1, &seg(&[3])).unwrap();
-    index.put_segment(&b, 0, &seg(&[4])).unwrap();
-    assert_eq!(index.segment(&a, 0).unwrap(), Some(seg(&[1, 2])));
-    assert_eq!(index.segment(&a, 1).unwrap(), Some(seg(&[3])));
-    assert_eq!(index.segment(&a, 2).unwrap(), None);
-    assert_eq!(index.segment(&b, 0).unwrap(), Some(seg(&[4])));
+    assert_eq!(index.segment(&a, 0).await.unwrap(), None);
+    index.put_segment(&a, 0, &seg(&[1, 2])).await.unwrap();
+    index.put_segment(&a, 1, &seg(&[3])).await.unwrap();
+    index.put_segment(&b, 0, &seg(&[4])).await.unwrap();
+    assert_eq!(index.segment(&a, 0).await.unwrap(), Some(seg(&[1, 2])));
+    assert_eq!(index.segment(&a, 1).await.unwrap(), Some(seg(&[3])));
+    assert_eq!(index.segment(&a, 2).await.unwrap(), None);
+    assert_eq!(index.segment(&b, 0).await.unwrap(), Some(seg(&[4])));
     // A manifest of no chunks is a segment like another.
-    index.put_segment(&b, 1, &Manifest::default()).unwrap();
-    assert_eq!(index.segment(&b, 1).unwrap(), Some(Manifest::default()));
+    index
+        .put_segment(&b, 1, &Manifest::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        index.segment(&b, 1).await.unwrap(),
+        Some(Manifest::default())
+    );
 }
 
-pub fn uploads_belong_to_their_cache(index: &dyn Index) {
+pub async fn uploads_belong_to_their_cache(index: &dyn Index) {
     let url: NarUrl = format!("nar/{}.nar.xz", Sha256::digest(b"f").to_nix32())
         .parse()
         .unwrap();
@@ -163,47 +181,57 @@ pub fn uploads_belong_to_their_cache(index: &dyn Index) {
     };
     index
         .put_upload(&cache("main"), &url, &up, &nar_record(1))
+        .await
         .unwrap();
-    assert_eq!(index.upload(&cache("main"), &url).unwrap(), Some(up));
-    assert_eq!(index.nar(&up.nar_hash).unwrap(), Some(nar_record(1)));
-    assert_eq!(index.upload(&cache("other"), &url).unwrap(), None);
+    assert_eq!(index.upload(&cache("main"), &url).await.unwrap(), Some(up));
+    assert_eq!(index.nar(&up.nar_hash).await.unwrap(), Some(nar_record(1)));
+    assert_eq!(index.upload(&cache("other"), &url).await.unwrap(), None);
     let zst = NarUrl {
         compression: crate::nix::Compression::Zstd,
         ..url
     };
-    assert_eq!(index.upload(&cache("main"), &zst).unwrap(), None);
+    assert_eq!(index.upload(&cache("main"), &zst).await.unwrap(), None);
 }
 
-pub fn the_first_narinfo_wins_and_is_counted_once(index: &dyn Index) {
+pub async fn the_first_narinfo_wins_and_is_counted_once(index: &dyn Index) {
     let (main, other) = (cache("main"), cache("other"));
     let first = narinfo(b"a", "one");
     let second = narinfo(b"b", "two");
-    assert_eq!(index.cache_stats(&main).unwrap(), CacheStats::default());
+    assert_eq!(
+        index.cache_stats(&main).await.unwrap(),
+        CacheStats::default()
+    );
     assert_eq!(
         index
             .commit_narinfo(&main, &path(1), &first, &[], None)
+            .await
             .unwrap(),
         Commit::Written
     );
     assert_eq!(
         index
             .commit_narinfo(&main, &path(1), &second, &[], None)
+            .await
             .unwrap(),
         Commit::Exists {
             nar_hash: first.nar_hash
         }
     );
-    assert_eq!(index.narinfo(&main, &path(1)).unwrap(), Some(first.clone()));
-    assert!(index.cache_has_nar(&main, &first.nar_hash).unwrap());
-    assert!(!index.cache_has_nar(&main, &second.nar_hash).unwrap());
-    assert!(!index.cache_has_nar(&other, &first.nar_hash).unwrap());
-    assert_eq!(index.narinfo(&other, &path(1)).unwrap(), None);
+    assert_eq!(
+        index.narinfo(&main, &path(1)).await.unwrap(),
+        Some(first.clone())
+    );
+    assert!(index.cache_has_nar(&main, &first.nar_hash).await.unwrap());
+    assert!(!index.cache_has_nar(&main, &second.nar_hash).await.unwrap());
+    assert!(!index.cache_has_nar(&other, &first.nar_hash).await.unwrap());
+    assert_eq!(index.narinfo(&other, &path(1)).await.unwrap(), None);
     // A second path with the same NAR: the claim holds while either is there.
     index
         .commit_narinfo(&main, &path(2), &first, &[], None)
+        .await
         .unwrap();
     assert_eq!(
-        index.cache_stats(&main).unwrap(),
+        index.cache_stats(&main).await.unwrap(),
         CacheStats {
             paths: 2,
             nar_bytes: 200,
@@ -211,10 +239,13 @@ pub fn the_first_narinfo_wins_and_is_counted_once(index: &dyn Index) {
             ..CacheStats::default()
         }
     );
-    assert_eq!(index.cache_stats(&other).unwrap(), CacheStats::default());
+    assert_eq!(
+        index.cache_stats(&other).await.unwrap(),
+        CacheStats::default()
+    );
 }
 
-pub fn uploads_count_as_pending_until_a_narinfo_takes_them_up(index: &dyn Index) {
+pub async fn uploads_count_as_pending_until_a_narinfo_takes_them_up(index: &dyn Index) {
     let main = cache("main");
     let record = narinfo(b"a", "one");
     let url = |n: u8| NarUrl {
@@ -230,43 +261,53 @@ pub fn uploads_count_as_pending_until_a_narinfo_takes_them_up(index: &dyn Index)
         stored_size: 40 + u64::from(n),
         claimed: false,
     };
-    let pending = |i: &dyn Index| i.cache_stats(&main).unwrap().pending_bytes;
+    let pending = async |i: &dyn Index| i.cache_stats(&main).await.unwrap().pending_bytes;
     index
         .put_upload(&main, &url(1), &up(1, b"a"), &nar_record(1))
+        .await
         .unwrap();
     index
         .put_upload(&main, &url(2), &up(2, b"b"), &nar_record(2))
+        .await
         .unwrap();
-    assert_eq!(pending(index), 41 + 42);
+    assert_eq!(pending(index).await, 41 + 42);
     // Sent again under the same URL: counted once.
     index
         .put_upload(&main, &url(1), &up(1, b"a"), &nar_record(1))
+        .await
         .unwrap();
-    assert_eq!(pending(index), 41 + 42);
+    assert_eq!(pending(index).await, 41 + 42);
     // A narinfo of another NAR does not take it up.
     index
         .commit_narinfo(&main, &path(1), &record, &[], Some(&url(2)))
+        .await
         .unwrap();
-    assert_eq!(pending(index), 41 + 42);
+    assert_eq!(pending(index).await, 41 + 42);
     // One of its NAR does; its record says so, and a repeat changes nothing.
     index
         .commit_narinfo(&main, &path(2), &record, &[], Some(&url(1)))
+        .await
         .unwrap();
-    assert_eq!(pending(index), 42);
-    let taken = index.upload(&main, &url(1)).unwrap().unwrap();
+    assert_eq!(pending(index).await, 42);
+    let taken = index.upload(&main, &url(1)).await.unwrap().unwrap();
     assert!(taken.claimed);
     index
         .commit_narinfo(&main, &path(2), &record, &[], Some(&url(1)))
+        .await
         .unwrap();
-    assert_eq!(pending(index), 42);
-    let stats = index.cache_stats(&main).unwrap();
+    assert_eq!(pending(index).await, 42);
+    let stats = index.cache_stats(&main).await.unwrap();
     assert_eq!(stats.used_bytes(), stats.stored_bytes + 42);
     // Removing a pending upload uncounts it; a taken-up one was uncounted already.
     assert!(index
         .delete_upload_if(&main, &url(2), &up(2, b"b"))
+        .await
         .unwrap());
-    assert!(index.delete_upload_if(&main, &url(1), &taken).unwrap());
-    assert_eq!(pending(index), 0);
+    assert!(index
+        .delete_upload_if(&main, &url(1), &taken)
+        .await
+        .unwrap());
+    assert_eq!(pending(index).await, 0);
     // Logs and realisations count too, a replaced one no more.
     let blob = |size: u64| Stored {
         id: ManifestId::random(),
@@ -278,95 +319,130 @@ pub fn uploads_count_as_pending_until_a_narinfo_takes_them_up(index: &dyn Index)
     let (first, second) = (blob(100), blob(300));
     index
         .put_blob(BlobKind::Log, &main, "x.drv", &first)
+        .await
         .unwrap();
     index
         .put_blob(BlobKind::Log, &main, "x.drv", &second)
+        .await
         .unwrap();
     index
         .put_blob(BlobKind::Realisation, &main, "y.doi", &first)
+        .await
         .unwrap();
-    assert_eq!(index.cache_stats(&main).unwrap().blob_bytes, 150 + 50);
+    assert_eq!(index.cache_stats(&main).await.unwrap().blob_bytes, 150 + 50);
     assert!(index
-        .replace_blob(BlobKind::Log, &main, "x.drv", &second, &first)
+        .replace_blob(&blob_key(BlobKind::Log, &main, "x.drv"), &second, &first)
+        .await
         .unwrap());
-    assert_eq!(index.cache_stats(&main).unwrap().blob_bytes, 50 + 50);
+    assert_eq!(index.cache_stats(&main).await.unwrap().blob_bytes, 50 + 50);
 }
 
-pub fn narinfos_are_paged_rewritten_and_deleted_with_their_references(index: &dyn Index) {
+pub async fn narinfos_are_paged_rewritten_and_deleted_with_their_references(index: &dyn Index) {
     let (main, other) = (cache("main"), cache("other"));
     let leaf = narinfo(b"leaf", "leaf");
     let top = narinfo(b"top", "top");
     index
         .commit_narinfo(&main, &path(1), &leaf, &[], None)
+        .await
         .unwrap();
     index
         .commit_narinfo(&main, &path(2), &top, &[path(1)], None)
+        .await
         .unwrap();
     index
         .commit_narinfo(&main, &path(3), &top, &[path(1)], None)
+        .await
         .unwrap();
     index
         .commit_narinfo(&other, &path(4), &top, &[path(1)], None)
+        .await
         .unwrap();
     assert_eq!(
-        index.referrers(&main, &path(1)).unwrap(),
+        index.referrers(&main, &path(1)).await.unwrap(),
         vec![path(2), path(3)]
     );
-    assert_eq!(index.referrers(&other, &path(1)).unwrap(), vec![path(4)]);
-    assert!(index.referrers(&main, &path(2)).unwrap().is_empty());
+    assert_eq!(
+        index.referrers(&other, &path(1)).await.unwrap(),
+        vec![path(4)]
+    );
+    assert!(index.referrers(&main, &path(2)).await.unwrap().is_empty());
 
     // Pages in the order of the hashes, within the cache only.
-    let first = index.narinfos(&main, None, 2).unwrap();
+    let first = index.narinfos(&main, None, 2).await.unwrap();
     let hashes: Vec<_> = first.iter().map(|(h, _)| *h).collect();
     assert_eq!(hashes, vec![path(1), path(2)]);
-    let rest = index.narinfos(&main, Some(&path(2)), 2).unwrap();
+    let rest = index.narinfos(&main, Some(&path(2)), 2).await.unwrap();
     assert_eq!(rest.len(), 1);
     assert_eq!(rest[0], (path(3), top.clone()));
-    assert!(index.narinfos(&main, Some(&path(3)), 2).unwrap().is_empty());
+    assert!(index
+        .narinfos(&main, Some(&path(3)), 2)
+        .await
+        .unwrap()
+        .is_empty());
 
     assert!(index
         .replace_narinfo(&main, &path(2), b"top", b"signed again", None)
+        .await
         .unwrap());
     // Only over the text it was read with: not over what another writer put there.
     assert!(!index
         .replace_narinfo(&main, &path(2), b"top", b"stale", None)
+        .await
         .unwrap());
     assert_eq!(
-        &index.narinfo(&main, &path(2)).unwrap().unwrap().text[..],
+        &index.narinfo(&main, &path(2)).await.unwrap().unwrap().text[..],
         b"signed again"
     );
     assert!(!index
         .replace_narinfo(&main, &path(9), b"x", b"x", None)
+        .await
         .unwrap());
-    assert_eq!(index.cache_stats(&main).unwrap().paths, 3);
+    assert_eq!(index.cache_stats(&main).await.unwrap().paths, 3);
     // A new FileSize moves the cache's stored bytes with it.
-    let stored = index.cache_stats(&main).unwrap().stored_bytes;
+    let stored = index.cache_stats(&main).await.unwrap().stored_bytes;
     assert!(index
         .replace_narinfo(&main, &path(2), b"signed again", b"smaller", Some(25))
+        .await
         .unwrap());
-    let smaller = index.narinfo(&main, &path(2)).unwrap().unwrap();
+    let smaller = index.narinfo(&main, &path(2)).await.unwrap().unwrap();
     assert_eq!(
         (&smaller.text[..], smaller.file_size),
         (&b"smaller"[..], 25)
     );
-    assert_eq!(index.cache_stats(&main).unwrap().stored_bytes, stored - 15);
+    assert_eq!(
+        index.cache_stats(&main).await.unwrap().stored_bytes,
+        stored - 15
+    );
     assert!(index
         .replace_narinfo(&main, &path(2), b"smaller", b"signed again", Some(40))
+        .await
         .unwrap());
 
     // Deleting a path takes its references and its claim with it, and uncounts it.
-    assert!(index.delete_narinfo(&main, &path(2), &[path(1)]).unwrap());
-    assert!(!index.delete_narinfo(&main, &path(2), &[path(1)]).unwrap());
-    assert_eq!(index.referrers(&main, &path(1)).unwrap(), vec![path(3)]);
+    assert!(index
+        .delete_narinfo(&main, &path(2), &[path(1)])
+        .await
+        .unwrap());
+    assert!(!index
+        .delete_narinfo(&main, &path(2), &[path(1)])
+        .await
+        .unwrap());
+    assert_eq!(
+        index.referrers(&main, &path(1)).await.unwrap(),
+        vec![path(3)]
+    );
     assert!(
-        index.cache_has_nar(&main, &top.nar_hash).unwrap(),
+        index.cache_has_nar(&main, &top.nar_hash).await.unwrap(),
         "path 3 still claims it"
     );
-    assert!(index.delete_narinfo(&main, &path(3), &[path(1)]).unwrap());
-    assert!(!index.cache_has_nar(&main, &top.nar_hash).unwrap());
-    assert!(index.cache_has_nar(&other, &top.nar_hash).unwrap());
+    assert!(index
+        .delete_narinfo(&main, &path(3), &[path(1)])
+        .await
+        .unwrap());
+    assert!(!index.cache_has_nar(&main, &top.nar_hash).await.unwrap());
+    assert!(index.cache_has_nar(&other, &top.nar_hash).await.unwrap());
     assert_eq!(
-        index.cache_stats(&main).unwrap(),
+        index.cache_stats(&main).await.unwrap(),
         CacheStats {
             paths: 1,
             nar_bytes: 100,
@@ -376,7 +452,7 @@ pub fn narinfos_are_paged_rewritten_and_deleted_with_their_references(index: &dy
     );
 }
 
-pub fn a_deleted_cache_leaves_nothing_under_its_name(index: &dyn Index) {
+pub async fn a_deleted_cache_leaves_nothing_under_its_name(index: &dyn Index) {
     let (main, other) = (cache("main"), cache("other"));
     let record = |name: &CacheName| CacheRecord {
         name: name.clone(),
@@ -388,8 +464,8 @@ pub fn a_deleted_cache_leaves_nothing_under_its_name(index: &dyn Index) {
         quota_bytes: None,
         created: 0,
     };
-    index.put_cache(&record(&main)).unwrap();
-    index.put_cache(&record(&other)).unwrap();
+    index.put_cache(&record(&main)).await.unwrap();
+    index.put_cache(&record(&other)).await.unwrap();
     let url: NarUrl = format!("nar/{}.nar.xz", Sha256::digest(b"f").to_nix32())
         .parse()
         .unwrap();
@@ -408,58 +484,89 @@ pub fn a_deleted_cache_leaves_nothing_under_its_name(index: &dyn Index) {
         segments: Vec::new(),
     };
     for c in [&main, &other] {
-        index.put_upload(c, &url, &up, &nar_record(1)).unwrap();
-        index.commit_narinfo(c, &path(1), &info, &[], None).unwrap();
+        index
+            .put_upload(c, &url, &up, &nar_record(1))
+            .await
+            .unwrap();
+        index
+            .commit_narinfo(c, &path(1), &info, &[], None)
+            .await
+            .unwrap();
         index
             .commit_narinfo(c, &path(2), &info, &[path(1)], None)
+            .await
             .unwrap();
-        index.put_blob(BlobKind::Log, c, "x.drv", &stored).unwrap();
+        index
+            .put_blob(BlobKind::Log, c, "x.drv", &stored)
+            .await
+            .unwrap();
         index
             .put_blob(BlobKind::Realisation, c, "r.doi", &stored)
+            .await
             .unwrap();
     }
     // A name that is the prefix of another's is its own: purging "ma" leaves "main".
-    index.purge_cache(&cache("ma")).unwrap();
-    assert_eq!(index.narinfos(&main, None, 10).unwrap().len(), 2);
-    assert_eq!(index.referrers(&main, &path(1)).unwrap(), vec![path(2)]);
-    assert!(index.cache_has_nar(&main, &info.nar_hash).unwrap());
-    assert_eq!(index.upload(&main, &url).unwrap(), Some(up));
-    assert!(index.blob(BlobKind::Log, &main, "x.drv").unwrap().is_some());
-    assert_eq!(index.cache_stats(&main).unwrap().paths, 2);
-    index.delete_cache(&main).unwrap();
+    index.purge_cache(&cache("ma")).await.unwrap();
+    assert_eq!(index.narinfos(&main, None, 10).await.unwrap().len(), 2);
+    assert_eq!(
+        index.referrers(&main, &path(1)).await.unwrap(),
+        vec![path(2)]
+    );
+    assert!(index.cache_has_nar(&main, &info.nar_hash).await.unwrap());
+    assert_eq!(index.upload(&main, &url).await.unwrap(), Some(up));
+    assert!(index
+        .blob(BlobKind::Log, &main, "x.drv")
+        .await
+        .unwrap()
+        .is_some());
+    assert_eq!(index.cache_stats(&main).await.unwrap().paths, 2);
+    index.delete_cache(&main).await.unwrap();
     let names: Vec<_> = index
         .caches()
+        .await
         .unwrap()
         .into_iter()
         .map(|c| c.name)
         .collect();
     assert_eq!(names, vec![other.clone()]);
-    assert_eq!(index.narinfo(&main, &path(1)).unwrap(), None);
-    assert!(index.narinfos(&main, None, 10).unwrap().is_empty());
-    assert!(index.referrers(&main, &path(1)).unwrap().is_empty());
-    assert!(!index.cache_has_nar(&main, &info.nar_hash).unwrap());
-    assert_eq!(index.upload(&main, &url).unwrap(), None);
-    assert_eq!(index.blob(BlobKind::Log, &main, "x.drv").unwrap(), None);
+    assert_eq!(index.narinfo(&main, &path(1)).await.unwrap(), None);
+    assert!(index.narinfos(&main, None, 10).await.unwrap().is_empty());
+    assert!(index.referrers(&main, &path(1)).await.unwrap().is_empty());
+    assert!(!index.cache_has_nar(&main, &info.nar_hash).await.unwrap());
+    assert_eq!(index.upload(&main, &url).await.unwrap(), None);
     assert_eq!(
-        index.blob(BlobKind::Realisation, &main, "r.doi").unwrap(),
+        index.blob(BlobKind::Log, &main, "x.drv").await.unwrap(),
         None
     );
-    assert_eq!(index.cache_stats(&main).unwrap(), CacheStats::default());
-    // The other cache keeps everything; purging an absent name changes nothing.
-    index.purge_cache(&main).unwrap();
-    assert_eq!(index.narinfos(&other, None, 10).unwrap().len(), 2);
-    assert_eq!(index.referrers(&other, &path(1)).unwrap(), vec![path(2)]);
-    assert!(index.cache_has_nar(&other, &info.nar_hash).unwrap());
-    assert_eq!(index.upload(&other, &url).unwrap(), Some(up));
     assert_eq!(
-        index.blob(BlobKind::Log, &other, "x.drv").unwrap(),
+        index
+            .blob(BlobKind::Realisation, &main, "r.doi")
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(
+        index.cache_stats(&main).await.unwrap(),
+        CacheStats::default()
+    );
+    // The other cache keeps everything; purging an absent name changes nothing.
+    index.purge_cache(&main).await.unwrap();
+    assert_eq!(index.narinfos(&other, None, 10).await.unwrap().len(), 2);
+    assert_eq!(
+        index.referrers(&other, &path(1)).await.unwrap(),
+        vec![path(2)]
+    );
+    assert!(index.cache_has_nar(&other, &info.nar_hash).await.unwrap());
+    assert_eq!(index.upload(&other, &url).await.unwrap(), Some(up));
+    assert_eq!(
+        index.blob(BlobKind::Log, &other, "x.drv").await.unwrap(),
         Some(stored)
     );
-    assert_eq!(index.cache_stats(&other).unwrap().paths, 2);
+    assert_eq!(index.cache_stats(&other).await.unwrap().paths, 2);
 }
 
-pub fn tokens_are_kept_by_hash(index: &dyn Index) {
-    assert!(index.tokens().unwrap().is_empty());
+pub async fn tokens_are_kept_by_hash(index: &dyn Index) {
+    assert!(index.tokens().await.unwrap().is_empty());
     let mut token = TokenRecord {
         name: "ci".into(),
         hash: Sha256::digest(b"secret"),
@@ -472,14 +579,14 @@ pub fn tokens_are_kept_by_hash(index: &dyn Index) {
         last_used: None,
         revoked: None,
     };
-    index.put_token(&token).unwrap();
-    assert_eq!(index.tokens().unwrap(), vec![token.clone()]);
+    index.put_token(&token).await.unwrap();
+    assert_eq!(index.tokens().await.unwrap(), vec![token.clone()]);
     token.revoked = Some(5);
-    index.put_token(&token).unwrap();
-    assert_eq!(index.tokens().unwrap(), vec![token]);
+    index.put_token(&token).await.unwrap();
+    assert_eq!(index.tokens().await.unwrap(), vec![token]);
 }
 
-pub fn blobs_are_kept_per_kind_and_cache(index: &dyn Index) {
+pub async fn blobs_are_kept_per_kind_and_cache(index: &dyn Index) {
     let stored = |n: u8| Stored {
         id: ManifestId([n; 16]),
         segments: vec![Segment {
@@ -490,37 +597,48 @@ pub fn blobs_are_kept_per_kind_and_cache(index: &dyn Index) {
     let main = cache("main");
     index
         .put_blob(BlobKind::Log, &main, "x.drv", &stored(1))
+        .await
         .unwrap();
     assert_eq!(
-        index.blob(BlobKind::Log, &main, "x.drv").unwrap(),
+        index.blob(BlobKind::Log, &main, "x.drv").await.unwrap(),
         Some(stored(1))
     );
     assert_eq!(
-        index.blob(BlobKind::Realisation, &main, "x.drv").unwrap(),
+        index
+            .blob(BlobKind::Realisation, &main, "x.drv")
+            .await
+            .unwrap(),
         None
     );
     assert_eq!(
-        index.blob(BlobKind::Log, &cache("other"), "x.drv").unwrap(),
+        index
+            .blob(BlobKind::Log, &cache("other"), "x.drv")
+            .await
+            .unwrap(),
         None
     );
     index
         .put_blob(BlobKind::Log, &main, "x.drv", &stored(2))
+        .await
         .unwrap();
     assert_eq!(
-        index.blob(BlobKind::Log, &main, "x.drv").unwrap(),
+        index.blob(BlobKind::Log, &main, "x.drv").await.unwrap(),
         Some(stored(2))
     );
 }
 
-pub fn flush_and_check_succeed(index: &dyn Index) {
-    index.put_chunks(&[chunk(7)]).unwrap();
-    index.flush().unwrap();
-    index.check().unwrap();
-    assert_eq!(index.chunk(&chunk(7).id).unwrap(), Some(chunk(7)));
+pub async fn flush_and_check_succeed(index: &dyn Index) {
+    index.put_chunks(&[chunk(7)]).await.unwrap();
+    index.flush().await.unwrap();
+    index.check().await.unwrap();
+    assert_eq!(
+        super::chunk(index, &chunk(7).id).await.unwrap(),
+        Some(chunk(7))
+    );
 }
 
 /// One `#[test]` per contract case, for the index `$open()` makes.
-pub fn what_the_collector_walks_and_deletes(index: &dyn Index) {
+pub async fn what_the_collector_walks_and_deletes(index: &dyn Index) {
     let main = cache("main");
     let url = |n: u8| -> NarUrl {
         format!("nar/{}.nar.xz", Sha256::digest(&[n]).to_nix32())
@@ -538,18 +656,21 @@ pub fn what_the_collector_walks_and_deletes(index: &dyn Index) {
     };
     index
         .put_upload(&main, &url(1), &upload(1), &nar_record(1))
+        .await
         .unwrap();
     index
         .put_upload(&main, &url(2), &upload(2), &nar_record(2))
+        .await
         .unwrap();
     let mut nars = Vec::new();
-    index
-        .for_each_nar(&mut |h, n| {
-            nars.push((h, n));
-            Ok(())
-        })
-        .unwrap();
-    nars.sort_by_key(|(h, _)| *h);
+    let mut after = None;
+    // A page at a time, of one record: every walk resumes where it stopped.
+    loop {
+        let page = index.nars_after(after.as_ref(), 1).await.unwrap();
+        let Some((last, _)) = page.last() else { break };
+        after = Some(*last);
+        nars.extend(page);
+    }
     let mut want = vec![
         (upload(1).nar_hash, nar_record(1)),
         (upload(2).nar_hash, nar_record(2)),
@@ -560,133 +681,195 @@ pub fn what_the_collector_walks_and_deletes(index: &dyn Index) {
     let h1 = upload(1).nar_hash;
     assert!(!index
         .replace_nar(&h1, &nar_record(2), &nar_record(3))
+        .await
         .unwrap());
     assert!(index
         .replace_nar(&h1, &nar_record(1), &nar_record(3))
+        .await
         .unwrap());
-    assert_eq!(index.nar(&h1).unwrap(), Some(nar_record(3)));
+    assert_eq!(index.nar(&h1).await.unwrap(), Some(nar_record(3)));
     assert!(index
         .replace_nar(&h1, &nar_record(3), &nar_record(1))
+        .await
         .unwrap());
     // A NAR record changed since it was read stays.
     assert!(!index
         .delete_nar_if(&upload(1).nar_hash, &nar_record(2))
+        .await
         .unwrap());
     assert!(index
         .delete_nar_if(&upload(1).nar_hash, &nar_record(1))
+        .await
         .unwrap());
-    assert_eq!(index.nar(&upload(1).nar_hash).unwrap(), None);
+    assert_eq!(index.nar(&upload(1).nar_hash).await.unwrap(), None);
 
+    index
+        .put_upload(&cache("other"), &url(3), &upload(3), &nar_record(3))
+        .await
+        .unwrap();
     let mut uploads = Vec::new();
-    index
-        .for_each_upload(&mut |c, u, up| {
-            uploads.push((c.clone(), u, up));
-            Ok(())
-        })
-        .unwrap();
-    assert_eq!(uploads.len(), 2);
+    let mut after = None;
+    loop {
+        let page = index.uploads_after(after.as_ref(), 1).await.unwrap();
+        let Some((c, u, _)) = page.last() else { break };
+        after = Some((c.clone(), *u));
+        uploads.extend(page);
+    }
+    assert_eq!(uploads.len(), 3);
+    assert_eq!(uploads[2], (cache("other"), url(3), upload(3)));
     assert!(uploads.contains(&(main.clone(), url(2), upload(2))));
-    assert!(!index.delete_upload_if(&main, &url(2), &upload(1)).unwrap());
-    assert!(index.delete_upload_if(&main, &url(2), &upload(2)).unwrap());
-    assert_eq!(index.upload(&main, &url(2)).unwrap(), None);
+    assert!(!index
+        .delete_upload_if(&main, &url(2), &upload(1))
+        .await
+        .unwrap());
+    assert!(index
+        .delete_upload_if(&main, &url(2), &upload(2))
+        .await
+        .unwrap());
+    assert_eq!(index.upload(&main, &url(2)).await.unwrap(), None);
 
-    index.put_chunks(&[chunk(1), chunk(2), chunk(3)]).unwrap();
-    index.delete_chunks(&[chunk(2).id]).unwrap();
-    let mut chunks = Vec::new();
     index
-        .for_each_chunk(&mut |c| {
-            chunks.push(c);
-            Ok(())
-        })
+        .put_chunks(&[chunk(1), chunk(2), chunk(3)])
+        .await
         .unwrap();
+    index.delete_chunks(&[chunk(2).id]).await.unwrap();
+    let mut chunks = Vec::new();
+    let mut after = None;
+    loop {
+        let page = index.chunks_after(after.as_ref(), 1).await.unwrap();
+        let Some(last) = page.last() else { break };
+        after = Some(last.id);
+        chunks.extend(page);
+    }
     assert_eq!(chunks, vec![chunk(1), chunk(3)]);
+    assert_eq!(
+        index
+            .chunks(&[chunk(3).id, chunk(2).id, chunk(1).id])
+            .await
+            .unwrap(),
+        vec![Some(chunk(3)), None, Some(chunk(1))]
+    );
 
     let seg = Manifest {
         chunks: vec![chunk(1)],
     };
     for (id, n) in [([7; 16], 0), ([7; 16], 1), ([8; 16], 0)] {
-        index.put_segment(&ManifestId(id), n, &seg).unwrap();
+        index.put_segment(&ManifestId(id), n, &seg).await.unwrap();
     }
-    let mut ids = Vec::new();
-    index
-        .for_each_manifest(&mut |id| {
-            ids.push(id);
-            Ok(())
-        })
-        .unwrap();
+    let mut ids: Vec<ManifestId> = Vec::new();
+    loop {
+        let page = index.manifests_after(ids.last(), 1).await.unwrap();
+        if page.is_empty() {
+            break;
+        }
+        ids.extend(page);
+    }
     assert_eq!(ids, vec![ManifestId([7; 16]), ManifestId([8; 16])]);
-    index.delete_manifest(&ManifestId([7; 16])).unwrap();
-    assert_eq!(index.segment(&ManifestId([7; 16]), 1).unwrap(), None);
-    assert_eq!(index.segment(&ManifestId([8; 16]), 0).unwrap(), Some(seg));
+    assert_eq!(
+        index.manifests_after(None, 5).await.unwrap(),
+        vec![ManifestId([7; 16]), ManifestId([8; 16])]
+    );
+    index.delete_manifest(&ManifestId([7; 16])).await.unwrap();
+    assert_eq!(index.segment(&ManifestId([7; 16]), 1).await.unwrap(), None);
+    assert_eq!(
+        index.segment(&ManifestId([8; 16]), 0).await.unwrap(),
+        Some(seg)
+    );
 
     let stored = nar_record(9).contents;
     index
         .put_blob(BlobKind::Log, &main, "a.drv", &stored)
+        .await
+        .unwrap();
+    index
+        .put_blob(BlobKind::Realisation, &main, "b.doi", &stored)
+        .await
+        .unwrap();
+    index
+        .put_blob(BlobKind::Log, &cache("other"), "c.drv", &stored)
+        .await
         .unwrap();
     let mut blobs = Vec::new();
-    index
-        .for_each_blob(&mut |kind, c, key, s| {
-            blobs.push((kind, c.clone(), key.to_owned(), s));
-            Ok(())
-        })
-        .unwrap();
+    let mut after = None;
+    loop {
+        let page = index.blobs_after(after.as_ref(), 1).await.unwrap();
+        let Some((last, _)) = page.last() else { break };
+        after = Some(last.clone());
+        blobs.extend(page);
+    }
     assert_eq!(
         blobs,
-        vec![(
-            BlobKind::Log,
-            main.clone(),
-            "a.drv".to_owned(),
-            stored.clone()
-        )]
+        vec![
+            (blob_key(BlobKind::Log, &main, "a.drv"), stored.clone()),
+            (
+                blob_key(BlobKind::Log, &cache("other"), "c.drv"),
+                stored.clone()
+            ),
+            (
+                blob_key(BlobKind::Realisation, &main, "b.doi"),
+                stored.clone()
+            ),
+        ]
     );
     let moved = nar_record(10).contents;
     assert!(!index
-        .replace_blob(BlobKind::Log, &main, "a.drv", &moved, &moved)
+        .replace_blob(&blob_key(BlobKind::Log, &main, "a.drv"), &moved, &moved)
+        .await
         .unwrap());
     assert!(index
-        .replace_blob(BlobKind::Log, &main, "a.drv", &stored, &moved)
+        .replace_blob(&blob_key(BlobKind::Log, &main, "a.drv"), &stored, &moved)
+        .await
         .unwrap());
     assert_eq!(
-        index.blob(BlobKind::Log, &main, "a.drv").unwrap(),
+        index.blob(BlobKind::Log, &main, "a.drv").await.unwrap(),
         Some(moved)
     );
 
-    assert_eq!(index.meta("last_gc").unwrap(), None);
-    index.put_meta("last_gc", b"{}").unwrap();
-    assert_eq!(index.meta("last_gc").unwrap(), Some(b"{}".to_vec()));
+    assert_eq!(index.meta("last_gc").await.unwrap(), None);
+    index.put_meta("last_gc", b"{}").await.unwrap();
+    assert_eq!(index.meta("last_gc").await.unwrap(), Some(b"{}".to_vec()));
 }
 
-pub fn accesses_and_pins_are_kept_per_cache(index: &dyn Index) {
+pub async fn accesses_and_pins_are_kept_per_cache(index: &dyn Index) {
     let (main, other) = (cache("main"), cache("other"));
     index
         .commit_narinfo(&main, &path(1), &narinfo(b"a", "a"), &[], None)
+        .await
         .unwrap();
     index
         .commit_narinfo(&main, &path(2), &narinfo(b"a", "b"), &[], None)
+        .await
         .unwrap();
-    let mut paths = index.paths_of_nar(&main, &Sha256::digest(b"a")).unwrap();
+    let mut paths = index
+        .paths_of_nar(&main, &Sha256::digest(b"a"))
+        .await
+        .unwrap();
     paths.sort();
     let mut want = vec![path(1), path(2)];
     want.sort();
     assert_eq!(paths, want);
     assert_eq!(
-        index.paths_of_nar(&other, &Sha256::digest(b"a")).unwrap(),
+        index
+            .paths_of_nar(&other, &Sha256::digest(b"a"))
+            .await
+            .unwrap(),
         vec![]
     );
 
     index
         .put_accesses(&main, &[(path(1), 10), (path(2), 20)])
+        .await
         .unwrap();
-    index.put_accesses(&main, &[(path(1), 30)]).unwrap();
-    index.put_accesses(&other, &[(path(1), 5)]).unwrap();
-    let mut got = index.accesses(&main).unwrap();
+    index.put_accesses(&main, &[(path(1), 30)]).await.unwrap();
+    index.put_accesses(&other, &[(path(1), 5)]).await.unwrap();
+    let mut got = index.accesses(&main).await.unwrap();
     got.sort();
     let mut want = vec![(path(1), 30), (path(2), 20)];
     want.sort();
     assert_eq!(got, want);
     // A deleted path's access goes with it.
-    assert!(index.delete_narinfo(&main, &path(1), &[]).unwrap());
-    assert_eq!(index.accesses(&main).unwrap(), vec![(path(2), 20)]);
+    assert!(index.delete_narinfo(&main, &path(1), &[]).await.unwrap());
+    assert_eq!(index.accesses(&main).await.unwrap(), vec![(path(2), 20)]);
 
     let pin = PinRecord {
         name: "release".into(),
@@ -697,17 +880,17 @@ pub fn accesses_and_pins_are_kept_per_cache(index: &dyn Index) {
         keep_revisions: Some(2),
         keep_days: None,
     };
-    index.put_pin(&main, &pin).unwrap();
-    assert_eq!(index.pins(&main).unwrap(), vec![pin.clone()]);
-    assert_eq!(index.pins(&other).unwrap(), vec![]);
-    assert!(!index.delete_pin(&other, "release").unwrap());
+    index.put_pin(&main, &pin).await.unwrap();
+    assert_eq!(index.pins(&main).await.unwrap(), vec![pin.clone()]);
+    assert_eq!(index.pins(&other).await.unwrap(), vec![]);
+    assert!(!index.delete_pin(&other, "release").await.unwrap());
     // Purging a cache removes its accesses and pins.
-    index.purge_cache(&main).unwrap();
-    assert_eq!(index.pins(&main).unwrap(), vec![]);
-    assert_eq!(index.accesses(&main).unwrap(), vec![]);
-    assert_eq!(index.accesses(&other).unwrap(), vec![(path(1), 5)]);
-    index.put_pin(&other, &pin).unwrap();
-    assert!(index.delete_pin(&other, "release").unwrap());
+    index.purge_cache(&main).await.unwrap();
+    assert_eq!(index.pins(&main).await.unwrap(), vec![]);
+    assert_eq!(index.accesses(&main).await.unwrap(), vec![]);
+    assert_eq!(index.accesses(&other).await.unwrap(), vec![(path(1), 5)]);
+    index.put_pin(&other, &pin).await.unwrap();
+    assert!(index.delete_pin(&other, "release").await.unwrap());
 }
 
 macro_rules! tests {
@@ -732,10 +915,10 @@ macro_rules! tests {
         mod contract {
             use super::*;
             $(
-                #[test]
-                fn $name() {
+                #[tokio::test]
+                async fn $name() {
                     let (_guard, index) = $open();
-                    crate::index::contract::$name(index.as_ref());
+                    crate::index::contract::$name(index.as_ref()).await;
                 }
             )*
         }

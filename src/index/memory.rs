@@ -6,8 +6,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
 
 use super::{
-    BlobKind, CacheRecord, CacheStats, Commit, Index, NarInfoRecord, NarRecord, PinRecord, Result,
-    TokenRecord, Upload,
+    BlobKey, BlobKind, CacheRecord, CacheStats, Commit, Index, NarInfoRecord, NarRecord, PinRecord,
+    Result, TokenRecord, Upload,
 };
 use crate::nix::{CacheName, NarUrl, Sha256, StorePathHash};
 use crate::store::{ChunkId, ChunkRef, Manifest, ManifestId, Stored};
@@ -26,7 +26,7 @@ struct State {
     /// (cache, referenced, referrer).
     references: BTreeSet<(CacheName, StorePathHash, StorePathHash)>,
     tokens: BTreeMap<Sha256, TokenRecord>,
-    blobs: BTreeMap<(u8, CacheName, String), Stored>,
+    blobs: BTreeMap<BlobKey, Stored>,
     accesses: BTreeMap<(CacheName, StorePathHash), u64>,
     pins: BTreeMap<(CacheName, String), PinRecord>,
     meta: BTreeMap<String, Vec<u8>>,
@@ -50,11 +50,26 @@ impl MemoryIndex {
     }
 }
 
-fn kind_tag(kind: BlobKind) -> u8 {
-    match kind {
-        BlobKind::Log => 0,
-        BlobKind::Realisation => 1,
+fn blob_key(kind: BlobKind, cache: &CacheName, key: &str) -> BlobKey {
+    BlobKey {
+        kind,
+        cache: cache.clone(),
+        key: key.to_owned(),
     }
+}
+
+/// Up to `limit` entries of `map` after `after`, cloned.
+fn page_of<K: Ord + Clone, V: Clone>(
+    map: &BTreeMap<K, V>,
+    after: Option<&K>,
+    limit: usize,
+) -> Vec<(K, V)> {
+    use std::ops::Bound::{Excluded, Unbounded};
+    let start = after.map_or(Unbounded, Excluded);
+    map.range((start, Unbounded))
+        .take(limit)
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
 }
 
 /// A cache's pending bytes after the upload `old` (if any) is replaced by `new` (or
@@ -66,78 +81,79 @@ pub(super) fn pending_after(pending: u64, old: Option<&Upload>, new: Option<&Upl
         .saturating_add(counted(new))
 }
 
+#[async_trait::async_trait]
 impl Index for MemoryIndex {
-    fn caches(&self) -> Result<Vec<CacheRecord>> {
+    async fn caches(&self) -> Result<Vec<CacheRecord>> {
         self.with(|s| s.caches.values().cloned().collect())
     }
 
-    fn put_cache(&self, record: &CacheRecord) -> Result<()> {
+    async fn put_cache(&self, record: &CacheRecord) -> Result<()> {
         self.with(|s| {
             s.caches.insert(record.name.clone(), record.clone());
         })
     }
 
-    fn delete_cache(&self, cache: &CacheName) -> Result<()> {
+    async fn delete_cache(&self, cache: &CacheName) -> Result<()> {
         self.with(|s| {
             s.caches.remove(cache);
         })?;
-        self.purge_cache(cache)
+        self.purge_cache(cache).await
     }
 
-    fn purge_cache(&self, cache: &CacheName) -> Result<()> {
+    async fn purge_cache(&self, cache: &CacheName) -> Result<()> {
         self.with(|s| {
             s.stats.remove(cache);
             s.uploads.retain(|(c, _), _| c != cache);
             s.narinfos.retain(|(c, _), _| c != cache);
             s.claims.retain(|(c, _, _)| c != cache);
             s.references.retain(|(c, _, _)| c != cache);
-            s.blobs.retain(|(_, c, _), _| c != cache);
+            s.blobs.retain(|k, _| k.cache != *cache);
             s.accesses.retain(|(c, _), _| c != cache);
             s.pins.retain(|(c, _), _| c != cache);
         })
     }
 
-    fn tokens(&self) -> Result<Vec<TokenRecord>> {
+    async fn tokens(&self) -> Result<Vec<TokenRecord>> {
         self.with(|s| s.tokens.values().cloned().collect())
     }
 
-    fn put_token(&self, token: &TokenRecord) -> Result<()> {
+    async fn put_token(&self, token: &TokenRecord) -> Result<()> {
         self.with(|s| {
             s.tokens.insert(token.hash, token.clone());
         })
     }
 
-    fn cache_stats(&self, cache: &CacheName) -> Result<CacheStats> {
+    async fn cache_stats(&self, cache: &CacheName) -> Result<CacheStats> {
         self.with(|s| s.stats.get(cache).copied().unwrap_or_default())
     }
 
-    fn chunk(&self, id: &ChunkId) -> Result<Option<ChunkRef>> {
-        self.with(|s| s.chunks.get(id).copied())
+    async fn chunks(&self, ids: &[ChunkId]) -> Result<Vec<Option<ChunkRef>>> {
+        self.with(|s| ids.iter().map(|id| s.chunks.get(id).copied()).collect())
     }
 
-    fn put_chunks(&self, chunks: &[ChunkRef]) -> Result<()> {
+    async fn put_chunks(&self, chunks: &[ChunkRef]) -> Result<()> {
         self.with(|s| s.chunks.extend(chunks.iter().map(|c| (c.id, *c))))
     }
 
-    fn segment(&self, id: &ManifestId, index: u32) -> Result<Option<Manifest>> {
+    async fn segment(&self, id: &ManifestId, index: u32) -> Result<Option<Manifest>> {
         self.with(|s| s.segments.get(&(*id, index)).cloned())
     }
 
-    fn put_segment(&self, id: &ManifestId, index: u32, chunks: &Manifest) -> Result<()> {
+    async fn put_segment(&self, id: &ManifestId, index: u32, chunks: &Manifest) -> Result<()> {
         self.with(|s| {
             s.segments.insert((*id, index), chunks.clone());
         })
     }
 
-    fn nar(&self, nar_hash: &Sha256) -> Result<Option<NarRecord>> {
+    async fn nar(&self, nar_hash: &Sha256) -> Result<Option<NarRecord>> {
         self.with(|s| s.nars.get(nar_hash).cloned())
     }
 
-    fn upload(&self, cache: &CacheName, url: &NarUrl) -> Result<Option<Upload>> {
+    async fn upload(&self, cache: &CacheName, url: &NarUrl) -> Result<Option<Upload>> {
         self.with(|s| s.uploads.get(&(cache.clone(), *url)).copied())
     }
 
-    fn put_upload(
+    async fn put_upload(
         &self,
         cache: &CacheName,
         url: &NarUrl,
@@ -153,11 +169,15 @@ impl Index for MemoryIndex {
         })
     }
 
-    fn narinfo(&self, cache: &CacheName, path: &StorePathHash) -> Result<Option<NarInfoRecord>> {
+    async fn narinfo(
+        &self,
+        cache: &CacheName,
+        path: &StorePathHash,
+    ) -> Result<Option<NarInfoRecord>> {
         self.with(|s| s.narinfos.get(&(cache.clone(), *path)).cloned())
     }
 
-    fn commit_narinfo(
+    async fn commit_narinfo(
         &self,
         cache: &CacheName,
         path: &StorePathHash,
@@ -192,7 +212,11 @@ impl Index for MemoryIndex {
         })
     }
 
-    fn referrers(&self, cache: &CacheName, path: &StorePathHash) -> Result<Vec<StorePathHash>> {
+    async fn referrers(
+        &self,
+        cache: &CacheName,
+        path: &StorePathHash,
+    ) -> Result<Vec<StorePathHash>> {
         self.with(|s| {
             s.references
                 .iter()
@@ -202,7 +226,7 @@ impl Index for MemoryIndex {
         })
     }
 
-    fn narinfos(
+    async fn narinfos(
         &self,
         cache: &CacheName,
         after: Option<&StorePathHash>,
@@ -218,7 +242,7 @@ impl Index for MemoryIndex {
         })
     }
 
-    fn replace_narinfo(
+    async fn replace_narinfo(
         &self,
         cache: &CacheName,
         path: &StorePathHash,
@@ -240,7 +264,7 @@ impl Index for MemoryIndex {
         })
     }
 
-    fn delete_narinfo(
+    async fn delete_narinfo(
         &self,
         cache: &CacheName,
         path: &StorePathHash,
@@ -263,7 +287,7 @@ impl Index for MemoryIndex {
         })
     }
 
-    fn cache_has_nar(&self, cache: &CacheName, nar_hash: &Sha256) -> Result<bool> {
+    async fn cache_has_nar(&self, cache: &CacheName, nar_hash: &Sha256) -> Result<bool> {
         self.with(|s| {
             s.claims
                 .range((cache.clone(), *nar_hash, StorePathHash::from_bytes([0; 20]))..)
@@ -272,15 +296,11 @@ impl Index for MemoryIndex {
         })
     }
 
-    fn blob(&self, kind: BlobKind, cache: &CacheName, key: &str) -> Result<Option<Stored>> {
-        self.with(|s| {
-            s.blobs
-                .get(&(kind_tag(kind), cache.clone(), key.to_owned()))
-                .cloned()
-        })
+    async fn blob(&self, kind: BlobKind, cache: &CacheName, key: &str) -> Result<Option<Stored>> {
+        self.with(|s| s.blobs.get(&blob_key(kind, cache, key)).cloned())
     }
 
-    fn put_blob(
+    async fn put_blob(
         &self,
         kind: BlobKind,
         cache: &CacheName,
@@ -288,10 +308,7 @@ impl Index for MemoryIndex {
         stored: &Stored,
     ) -> Result<()> {
         self.with(|s| {
-            let old = s.blobs.insert(
-                (kind_tag(kind), cache.clone(), key.to_owned()),
-                stored.clone(),
-            );
+            let old = s.blobs.insert(blob_key(kind, cache, key), stored.clone());
             let stats = s.stats.entry(cache.clone()).or_default();
             stats.blob_bytes = stats
                 .blob_bytes
@@ -300,7 +317,7 @@ impl Index for MemoryIndex {
         })
     }
 
-    fn accesses(&self, cache: &CacheName) -> Result<Vec<(StorePathHash, u64)>> {
+    async fn accesses(&self, cache: &CacheName) -> Result<Vec<(StorePathHash, u64)>> {
         self.with(|s| {
             s.accesses
                 .iter()
@@ -310,7 +327,11 @@ impl Index for MemoryIndex {
         })
     }
 
-    fn put_accesses(&self, cache: &CacheName, accesses: &[(StorePathHash, u64)]) -> Result<()> {
+    async fn put_accesses(
+        &self,
+        cache: &CacheName,
+        accesses: &[(StorePathHash, u64)],
+    ) -> Result<()> {
         self.with(|s| {
             for (p, at) in accesses {
                 s.accesses.insert((cache.clone(), *p), *at);
@@ -318,7 +339,11 @@ impl Index for MemoryIndex {
         })
     }
 
-    fn paths_of_nar(&self, cache: &CacheName, nar_hash: &Sha256) -> Result<Vec<StorePathHash>> {
+    async fn paths_of_nar(
+        &self,
+        cache: &CacheName,
+        nar_hash: &Sha256,
+    ) -> Result<Vec<StorePathHash>> {
         self.with(|s| {
             s.claims
                 .iter()
@@ -328,7 +353,7 @@ impl Index for MemoryIndex {
         })
     }
 
-    fn pins(&self, cache: &CacheName) -> Result<Vec<PinRecord>> {
+    async fn pins(&self, cache: &CacheName) -> Result<Vec<PinRecord>> {
         self.with(|s| {
             s.pins
                 .iter()
@@ -338,23 +363,26 @@ impl Index for MemoryIndex {
         })
     }
 
-    fn put_pin(&self, cache: &CacheName, pin: &PinRecord) -> Result<()> {
+    async fn put_pin(&self, cache: &CacheName, pin: &PinRecord) -> Result<()> {
         self.with(|s| {
             s.pins
                 .insert((cache.clone(), pin.name.clone()), pin.clone());
         })
     }
 
-    fn delete_pin(&self, cache: &CacheName, name: &str) -> Result<bool> {
+    async fn delete_pin(&self, cache: &CacheName, name: &str) -> Result<bool> {
         self.with(|s| s.pins.remove(&(cache.clone(), name.to_owned())).is_some())
     }
 
-    fn for_each_nar(&self, f: &mut dyn FnMut(Sha256, NarRecord) -> Result<()>) -> Result<()> {
-        let all: Vec<_> = self.with(|s| s.nars.clone().into_iter().collect())?;
-        all.into_iter().try_for_each(|(h, n)| f(h, n))
+    async fn nars_after(
+        &self,
+        after: Option<&Sha256>,
+        limit: usize,
+    ) -> Result<Vec<(Sha256, NarRecord)>> {
+        self.with(|s| page_of(&s.nars, after, limit))
     }
 
-    fn replace_nar(
+    async fn replace_nar(
         &self,
         nar_hash: &Sha256,
         expected: &NarRecord,
@@ -369,19 +397,11 @@ impl Index for MemoryIndex {
         })
     }
 
-    fn replace_blob(
-        &self,
-        kind: BlobKind,
-        cache: &CacheName,
-        key: &str,
-        expected: &Stored,
-        new: &Stored,
-    ) -> Result<bool> {
-        let k = (kind_tag(kind), cache.clone(), key.to_owned());
-        self.with(|s| match s.blobs.get_mut(&k) {
+    async fn replace_blob(&self, key: &BlobKey, expected: &Stored, new: &Stored) -> Result<bool> {
+        self.with(|s| match s.blobs.get_mut(key) {
             Some(b) if b == expected => {
                 *b = new.clone();
-                let stats = s.stats.entry(cache.clone()).or_default();
+                let stats = s.stats.entry(key.cache.clone()).or_default();
                 stats.blob_bytes = stats
                     .blob_bytes
                     .saturating_sub(expected.stored_size())
@@ -392,22 +412,32 @@ impl Index for MemoryIndex {
         })
     }
 
-    fn delete_nar_if(&self, nar_hash: &Sha256, expected: &NarRecord) -> Result<bool> {
+    async fn delete_nar_if(&self, nar_hash: &Sha256, expected: &NarRecord) -> Result<bool> {
         self.with(|s| match s.nars.get(nar_hash) {
             Some(n) if n == expected => s.nars.remove(nar_hash).is_some(),
             _ => false,
         })
     }
 
-    fn for_each_upload(
+    async fn uploads_after(
         &self,
-        f: &mut dyn FnMut(&CacheName, NarUrl, Upload) -> Result<()>,
-    ) -> Result<()> {
-        let all: Vec<_> = self.with(|s| s.uploads.clone().into_iter().collect())?;
-        all.into_iter().try_for_each(|((c, u), up)| f(&c, u, up))
+        after: Option<&(CacheName, NarUrl)>,
+        limit: usize,
+    ) -> Result<Vec<(CacheName, NarUrl, Upload)>> {
+        self.with(|s| {
+            page_of(&s.uploads, after, limit)
+                .into_iter()
+                .map(|((c, u), up)| (c, u, up))
+                .collect()
+        })
     }
 
-    fn delete_upload_if(&self, cache: &CacheName, url: &NarUrl, expected: &Upload) -> Result<bool> {
+    async fn delete_upload_if(
+        &self,
+        cache: &CacheName,
+        url: &NarUrl,
+        expected: &Upload,
+    ) -> Result<bool> {
         let key = (cache.clone(), *url);
         self.with(|s| match s.uploads.get(&key) {
             Some(u) if u == expected => {
@@ -420,27 +450,24 @@ impl Index for MemoryIndex {
         })
     }
 
-    fn for_each_blob(
+    async fn blobs_after(
         &self,
-        f: &mut dyn FnMut(BlobKind, &CacheName, &str, Stored) -> Result<()>,
-    ) -> Result<()> {
-        let all: Vec<_> = self.with(|s| s.blobs.clone().into_iter().collect())?;
-        all.into_iter().try_for_each(|((tag, c, k), stored)| {
-            let kind = if tag == 0 {
-                BlobKind::Log
-            } else {
-                BlobKind::Realisation
-            };
-            f(kind, &c, &k, stored)
+        after: Option<&BlobKey>,
+        limit: usize,
+    ) -> Result<Vec<(BlobKey, Stored)>> {
+        self.with(|s| page_of(&s.blobs, after, limit))
+    }
+
+    async fn chunks_after(&self, after: Option<&ChunkId>, limit: usize) -> Result<Vec<ChunkRef>> {
+        self.with(|s| {
+            page_of(&s.chunks, after, limit)
+                .into_iter()
+                .map(|(_, c)| c)
+                .collect()
         })
     }
 
-    fn for_each_chunk(&self, f: &mut dyn FnMut(ChunkRef) -> Result<()>) -> Result<()> {
-        let all: Vec<_> = self.with(|s| s.chunks.values().copied().collect())?;
-        all.into_iter().try_for_each(f)
-    }
-
-    fn delete_chunks(&self, ids: &[ChunkId]) -> Result<()> {
+    async fn delete_chunks(&self, ids: &[ChunkId]) -> Result<()> {
         self.with(|s| {
             for id in ids {
                 s.chunks.remove(id);
@@ -448,31 +475,47 @@ impl Index for MemoryIndex {
         })
     }
 
-    fn for_each_manifest(&self, f: &mut dyn FnMut(ManifestId) -> Result<()>) -> Result<()> {
-        let ids: BTreeSet<ManifestId> =
-            self.with(|s| s.segments.keys().map(|(id, _)| *id).collect())?;
-        ids.into_iter().try_for_each(f)
+    async fn manifests_after(
+        &self,
+        after: Option<&ManifestId>,
+        limit: usize,
+    ) -> Result<Vec<ManifestId>> {
+        use std::ops::Bound::{Excluded, Unbounded};
+        // Past every segment of `after`.
+        let start = after.map_or(Unbounded, |id| Excluded((*id, u32::MAX)));
+        self.with(|s| {
+            let mut ids: Vec<ManifestId> = Vec::new();
+            for (id, _) in s.segments.range((start, Unbounded)).map(|(k, _)| k) {
+                if ids.last() != Some(id) {
+                    if ids.len() == limit {
+                        break;
+                    }
+                    ids.push(*id);
+                }
+            }
+            ids
+        })
     }
 
-    fn delete_manifest(&self, id: &ManifestId) -> Result<()> {
+    async fn delete_manifest(&self, id: &ManifestId) -> Result<()> {
         self.with(|s| s.segments.retain(|(m, _), _| m != id))
     }
 
-    fn meta(&self, key: &str) -> Result<Option<Vec<u8>>> {
+    async fn meta(&self, key: &str) -> Result<Option<Vec<u8>>> {
         self.with(|s| s.meta.get(key).cloned())
     }
 
-    fn put_meta(&self, key: &str, value: &[u8]) -> Result<()> {
+    async fn put_meta(&self, key: &str, value: &[u8]) -> Result<()> {
         self.with(|s| {
             s.meta.insert(key.to_owned(), value.to_vec());
         })
     }
 
-    fn flush(&self) -> Result<()> {
+    async fn flush(&self) -> Result<()> {
         Ok(())
     }
 
-    fn check(&self) -> Result<()> {
+    async fn check(&self) -> Result<()> {
         Ok(())
     }
 }

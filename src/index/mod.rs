@@ -22,12 +22,20 @@ use crate::store::{ChunkId, ChunkRef, Manifest, ManifestId, Stored};
 pub use memory::MemoryIndex;
 pub use sled_index::SledIndex;
 
-/// Why the index could not answer.
+/// Why the index could not answer. It names no backend: the layers above map it to a
+/// status the same way whichever database stands behind the index.
 #[derive(Debug, thiserror::Error)]
 pub enum IndexError {
-    /// The database failed (I/O, or its own invariants).
+    /// The database cannot be reached or refuses for now (a restart, a full pool, a
+    /// lost connection): clients retry (503).
+    #[error("metadata database unavailable: {0}")]
+    Unavailable(String),
+    /// The database's disk is full (507).
+    #[error("metadata database: no space left: {0}")]
+    DiskFull(String),
+    /// The database failed in a way a retry does not mend (I/O, its own invariants).
     #[error("metadata database: {0}")]
-    Db(#[from] sled::Error),
+    Failed(String),
     /// A stored record does not decode: the data on disk is damaged or was written by
     /// an incompatible build.
     #[error("metadata database: corrupt {record} record under key {key}")]
@@ -59,12 +67,23 @@ impl IndexError {
         }
     }
 
+    /// The error of an I/O failure under the database: a full disk, or a failure.
+    pub fn io(e: &std::io::Error) -> Self {
+        if crate::store::is_disk_full(e) {
+            Self::DiskFull(e.to_string())
+        } else {
+            Self::Failed(e.to_string())
+        }
+    }
+
     /// Whether the database failed because its disk is full.
     pub fn is_disk_full(&self) -> bool {
-        match self {
-            Self::Db(sled::Error::Io(e)) => crate::store::is_disk_full(e),
-            _ => false,
-        }
+        matches!(self, Self::DiskFull(_))
+    }
+
+    /// Whether the database is unavailable for now (a retry may succeed).
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, Self::Unavailable(_))
     }
 }
 
@@ -255,7 +274,7 @@ pub enum Commit {
 }
 
 /// Per-cache files kept beside the narinfos, stored as chunks like NARs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum BlobKind {
     /// `log/<drv>`: a build log.
     Log,
@@ -263,51 +282,72 @@ pub enum BlobKind {
     Realisation,
 }
 
+/// A log or realisation's place among all of them: the order of a walk through them.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct BlobKey {
+    /// Which kind of file.
+    pub kind: BlobKind,
+    /// The cache it belongs to.
+    pub cache: CacheName,
+    /// Its key in the cache (`<drv>` of a log, the realisation's id).
+    pub key: String,
+}
+
+/// How many records a walk through a whole table reads at a time.
+pub const PAGE: usize = 1024;
+
 /// All metadata, behind one trait so that another database can stand behind it.
+///
+/// The interface is async: a backend decides how its calls leave the runtime (the
+/// embedded one answers point reads in place and sends writes and walks to the
+/// blocking pool; a networked one awaits its queries). Walks through whole tables go a
+/// page at a time (`*_after`), so that none holds a transaction or a cursor open, and
+/// lookups on hot paths are batched (`chunks`).
 ///
 /// Writes that make something visible come after the writes it depends on (chunks
 /// before the NAR that names them, the NAR before its upload, the upload before a
 /// narinfo); implementations must keep that order across a crash: what survives is a
 /// prefix of what was written.
+#[async_trait::async_trait]
 pub trait Index: Send + Sync + 'static {
     /// Every cache.
-    fn caches(&self) -> Result<Vec<CacheRecord>>;
+    async fn caches(&self) -> Result<Vec<CacheRecord>>;
     /// Creates or replaces a cache's record.
-    fn put_cache(&self, record: &CacheRecord) -> Result<()>;
+    async fn put_cache(&self, record: &CacheRecord) -> Result<()>;
     /// Removes a cache's record, then everything recorded under its name.
-    fn delete_cache(&self, cache: &CacheName) -> Result<()>;
+    async fn delete_cache(&self, cache: &CacheName) -> Result<()>;
     /// Removes everything recorded under a cache's name but its record: what a deletion
     /// interrupted by a crash left, before the name is used again.
-    fn purge_cache(&self, cache: &CacheName) -> Result<()>;
+    async fn purge_cache(&self, cache: &CacheName) -> Result<()>;
 
     /// Every token, revoked ones included.
-    fn tokens(&self) -> Result<Vec<TokenRecord>>;
+    async fn tokens(&self) -> Result<Vec<TokenRecord>>;
     /// Creates or replaces a token's record.
-    fn put_token(&self, token: &TokenRecord) -> Result<()>;
+    async fn put_token(&self, token: &TokenRecord) -> Result<()>;
     /// The counts of a cache (zero for one with no narinfo).
-    fn cache_stats(&self, cache: &CacheName) -> Result<CacheStats>;
+    async fn cache_stats(&self, cache: &CacheName) -> Result<CacheStats>;
 
-    /// Where a chunk is stored, if it is.
-    fn chunk(&self, id: &ChunkId) -> Result<Option<ChunkRef>>;
+    /// Where each of `ids` is stored, if it is, in their order: one lookup for a batch.
+    async fn chunks(&self, ids: &[ChunkId]) -> Result<Vec<Option<ChunkRef>>>;
     /// Records chunks; only after their pack is stored, so a record implies its frame.
-    fn put_chunks(&self, chunks: &[ChunkRef]) -> Result<()>;
+    async fn put_chunks(&self, chunks: &[ChunkRef]) -> Result<()>;
 
     /// Segment `index` of the manifest `id`.
-    fn segment(&self, id: &ManifestId, index: u32) -> Result<Option<Manifest>>;
+    async fn segment(&self, id: &ManifestId, index: u32) -> Result<Option<Manifest>>;
     /// Records a segment of a manifest; only after every chunk it names is recorded.
-    fn put_segment(&self, id: &ManifestId, index: u32, chunks: &Manifest) -> Result<()>;
+    async fn put_segment(&self, id: &ManifestId, index: u32, chunks: &Manifest) -> Result<()>;
 
     /// A stored NAR by its NarHash.
-    fn nar(&self, nar_hash: &Sha256) -> Result<Option<NarRecord>>;
+    async fn nar(&self, nar_hash: &Sha256) -> Result<Option<NarRecord>>;
 
     /// The upload a client made to `cache` under `url`.
-    fn upload(&self, cache: &CacheName, url: &NarUrl) -> Result<Option<Upload>>;
+    async fn upload(&self, cache: &CacheName, url: &NarUrl) -> Result<Option<Upload>>;
     /// Records an upload and its NAR (under `upload.nar_hash`) together, only after the
     /// segments of the NAR's manifests are recorded. Together, so that the garbage
     /// collector never sees a NAR that an upload is about to name without the upload.
     /// An unclaimed upload counts in the cache's `pending_bytes` (one it replaces
     /// stops counting).
-    fn put_upload(
+    async fn put_upload(
         &self,
         cache: &CacheName,
         url: &NarUrl,
@@ -316,13 +356,17 @@ pub trait Index: Send + Sync + 'static {
     ) -> Result<()>;
 
     /// The narinfo `cache` serves for `path`.
-    fn narinfo(&self, cache: &CacheName, path: &StorePathHash) -> Result<Option<NarInfoRecord>>;
+    async fn narinfo(
+        &self,
+        cache: &CacheName,
+        path: &StorePathHash,
+    ) -> Result<Option<NarInfoRecord>>;
     /// The commit point of an upload: makes the narinfo, the cache's claim on its NAR
     /// and the path's references visible together, and counts it in the cache's stats,
     /// unless the path is already there. In the same step the upload under `upload`,
     /// if it is unclaimed and of the NAR the path now has, becomes claimed and stops
     /// counting as pending.
-    fn commit_narinfo(
+    async fn commit_narinfo(
         &self,
         cache: &CacheName,
         path: &StorePathHash,
@@ -331,10 +375,14 @@ pub trait Index: Send + Sync + 'static {
         upload: Option<&NarUrl>,
     ) -> Result<Commit>;
     /// The paths of `cache` whose narinfos name `path` among their references.
-    fn referrers(&self, cache: &CacheName, path: &StorePathHash) -> Result<Vec<StorePathHash>>;
+    async fn referrers(
+        &self,
+        cache: &CacheName,
+        path: &StorePathHash,
+    ) -> Result<Vec<StorePathHash>>;
     /// Up to `limit` narinfos of `cache` in the order of their hashes, from after
     /// `after`: a walk through all of them a page at a time.
-    fn narinfos(
+    async fn narinfos(
         &self,
         cache: &CacheName,
         after: Option<&StorePathHash>,
@@ -344,7 +392,7 @@ pub trait Index: Send + Sync + 'static {
     /// `file_size` when the NAR's frames were stored anew; the NAR is the same) if it
     /// is still `expected`; false when it is not, or the path is not there (deleted, or
     /// deleted and pushed again, since it was read). The cache's stats follow.
-    fn replace_narinfo(
+    async fn replace_narinfo(
         &self,
         cache: &CacheName,
         path: &StorePathHash,
@@ -354,82 +402,118 @@ pub trait Index: Send + Sync + 'static {
     ) -> Result<bool>;
     /// Removes a narinfo with the cache's claim on its NAR and its `references`, and
     /// uncounts it; false when the path is not there.
-    fn delete_narinfo(
+    async fn delete_narinfo(
         &self,
         cache: &CacheName,
         path: &StorePathHash,
         references: &[StorePathHash],
     ) -> Result<bool>;
     /// Whether `cache` holds a narinfo whose NAR is `nar_hash`.
-    fn cache_has_nar(&self, cache: &CacheName, nar_hash: &Sha256) -> Result<bool>;
+    async fn cache_has_nar(&self, cache: &CacheName, nar_hash: &Sha256) -> Result<bool>;
 
     /// Where a log or realisation is stored.
-    fn blob(&self, kind: BlobKind, cache: &CacheName, key: &str) -> Result<Option<Stored>>;
+    async fn blob(&self, kind: BlobKind, cache: &CacheName, key: &str) -> Result<Option<Stored>>;
     /// Records a log or realisation (counted in the cache's `blob_bytes`, instead of
     /// one it replaces); only after its segments are recorded.
-    fn put_blob(&self, kind: BlobKind, cache: &CacheName, key: &str, stored: &Stored)
-        -> Result<()>;
-
-    /// When each path of `cache` was last fetched, as far as recorded.
-    fn accesses(&self, cache: &CacheName) -> Result<Vec<(StorePathHash, u64)>>;
-    /// Records when paths of `cache` were last fetched.
-    fn put_accesses(&self, cache: &CacheName, accesses: &[(StorePathHash, u64)]) -> Result<()>;
-    /// The paths of `cache` whose narinfos name the NAR `nar_hash`.
-    fn paths_of_nar(&self, cache: &CacheName, nar_hash: &Sha256) -> Result<Vec<StorePathHash>>;
-
-    /// The pins of `cache`.
-    fn pins(&self, cache: &CacheName) -> Result<Vec<PinRecord>>;
-    /// Creates or replaces a pin of `cache`.
-    fn put_pin(&self, cache: &CacheName, pin: &PinRecord) -> Result<()>;
-    /// Removes a pin; false when there is none of that name.
-    fn delete_pin(&self, cache: &CacheName, name: &str) -> Result<bool>;
-
-    /// Calls `f` with every NAR record.
-    fn for_each_nar(&self, f: &mut dyn FnMut(Sha256, NarRecord) -> Result<()>) -> Result<()>;
-    /// Replaces a NAR record (its frames were stored anew) if it is still `expected`.
-    fn replace_nar(&self, nar_hash: &Sha256, expected: &NarRecord, new: &NarRecord)
-        -> Result<bool>;
-    /// Replaces where a log or realisation is stored if it is still `expected`.
-    fn replace_blob(
+    async fn put_blob(
         &self,
         kind: BlobKind,
         cache: &CacheName,
         key: &str,
-        expected: &Stored,
-        new: &Stored,
+        stored: &Stored,
+    ) -> Result<()>;
+
+    /// When each path of `cache` was last fetched, as far as recorded.
+    async fn accesses(&self, cache: &CacheName) -> Result<Vec<(StorePathHash, u64)>>;
+    /// Records when paths of `cache` were last fetched.
+    async fn put_accesses(
+        &self,
+        cache: &CacheName,
+        accesses: &[(StorePathHash, u64)],
+    ) -> Result<()>;
+    /// The paths of `cache` whose narinfos name the NAR `nar_hash`.
+    async fn paths_of_nar(
+        &self,
+        cache: &CacheName,
+        nar_hash: &Sha256,
+    ) -> Result<Vec<StorePathHash>>;
+
+    /// The pins of `cache`.
+    async fn pins(&self, cache: &CacheName) -> Result<Vec<PinRecord>>;
+    /// Creates or replaces a pin of `cache`.
+    async fn put_pin(&self, cache: &CacheName, pin: &PinRecord) -> Result<()>;
+    /// Removes a pin; false when there is none of that name.
+    async fn delete_pin(&self, cache: &CacheName, name: &str) -> Result<bool>;
+
+    /// Up to `limit` NAR records in the order of their hashes, from after `after`.
+    async fn nars_after(
+        &self,
+        after: Option<&Sha256>,
+        limit: usize,
+    ) -> Result<Vec<(Sha256, NarRecord)>>;
+    /// Replaces a NAR record (its frames were stored anew) if it is still `expected`.
+    async fn replace_nar(
+        &self,
+        nar_hash: &Sha256,
+        expected: &NarRecord,
+        new: &NarRecord,
     ) -> Result<bool>;
+    /// Replaces where a log or realisation is stored if it is still `expected`.
+    async fn replace_blob(&self, key: &BlobKey, expected: &Stored, new: &Stored) -> Result<bool>;
     /// Removes a NAR record if it is still `expected` (an upload of the same NAR since
     /// it was read writes a new one); false when it is not.
-    fn delete_nar_if(&self, nar_hash: &Sha256, expected: &NarRecord) -> Result<bool>;
-    /// Calls `f` with every upload of every cache.
-    fn for_each_upload(
+    async fn delete_nar_if(&self, nar_hash: &Sha256, expected: &NarRecord) -> Result<bool>;
+    /// Up to `limit` uploads of every cache in the order of cache and URL, from after
+    /// `after`.
+    async fn uploads_after(
         &self,
-        f: &mut dyn FnMut(&CacheName, NarUrl, Upload) -> Result<()>,
-    ) -> Result<()>;
+        after: Option<&(CacheName, NarUrl)>,
+        limit: usize,
+    ) -> Result<Vec<(CacheName, NarUrl, Upload)>>;
     /// Removes an upload record if it is still `expected` (uncounting it from the
     /// cache's `pending_bytes` if unclaimed); false when it is not.
-    fn delete_upload_if(&self, cache: &CacheName, url: &NarUrl, expected: &Upload) -> Result<bool>;
-    /// Calls `f` with every log and realisation of every cache.
-    fn for_each_blob(
+    async fn delete_upload_if(
         &self,
-        f: &mut dyn FnMut(BlobKind, &CacheName, &str, Stored) -> Result<()>,
-    ) -> Result<()>;
-    /// Calls `f` with every chunk record.
-    fn for_each_chunk(&self, f: &mut dyn FnMut(ChunkRef) -> Result<()>) -> Result<()>;
+        cache: &CacheName,
+        url: &NarUrl,
+        expected: &Upload,
+    ) -> Result<bool>;
+    /// Up to `limit` logs and realisations of every cache in the order of `BlobKey`,
+    /// from after `after`.
+    async fn blobs_after(
+        &self,
+        after: Option<&BlobKey>,
+        limit: usize,
+    ) -> Result<Vec<(BlobKey, Stored)>>;
+    /// Up to `limit` chunk records in the order of their ids, from after `after`.
+    async fn chunks_after(&self, after: Option<&ChunkId>, limit: usize) -> Result<Vec<ChunkRef>>;
     /// Removes chunk records.
-    fn delete_chunks(&self, ids: &[ChunkId]) -> Result<()>;
-    /// Calls `f` with the id of every manifest that has segments, once each.
-    fn for_each_manifest(&self, f: &mut dyn FnMut(ManifestId) -> Result<()>) -> Result<()>;
+    async fn delete_chunks(&self, ids: &[ChunkId]) -> Result<()>;
+    /// Up to `limit` ids of manifests that have segments, in order, from after `after`.
+    async fn manifests_after(
+        &self,
+        after: Option<&ManifestId>,
+        limit: usize,
+    ) -> Result<Vec<ManifestId>>;
     /// Removes every segment of a manifest.
-    fn delete_manifest(&self, id: &ManifestId) -> Result<()>;
+    async fn delete_manifest(&self, id: &ManifestId) -> Result<()>;
 
     /// A small record of the server's own (the last garbage collection, say).
-    fn meta(&self, key: &str) -> Result<Option<Vec<u8>>>;
+    async fn meta(&self, key: &str) -> Result<Option<Vec<u8>>>;
     /// Writes a record of the server's own.
-    fn put_meta(&self, key: &str, value: &[u8]) -> Result<()>;
+    async fn put_meta(&self, key: &str, value: &[u8]) -> Result<()>;
 
     /// Makes everything written so far durable.
-    fn flush(&self) -> Result<()>;
+    async fn flush(&self) -> Result<()>;
     /// Reads and writes a record, to prove the database usable (for `/ready`).
-    fn check(&self) -> Result<()>;
+    async fn check(&self) -> Result<()>;
+}
+
+/// Where one chunk is stored, if it is.
+pub async fn chunk(index: &dyn Index, id: &ChunkId) -> Result<Option<ChunkRef>> {
+    Ok(index
+        .chunks(std::slice::from_ref(id))
+        .await?
+        .pop()
+        .flatten())
 }

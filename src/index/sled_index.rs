@@ -3,15 +3,17 @@
 //! sled's log is replayed as a prefix after a crash, so the order of writes is the
 //! order of what can survive: a record written after another never outlives it.
 
+use std::ops::Bound::{Excluded, Unbounded};
 use std::path::Path;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use sled::Transactional as _;
 
 use super::codec;
 use super::{
-    BlobKind, CacheRecord, CacheStats, Commit, Index, IndexError, NarInfoRecord, NarRecord,
-    PinRecord, Result, TokenRecord, Upload,
+    BlobKey, BlobKind, CacheRecord, CacheStats, Commit, Index, IndexError, NarInfoRecord,
+    NarRecord, PinRecord, Result, TokenRecord, Upload,
 };
 use crate::nix::{CacheName, NarUrl, Sha256, StorePathHash};
 use crate::store::{ChunkId, ChunkRef, Manifest, ManifestId, Stored};
@@ -27,8 +29,16 @@ use crate::store::{ChunkId, ChunkRef, Manifest, ManifestId, Stored};
 /// a build of format 3 refuses what format 4 wrote instead of calling it corrupt.
 const FORMAT_VERSION: &[u8] = b"4";
 
-/// The sled database and its trees, one per kind of record.
+/// The embedded index. sled answers a point read from its page cache (or with one
+/// disk read) in microseconds, so those are answered in place on the runtime, as a
+/// file read of the same size would be; writes, which may wait for its log, and walks
+/// and flushes go to the blocking pool. That choice is made here and nowhere else.
 pub struct SledIndex {
+    trees: Arc<Trees>,
+}
+
+/// The sled database and its trees, one per kind of record.
+struct Trees {
     db: sled::Db,
     caches: sled::Tree,
     cache_stats: sled::Tree,
@@ -115,12 +125,26 @@ fn split_scoped(k: &[u8]) -> Option<(CacheName, &[u8])> {
     Some((cache, &k[split + 1..]))
 }
 
+impl From<sled::Error> for IndexError {
+    fn from(e: sled::Error) -> Self {
+        match e {
+            sled::Error::Io(e) => IndexError::io(&e),
+            e => IndexError::Failed(e.to_string()),
+        }
+    }
+}
+
 /// The error of a transaction: the database's, or the one it aborted with.
 fn transaction_error(e: sled::transaction::TransactionError<IndexError>) -> IndexError {
     match e {
-        sled::transaction::TransactionError::Storage(e) => IndexError::Db(e),
+        sled::transaction::TransactionError::Storage(e) => e.into(),
         sled::transaction::TransactionError::Abort(e) => e,
     }
+}
+
+/// Where a walk through `tree` resumes: past `after`'s key.
+fn from_after(after: Option<Vec<u8>>) -> (std::ops::Bound<Vec<u8>>, std::ops::Bound<Vec<u8>>) {
+    (after.map_or(Unbounded, Excluded), Unbounded)
 }
 
 /// Hex of a binary key, for error messages.
@@ -240,7 +264,7 @@ impl SledIndex {
                 String::from_utf8_lossy(FORMAT_VERSION)
             ),
         }
-        Ok(Self {
+        let trees = Trees {
             caches: db.open_tree("caches")?,
             cache_stats: db.open_tree("cache_stats")?,
             chunks: db.open_tree("chunks")?,
@@ -257,9 +281,36 @@ impl SledIndex {
             pins: db.open_tree("pins")?,
             meta: db.open_tree("meta")?,
             db,
+        };
+        Ok(Self {
+            trees: Arc::new(trees),
         })
     }
 
+    /// Runs `f` on the blocking pool.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Trees) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let trees = self.trees.clone();
+        tokio::task::spawn_blocking(move || f(&trees))
+            .await
+            .map_err(|e| IndexError::Failed(format!("a metadata task failed: {e}")))?
+    }
+
+    /// Writes raw bytes under a key of a tree, to test how damaged records are read.
+    #[cfg(test)]
+    fn damage(&self, tree: &str, key: &[u8], value: &[u8]) {
+        self.trees
+            .db
+            .open_tree(tree)
+            .unwrap()
+            .insert(key, value)
+            .unwrap();
+    }
+}
+
+impl Trees {
     fn blob_tree(&self, kind: BlobKind) -> &sled::Tree {
         match kind {
             BlobKind::Log => &self.logs,
@@ -267,14 +318,6 @@ impl SledIndex {
         }
     }
 
-    /// Writes raw bytes under a key of a tree, to test how damaged records are read.
-    #[cfg(test)]
-    fn damage(&self, tree: &str, key: &[u8], value: &[u8]) {
-        self.db.open_tree(tree).unwrap().insert(key, value).unwrap();
-    }
-}
-
-impl Index for SledIndex {
     fn caches(&self) -> Result<Vec<CacheRecord>> {
         self.caches
             .iter()
@@ -345,11 +388,18 @@ impl Index for SledIndex {
         }
     }
 
-    fn chunk(&self, id: &ChunkId) -> Result<Option<ChunkRef>> {
-        self.chunks
-            .get(id.0)?
-            .map(|v| ChunkRef::decode_location(*id, &v).ok_or_else(|| corrupt_bin("chunk", &id.0)))
-            .transpose()
+    fn chunks(&self, ids: &[ChunkId]) -> Result<Vec<Option<ChunkRef>>> {
+        ids.iter()
+            .map(|id| {
+                self.chunks
+                    .get(id.0)?
+                    .map(|v| {
+                        ChunkRef::decode_location(*id, &v)
+                            .ok_or_else(|| corrupt_bin("chunk", &id.0))
+                    })
+                    .transpose()
+            })
+            .collect()
     }
 
     fn put_chunks(&self, chunks: &[ChunkRef]) -> Result<()> {
@@ -717,17 +767,21 @@ impl Index for SledIndex {
         Ok(self.pins.remove(scoped(cache, name.as_bytes()))?.is_some())
     }
 
-    fn for_each_nar(&self, f: &mut dyn FnMut(Sha256, NarRecord) -> Result<()>) -> Result<()> {
-        for kv in self.nars.iter() {
-            let (k, v) = kv?;
-            let corrupt = || corrupt_bin("NAR", &k);
-            let hash: [u8; 32] = k.as_ref().try_into().map_err(|_| corrupt())?;
-            f(
-                Sha256::from_bytes(hash),
-                codec::decode_nar(&v).ok_or_else(corrupt)?,
-            )?;
-        }
-        Ok(())
+    fn nars_after(&self, after: Option<Sha256>, limit: usize) -> Result<Vec<(Sha256, NarRecord)>> {
+        let start = after.map(|h| h.as_bytes().to_vec());
+        self.nars
+            .range(from_after(start))
+            .take(limit)
+            .map(|kv| {
+                let (k, v) = kv?;
+                let corrupt = || corrupt_bin("NAR", &k);
+                let hash: [u8; 32] = k.as_ref().try_into().map_err(|_| corrupt())?;
+                Ok((
+                    Sha256::from_bytes(hash),
+                    codec::decode_nar(&v).ok_or_else(corrupt)?,
+                ))
+            })
+            .collect()
     }
 
     fn replace_nar(
@@ -745,20 +799,13 @@ impl Index for SledIndex {
         Ok(swapped.is_ok())
     }
 
-    fn replace_blob(
-        &self,
-        kind: BlobKind,
-        cache: &CacheName,
-        key: &str,
-        expected: &Stored,
-        new: &Stored,
-    ) -> Result<bool> {
+    fn replace_blob(&self, blob: &BlobKey, expected: &Stored, new: &Stored) -> Result<bool> {
         let (mut old, mut value) = (Vec::new(), Vec::new());
         codec::encode_stored(expected, &mut old);
         codec::encode_stored(new, &mut value);
-        let key = scoped(cache, key.as_bytes());
-        let stats_key = cache.as_str().as_bytes();
-        let trees = (self.blob_tree(kind), &self.cache_stats);
+        let key = scoped(&blob.cache, blob.key.as_bytes());
+        let stats_key = blob.cache.as_str().as_bytes();
+        let trees = (self.blob_tree(blob.kind), &self.cache_stats);
         let outcome = trees.transaction(|(blobs, cache_stats)| {
             if blobs.get(&key)?.as_deref() != Some(old.as_slice()) {
                 return Ok(false);
@@ -785,21 +832,26 @@ impl Index for SledIndex {
         Ok(swapped.is_ok())
     }
 
-    fn for_each_upload(
+    fn uploads_after(
         &self,
-        f: &mut dyn FnMut(&CacheName, NarUrl, Upload) -> Result<()>,
-    ) -> Result<()> {
-        for kv in self.uploads.iter() {
-            let (k, v) = kv?;
-            let corrupt = || IndexError::corrupt("upload", &k);
-            let (cache, rest) = split_scoped(&k).ok_or_else(corrupt)?;
-            let url: NarUrl = std::str::from_utf8(rest)
-                .ok()
-                .and_then(|u| u.parse().ok())
-                .ok_or_else(corrupt)?;
-            f(&cache, url, codec::decode_upload(&v).ok_or_else(corrupt)?)?;
-        }
-        Ok(())
+        after: Option<(CacheName, NarUrl)>,
+        limit: usize,
+    ) -> Result<Vec<(CacheName, NarUrl, Upload)>> {
+        let start = after.map(|(c, u)| scoped(&c, u.to_string().as_bytes()));
+        self.uploads
+            .range(from_after(start))
+            .take(limit)
+            .map(|kv| {
+                let (k, v) = kv?;
+                let corrupt = || IndexError::corrupt("upload", &k);
+                let (cache, rest) = split_scoped(&k).ok_or_else(corrupt)?;
+                let url: NarUrl = std::str::from_utf8(rest)
+                    .ok()
+                    .and_then(|u| u.parse().ok())
+                    .ok_or_else(corrupt)?;
+                Ok((cache, url, codec::decode_upload(&v).ok_or_else(corrupt)?))
+            })
+            .collect()
     }
 
     fn delete_upload_if(&self, cache: &CacheName, url: &NarUrl, expected: &Upload) -> Result<bool> {
@@ -823,35 +875,41 @@ impl Index for SledIndex {
         outcome.map_err(transaction_error)
     }
 
-    fn for_each_blob(
-        &self,
-        f: &mut dyn FnMut(BlobKind, &CacheName, &str, Stored) -> Result<()>,
-    ) -> Result<()> {
+    fn blobs_after(&self, after: Option<BlobKey>, limit: usize) -> Result<Vec<(BlobKey, Stored)>> {
+        let mut page = Vec::new();
+        // Logs then realisations, as `BlobKind` orders them.
         for kind in [BlobKind::Log, BlobKind::Realisation] {
-            for kv in self.blob_tree(kind).iter() {
+            let start = match &after {
+                Some(a) if a.kind > kind => continue,
+                Some(a) if a.kind == kind => Some(scoped(&a.cache, a.key.as_bytes())),
+                _ => None,
+            };
+            for kv in self.blob_tree(kind).range(from_after(start)) {
+                if page.len() == limit {
+                    return Ok(page);
+                }
                 let (k, v) = kv?;
                 let corrupt = || IndexError::corrupt("blob", &k);
                 let (cache, rest) = split_scoped(&k).ok_or_else(corrupt)?;
-                let key = std::str::from_utf8(rest).map_err(|_| corrupt())?;
-                f(
-                    kind,
-                    &cache,
-                    key,
-                    codec::decode_stored(&v).ok_or_else(corrupt)?,
-                )?;
+                let key = std::str::from_utf8(rest).map_err(|_| corrupt())?.to_owned();
+                let stored = codec::decode_stored(&v).ok_or_else(corrupt)?;
+                page.push((BlobKey { kind, cache, key }, stored));
             }
         }
-        Ok(())
+        Ok(page)
     }
 
-    fn for_each_chunk(&self, f: &mut dyn FnMut(ChunkRef) -> Result<()>) -> Result<()> {
-        for kv in self.chunks.iter() {
-            let (k, v) = kv?;
-            let corrupt = || corrupt_bin("chunk", &k);
-            let id: [u8; 32] = k.as_ref().try_into().map_err(|_| corrupt())?;
-            f(ChunkRef::decode_location(ChunkId(id), &v).ok_or_else(corrupt)?)?;
-        }
-        Ok(())
+    fn chunks_after(&self, after: Option<ChunkId>, limit: usize) -> Result<Vec<ChunkRef>> {
+        self.chunks
+            .range(from_after(after.map(|id| id.0.to_vec())))
+            .take(limit)
+            .map(|kv| {
+                let (k, v) = kv?;
+                let corrupt = || corrupt_bin("chunk", &k);
+                let id: [u8; 32] = k.as_ref().try_into().map_err(|_| corrupt())?;
+                ChunkRef::decode_location(ChunkId(id), &v).ok_or_else(corrupt)
+            })
+            .collect()
     }
 
     fn delete_chunks(&self, ids: &[ChunkId]) -> Result<()> {
@@ -863,20 +921,24 @@ impl Index for SledIndex {
         Ok(())
     }
 
-    fn for_each_manifest(&self, f: &mut dyn FnMut(ManifestId) -> Result<()>) -> Result<()> {
-        let mut last: Option<[u8; 16]> = None;
-        for k in self.segments.iter().keys() {
+    fn manifests_after(&self, after: Option<ManifestId>, limit: usize) -> Result<Vec<ManifestId>> {
+        // Past every segment of `after`.
+        let start = after.map(|id| codec::segment_key(&id, u32::MAX).to_vec());
+        let mut ids: Vec<ManifestId> = Vec::new();
+        for k in self.segments.range(from_after(start)).keys() {
             let k = k?;
             let id: [u8; 16] = k
                 .get(..16)
                 .and_then(|b| b.try_into().ok())
                 .ok_or_else(|| corrupt_bin("segment", &k))?;
-            if last != Some(id) {
-                last = Some(id);
-                f(ManifestId(id))?;
+            if ids.last().map(|m| m.0) != Some(id) {
+                if ids.len() == limit {
+                    break;
+                }
+                ids.push(ManifestId(id));
             }
         }
-        Ok(())
+        Ok(ids)
     }
 
     fn delete_manifest(&self, id: &ManifestId) -> Result<()> {
@@ -911,6 +973,308 @@ impl Index for SledIndex {
     }
 }
 
+#[async_trait::async_trait]
+impl Index for SledIndex {
+    async fn caches(&self) -> Result<Vec<CacheRecord>> {
+        self.blocking(|t| t.caches()).await
+    }
+
+    async fn put_cache(&self, record: &CacheRecord) -> Result<()> {
+        let record = record.clone();
+        self.blocking(move |t| t.put_cache(&record)).await
+    }
+
+    async fn delete_cache(&self, cache: &CacheName) -> Result<()> {
+        let cache = cache.clone();
+        self.blocking(move |t| t.delete_cache(&cache)).await
+    }
+
+    async fn purge_cache(&self, cache: &CacheName) -> Result<()> {
+        let cache = cache.clone();
+        self.blocking(move |t| t.purge_cache(&cache)).await
+    }
+
+    async fn tokens(&self) -> Result<Vec<TokenRecord>> {
+        self.blocking(|t| t.tokens()).await
+    }
+
+    async fn put_token(&self, token: &TokenRecord) -> Result<()> {
+        let token = token.clone();
+        self.blocking(move |t| t.put_token(&token)).await
+    }
+
+    async fn cache_stats(&self, cache: &CacheName) -> Result<CacheStats> {
+        self.trees.cache_stats(cache)
+    }
+
+    async fn chunks(&self, ids: &[ChunkId]) -> Result<Vec<Option<ChunkRef>>> {
+        self.trees.chunks(ids)
+    }
+
+    async fn put_chunks(&self, chunks: &[ChunkRef]) -> Result<()> {
+        let chunks = chunks.to_vec();
+        self.blocking(move |t| t.put_chunks(&chunks)).await
+    }
+
+    async fn segment(&self, id: &ManifestId, index: u32) -> Result<Option<Manifest>> {
+        self.trees.segment(id, index)
+    }
+
+    async fn put_segment(&self, id: &ManifestId, index: u32, chunks: &Manifest) -> Result<()> {
+        let (id, chunks) = (*id, chunks.clone());
+        self.blocking(move |t| t.put_segment(&id, index, &chunks))
+            .await
+    }
+
+    async fn nar(&self, nar_hash: &Sha256) -> Result<Option<NarRecord>> {
+        self.trees.nar(nar_hash)
+    }
+
+    async fn upload(&self, cache: &CacheName, url: &NarUrl) -> Result<Option<Upload>> {
+        self.trees.upload(cache, url)
+    }
+
+    async fn put_upload(
+        &self,
+        cache: &CacheName,
+        url: &NarUrl,
+        upload: &Upload,
+        nar: &NarRecord,
+    ) -> Result<()> {
+        let (cache, url, upload, nar) = (cache.clone(), *url, *upload, nar.clone());
+        self.blocking(move |t| t.put_upload(&cache, &url, &upload, &nar))
+            .await
+    }
+
+    async fn narinfo(
+        &self,
+        cache: &CacheName,
+        path: &StorePathHash,
+    ) -> Result<Option<NarInfoRecord>> {
+        self.trees.narinfo(cache, path)
+    }
+
+    async fn commit_narinfo(
+        &self,
+        cache: &CacheName,
+        path: &StorePathHash,
+        record: &NarInfoRecord,
+        references: &[StorePathHash],
+        upload: Option<&NarUrl>,
+    ) -> Result<Commit> {
+        let (cache, path, record) = (cache.clone(), *path, record.clone());
+        let (references, upload) = (references.to_vec(), upload.copied());
+        self.blocking(move |t| {
+            t.commit_narinfo(&cache, &path, &record, &references, upload.as_ref())
+        })
+        .await
+    }
+
+    async fn referrers(
+        &self,
+        cache: &CacheName,
+        path: &StorePathHash,
+    ) -> Result<Vec<StorePathHash>> {
+        self.trees.referrers(cache, path)
+    }
+
+    async fn narinfos(
+        &self,
+        cache: &CacheName,
+        after: Option<&StorePathHash>,
+        limit: usize,
+    ) -> Result<Vec<(StorePathHash, NarInfoRecord)>> {
+        let (cache, after) = (cache.clone(), after.copied());
+        self.blocking(move |t| t.narinfos(&cache, after.as_ref(), limit))
+            .await
+    }
+
+    async fn replace_narinfo(
+        &self,
+        cache: &CacheName,
+        path: &StorePathHash,
+        expected: &[u8],
+        text: &[u8],
+        file_size: Option<u64>,
+    ) -> Result<bool> {
+        let (cache, path) = (cache.clone(), *path);
+        let (expected, text) = (expected.to_vec(), text.to_vec());
+        self.blocking(move |t| t.replace_narinfo(&cache, &path, &expected, &text, file_size))
+            .await
+    }
+
+    async fn delete_narinfo(
+        &self,
+        cache: &CacheName,
+        path: &StorePathHash,
+        references: &[StorePathHash],
+    ) -> Result<bool> {
+        let (cache, path, references) = (cache.clone(), *path, references.to_vec());
+        self.blocking(move |t| t.delete_narinfo(&cache, &path, &references))
+            .await
+    }
+
+    async fn cache_has_nar(&self, cache: &CacheName, nar_hash: &Sha256) -> Result<bool> {
+        self.trees.cache_has_nar(cache, nar_hash)
+    }
+
+    async fn blob(&self, kind: BlobKind, cache: &CacheName, key: &str) -> Result<Option<Stored>> {
+        self.trees.blob(kind, cache, key)
+    }
+
+    async fn put_blob(
+        &self,
+        kind: BlobKind,
+        cache: &CacheName,
+        key: &str,
+        stored: &Stored,
+    ) -> Result<()> {
+        let (cache, key, stored) = (cache.clone(), key.to_owned(), stored.clone());
+        self.blocking(move |t| t.put_blob(kind, &cache, &key, &stored))
+            .await
+    }
+
+    async fn accesses(&self, cache: &CacheName) -> Result<Vec<(StorePathHash, u64)>> {
+        let cache = cache.clone();
+        self.blocking(move |t| t.accesses(&cache)).await
+    }
+
+    async fn put_accesses(
+        &self,
+        cache: &CacheName,
+        accesses: &[(StorePathHash, u64)],
+    ) -> Result<()> {
+        let (cache, accesses) = (cache.clone(), accesses.to_vec());
+        self.blocking(move |t| t.put_accesses(&cache, &accesses))
+            .await
+    }
+
+    async fn paths_of_nar(
+        &self,
+        cache: &CacheName,
+        nar_hash: &Sha256,
+    ) -> Result<Vec<StorePathHash>> {
+        self.trees.paths_of_nar(cache, nar_hash)
+    }
+
+    async fn pins(&self, cache: &CacheName) -> Result<Vec<PinRecord>> {
+        self.trees.pins(cache)
+    }
+
+    async fn put_pin(&self, cache: &CacheName, pin: &PinRecord) -> Result<()> {
+        let (cache, pin) = (cache.clone(), pin.clone());
+        self.blocking(move |t| t.put_pin(&cache, &pin)).await
+    }
+
+    async fn delete_pin(&self, cache: &CacheName, name: &str) -> Result<bool> {
+        let (cache, name) = (cache.clone(), name.to_owned());
+        self.blocking(move |t| t.delete_pin(&cache, &name)).await
+    }
+
+    async fn nars_after(
+        &self,
+        after: Option<&Sha256>,
+        limit: usize,
+    ) -> Result<Vec<(Sha256, NarRecord)>> {
+        let after = after.copied();
+        self.blocking(move |t| t.nars_after(after, limit)).await
+    }
+
+    async fn replace_nar(
+        &self,
+        nar_hash: &Sha256,
+        expected: &NarRecord,
+        new: &NarRecord,
+    ) -> Result<bool> {
+        let (hash, expected, new) = (*nar_hash, expected.clone(), new.clone());
+        self.blocking(move |t| t.replace_nar(&hash, &expected, &new))
+            .await
+    }
+
+    async fn replace_blob(&self, key: &BlobKey, expected: &Stored, new: &Stored) -> Result<bool> {
+        let (key, expected, new) = (key.clone(), expected.clone(), new.clone());
+        self.blocking(move |t| t.replace_blob(&key, &expected, &new))
+            .await
+    }
+
+    async fn delete_nar_if(&self, nar_hash: &Sha256, expected: &NarRecord) -> Result<bool> {
+        let (hash, expected) = (*nar_hash, expected.clone());
+        self.blocking(move |t| t.delete_nar_if(&hash, &expected))
+            .await
+    }
+
+    async fn uploads_after(
+        &self,
+        after: Option<&(CacheName, NarUrl)>,
+        limit: usize,
+    ) -> Result<Vec<(CacheName, NarUrl, Upload)>> {
+        let after = after.cloned();
+        self.blocking(move |t| t.uploads_after(after, limit)).await
+    }
+
+    async fn delete_upload_if(
+        &self,
+        cache: &CacheName,
+        url: &NarUrl,
+        expected: &Upload,
+    ) -> Result<bool> {
+        let (cache, url, expected) = (cache.clone(), *url, *expected);
+        self.blocking(move |t| t.delete_upload_if(&cache, &url, &expected))
+            .await
+    }
+
+    async fn blobs_after(
+        &self,
+        after: Option<&BlobKey>,
+        limit: usize,
+    ) -> Result<Vec<(BlobKey, Stored)>> {
+        let after = after.cloned();
+        self.blocking(move |t| t.blobs_after(after, limit)).await
+    }
+
+    async fn chunks_after(&self, after: Option<&ChunkId>, limit: usize) -> Result<Vec<ChunkRef>> {
+        let after = after.copied();
+        self.blocking(move |t| t.chunks_after(after, limit)).await
+    }
+
+    async fn delete_chunks(&self, ids: &[ChunkId]) -> Result<()> {
+        let ids = ids.to_vec();
+        self.blocking(move |t| t.delete_chunks(&ids)).await
+    }
+
+    async fn manifests_after(
+        &self,
+        after: Option<&ManifestId>,
+        limit: usize,
+    ) -> Result<Vec<ManifestId>> {
+        let after = after.copied();
+        self.blocking(move |t| t.manifests_after(after, limit))
+            .await
+    }
+
+    async fn delete_manifest(&self, id: &ManifestId) -> Result<()> {
+        let id = *id;
+        self.blocking(move |t| t.delete_manifest(&id)).await
+    }
+
+    async fn meta(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        self.trees.meta(key)
+    }
+
+    async fn put_meta(&self, key: &str, value: &[u8]) -> Result<()> {
+        let (key, value) = (key.to_owned(), value.to_vec());
+        self.blocking(move |t| t.put_meta(&key, &value)).await
+    }
+
+    async fn flush(&self) -> Result<()> {
+        self.blocking(|t| t.flush()).await
+    }
+
+    async fn check(&self) -> Result<()> {
+        self.blocking(|t| t.check()).await
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -927,13 +1291,13 @@ mod tests {
         "main".parse().unwrap()
     }
 
-    #[test]
-    fn damaged_records_are_corrupt_errors_that_name_their_key() {
+    #[tokio::test]
+    async fn damaged_records_are_corrupt_errors_that_name_their_key() {
         let dir = tempfile::tempdir().unwrap();
         let index = SledIndex::open(&dir.path().join("db"), 1 << 20).unwrap();
         let path: StorePathHash = "7h7qgvs4kgzsn8a6rb273saxyqh4jxlz".parse().unwrap();
         index.damage("narinfos", &scoped(&cache(), path.as_bytes()), b"short");
-        let err = index.narinfo(&cache(), &path).unwrap_err();
+        let err = index.narinfo(&cache(), &path).await.unwrap_err();
         assert!(
             err.to_string()
                 .contains("corrupt narinfo record under key main/7h7qgvs4"),
@@ -948,6 +1312,7 @@ mod tests {
         };
         let err = index
             .commit_narinfo(&cache(), &path, &record, &[], None)
+            .await
             .unwrap_err();
         assert!(matches!(err, IndexError::Corrupt { .. }), "{err}");
 
@@ -955,7 +1320,7 @@ mod tests {
         index.damage("nars", nar.as_bytes(), &[1, 200, 0, 0, 0, 0, 0, 0, 0]);
         let id = ManifestId([4; 16]);
         index.damage("segments", &codec::segment_key(&id, 2), &[1, 2, 3]);
-        let err = index.segment(&id, 2).unwrap_err();
+        let err = index.segment(&id, 2).await.unwrap_err();
         assert!(
             matches!(
                 err,
@@ -966,24 +1331,27 @@ mod tests {
             ),
             "{err}"
         );
-        let err = index.nar(&nar).unwrap_err();
+        let err = index.nar(&nar).await.unwrap_err();
         assert!(err.to_string().contains(&nar.to_string()), "{err}");
         let id = ChunkId::of(b"c");
         index.damage("chunks", &id.0, &[0; 3]);
         assert!(matches!(
-            index.chunk(&id).unwrap_err(),
+            crate::index::chunk(&index, &id).await.unwrap_err(),
             IndexError::Corrupt {
                 record: "chunk",
                 ..
             }
         ));
         index.damage("logs", &scoped(&cache(), b"x.drv"), &[9]);
-        let err = index.blob(BlobKind::Log, &cache(), "x.drv").unwrap_err();
+        let err = index
+            .blob(BlobKind::Log, &cache(), "x.drv")
+            .await
+            .unwrap_err();
         assert!(err.to_string().contains("main?x.drv"), "{err}");
         index.damage("cache_stats", b"main", b"?");
-        assert!(index.cache_stats(&cache()).is_err());
+        assert!(index.cache_stats(&cache()).await.is_err());
         index.damage("caches", b"bad", b"{");
-        assert!(index.caches().is_err());
+        assert!(index.caches().await.is_err());
     }
 
     /// Opens the database in `dir`, waiting for a handle just dropped to let go of it
@@ -1003,8 +1371,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_format_2_database_is_migrated() {
+    #[tokio::test]
+    async fn a_format_2_database_is_migrated() {
         let dir = tempfile::tempdir().unwrap();
         let db_dir = dir.path().join("db");
         let leaf = "0a5ym8j4ycmssbbmrcd1iv3lz8mfghb6";
@@ -1055,7 +1423,7 @@ mod tests {
             db.flush().unwrap();
         }
         let index = reopen(&db_dir).unwrap();
-        let caches = index.caches().unwrap();
+        let caches = index.caches().await.unwrap();
         assert_eq!(caches.len(), 1);
         assert_eq!(caches[0].keys.len(), 1);
         assert_eq!(
@@ -1065,28 +1433,28 @@ mod tests {
         assert!(caches[0].keep_client_signatures);
         let (leaf, top): (StorePathHash, StorePathHash) =
             (leaf.parse().unwrap(), top.parse().unwrap());
-        assert_eq!(index.referrers(&cache(), &leaf).unwrap(), vec![top]);
+        assert_eq!(index.referrers(&cache(), &leaf).await.unwrap(), vec![top]);
         assert!(
-            index.referrers(&cache(), &top).unwrap().is_empty(),
+            index.referrers(&cache(), &top).await.unwrap().is_empty(),
             "a self-reference is none"
         );
         let nar = Sha256::digest(leaf.to_string().as_bytes());
-        assert!(index.cache_has_nar(&cache(), &nar).unwrap());
+        assert!(index.cache_has_nar(&cache(), &nar).await.unwrap());
         let refs = [leaf];
-        assert!(index.delete_narinfo(&cache(), &top, &refs).unwrap());
-        assert!(index.delete_narinfo(&cache(), &leaf, &[]).unwrap());
+        assert!(index.delete_narinfo(&cache(), &top, &refs).await.unwrap());
+        assert!(index.delete_narinfo(&cache(), &leaf, &[]).await.unwrap());
         assert!(
-            !index.cache_has_nar(&cache(), &nar).unwrap(),
+            !index.cache_has_nar(&cache(), &nar).await.unwrap(),
             "the old claims are gone"
         );
         drop(index);
         // Opened again, it is format 3 and stays as it is.
         let again = reopen(&db_dir).unwrap();
-        assert!(again.narinfos(&cache(), None, 10).unwrap().is_empty());
+        assert!(again.narinfos(&cache(), None, 10).await.unwrap().is_empty());
     }
 
-    #[test]
-    fn an_upload_recorded_in_an_older_layout_is_removed_and_uncounted() {
+    #[tokio::test]
+    async fn an_upload_recorded_in_an_older_layout_is_removed_and_uncounted() {
         let dir = tempfile::tempdir().unwrap();
         let index = SledIndex::open(&dir.path().join("db"), 1 << 20).unwrap();
         let url = NarUrl {
@@ -1109,15 +1477,15 @@ mod tests {
             &scoped(&cache(), url.to_string().as_bytes()),
             old,
         );
-        let read = index.upload(&cache(), &url).unwrap().unwrap();
+        let read = index.upload(&cache(), &url).await.unwrap().unwrap();
         assert_eq!(read, upload);
-        assert!(index.delete_upload_if(&cache(), &url, &read).unwrap());
-        assert_eq!(index.upload(&cache(), &url).unwrap(), None);
-        assert_eq!(index.cache_stats(&cache()).unwrap().pending_bytes, 0);
+        assert!(index.delete_upload_if(&cache(), &url, &read).await.unwrap());
+        assert_eq!(index.upload(&cache(), &url).await.unwrap(), None);
+        assert_eq!(index.cache_stats(&cache()).await.unwrap().pending_bytes, 0);
     }
 
-    #[test]
-    fn a_format_3_database_is_format_4_once_opened() {
+    #[tokio::test]
+    async fn a_format_3_database_is_format_4_once_opened() {
         let dir = tempfile::tempdir().unwrap();
         let db_dir = dir.path().join("db");
         {
@@ -1127,13 +1495,13 @@ mod tests {
         }
         let index = reopen(&db_dir).unwrap();
         assert_eq!(
-            index.db.get("format_version").unwrap().as_deref(),
+            index.trees.db.get("format_version").unwrap().as_deref(),
             Some(FORMAT_VERSION)
         );
     }
 
-    #[test]
-    fn an_older_format_is_refused_with_a_reason() {
+    #[tokio::test]
+    async fn an_older_format_is_refused_with_a_reason() {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::open(dir.path().join("db")).unwrap();
         db.insert("format_version", b"1").unwrap();

@@ -437,12 +437,12 @@ impl Segments {
     }
 
     /// Records the current segment; only once its chunks are recorded.
-    fn write(&mut self, index: &dyn Index) -> Result<(), IndexError> {
+    async fn write(&mut self, index: &dyn Index) -> Result<(), IndexError> {
         if self.current.chunks.is_empty() {
             return Ok(());
         }
         let i = self.stored.segments.len() as u32;
-        index.put_segment(&self.stored.id, i, &self.current)?;
+        index.put_segment(&self.stored.id, i, &self.current).await?;
         self.stored.segments.push(Segment::of(&self.current));
         self.current.chunks.clear();
         Ok(())
@@ -518,7 +518,7 @@ impl Ingestor {
 
     /// Records an ingested NAR, and the upload of it to `cache` under `url`, once the
     /// upload is found right.
-    pub fn record(
+    pub async fn record(
         &self,
         cache: &CacheName,
         url: &NarUrl,
@@ -533,7 +533,9 @@ impl Ingestor {
             stored_size: nar.record.contents.stored_size(),
             claimed: false,
         };
-        self.index.put_upload(cache, url, &upload, &nar.record)?;
+        self.index
+            .put_upload(cache, url, &upload, &nar.record)
+            .await?;
         self.metrics.nars_ingested.inc();
         self.metrics.nar_bytes_ingested.inc_by(nar.nar_size);
         Ok(upload)
@@ -674,7 +676,7 @@ impl Ingestor {
                         .filter(|p| p.part() == Part::Contents)
                         .map(Prepared::stored_len)
                         .sum();
-                    charge.add(bytes).map_err(|e| match e {
+                    charge.add(bytes).await.map_err(|e| match e {
                         ChargeError::Exceeded(e) => IngestError::Quota(e),
                         ChargeError::Index(e) => IngestError::Index(e),
                     })?;
@@ -694,7 +696,7 @@ impl Ingestor {
                     // A full segment is recorded once the packs of its chunks are.
                     if segments.is_full() {
                         packer.finish().await?;
-                        segments.write(self.index.as_ref())?;
+                        segments.write(self.index.as_ref()).await?;
                     }
                 }
             }
@@ -712,8 +714,8 @@ impl Ingestor {
         })?;
         // Only content that checked out gets its last pack and segments written.
         packer.finish().await?;
-        contents.write(self.index.as_ref())?;
-        listing.write(self.index.as_ref())?;
+        contents.write(self.index.as_ref()).await?;
+        listing.write(self.index.as_ref()).await?;
         drop(turn);
         Ok(Ingested {
             decoded,
@@ -726,10 +728,8 @@ impl Ingestor {
 
     /// Looks a batch of chunks up, and compresses the new ones with one blocking task.
     async fn prepare(&self, batch: Batch) -> Result<Vec<Prepared>, IngestError> {
-        let known = batch
-            .iter()
-            .map(|(_, id, _)| self.index.chunk(id))
-            .collect::<Result<Vec<_>, _>>()?;
+        let ids: Vec<ChunkId> = batch.iter().map(|(_, id, _)| *id).collect();
+        let known = self.index.chunks(&ids).await?;
         let level = self.settings.zstd_level;
         let compressed = tokio::task::spawn_blocking(move || {
             batch
@@ -1006,17 +1006,13 @@ mod tests {
     }
 
     /// The chunks of a stored content, from its segments.
-    fn chunks(ingestor: &Ingestor, stored: &Stored) -> Vec<ChunkRef> {
-        (0..stored.segments.len() as u32)
-            .flat_map(|i| {
-                ingestor
-                    .index
-                    .segment(&stored.id, i)
-                    .unwrap()
-                    .unwrap()
-                    .chunks
-            })
-            .collect()
+    async fn chunks(ingestor: &Ingestor, stored: &Stored) -> Vec<ChunkRef> {
+        let mut all = Vec::new();
+        for i in 0..stored.segments.len() as u32 {
+            let segment = ingestor.index.segment(&stored.id, i).await.unwrap();
+            all.extend(segment.unwrap().chunks);
+        }
+        all
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1028,7 +1024,7 @@ mod tests {
         assert_eq!(got.nar_size, data.len() as u64);
         assert_eq!(got.nar_hash, Sha256::digest(&data));
         assert_eq!(got.record.contents.size(), data.len() as u64);
-        assert!(chunks(&ingestor, &got.record.contents).len() > 10);
+        assert!(chunks(&ingestor, &got.record.contents).await.len() > 10);
         assert_eq!(content(&ingestor, &got.record.contents).await, data);
         let listing = content(&ingestor, &got.record.listing).await;
         let json: serde_json::Value = serde_json::from_slice(&listing).unwrap();
@@ -1041,12 +1037,15 @@ mod tests {
             compression: Compression::None,
         };
         let main: CacheName = "main".parse().unwrap();
-        let upload = ingestor.record(&main, &url, &got).unwrap();
-        assert_eq!(ingestor.index.upload(&main, &url).unwrap(), Some(upload));
+        let upload = ingestor.record(&main, &url, &got).await.unwrap();
+        assert_eq!(
+            ingestor.index.upload(&main, &url).await.unwrap(),
+            Some(upload)
+        );
         assert_eq!(m.nars_ingested.get(), 1);
         assert_eq!(m.nar_bytes_ingested.get(), data.len() as u64);
         assert_eq!(
-            ingestor.index.nar(&got.nar_hash).unwrap(),
+            ingestor.index.nar(&got.nar_hash).await.unwrap(),
             Some(got.record.clone())
         );
         assert!(m.packs_written.get() > 1);
@@ -1075,7 +1074,7 @@ mod tests {
         let ingestor = ingestor(dir.path());
         let got = ingest(&ingestor, pieces(&data)).await.unwrap();
         assert!(
-            chunks(&ingestor, &got.record.listing).len() > 5,
+            chunks(&ingestor, &got.record.listing).await.len() > 5,
             "a large listing is several chunks"
         );
         let listing = content(&ingestor, &got.record.listing).await;

@@ -142,7 +142,7 @@ impl Packer {
             metrics.chunks_written.inc_by(chunks.len() as u64);
             let recorded = index.put_chunks(&chunks);
             records.release_after(RECORDS_WRITTEN_WITHIN);
-            recorded?;
+            recorded.await?;
             Ok(())
         });
         self.writes.push_back(Write { task, chunks: ids });

@@ -12,6 +12,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::ops::Range;
 use std::sync::Arc;
+use std::task::Poll;
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
@@ -193,12 +194,16 @@ pub fn body(
         next_segment: 0,
         segment_start: 0,
         pending: VecDeque::new(),
+        planning: None,
         in_flight: FuturesOrdered::new(),
         failed: false,
     }
 }
 
 type Fetch = BoxFuture<'static, io::Result<Bytes>>;
+
+/// A segment being read from the index, with the part of it the range covers.
+type Planning = BoxFuture<'static, io::Result<(Manifest, Range<u64>)>>;
 
 /// The reads of one body, planned a segment at a time, started in order as room allows.
 struct Reads {
@@ -210,14 +215,40 @@ struct Reads {
     next_segment: usize,
     segment_start: u64,
     pending: VecDeque<Read>,
+    planning: Option<Planning>,
     in_flight: FuturesOrdered<Fetch>,
     failed: bool,
 }
 
 impl Reads {
-    /// Plans the reads of the next segment that overlaps the range; false when none is
-    /// left.
-    fn plan_next_segment(&mut self) -> io::Result<bool> {
+    /// Plans the reads of the next segment that overlaps the range, reading it from
+    /// the index; false when none is left.
+    fn poll_plan(&mut self, cx: &mut std::task::Context<'_>) -> Poll<io::Result<bool>> {
+        if self.planning.is_none() {
+            let Some((index, part)) = self.next_segment_in_range() else {
+                return Poll::Ready(Ok(false));
+            };
+            let (source, id) = (self.source.index.clone(), self.stored.id);
+            self.planning = Some(Box::pin(async move {
+                let chunks = source
+                    .segment(&id, index)
+                    .await
+                    .map_err(io::Error::other)?
+                    .ok_or_else(|| io::Error::other("a recorded segment is missing"))?;
+                Ok((chunks, part))
+            }));
+        }
+        let planning = self.planning.as_mut().expect("set above");
+        let got = std::task::ready!(planning.as_mut().poll(cx));
+        self.planning = None;
+        let (chunks, part) = got?;
+        let reads = plan(&chunks, self.encoding, part, self.source.plan.read_bytes);
+        self.pending.extend(reads);
+        Poll::Ready(Ok(true))
+    }
+
+    /// The next segment that overlaps the range, and the part of it that does.
+    fn next_segment_in_range(&mut self) -> Option<(u32, Range<u64>)> {
         while let Some(seg) = self.stored.segments.get(self.next_segment) {
             let index = self.next_segment;
             let start = self.segment_start;
@@ -230,18 +261,10 @@ impl Reads {
             if start >= self.range.end {
                 break;
             }
-            let chunks = self
-                .source
-                .index
-                .segment(&self.stored.id, index as u32)
-                .map_err(io::Error::other)?
-                .ok_or_else(|| io::Error::other("a recorded segment is missing"))?;
             let part = self.range.start.max(start) - start..self.range.end.min(end) - start;
-            let reads = plan(&chunks, self.encoding, part, self.source.plan.read_bytes);
-            self.pending.extend(reads);
-            return Ok(true);
+            return Some((index as u32, part));
         }
-        Ok(false)
+        None
     }
 
     fn start(&mut self, read: Read, held: Option<Reservation>) {
@@ -283,20 +306,20 @@ impl Stream for Reads {
     fn poll_next(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Self::Item>> {
+    ) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
         if this.failed {
-            return std::task::Poll::Ready(None);
+            return Poll::Ready(None);
         }
         while this.in_flight.len() < 1 + this.source.plan.read_ahead {
             if this.pending.is_empty() {
-                match this.plan_next_segment() {
-                    Ok(true) => continue,
-                    Ok(false) => break,
-                    Err(e) => {
+                match this.poll_plan(cx) {
+                    Poll::Ready(Ok(true)) => continue,
+                    Poll::Ready(Ok(false)) | Poll::Pending => break,
+                    Poll::Ready(Err(e)) => {
                         tracing::error!(error = %e, "reading a manifest failed while serving");
                         this.failed = true;
-                        return std::task::Poll::Ready(Some(Err(e)));
+                        return Poll::Ready(Some(Err(e)));
                     }
                 }
             }
@@ -316,7 +339,12 @@ impl Stream for Reads {
                 break;
             }
         }
-        this.in_flight.poll_next_unpin(cx)
+        match this.in_flight.poll_next_unpin(cx) {
+            // Nothing read yet while the next segment is read from the index (which
+            // wakes this stream): the body is not over.
+            Poll::Ready(None) if this.planning.is_some() => Poll::Pending,
+            polled => polled,
+        }
     }
 }
 
@@ -348,8 +376,8 @@ mod tests {
         )
     }
 
-    #[test]
-    fn adjacent_frames_are_read_together() {
+    #[tokio::test]
+    async fn adjacent_frames_are_read_together() {
         let (a, b, m) = manifest();
         let reads = plan(&m, Encoding::Zstd, 0..40, 1 << 20);
         let shape: Vec<_> = reads
@@ -361,8 +389,8 @@ mod tests {
         assert_eq!(plan(&m, Encoding::Zstd, 0..40, 12).len(), 4);
     }
 
-    #[test]
-    fn ranges_cut_the_first_and_last_pieces() {
+    #[tokio::test]
+    async fn ranges_cut_the_first_and_last_pieces() {
         let (a, _, m) = manifest();
         let reads = plan(&m, Encoding::Zstd, 12..16, 1 << 20);
         assert_eq!(reads[0].range, 12..15);
@@ -417,7 +445,7 @@ mod segmented {
             let m = Manifest {
                 chunks: part.to_vec(),
             };
-            index.put_segment(&id, i as u32, &m).unwrap();
+            index.put_segment(&id, i as u32, &m).await.unwrap();
             segments.push(Segment::of(&m));
         }
         let source = Source {

@@ -15,11 +15,8 @@ pub async fn write_accesses(app: Arc<App>) {
             _ = tick.tick() => {}
             () = app.accesses.filled() => {}
         }
-        let a = app.clone();
-        match tokio::task::spawn_blocking(move || a.accesses.flush(a.index.as_ref())).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => tracing::warn!(error = %e, "writing the fetches of paths failed"),
-            Err(e) => tracing::warn!(error = %e, "writing the fetches of paths failed"),
+        if let Err(e) = app.accesses.flush(app.index.as_ref()).await {
+            tracing::warn!(error = %e, "writing the fetches of paths failed");
         }
     }
 }

@@ -80,7 +80,7 @@ pub fn connection_cap(configured: usize, open_files: u64, listeners: u64) -> usi
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let listen = config.listen;
     let open_files = raise_open_files();
-    let opened = App::open(config)?;
+    let opened = App::open(config).await?;
     let app = opened.app;
     // A store that cannot be written and read is said at start, not at the first push.
     if let Err(e) = app.packs.check().await {
@@ -161,8 +161,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     };
     let ((), admin, ()) = tokio::join!(main, admin, signal);
     admin?;
-    app.accesses.flush(app.index.as_ref())?;
-    app.index.flush()?;
+    app.accesses.flush(app.index.as_ref()).await?;
+    app.index.flush().await?;
     tracing::info!("stopped");
     Ok(())
 }

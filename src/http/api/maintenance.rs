@@ -14,7 +14,7 @@ use axum::Json;
 use serde::Deserialize;
 
 use super::types::{AddPin, GcRequest, JobStarted, VerifyRequest};
-use super::{blocking, json, json_or_default};
+use super::{detached, json, json_or_default};
 use crate::app::App;
 use crate::error::{Error, Result};
 use crate::gc::stats::Stats;
@@ -116,10 +116,8 @@ pub async fn stats(
             (app.packs.list().await?, None)
         }
     };
-    let index = app.index.clone();
     let stats =
-        blocking(move || crate::gc::stats::stats(index.as_ref(), q.cache.as_ref(), quota, &packs))
-            .await?;
+        crate::gc::stats::stats(app.index.as_ref(), q.cache.as_ref(), quota, &packs).await?;
     Ok(Json(stats))
 }
 
@@ -130,7 +128,7 @@ pub async fn pins(
     creds: Credentials,
 ) -> Result<Json<Vec<PinRecord>>> {
     let cache = creds.cache(&app, &cache, Permission::Pull)?;
-    let mut pins = app.index.pins(&cache.name)?;
+    let mut pins = app.index.pins(&cache.name).await?;
     pins.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(Json(pins))
 }
@@ -167,12 +165,16 @@ pub async fn add_pin(
     // Held so that the path cannot be deleted between the check and the pin.
     let lock = app.caches.exclusive(&cache.name).await;
     let index = app.index.clone();
-    let pin = blocking(move || {
+    let pin = detached(async move {
         let cache = lock.name();
-        if index.narinfo(cache, &path.hash())?.is_none() {
+        if index.narinfo(cache, &path.hash()).await?.is_none() {
             return Err(Error::NotFound("store path"));
         }
-        let existing = index.pins(cache)?.into_iter().find(|p| p.name == req.name);
+        let existing = index
+            .pins(cache)
+            .await?
+            .into_iter()
+            .find(|p| p.name == req.name);
         let pin = crate::pins::add(
             existing,
             &req.name,
@@ -181,8 +183,8 @@ pub async fn add_pin(
             req.keep_days,
             crate::clock::now(),
         );
-        index.put_pin(cache, &pin)?;
-        index.flush()?;
+        index.put_pin(cache, &pin).await?;
+        index.flush().await?;
         Ok(pin)
     })
     .await?;
@@ -196,9 +198,9 @@ pub async fn remove_pin(
     creds: Credentials,
 ) -> Result<StatusCode> {
     let cache = creds.cache(&app, &cache, Permission::Push)?;
-    if !app.index.delete_pin(&cache.name, &name)? {
+    if !app.index.delete_pin(&cache.name, &name).await? {
         return Err(Error::NotFound("pin"));
     }
-    app.index.flush()?;
+    app.index.flush().await?;
     Ok(StatusCode::NO_CONTENT)
 }

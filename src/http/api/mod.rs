@@ -61,11 +61,13 @@ fn secret_key(text: &Option<SecretText>) -> Result<Option<SecretKey>> {
         .transpose()
 }
 
-/// Runs `f` on the blocking pool: walks over a cache's narinfos take a while. What
-/// `f` holds (its locks) goes with it, so a client that goes away does not release
-/// them while it runs.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(f)
+/// Runs `f` as a task of its own: a change of the metadata (a walk over a cache's
+/// narinfos, a deletion) runs to its end even if the client goes away, and what `f`
+/// holds (its locks) goes with it.
+pub(crate) async fn detached<T: Send + 'static>(
+    f: impl std::future::Future<Output = Result<T>> + Send + 'static,
+) -> Result<T> {
+    tokio::spawn(f)
         .await
         .map_err(|e| Error::Internal(format!("an admin task failed: {e}")))?
 }
@@ -82,8 +84,8 @@ fn quota_setter(holder: &crate::index::TokenRecord) -> Result<()> {
     }
 }
 
-fn describe(app: &App, cache: &Cache) -> Result<CacheInfo> {
-    let stats = app.index.cache_stats(&cache.name)?;
+async fn describe(app: &App, cache: &Cache) -> Result<CacheInfo> {
+    let stats = app.index.cache_stats(&cache.name).await?;
     Ok(CacheInfo {
         name: cache.name.to_string(),
         public: cache.public,
@@ -117,7 +119,7 @@ pub async fn list_caches(
                 .as_ref()
                 .is_some_and(|t| t.grants.allow(&cache.name, Permission::Pull));
         if visible {
-            out.push(describe(&app, &cache)?);
+            out.push(describe(&app, &cache).await?);
         }
     }
     Ok(Json(out))
@@ -151,9 +153,9 @@ pub async fn create_cache(
     };
     let lock = app.caches.exclusive(&name).await;
     let creating = app.clone();
-    let cache = blocking(move || creating.caches.create(&lock, new)).await?;
+    let cache = detached(async move { creating.caches.create(&lock, new).await }).await?;
     tracing::info!(cache = %cache.name, by = %holder.name, "created cache");
-    Ok((StatusCode::CREATED, Json(describe(&app, &cache)?)))
+    Ok((StatusCode::CREATED, Json(describe(&app, &cache).await?)))
 }
 
 /// `GET /_api/v1/caches/<cache>`: readable by whoever may pull from the cache.
@@ -163,7 +165,7 @@ pub async fn cache_info(
     creds: Credentials,
 ) -> Result<Json<CacheInfo>> {
     let cache = creds.cache(&app, &cache, Permission::Pull)?;
-    Ok(Json(describe(&app, &cache)?))
+    Ok(Json(describe(&app, &cache).await?))
 }
 
 /// `PATCH /_api/v1/caches/<cache>`.
@@ -179,8 +181,8 @@ pub async fn update_cache(
         quota_setter(&app.auth.bearer(creds.token())?)?;
     }
     let lock = app.caches.exclusive(&cache.name).await;
-    let updated = app.caches.update(&lock, &change)?;
-    Ok(Json(describe(&app, &updated)?))
+    let updated = app.caches.update(&lock, &change).await?;
+    Ok(Json(describe(&app, &updated).await?))
 }
 
 /// `?confirm=<cache>` on a deletion.
@@ -207,9 +209,9 @@ pub async fn delete_cache(
     let walks = app.caches.key_change(&cache.name).await;
     let lock = app.caches.exclusive(&cache.name).await;
     let deleting = app.clone();
-    blocking(move || {
+    detached(async move {
         let _walks = walks;
-        deleting.caches.delete(&lock)
+        deleting.caches.delete(&lock).await
     })
     .await?;
     Ok(StatusCode::NO_CONTENT)
@@ -222,10 +224,8 @@ pub async fn keys(
     creds: Credentials,
 ) -> Result<Json<KeysInfo>> {
     let cache = creds.cache(&app, &cache, Permission::Admin)?;
-    let index = app.index.clone();
-    let name = cache.name.clone();
     let (paths, mut counts) =
-        blocking(move || Ok(crate::signatures::count_by_key(index.as_ref(), &name)?)).await?;
+        crate::signatures::count_by_key(app.index.as_ref(), &cache.name).await?;
     let keys = cache
         .record
         .keys
@@ -260,7 +260,7 @@ pub async fn rotate(
     let walking = app.caches.key_change(&cache.name).await;
     let (rotated, added) = {
         let lock = app.caches.exclusive(&cache.name).await;
-        app.caches.add_signer(&lock, imported)?
+        app.caches.add_signer(&lock, imported).await?
     };
     tracing::info!(cache = %rotated.name, key = %rotated.public_key().name(), resumed = !added, "rotating keys");
     walk(&app, rotated, Vec::new(), !added, walking).await
@@ -277,7 +277,7 @@ pub async fn resign(
     let walking = app.caches.key_change(&cache.name).await;
     let (cache, retired) = {
         let lock = app.caches.exclusive(&cache.name).await;
-        app.caches.retire_old_signers(&lock)?
+        app.caches.retire_old_signers(&lock).await?
     };
     tracing::info!(cache = %cache.name, retired = ?retired, "re-signing");
     walk(&app, cache, retired, false, walking).await
@@ -293,10 +293,10 @@ async fn walk(
 ) -> Result<Json<KeyChange>> {
     let index = app.index.clone();
     let walked = cache.clone();
-    let done = blocking(move || {
+    let done = detached(async move {
         let _walking = walking;
-        let done = crate::signatures::resign_all(index.as_ref(), &walked)?;
-        index.flush()?;
+        let done = crate::signatures::resign_all(index.as_ref(), &walked).await?;
+        index.flush().await?;
         Ok(done)
     })
     .await?;
@@ -333,9 +333,10 @@ pub async fn delete_paths(
     // No publication to the cache is under way: one could otherwise commit a path
     // whose reference is being deleted.
     let lock = app.caches.exclusive(&cache.name).await;
-    let outcome =
-        blocking(move || crate::removal::delete_paths(index.as_ref(), lock.name(), &hashes, with))
-            .await?;
+    let outcome = detached(async move {
+        crate::removal::delete_paths(index.as_ref(), lock.name(), &hashes, with).await
+    })
+    .await?;
     Ok(Json(Deleted {
         deleted: outcome.deleted.iter().map(StorePath::full).collect(),
         missing: outcome.missing.iter().map(|h| h.to_string()).collect(),
@@ -366,7 +367,7 @@ pub async fn create_token(
         permissions: req.permissions,
         caches: req.caches,
     };
-    let made = app.auth.create(&req.name, grants, expires)?;
+    let made = app.auth.create(&req.name, grants, expires).await?;
     tracing::info!(token = %made.record.name, by = %by.name, "token created");
     Ok((
         StatusCode::CREATED,
@@ -384,7 +385,7 @@ pub async fn revoke_token(
     creds: Credentials,
 ) -> Result<Json<TokenInfo>> {
     let by = app.auth.server_admin(creds.token())?;
-    let revoked = app.auth.revoke(&name)?;
+    let revoked = app.auth.revoke(&name).await?;
     tracing::info!(token = %revoked.name, by = %by.name, "token revoked");
     Ok(Json(TokenInfo::from(&revoked)))
 }
