@@ -9,10 +9,9 @@ use crate::auth::{Authorizer, Token};
 use crate::budget::Budget;
 use crate::caches::Caches;
 use crate::config::Config;
-use crate::epochs::Epochs;
+use crate::coord::{Coordination, LocalCoordination};
 use crate::index::{Index, SledIndex};
 use crate::ingest::Ingestor;
-use crate::jobs::Jobs;
 use crate::metrics::Metrics;
 use crate::serve;
 use crate::store::space::{free_bytes, Ballast, Space};
@@ -36,12 +35,11 @@ pub struct App {
     pub auth: Authorizer,
     /// What the server counts.
     pub metrics: Arc<Metrics>,
-    /// Who may still use what the garbage collector unlinks.
-    pub epochs: Arc<Epochs>,
+    /// What the server's processes agree on: leases, cache locks, the one job, change
+    /// notices.
+    pub coord: Arc<dyn Coordination>,
     /// Fetches noted, not yet written.
     pub accesses: Accesses,
-    /// The garbage collection or verification running.
-    pub jobs: Jobs,
     /// The free space uploads may take.
     pub space: Arc<Space>,
     /// What uploads in progress have stored, per cache, for the quotas.
@@ -127,6 +125,7 @@ impl App {
         let index: Arc<dyn Index> = Arc::new(
             SledIndex::open(&index_dir, config.index.cache_mib * 1024 * 1024).map_err(explain)?,
         );
+        let coord: Arc<dyn Coordination> = Arc::new(LocalCoordination::default());
         let metrics = Arc::new(Metrics::new());
         let errors = metrics.storage_errors.clone();
         let mut local_dirs = vec![index_dir];
@@ -151,10 +150,10 @@ impl App {
             metrics.clone(),
             space.clone(),
         );
-        let caches = Caches::open(index.clone(), &config)
+        let caches = Caches::open(index.clone(), coord.clone(), &config)
             .await
             .map_err(explain)?;
-        let (auth, admin_token) = Authorizer::open(index.clone(), &config.data_dir)
+        let (auth, admin_token) = Authorizer::open(index.clone(), coord.clone(), &config.data_dir)
             .await
             .map_err(explain)?;
         let serve = serve::Source {
@@ -173,9 +172,8 @@ impl App {
             serve,
             caches,
             metrics,
-            epochs: Arc::new(Epochs::default()),
+            coord,
             accesses,
-            jobs: Jobs::default(),
             space,
             in_flight: Arc::default(),
             ready: tokio::sync::Mutex::new(None),

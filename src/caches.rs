@@ -1,26 +1,26 @@
 //! The caches this server holds, with their signing keys loaded: made from the config
 //! file at start, and created, changed and deleted at run time through the admin API.
 //!
-//! Each cache has its own locks (`CacheLocks`). A publication holds `shared` from
-//! before it looks its cache up until its narinfo is committed; a change of the
-//! cache's keys, settings or existence takes `exclusive`, which waits for the
-//! publications under way, so every narinfo published after the change sees it and
-//! every one before it is done (and found by a walk over the narinfos that follows).
-//! The methods that change a cache take the `Exclusive` guard as proof. `key_change`
-//! is held through a whole key rotation or re-signing, its walk included, and by a
-//! deletion, so that two walks never interleave their rewrites.
+//! Each cache has its own locks (`coord`). A publication holds `shared` from before it
+//! looks its cache up until its narinfo is committed; a change of the cache's keys,
+//! settings or existence takes `exclusive`, which waits for the publications under
+//! way, so every narinfo published after the change sees it and every one before it
+//! is done (and found by a walk over the narinfos that follows). The methods that
+//! change a cache take the `Exclusive` guard as proof. `key_change` is held through a
+//! whole key rotation or re-signing, its walk included, and by a deletion, so that
+//! two walks never interleave their rewrites.
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, RwLock};
-
-use tokio::sync::{OwnedMutexGuard, OwnedRwLockReadGuard, OwnedRwLockWriteGuard};
+use std::sync::{Arc, RwLock};
 
 use crate::clock::now;
 use crate::config::{CacheConfig, Config};
+use crate::coord::{Change, Coordination, Exclusive};
 use crate::error::{Error, Result};
 use crate::index::{CacheRecord, Index, KeyRecord, Retention};
 use crate::keyfiles::{self, KeyFiles};
+use crate::keyseal::Sealer;
 use crate::nix::signing::{PublicKey, SecretKey};
 use crate::nix::CacheName;
 
@@ -161,36 +161,17 @@ pub fn check_name(name: &CacheName) -> Result<()> {
     Ok(())
 }
 
-/// The locks of one cache name (see the module's comment).
-#[derive(Default)]
-struct CacheLocks {
-    changes: Arc<tokio::sync::RwLock<()>>,
-    keys: Arc<tokio::sync::Mutex<()>>,
-}
-
-/// Proof that no publication to a cache is under way, and none will start until it
-/// is dropped.
-pub struct Exclusive {
-    name: CacheName,
-    _guard: OwnedRwLockWriteGuard<()>,
-}
-
-impl Exclusive {
-    /// The cache it holds.
-    pub fn name(&self) -> &CacheName {
-        &self.name
-    }
-}
-
 /// Every cache of the server, by name.
 pub struct Caches {
     map: RwLock<HashMap<CacheName, Arc<Cache>>>,
     index: Arc<dyn Index>,
     keys: KeyFiles,
     declared: HashMap<CacheName, CacheConfig>,
-    /// Per cache name, made when first asked for and kept: one entry per name ever
-    /// used, a few bytes each.
-    locks: Mutex<HashMap<CacheName, Arc<CacheLocks>>>,
+    /// Where changes are announced, for the copies other processes keep.
+    coord: Arc<dyn Coordination>,
+    /// With a key encryption file, new keys are sealed in their records (every
+    /// process can sign) instead of written to files of this machine.
+    sealer: Option<Sealer>,
 }
 
 impl Caches {
@@ -216,38 +197,14 @@ impl Caches {
         all
     }
 
-    fn locks(&self, name: &CacheName) -> Arc<CacheLocks> {
-        self.locks
-            .lock()
-            .expect("never poisoned")
-            .entry(name.clone())
-            .or_default()
-            .clone()
-    }
-
-    /// Held by a publication to `name` from before it looks the cache up until it has
-    /// committed.
-    pub async fn shared(&self, name: &CacheName) -> OwnedRwLockReadGuard<()> {
-        self.locks(name).changes.clone().read_owned().await
-    }
-
-    /// Waits for the publications to `name` under way, and holds off new ones.
-    pub async fn exclusive(&self, name: &CacheName) -> Exclusive {
-        Exclusive {
-            name: name.clone(),
-            _guard: self.locks(name).changes.clone().write_owned().await,
-        }
-    }
-
-    /// Held through a whole change of `name`'s keys, or its deletion.
-    pub async fn key_change(&self, name: &CacheName) -> OwnedMutexGuard<()> {
-        self.locks(name).keys.clone().lock_owned().await
-    }
-
     /// Creates the configured caches that are missing (or `main` on an empty data
     /// directory), updates the settings of those that changed in the config, loads
     /// every cache and its keys, and removes key files no cache names.
-    pub async fn open(index: Arc<dyn Index>, config: &Config) -> anyhow::Result<Self> {
+    pub async fn open(
+        index: Arc<dyn Index>,
+        coord: Arc<dyn Coordination>,
+        config: &Config,
+    ) -> anyhow::Result<Self> {
         let mut records = index.caches().await?;
         let wanted: Vec<CacheConfig> = if config.caches.is_empty() && records.is_empty() {
             vec![CacheConfig {
@@ -261,6 +218,12 @@ impl Caches {
             config.caches.clone()
         };
         let keys = KeyFiles::new(config.data_dir.join("keys"));
+        let sealer = config
+            .index
+            .key_encryption_file
+            .as_deref()
+            .map(Sealer::from_file)
+            .transpose()?;
         // Only what changed is written: a start on a full disk must not need to write.
         let mut changed = false;
         for record in &mut records {
@@ -275,24 +238,33 @@ impl Caches {
             // What a deletion interrupted by a crash left under this name goes first.
             index.purge_cache(&c.name).await?;
             let (key, file) = match &c.secret_key_file {
-                Some(file) => (keyfiles::read(file)?, file.clone()),
+                Some(file) => (keyfiles::read(file)?, Some(file.clone())),
                 None => {
                     let name = c
                         .key_name
                         .clone()
                         .unwrap_or_else(|| format!("{}-1", c.name));
                     let file = keys.first(&c.name);
-                    match file.exists() {
-                        true => (keyfiles::read(&file)?, file),
-                        false => (keys.generate(&file, &name)?, file),
+                    match (&sealer, file.exists()) {
+                        (_, true) => (keyfiles::read(&file)?, Some(file)),
+                        (Some(_), false) => (new_key(&name)?, None),
+                        (None, false) => (keys.generate(&file, &name)?, Some(file)),
                     }
                 }
             };
+            let mut kept = key_record(&key, None);
+            match file {
+                Some(file) => kept.secret_key_file = Some(file),
+                None => {
+                    let sealer = sealer.as_ref().expect("a key without a file is sealed");
+                    kept.sealed_secret_key = Some(sealer.seal(&c.name, &key));
+                }
+            }
             records.push(CacheRecord {
                 name: c.name.clone(),
                 public: c.public,
                 priority: c.priority,
-                keys: vec![key_record(&key, Some(file))],
+                keys: vec![kept],
                 keep_client_signatures: true,
                 retention: Retention::default(),
                 quota_bytes: None,
@@ -320,7 +292,7 @@ impl Caches {
         let mut map = HashMap::new();
         for r in records {
             let is_declared = declared.contains_key(&r.name);
-            let cache = load(r, is_declared)?;
+            let cache = load(r, is_declared, sealer.as_ref())?;
             map.insert(cache.name.clone(), Arc::new(cache));
         }
         Ok(Self {
@@ -328,8 +300,44 @@ impl Caches {
             index,
             keys,
             declared,
-            locks: Mutex::new(HashMap::new()),
+            coord,
+            sealer,
         })
+    }
+
+    /// Keeps a new key of `cache`: sealed in its record with a key encryption file,
+    /// else in a file of its own.
+    fn keep(&self, cache: &CacheName, key: &SecretKey) -> Result<KeyRecord> {
+        let mut kept = key_record(key, None);
+        match &self.sealer {
+            Some(sealer) => kept.sealed_secret_key = Some(sealer.seal(cache, key)),
+            None => {
+                let file = self.keys.fresh(cache);
+                self.keys.write(&file, key).map_err(internal)?;
+                kept.secret_key_file = Some(file);
+            }
+        }
+        Ok(kept)
+    }
+
+    /// Reads the caches again (another process changed them): a cache whose record
+    /// is unchanged is kept as it is, one changed is loaded anew, one gone goes.
+    pub async fn reload(&self) -> anyhow::Result<()> {
+        let records = self.index.caches().await?;
+        let current = self.map.read().expect("never poisoned").clone();
+        let mut map = HashMap::with_capacity(records.len());
+        for r in records {
+            let cache = match current.get(&r.name) {
+                Some(c) if c.record == r => c.clone(),
+                _ => {
+                    let declared = self.declared.contains_key(&r.name);
+                    Arc::new(load(r, declared, self.sealer.as_ref())?)
+                }
+            };
+            map.insert(cache.name.clone(), cache);
+        }
+        *self.map.write().expect("never poisoned") = map;
+        Ok(())
     }
 
     /// Creates a cache at run time: its record and key, durably.
@@ -341,22 +349,15 @@ impl Caches {
         }
         // A deletion cut short may have left records under the name: they go first.
         self.index.purge_cache(name).await?;
-        let file = self.keys.fresh(name);
         let key = match new.key {
-            Some(key) => {
-                self.keys.write(&file, &key).map_err(internal)?;
-                key
-            }
-            None => self
-                .keys
-                .generate(&file, &format!("{name}-1"))
-                .map_err(internal)?,
+            Some(key) => key,
+            None => new_key(&format!("{name}-1")).map_err(internal)?,
         };
         let record = CacheRecord {
             name: name.clone(),
             public: new.public,
             priority: new.priority,
-            keys: vec![key_record(&key, Some(file))],
+            keys: vec![self.keep(name, &key)?],
             keep_client_signatures: new.keep_client_signatures,
             retention: new.retention,
             quota_bytes: new.quota_bytes,
@@ -425,6 +426,7 @@ impl Caches {
                 self.keys.remove(file);
             }
         }
+        self.coord.announce(Change::Caches).await;
         tracing::info!(cache = %name, "deleted cache");
         Ok(())
     }
@@ -473,10 +475,8 @@ impl Caches {
                 key.name()
             )));
         }
-        let file = self.keys.fresh(name);
-        self.keys.write(&file, &key).map_err(internal)?;
         let mut record = cache.record.clone();
-        record.keys.push(key_record(&key, Some(file)));
+        record.keys.push(self.keep(name, &key)?);
         Ok((self.store(record).await?, true))
     }
 
@@ -492,6 +492,7 @@ impl Caches {
         for k in &mut record.keys {
             if k.signing && Some(&k.name) != newest.as_ref() {
                 k.signing = false;
+                k.sealed_secret_key = None;
                 files.extend(k.secret_key_file.take());
                 retired.push(k.name.clone());
             }
@@ -511,11 +512,12 @@ impl Caches {
         self.index.put_cache(&record).await?;
         self.index.flush().await?;
         let declared = self.declared.contains_key(&record.name);
-        let cache = Arc::new(load(record, declared).map_err(internal)?);
+        let cache = Arc::new(load(record, declared, self.sealer.as_ref()).map_err(internal)?);
         self.map
             .write()
             .expect("never poisoned")
             .insert(cache.name.clone(), cache.clone());
+        self.coord.announce(Change::Caches).await;
         Ok(cache)
     }
 }
@@ -524,11 +526,17 @@ fn internal(e: impl std::fmt::Display) -> Error {
     Error::Internal(e.to_string())
 }
 
+/// A new key named `name`.
+fn new_key(name: &str) -> anyhow::Result<SecretKey> {
+    SecretKey::generate(name).map_err(|e| anyhow::anyhow!("key name {name:?}: {e}"))
+}
+
 fn key_record(key: &SecretKey, file: Option<PathBuf>) -> KeyRecord {
     KeyRecord {
         name: key.name().to_owned(),
         public_key: key.public().to_string(),
         secret_key_file: file,
+        sealed_secret_key: None,
         signing: true,
         created: now(),
     }
@@ -574,10 +582,22 @@ fn apply_config(record: &mut CacheRecord, c: &CacheConfig) -> anyhow::Result<boo
     Ok(*record != before)
 }
 
-/// Loads a cache's signing keys.
-fn load(record: CacheRecord, declared: bool) -> anyhow::Result<Cache> {
+/// Loads a cache's signing keys: from their files, or sealed in the record.
+fn load(record: CacheRecord, declared: bool, sealer: Option<&Sealer>) -> anyhow::Result<Cache> {
     let mut signers = Vec::new();
     for k in record.keys.iter().filter(|k| k.signing) {
+        if let Some(sealed) = &k.sealed_secret_key {
+            let sealer = sealer.ok_or_else(|| {
+                anyhow::anyhow!(
+                    "cache {}: signing key {} is sealed in the index; set \
+                     index.key_encryption_file to the file it was sealed with",
+                    record.name,
+                    k.name
+                )
+            })?;
+            signers.push(sealer.open(&record.name, &k.name, sealed)?);
+            continue;
+        }
         let file = k.secret_key_file.as_ref().ok_or_else(|| {
             anyhow::anyhow!("cache {}: signing key {} has no file", record.name, k.name)
         })?;
@@ -605,6 +625,10 @@ mod tests {
     use super::*;
     use crate::index::MemoryIndex;
 
+    fn local() -> Arc<dyn Coordination> {
+        Arc::new(crate::coord::LocalCoordination::default())
+    }
+
     fn config(dir: &std::path::Path, toml_text: &str) -> Config {
         let mut c: Config = toml::from_str(toml_text).unwrap();
         c.data_dir = dir.to_owned();
@@ -627,6 +651,66 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn with_a_key_encryption_file_every_process_signs_with_keys_sealed_in_the_index() {
+        let index: Arc<dyn Index> = Arc::new(MemoryIndex::new());
+        let shared = tempfile::tempdir().unwrap();
+        let kek = shared.path().join("kek");
+        std::fs::write(&kek, "k".repeat(48)).unwrap();
+        let replica = |dir: &std::path::Path, kek: &std::path::Path| {
+            let mut c = config(dir, "");
+            c.index.key_encryption_file = Some(kek.to_owned());
+            c
+        };
+        let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let a = Caches::open(index.clone(), local(), &replica(dir_a.path(), &kek))
+            .await
+            .unwrap();
+        let b = Caches::open(index.clone(), local(), &replica(dir_b.path(), &kek))
+            .await
+            .unwrap();
+        let coord = crate::coord::LocalCoordination::default();
+        let made = a
+            .create(&coord.exclusive(&name("ci")).await, new_cache())
+            .await
+            .unwrap();
+        // No key file anywhere; the record holds the key sealed, not in plain text.
+        assert!(!dir_a.path().join("keys").exists());
+        let record = index.caches().await.unwrap();
+        let ci = record.iter().find(|r| r.name == name("ci")).unwrap();
+        let sealed = ci.keys[0].sealed_secret_key.clone().unwrap();
+        let plain = made.signers[0].to_file_text();
+        assert!(!sealed.contains(plain.split(':').nth(1).unwrap()));
+        assert!(ci.keys[0].secret_key_file.is_none());
+        // The other process signs with it as soon as it reads the caches again.
+        b.reload().await.unwrap();
+        let seen = b.get(&name("ci")).unwrap();
+        assert_eq!(seen.public_key(), made.public_key());
+        let sig = seen.signers[0].sign("fingerprint");
+        assert!(made.public_key().verify("fingerprint", &sig));
+        // A rotation through one is the other's too.
+        let (rotated, added) = a
+            .add_signer(&coord.exclusive(&name("ci")).await, None)
+            .await
+            .unwrap();
+        assert!(added && rotated.signers.len() == 2);
+        b.reload().await.unwrap();
+        assert_eq!(b.get(&name("ci")).unwrap().signers.len(), 2);
+        // Without the file, a sealed key cannot be loaded: said, not ignored.
+        let bare = Caches::open(index.clone(), local(), &config(dir_b.path(), "")).await;
+        let e = bare.err().expect("no key encryption file").to_string();
+        assert!(e.contains("key_encryption_file"), "{e}");
+        // With another file, neither.
+        let wrong = shared.path().join("wrong");
+        std::fs::write(&wrong, "w".repeat(48)).unwrap();
+        let e = Caches::open(index, local(), &replica(dir_b.path(), &wrong))
+            .await
+            .err()
+            .expect("another key encryption file")
+            .to_string();
+        assert!(e.contains("does not open"), "{e}");
+    }
+
+    #[tokio::test]
     async fn keys_migrated_without_their_names_are_completed_from_their_files() {
         let dir = tempfile::tempdir().unwrap();
         let files = KeyFiles::new(dir.path().join("keys"));
@@ -637,6 +721,7 @@ mod tests {
             name: String::new(),
             public_key: String::new(),
             secret_key_file: Some(file),
+            sealed_secret_key: None,
             signing: true,
             created: 0,
         };
@@ -653,7 +738,7 @@ mod tests {
             })
             .await
             .unwrap();
-        let caches = Caches::open(index.clone(), &config(dir.path(), ""))
+        let caches = Caches::open(index.clone(), local(), &config(dir.path(), ""))
             .await
             .unwrap();
         assert_eq!(
@@ -672,12 +757,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let index: Arc<dyn Index> = Arc::new(MemoryIndex::new());
         let toml_text = "[[cache]]\nname = \"ci\"\npublic = false\n";
-        let caches = Caches::open(index, &config(dir.path(), toml_text))
+        let caches = Caches::open(index, local(), &config(dir.path(), toml_text))
             .await
             .unwrap();
+        let coord = crate::coord::LocalCoordination::default();
         let ci = caches.get(&name("ci")).unwrap();
         assert!(ci.declared && !ci.public);
-        let lock = caches.exclusive(&name("ci")).await;
+        let lock = coord.exclusive(&name("ci")).await;
         let publish = CacheChange {
             public: Some(true),
             ..CacheChange::default()
@@ -719,7 +805,7 @@ mod tests {
         );
         drop(lock);
 
-        let tmp = caches.exclusive(&name("tmp")).await;
+        let tmp = coord.exclusive(&name("tmp")).await;
         let made = caches.create(&tmp, new_cache()).await.unwrap();
         assert!(matches!(
             caches.create(&tmp, new_cache()).await,
@@ -729,7 +815,7 @@ mod tests {
         assert!(file.exists());
         caches.delete(&tmp).await.unwrap();
         assert!(!file.exists() && caches.get(&name("tmp")).is_none());
-        let reserved = caches.exclusive(&name("metrics")).await;
+        let reserved = coord.exclusive(&name("metrics")).await;
         assert!(matches!(
             caches.create(&reserved, new_cache()).await,
             Err(Error::BadBody(_))

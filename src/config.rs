@@ -307,11 +307,18 @@ pub struct IndexConfig {
     /// size: at 8 MiB a collection over a million chunks peaks at 204 to 223 MiB of
     /// resident memory; at 64 MiB it took over 400.
     pub cache_mib: u64,
+    /// A file of at least 32 secret bytes: with it, new signing keys are sealed in the
+    /// index (see `keyseal`) instead of kept in files under `<data-dir>/keys`, so that
+    /// every server over a shared index can sign. Give every replica the same file.
+    pub key_encryption_file: Option<std::path::PathBuf>,
 }
 
 impl Default for IndexConfig {
     fn default() -> Self {
-        Self { cache_mib: 8 }
+        Self {
+            cache_mib: 8,
+            key_encryption_file: None,
+        }
     }
 }
 

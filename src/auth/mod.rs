@@ -15,6 +15,7 @@ use zeroize::Zeroizing;
 
 use crate::caches::{Cache, Caches};
 use crate::clock::now;
+use crate::coord::{Change, Coordination};
 use crate::error::{Error, Result};
 use crate::grants::{self, CachePattern, Grants, Permission};
 use crate::index::{Index, TokenRecord};
@@ -57,6 +58,8 @@ pub struct Authorizer {
     tokens: Arc<RwLock<HashMap<Sha256, TokenRecord>>>,
     /// Held by every write of a token record, so that writes never interleave.
     writes: Arc<tokio::sync::Mutex<()>>,
+    /// Where changes are announced, for the copies other processes keep.
+    coord: Arc<dyn Coordination>,
     /// Where the first-start admin token was written; removed when it is revoked.
     admin_file: PathBuf,
 }
@@ -113,6 +116,7 @@ impl Authorizer {
     /// Returns the authorizer and the secret of a token made now.
     pub async fn open(
         index: Arc<dyn Index>,
+        coord: Arc<dyn Coordination>,
         data_dir: &Path,
     ) -> anyhow::Result<(Self, Option<Token>)> {
         let admin_file = data_dir.join("admin-token");
@@ -173,6 +177,7 @@ impl Authorizer {
         }
         let auth = Self {
             index,
+            coord,
             tokens: Arc::new(RwLock::new(tokens)),
             writes: Arc::new(tokio::sync::Mutex::new(())),
             admin_file,
@@ -275,6 +280,16 @@ impl Authorizer {
             .write()
             .expect("never poisoned")
             .insert(record.hash, record.clone());
+        self.coord.announce(Change::Tokens).await;
+        Ok(())
+    }
+
+    /// Reads the tokens again (another process changed them).
+    pub async fn reload(&self) -> Result<()> {
+        let _writing = self.writes.lock().await;
+        let tokens = self.index.tokens().await?;
+        *self.tokens.write().expect("never poisoned") =
+            tokens.into_iter().map(|t| (t.hash, t)).collect();
         Ok(())
     }
 
@@ -384,6 +399,10 @@ fn remove_file(path: &Path) {
 mod tests {
     use super::*;
     use crate::index::MemoryIndex;
+
+    fn local() -> Arc<dyn Coordination> {
+        Arc::new(crate::coord::LocalCoordination::default())
+    }
     use crate::nix::signing::SecretKey;
 
     fn grants(perms: &[Permission], caches: &[&str]) -> Grants {
@@ -445,10 +464,14 @@ mod tests {
     async fn the_first_admin_token_is_made_once_and_revocable_only_with_another() {
         let dir = tempfile::tempdir().unwrap();
         let index: Arc<dyn Index> = Arc::new(MemoryIndex::new());
-        let (auth, made) = Authorizer::open(index.clone(), dir.path()).await.unwrap();
+        let (auth, made) = Authorizer::open(index.clone(), local(), dir.path())
+            .await
+            .unwrap();
         let first = made.expect("made on the first start");
         assert!(first.expose().starts_with(grants::TOKEN_PREFIX));
-        let (again, none) = Authorizer::open(index.clone(), dir.path()).await.unwrap();
+        let (again, none) = Authorizer::open(index.clone(), local(), dir.path())
+            .await
+            .unwrap();
         assert!(none.is_none());
         assert!(again.server_admin(Some(&first)).is_ok());
         assert!(matches!(
@@ -469,7 +492,7 @@ mod tests {
         assert_eq!(auth.server_admin(Some(&second)).unwrap().name, "ops");
         assert!(matches!(auth.revoke("ops").await, Err(Error::Conflict(_))));
         // A restart knows the revocation.
-        let (restarted, none) = Authorizer::open(index, dir.path()).await.unwrap();
+        let (restarted, none) = Authorizer::open(index, local(), dir.path()).await.unwrap();
         assert!(none.is_none());
         assert!(restarted.identify(Some(&first)).is_none());
         assert!(restarted.identify(Some(&second)).is_some());
@@ -479,7 +502,9 @@ mod tests {
     async fn a_server_whose_admin_tokens_all_expired_makes_a_new_one_at_start() {
         let dir = tempfile::tempdir().unwrap();
         let index: Arc<dyn Index> = Arc::new(MemoryIndex::new());
-        let (auth, _) = Authorizer::open(index.clone(), dir.path()).await.unwrap();
+        let (auth, _) = Authorizer::open(index.clone(), local(), dir.path())
+            .await
+            .unwrap();
         let ops = auth
             .create(
                 "ops",
@@ -495,7 +520,7 @@ mod tests {
             ..ops.record
         };
         index.put_token(&expired).await.unwrap();
-        let (restarted, made) = Authorizer::open(index, dir.path()).await.unwrap();
+        let (restarted, made) = Authorizer::open(index, local(), dir.path()).await.unwrap();
         let made = made.expect("a new admin token");
         assert_eq!(
             restarted.server_admin(Some(&made)).unwrap().name,
@@ -514,7 +539,7 @@ mod tests {
         let old = "ab".repeat(32);
         std::fs::write(dir.path().join("admin-token"), format!("{old}\n")).unwrap();
         let index: Arc<dyn Index> = Arc::new(MemoryIndex::new());
-        let (auth, made) = Authorizer::open(index, dir.path()).await.unwrap();
+        let (auth, made) = Authorizer::open(index, local(), dir.path()).await.unwrap();
         assert!(made.is_none());
         assert!(auth.server_admin(Some(&Token::new(old))).is_ok());
         let soon = auth

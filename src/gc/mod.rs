@@ -135,12 +135,17 @@ fn short(id: &ChunkId) -> u64 {
 /// Starts a collection as the server's job.
 pub fn start(app: &Arc<App>, options: Options) -> std::result::Result<u64, crate::jobs::Busy> {
     let app = app.clone();
-    app.clone().jobs.start("gc", move |progress| async move {
-        run(app, options, progress)
-            .await
-            .map(|r| serde_json::to_value(r).expect("a report always serialises"))
-            .map_err(|e| e.to_string())
-    })
+    app.clone().coord.start_job(
+        "gc",
+        Box::new(move |progress| {
+            Box::pin(async move {
+                run(app, options, progress)
+                    .await
+                    .map(|r| serde_json::to_value(r).expect("a report always serialises"))
+                    .map_err(|e| e.to_string())
+            })
+        }),
+    )
 }
 
 /// Runs one collection.
@@ -174,7 +179,7 @@ pub async fn run(app: Arc<App>, options: Options, progress: Arc<Progress>) -> Re
             evicted.extend(doomed.into_iter().map(|p| (name.clone(), p)));
         } else {
             for batch in doomed.chunks(BATCH) {
-                let _lock = app.caches.exclusive(&name).await;
+                let _lock = app.coord.exclusive(&name).await;
                 deleted += delete_unreferred(index, &name, batch).await?;
                 progress.add(deleted, 0);
             }
@@ -236,7 +241,7 @@ pub async fn run(app: Arc<App>, options: Options, progress: Arc<Progress>) -> Re
             // upload or a NAR record and committing the narinfo that claims it.
             let mut locks = Vec::with_capacity(names.len());
             for n in &names {
-                locks.push(app.caches.exclusive(n).await);
+                locks.push(app.coord.exclusive(n).await);
             }
             let (u, n) = unlink(app.index.as_ref(), &names, &take_u, &take_n).await?;
             drop(locks);
@@ -259,9 +264,9 @@ pub async fn run(app: Arc<App>, options: Options, progress: Arc<Progress>) -> Re
 
         progress.phase("waiting");
         let wait = Duration::from_secs(app.config.gc.reader_wait_secs);
-        if !app.epochs.barrier(wait).await {
+        if !app.coord.barrier(wait).await {
             tracing::warn!(
-                running = app.epochs.running(),
+                running = app.coord.running(),
                 "downloads or uploads from before the unlinking are still running; \
                  their objects are left for the next collection"
             );
@@ -289,10 +294,11 @@ pub async fn run(app: Arc<App>, options: Options, progress: Arc<Progress>) -> Re
         if !options.dry_run {
             delete_manifests(index, &dead_manifests).await?;
         }
+        if !options.dry_run {
+            let ids: Vec<PackId> = dead_packs.iter().map(|p| p.id).collect();
+            delete_packs(&app, &ids).await?;
+        }
         for p in &dead_packs {
-            if !options.dry_run {
-                app.packs.delete(&p.id).await?;
-            }
             report.packs += 1;
             report.bytes_freed += p.size;
             progress.add(1, p.size);
@@ -375,7 +381,7 @@ async fn compact(
     report.recompression_saved = done.recompression_saved;
     progress.phase("waiting");
     let wait = Duration::from_secs(app.config.gc.reader_wait_secs);
-    if !app.epochs.barrier(wait).await {
+    if !app.coord.barrier(wait).await {
         report.waited_out = true;
         return Ok(());
     }
@@ -402,7 +408,7 @@ async fn compact(
         let mut again = compact::Outcome::default();
         compact::reown_again(index, &moved, &still, &mut again).await?;
         done.old_manifests.extend(again.old_manifests);
-        if !app.epochs.barrier(wait).await {
+        if !app.coord.barrier(wait).await {
             report.waited_out = true;
             return Ok(());
         }
@@ -413,22 +419,49 @@ async fn compact(
         .filter(|m| !live.manifests.contains(m))
         .collect();
     delete_manifests(index, &old_manifests).await?;
-    for p in done.old_packs.iter().filter(|p| !live.packs.contains(p)) {
-        app.packs.delete(p).await?;
+    let compacted: Vec<PackId> = done
+        .old_packs
+        .iter()
+        .filter(|p| !live.packs.contains(p))
+        .copied()
+        .collect();
+    delete_packs(app, &compacted).await?;
+    for p in &compacted {
         report.packs_compacted += 1;
         report.bytes_compacted += sizes.get(p).copied().unwrap_or(0);
     }
     let old: HashSet<PackId> = done.old_packs.iter().copied().collect();
-    for p in packs
+    let released: Vec<&PackInfo> = packs
         .iter()
         .filter(|p| !old.contains(&p.id) && !live.packs.contains(&p.id))
-    {
-        app.packs.delete(&p.id).await?;
+        .collect();
+    delete_packs(app, &released.iter().map(|p| p.id).collect::<Vec<_>>()).await?;
+    for p in released {
         report.packs += 1;
         report.bytes_freed += p.size;
         report.packs_released += 1;
     }
     Ok(())
+}
+
+/// Deletes `packs` from the store, and tells every process to drop them from its
+/// cache of packs.
+async fn delete_packs(app: &App, packs: &[PackId]) -> Result<()> {
+    if packs.is_empty() {
+        return Ok(());
+    }
+    let deleted = async {
+        for p in packs {
+            app.packs.delete(p).await?;
+        }
+        Ok::<_, object_store::Error>(())
+    }
+    .await;
+    // Announced even when a deletion failed: those before it are gone.
+    app.coord
+        .announce(crate::coord::Change::PacksDeleted(packs.to_vec()))
+        .await;
+    Ok(deleted?)
 }
 
 /// Removes the segments of `manifests`, durably.

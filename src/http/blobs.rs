@@ -50,7 +50,7 @@ async fn get_blob(
     content_type: &'static str,
 ) -> Result<Response> {
     let cache = creds.cache(app, &cache, Permission::Pull)?;
-    let epoch = app.epochs.enter();
+    let epoch = app.coord.lease();
     let stored = app
         .index
         .blob(kind, &cache.name, &key)
@@ -70,7 +70,7 @@ async fn put_blob(
     // Counted against the cache's quota until its record counts it.
     let mut charge = app.charge(&cache).await?;
     // Held until the file is recorded: the chunks it finds stored stay stored.
-    let epoch = app.epochs.enter();
+    let epoch = app.coord.lease();
     let stored = match kind {
         // Logs are streamed into chunks: they may be tens of MiB.
         BlobKind::Log => {

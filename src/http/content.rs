@@ -8,7 +8,7 @@ use axum::response::{IntoResponse, Response};
 use futures::StreamExt as _;
 
 use crate::app::App;
-use crate::epochs::Guard;
+use crate::coord::Lease;
 use crate::error::{Error, Result};
 use crate::serve::{self, range, Encoding};
 use crate::store::Stored;
@@ -20,7 +20,7 @@ use crate::store::Stored;
 /// garbage collector deletes nothing that a body still reads.
 pub async fn stream(
     app: &App,
-    epoch: Guard,
+    epoch: Lease,
     stored: &Stored,
     encoding: Encoding,
     headers: &HeaderMap,

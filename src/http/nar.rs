@@ -75,7 +75,7 @@ pub async fn get(
 ) -> Result<Response> {
     let url = parse_file(&file)?;
     let cache = creds.cache(&app, &cache, Permission::Pull)?;
-    let epoch = app.epochs.enter();
+    let epoch = app.coord.lease();
     let (nar_hash, stored, encoding) = served(&app, &cache, &url)
         .await?
         .ok_or(Error::NotFound("NAR"))?;
@@ -122,7 +122,7 @@ pub async fn put(
     // Counted against the cache's quota until its record counts it.
     let mut charge = app.charge(&cache).await?;
     // Held until the upload is recorded: the chunks it finds stored stay stored.
-    let epoch = app.epochs.enter();
+    let epoch = app.coord.lease();
     let body = Kept::new(guarded(&app, body));
     let rest = body.handle();
     let ingested = app

@@ -71,6 +71,7 @@ pub async fn caches_are_created_and_replaced(index: &dyn Index) {
             name: "main-1".into(),
             public_key: "main-1:AAAA".into(),
             secret_key_file: Some("/keys/main".into()),
+            sealed_secret_key: Some("v1:sealed".into()),
             signing: true,
             created: 1,
         }],

@@ -129,6 +129,10 @@ pub struct KeyRecord {
     /// Where the secret key lives (a file of mode 0600); none once the key is retired
     /// and its file removed.
     pub secret_key_file: Option<std::path::PathBuf>,
+    /// The secret key sealed under the key encryption file (`keyseal`), when the
+    /// server keeps keys in the index instead of in files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sealed_secret_key: Option<String>,
     /// Whether it signs what the cache serves. Several keys sign while a rotation is
     /// under way; a retired key signs nothing.
     pub signing: bool,

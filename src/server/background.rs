@@ -21,6 +21,37 @@ pub async fn write_accesses(app: Arc<App>) {
     }
 }
 
+/// Drops this process's copies of what another changed: tokens, caches and their keys
+/// are read again, packs the garbage collector deleted leave the cache of packs. A
+/// listener that fell behind reads everything again.
+pub async fn follow_changes(app: Arc<App>) {
+    use crate::coord::Change;
+    use tokio::sync::broadcast::error::RecvError;
+    let mut changes = app.coord.changes();
+    loop {
+        let (tokens, caches) = match changes.recv().await {
+            Ok(Change::Tokens) => (true, false),
+            Ok(Change::Caches) => (false, true),
+            Ok(Change::PacksDeleted(packs)) => {
+                packs.iter().for_each(|p| app.packs.forget(p));
+                (false, false)
+            }
+            Err(RecvError::Lagged(_)) => (true, true),
+            Err(RecvError::Closed) => return,
+        };
+        if tokens {
+            if let Err(e) = app.auth.reload().await {
+                tracing::warn!(error = %e, "reading the tokens again failed");
+            }
+        }
+        if caches {
+            if let Err(e) = app.caches.reload().await {
+                tracing::warn!(error = %e, "reading the caches again failed");
+            }
+        }
+    }
+}
+
 /// Looks after the free space every second: the ballast, and the gauges.
 pub async fn watch_space(app: Arc<App>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));

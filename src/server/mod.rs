@@ -110,6 +110,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tokio::spawn(background::write_accesses(app.clone()));
     tokio::spawn(background::scheduled_gc(app.clone()));
     tokio::spawn(background::watch_space(app.clone()));
+    tokio::spawn(background::follow_changes(app.clone()));
     announce(&app, addr, tls.is_some(), opened.admin_token.is_some());
     let s = &app.config.server;
     // The admin listener's connections come out of the same open-file limit: short of

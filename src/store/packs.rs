@@ -159,6 +159,14 @@ impl PackStore {
             .collect())
     }
 
+    /// Drops a pack from the cache of packs, if there is one: another process deleted
+    /// it.
+    pub fn forget(&self, id: &PackId) {
+        if let Some(cache) = &self.cache {
+            cache.forget(id);
+        }
+    }
+
     /// Deletes a pack; one already gone is no error.
     pub async fn delete(&self, id: &PackId) -> object_store::Result<()> {
         if let Some(cache) = &self.cache {

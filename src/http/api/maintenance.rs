@@ -91,7 +91,11 @@ pub async fn job(
     creds: Credentials,
 ) -> Result<Json<JobStatus>> {
     app.auth.server_admin(creds.token())?;
-    app.jobs.status(id).map(Json).ok_or(Error::NotFound("job"))
+    app.coord
+        .job(id)
+        .await
+        .map(Json)
+        .ok_or(Error::NotFound("job"))
 }
 
 /// The query of `GET /_api/v1/stats`.
@@ -163,7 +167,7 @@ pub async fn add_pin(
         .or_else(|_| StorePath::from_basename(&req.store_path))
         .map_err(|_| Error::BadBody(format!("{:?} is not a store path", req.store_path)))?;
     // Held so that the path cannot be deleted between the check and the pin.
-    let lock = app.caches.exclusive(&cache.name).await;
+    let lock = app.coord.exclusive(&cache.name).await;
     let index = app.index.clone();
     let pin = detached(async move {
         let cache = lock.name();
