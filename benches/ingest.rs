@@ -195,7 +195,8 @@ fn pipeline(c: &mut Criterion) {
                         concurrency: 4,
                         pack_bytes: 4 << 20,
                         max_uploads: 1,
-                        ..cachet::config::Config::default().ingest_settings()
+                        ..cachet::ingest::IngestSettings::of(&cachet::config::Config::default())
+                            .unwrap()
                     };
                     let packs = PackStore::new(Arc::new(objects), Default::default());
                     let space = Space::new(Vec::new(), 0, None);

@@ -146,7 +146,7 @@ impl App {
         let ingestor = Ingestor::new(
             index.clone(),
             packs.clone(),
-            config.ingest_settings(),
+            crate::ingest::IngestSettings::of(&config)?,
             metrics.clone(),
             space.clone(),
         );
@@ -159,7 +159,7 @@ impl App {
         let serve = serve::Source {
             store: packs.clone(),
             index: index.clone(),
-            plan: config.serve.read_plan(config.storage.backend),
+            plan: serve::ReadPlan::of(&config.serve, config.storage.backend),
             memory: Budget::new(config.serve.memory_mib * 1024 * 1024),
         };
         let accesses = Accesses::new(metrics.access_notes_dropped.clone());

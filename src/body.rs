@@ -75,6 +75,16 @@ pub struct BodyLimits {
     pub min_bytes: u64,
 }
 
+impl BodyLimits {
+    /// How slow an upload body may be, from the ingest settings.
+    pub fn of(ingest: &crate::config::IngestConfig) -> Self {
+        Self {
+            stall_timeout: std::time::Duration::from_secs(ingest.body_stall_secs),
+            min_bytes: ingest.body_min_bytes,
+        }
+    }
+}
+
 /// Why a body could not be read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BodyError {

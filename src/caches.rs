@@ -113,21 +113,36 @@ pub struct NewCache {
 #[serde(deny_unknown_fields)]
 pub struct CacheChange {
     /// Public or private.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub public: Option<bool>,
     /// The announced priority.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub priority: Option<u32>,
     /// Whether client signatures are served (to narinfos published from now on, and
     /// to all of them at the next `key resign`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keep_client_signatures: Option<bool>,
     /// The maximum age, in seconds; `Some(None)` removes the limit.
-    #[serde(default, with = "double_option")]
+    #[serde(
+        default,
+        with = "double_option",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub max_age_secs: Option<Option<u64>>,
     /// The maximum size, in bytes; `Some(None)` removes the limit.
-    #[serde(default, with = "double_option")]
+    #[serde(
+        default,
+        with = "double_option",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub max_size_bytes: Option<Option<u64>>,
     /// The quota, in stored bytes; `Some(None)` removes it (the server's default, if
     /// any, applies then).
-    #[serde(default, with = "double_option")]
+    #[serde(
+        default,
+        with = "double_option",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub quota_bytes: Option<Option<u64>>,
 }
 

@@ -5,13 +5,9 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::body::BodyLimits;
-use crate::ingest::chunker::ChunkParams;
-use crate::ingest::IngestSettings;
 use crate::nix::CacheName;
 
 const MIB: u64 = 1024 * 1024;
@@ -83,7 +79,7 @@ pub struct ServerConfig {
     /// The header trusted proxies name the client in: the one they append to
     /// (`x-forwarded-for`, or `forwarded`); the other is passed through as the
     /// client sent it, so it is never read.
-    pub forwarded_header: crate::server::client::ForwardedHeader,
+    pub forwarded_header: ForwardedHeader,
     /// A second address to serve on (the same routes), with slots of its own: for the
     /// operator, to reach the admin API and `/metrics` whatever happens on the main one.
     pub admin_listen: Option<SocketAddr>,
@@ -96,8 +92,64 @@ fn networks<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<ipnet::IpNet>,
     let texts = Vec::<String>::deserialize(d)?;
     texts
         .iter()
-        .map(|t| crate::server::client::parse_net(t).map_err(serde::de::Error::custom))
+        .map(|t| parse_net(t).map_err(serde::de::Error::custom))
         .collect()
+}
+
+/// Parses the networks of `server.trusted_proxies`: `10.0.0.0/8`, or a bare address
+/// for that one address.
+pub fn parse_net(text: &str) -> Result<ipnet::IpNet, String> {
+    text.parse::<ipnet::IpNet>()
+        .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|_| format!("{text:?} is neither an address nor a network (10.0.0.0/8)"))
+}
+
+/// The header a trusted proxy names the client in.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ForwardedHeader {
+    /// `X-Forwarded-For`, which nginx (`$proxy_add_x_forwarded_for`), HAProxy and most
+    /// others append to.
+    #[default]
+    XForwardedFor,
+    /// `Forwarded` (RFC 7239).
+    Forwarded,
+}
+
+/// FastCDC's chunk sizes, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChunkParams {
+    /// No cut before this many bytes.
+    pub min_size: u32,
+    /// The size cuts aim for.
+    pub avg_size: u32,
+    /// A cut at this many bytes at the latest.
+    pub max_size: u32,
+}
+
+impl ChunkParams {
+    /// Refuses sizes FastCDC cannot use.
+    pub fn validate(&self) -> Result<(), String> {
+        let ok = fastcdc::v2020::MINIMUM_MIN as u32 <= self.min_size
+            && self.min_size <= self.avg_size
+            && self.avg_size <= self.max_size
+            && self.max_size <= fastcdc::v2020::MAXIMUM_MAX as u32
+            && self.avg_size >= fastcdc::v2020::AVERAGE_MIN as u32
+            && self.avg_size <= fastcdc::v2020::AVERAGE_MAX as u32
+            && [self.min_size, self.avg_size, self.max_size]
+                .iter()
+                .all(|s| s % 2 == 0);
+        if ok {
+            Ok(())
+        } else {
+            Err(format!(
+                "chunk sizes must be even with {} <= min <= avg <= max <= {}",
+                fastcdc::v2020::MINIMUM_MIN,
+                fastcdc::v2020::MAXIMUM_MAX
+            ))
+        }
+    }
 }
 
 /// Where chunks are stored. One flat table for every backend, so that the file reads
@@ -284,19 +336,6 @@ pub struct ServeConfig {
     pub send_buffer_bytes: usize,
 }
 
-impl ServeConfig {
-    /// The read sizes of a download from `backend`.
-    pub fn read_plan(&self, backend: StorageBackend) -> crate::serve::ReadPlan {
-        crate::serve::ReadPlan {
-            read_bytes: match backend {
-                StorageBackend::Local => self.read_bytes,
-                StorageBackend::S3 => self.remote_read_bytes,
-            },
-            read_ahead: self.read_ahead,
-        }
-    }
-}
-
 /// The metadata database.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -391,29 +430,6 @@ impl Default for GcConfig {
             recompress_after_secs: 0,
             compact_nice: 10,
             compact_mib_per_sec: 0,
-        }
-    }
-}
-
-impl GcConfig {
-    /// How compaction runs, cutting packs at `pack_bytes`.
-    pub fn compaction(&self, pack_bytes: usize) -> crate::gc::compact::Settings {
-        crate::gc::compact::Settings {
-            dead_fraction: self.compact_dead_fraction,
-            level: self.recompress_level,
-            recompress_after_secs: self.recompress_after_secs,
-            nice: self.compact_nice,
-            mib_per_sec: self.compact_mib_per_sec,
-            pack_bytes,
-        }
-    }
-
-    /// The retention of a cache whose own is `own`: each limit it does not set is the
-    /// server's.
-    pub fn retention_of(&self, own: crate::index::Retention) -> crate::index::Retention {
-        crate::index::Retention {
-            max_age_secs: own.max_age_secs.or(self.keep_age_secs),
-            max_size_bytes: own.max_size_bytes.or(self.keep_size_bytes),
         }
     }
 }
@@ -648,12 +664,6 @@ impl Config {
             (0..=22).contains(&self.ingest.zstd_level),
             "ingest.zstd_level must be 0 (uncompressed) to 22"
         );
-        let upload = self.ingest_settings().upload_memory();
-        anyhow::ensure!(
-            self.ingest.memory_mib * MIB > upload,
-            "ingest.memory_mib must be more than one upload takes ({} MiB with these settings)",
-            upload.div_ceil(MIB)
-        );
         anyhow::ensure!(
             self.tls.cert_file.is_some() == self.tls.key_file.is_some(),
             "tls.cert_file and tls.key_file are set together, or neither"
@@ -686,30 +696,6 @@ impl Config {
             anyhow::ensure!(secs > 0, "{name} must be positive");
         }
         self.storage.validate()
-    }
-
-    /// What the ingest pipeline needs of the settings.
-    pub fn ingest_settings(&self) -> IngestSettings {
-        IngestSettings {
-            chunking: self.chunking,
-            zstd_level: self.ingest.zstd_level,
-            concurrency: self.ingest.concurrency,
-            pack_bytes: self.ingest.pack_bytes,
-            max_uploads: self.ingest.max_uploads,
-            max_nar_bytes: self.ingest.max_nar_bytes,
-            max_nar_entries: self.ingest.max_nar_entries,
-            memory_bytes: self.ingest.memory_mib * MIB,
-            max_expansion: self.ingest.max_expansion,
-            expansion_floor: self.ingest.expansion_floor_mib * MIB,
-        }
-    }
-
-    /// How slow an upload body may be.
-    pub fn body_limits(&self) -> BodyLimits {
-        BodyLimits {
-            stall_timeout: Duration::from_secs(self.ingest.body_stall_secs),
-            min_bytes: self.ingest.body_min_bytes,
-        }
     }
 
     /// The directory of local packs, for the local backend.
@@ -758,19 +744,10 @@ mod tests {
     }
 
     #[test]
-    fn the_default_budget_fits_an_upload_and_the_old_name_still_parses() {
-        let d = Config::default();
-        d.validate().unwrap();
-        let per_upload = d.ingest_settings().upload_memory();
-        assert!(per_upload < 32 * MIB, "{per_upload}");
+    fn the_defaults_are_valid_and_the_old_name_still_parses() {
+        Config::default().validate().unwrap();
         let c: Config = toml::from_str("[ingest]\nmax_small_body_bytes = 5").unwrap();
         assert_eq!(c.ingest.max_log_bytes, 5);
-        let tight: Config = toml::from_str("[ingest]\nmemory_mib = 8").unwrap();
-        assert!(tight
-            .validate()
-            .unwrap_err()
-            .to_string()
-            .contains("memory_mib"));
     }
 
     #[test]

@@ -11,8 +11,6 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-use crate::store::CacheMetrics;
-
 /// Requests by what they asked for and how they ended.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
@@ -381,4 +379,17 @@ mod tests {
         let parsed = prometheus_parse::Scrape::parse(lines).unwrap();
         assert!(parsed.samples.len() > 10);
     }
+}
+
+/// What the cache reports, for the metrics.
+#[derive(Clone, Default)]
+pub struct CacheMetrics {
+    /// Reads answered from a cached file.
+    pub hits: Counter,
+    /// Reads that waited for a fetch, or went to the store.
+    pub misses: Counter,
+    /// Packs fetched whole from the store.
+    pub fetches: Counter,
+    /// Bytes of the cached files and of the fetches under way.
+    pub bytes: Gauge,
 }

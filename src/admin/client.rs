@@ -102,6 +102,12 @@ fn tls_config(ca_file: Option<&Path>) -> anyhow::Result<rustls::ClientConfig> {
         .with_no_client_auth())
 }
 
+/// The body of a request, from its type in `http::api::types` (the server reads the
+/// same type, so the two cannot drift).
+pub fn request<T: serde::Serialize>(body: &T) -> Option<serde_json::Value> {
+    Some(serde_json::to_value(body).expect("a request body always serialises"))
+}
+
 impl Client {
     /// A client of `base` (an `http://` or `https://` URL) sending `token`.
     pub fn new(base: &str, token: Option<String>, ca_file: Option<&Path>) -> anyhow::Result<Self> {

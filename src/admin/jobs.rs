@@ -16,9 +16,9 @@ pub async fn run(
     client: &Client,
     what: &str,
     path: &str,
-    body: serde_json::Value,
+    body: Option<serde_json::Value>,
 ) -> anyhow::Result<serde_json::Value> {
-    let started: JobStarted = client.call(what, Method::POST, path, Some(body)).await?;
+    let started: JobStarted = client.call(what, Method::POST, path, body).await?;
     let bar = std::io::stderr().is_terminal().then(|| {
         let bar = indicatif::ProgressBar::new_spinner();
         bar.enable_steady_tick(Duration::from_millis(120));

@@ -109,11 +109,11 @@ pub enum Limit {
 }
 
 impl Limit {
-    /// As the API takes it: a number, or `null` for none.
-    pub fn json(self) -> serde_json::Value {
+    /// As the API takes it: the number, or `None` for no limit.
+    pub fn value(self) -> Option<u64> {
         match self {
-            Self::Value(v) => v.into(),
-            Self::None => serde_json::Value::Null,
+            Self::Value(v) => Some(v),
+            Self::None => None,
         }
     }
 }

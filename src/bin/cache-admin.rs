@@ -9,15 +9,19 @@ use clap::{Args, CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
 use reqwest::Method;
 use serde_json::json;
 
-use cachet::admin::client::{Client, FileSettings};
+use cachet::admin::client::{request, Client, FileSettings};
 use cachet::admin::jobs;
 use cachet::admin::output::{self, fields, Limit, Table};
+use cachet::caches::CacheChange;
 use cachet::gc::stats::Stats;
 use cachet::gc::Report as GcReport;
 use cachet::grants::{CachePattern, Permission};
-use cachet::http::api::types::{CacheInfo, CreatedToken, Deleted, KeyChange, KeysInfo, TokenInfo};
+use cachet::http::api::types::{
+    AddPin, CacheInfo, CreateCache, CreateToken, CreatedToken, DeletePaths, Deleted, GcRequest,
+    KeyChange, KeysInfo, Rotate, SecretText, TokenInfo, VerifyRequest,
+};
 use cachet::http::page::host_of;
-use cachet::index::PinRecord;
+use cachet::index::{PinRecord, Retention};
 use cachet::nix::CacheName;
 use cachet::verify::Report as VerifyReport;
 
@@ -399,15 +403,6 @@ fn used_of(c: &CacheInfo) -> String {
     }
 }
 
-fn retention_json(r: &RetentionArgs, body: &mut serde_json::Map<String, serde_json::Value>) {
-    if let Some(age) = r.keep_age {
-        body.insert("max_age_secs".into(), age.json());
-    }
-    if let Some(size) = r.keep_size {
-        body.insert("max_size_bytes".into(), size.json());
-    }
-}
-
 async fn cache(client: &Client, command: CacheCommand, json: bool) -> anyhow::Result<()> {
     match command {
         CacheCommand::Create {
@@ -418,26 +413,25 @@ async fn cache(client: &Client, command: CacheCommand, json: bool) -> anyhow::Re
             retention,
             client_signatures,
         } => {
-            let mut r = serde_json::Map::new();
-            retention_json(&retention, &mut r);
-            let mut body = json!({
-                "name": name,
-                "public": !private,
-                "keep_client_signatures": client_signatures.as_deref() != Some("drop"),
-                "retention": r,
-            });
-            if let Some(quota) = retention.max_size {
-                body["quota_bytes"] = quota.json();
-            }
-            if let Some(p) = priority {
-                body["priority"] = p.into();
-            }
-            if let Some(f) = &secret_key_file {
-                body["secret_key"] = read_secret_file(f, "secret key")?.into();
-            }
+            let secret_key = match &secret_key_file {
+                Some(f) => Some(SecretText(read_secret_file(f, "secret key")?)),
+                None => None,
+            };
+            let body = CreateCache {
+                name: name.to_string(),
+                public: Some(!private),
+                priority,
+                keep_client_signatures: Some(client_signatures.as_deref() != Some("drop")),
+                retention: Retention {
+                    max_age_secs: retention.keep_age.and_then(Limit::value),
+                    max_size_bytes: retention.keep_size.and_then(Limit::value),
+                },
+                quota_bytes: retention.max_size.and_then(Limit::value),
+                secret_key,
+            };
             let what = format!("creating cache {name}");
             let info: CacheInfo = client
-                .call(&what, Method::POST, "caches", Some(body))
+                .call(&what, Method::POST, "caches", request(&body))
                 .await?;
             if json {
                 return print_json(&info);
@@ -489,28 +483,25 @@ async fn cache(client: &Client, command: CacheCommand, json: bool) -> anyhow::Re
             retention,
             client_signatures,
         } => {
-            let mut body = serde_json::Map::new();
-            if public || private {
-                body.insert("public".into(), public.into());
-            }
-            if let Some(p) = priority {
-                body.insert("priority".into(), p.into());
-            }
-            if let Some(c) = client_signatures {
-                body.insert("keep_client_signatures".into(), (c == "keep").into());
-            }
-            retention_json(&retention, &mut body);
-            if let Some(quota) = retention.max_size {
-                body.insert("quota_bytes".into(), quota.json());
-            }
-            anyhow::ensure!(!body.is_empty(), "nothing to change: give --public, --private, --priority, --keep-age, --keep-size, --max-size or --client-signatures");
+            let body = CacheChange {
+                public: (public || private).then_some(public),
+                priority,
+                keep_client_signatures: client_signatures.map(|c| c == "keep"),
+                max_age_secs: retention.keep_age.map(Limit::value),
+                max_size_bytes: retention.keep_size.map(Limit::value),
+                quota_bytes: retention.max_size.map(Limit::value),
+            };
+            let nothing = serde_json::to_value(&body)?
+                .as_object()
+                .is_none_or(|o| o.is_empty());
+            anyhow::ensure!(!nothing, "nothing to change: give --public, --private, --priority, --keep-age, --keep-size, --max-size or --client-signatures");
             let what = format!("updating cache {name}");
             let info: CacheInfo = client
                 .call(
                     &what,
                     Method::PATCH,
                     &format!("caches/{name}"),
-                    Some(body.into()),
+                    request(&body),
                 )
                 .await?;
             if json {
@@ -561,15 +552,15 @@ async fn token_command(client: &Client, command: TokenCommand, json: bool) -> an
             caches,
             expires,
         } => {
-            let body = json!({
-                "name": name,
-                "permissions": perm,
-                "caches": caches,
-                "expires_in_secs": expires,
-            });
+            let body = CreateToken {
+                name: name.clone(),
+                permissions: perm,
+                caches,
+                expires_in_secs: expires,
+            };
             let what = format!("creating token {name}");
             let made: CreatedToken = client
-                .call(&what, Method::POST, "tokens", Some(body))
+                .call(&what, Method::POST, "tokens", request(&body))
                 .await?;
             if json {
                 return print_json(&made);
@@ -689,17 +680,18 @@ async fn key(client: &Client, command: KeyCommand, json: bool) -> anyhow::Result
             cache,
             secret_key_file,
         } => {
-            let mut body = json!({});
-            if let Some(f) = &secret_key_file {
-                body["secret_key"] = read_secret_file(f, "secret key")?.into();
-            }
+            let secret_key = match &secret_key_file {
+                Some(f) => Some(SecretText(read_secret_file(f, "secret key")?)),
+                None => None,
+            };
+            let body = Rotate { secret_key };
             let what = format!("rotating the key of {cache}");
             let change: KeyChange = client
                 .call(
                     &what,
                     Method::POST,
                     &format!("caches/{cache}/keys/rotate"),
-                    Some(body),
+                    request(&body),
                 )
                 .await?;
             print_key_change(&change, json)?;
@@ -714,7 +706,7 @@ async fn key(client: &Client, command: KeyCommand, json: bool) -> anyhow::Result
                     &what,
                     Method::POST,
                     &format!("caches/{cache}/keys/resign"),
-                    Some(json!({})),
+                    None,
                 )
                 .await?;
             print_key_change(&change, json)?;
@@ -730,14 +722,17 @@ async fn path(client: &Client, command: PathCommand, json: bool) -> anyhow::Resu
             paths,
             with_referrers,
         } => {
-            let body = json!({ "paths": paths, "with_referrers": with_referrers });
+            let body = DeletePaths {
+                paths,
+                with_referrers,
+            };
             let what = format!("deleting paths from {cache}");
             let deleted: Deleted = client
                 .call(
                     &what,
                     Method::POST,
                     &format!("caches/{cache}/paths/delete"),
-                    Some(body),
+                    request(&body),
                 )
                 .await?;
             if json {
@@ -763,19 +758,19 @@ async fn pin(client: &Client, command: PinCommand, json: bool) -> anyhow::Result
             keep_revisions,
             keep_days,
         } => {
-            let body = json!({
-                "name": name,
-                "store_path": store_path,
-                "keep_revisions": keep_revisions,
-                "keep_days": keep_days,
-            });
+            let body = AddPin {
+                name: name.clone(),
+                store_path: store_path.clone(),
+                keep_revisions,
+                keep_days,
+            };
             let what = format!("pinning {store_path} in {cache}");
             let pin: PinRecord = client
                 .call(
                     &what,
                     Method::POST,
                     &format!("caches/{cache}/pins"),
-                    Some(body),
+                    request(&body),
                 )
                 .await?;
             if json {
@@ -838,8 +833,12 @@ async fn gc(
     (dry_run, compact): (bool, bool),
     json: bool,
 ) -> anyhow::Result<()> {
-    let body = json!({ "cache": cache, "dry_run": dry_run, "compact": compact });
-    let report = jobs::run(client, "collecting garbage", "gc", body).await?;
+    let body = GcRequest {
+        cache: cache.map(|c| c.to_string()),
+        dry_run,
+        compact,
+    };
+    let report = jobs::run(client, "collecting garbage", "gc", request(&body)).await?;
     if json {
         return print_json(&report);
     }
@@ -934,8 +933,11 @@ async fn verify(
     deep: bool,
     json: bool,
 ) -> anyhow::Result<()> {
-    let body = json!({ "cache": cache, "deep": deep });
-    let report = jobs::run(client, "verifying", "verify", body).await?;
+    let body = VerifyRequest {
+        cache: cache.map(|c| c.to_string()),
+        deep,
+    };
+    let report = jobs::run(client, "verifying", "verify", request(&body)).await?;
     let r: VerifyReport = serde_json::from_value(report.clone())?;
     if json {
         print_json(&report)?;

@@ -44,6 +44,20 @@ pub struct Settings {
     pub pack_bytes: usize,
 }
 
+impl Settings {
+    /// How compaction runs, cutting packs at `pack_bytes`.
+    pub fn of(gc: &crate::config::GcConfig, pack_bytes: usize) -> Self {
+        Self {
+            dead_fraction: gc.compact_dead_fraction,
+            level: gc.recompress_level,
+            recompress_after_secs: gc.recompress_after_secs,
+            nice: gc.compact_nice,
+            mib_per_sec: gc.compact_mib_per_sec,
+            pack_bytes,
+        }
+    }
+}
+
 /// The index's own record that a pack was written by compaction.
 fn compacted_key(id: &PackId) -> String {
     format!("compacted:{}", id.to_hex())

@@ -148,7 +148,8 @@ pub fn start(app: &Arc<App>, options: Options) -> std::result::Result<u64, crate
     )
 }
 
-/// Runs one collection.
+/// Runs one collection: retention, then marking from the roots, unlinking what is
+/// dead, the barrier, and the sweep of what nothing names (with compaction).
 pub async fn run(app: Arc<App>, options: Options, progress: Arc<Progress>) -> Result<Report> {
     let clock = std::time::Instant::now();
     let mut report = Report {
@@ -158,6 +159,63 @@ pub async fn run(app: Arc<App>, options: Options, progress: Arc<Progress>) -> Re
     };
     app.accesses.flush(app.index.as_ref()).await?;
     progress.phase("retention");
+    let evicted = apply_retention(&app, &options, &progress, &mut report).await?;
+
+    progress.phase("listing");
+    let packs = app.packs.list().await?;
+    let manifests = all_manifests(app.index.as_ref()).await?;
+
+    progress.phase("marking");
+    let pending = app.config.gc.pending_upload_secs;
+    let index = app.index.as_ref();
+    let marked = mark(index, &evicted, pending, options.now, &progress).await?;
+    let emptied = marked.emptied.clone();
+    report.left_pending_uploads = marked.pending_uploads;
+    let unlinked = if options.dry_run {
+        Unlinked::predicted(marked, &mut report)
+    } else {
+        unlink_dead(&app, marked, &progress, &mut report).await?
+    };
+
+    if !report.waited_out {
+        progress.phase("sweeping");
+        let Unlinked {
+            dead_nars,
+            dead_chunks,
+            restorable,
+        } = unlinked;
+        let live = live_now(index, &dead_nars, &dead_chunks, &restorable, &progress).await?;
+        report.chunks_restored = live.restored;
+        let surviving = sweep(
+            &app,
+            &options,
+            (packs, manifests),
+            &live,
+            &emptied,
+            &progress,
+            &mut report,
+        )
+        .await?;
+        compact(&app, &options, surviving, live.used, &progress, &mut report).await?;
+    }
+    report.seconds = clock.elapsed().as_secs_f64();
+    if !options.dry_run {
+        let text = serde_json::to_vec(&report).expect("a report always serialises");
+        app.index.put_meta(LAST_GC, &text).await?;
+        app.index.flush().await?;
+    }
+    tracing::info!(?report, "garbage collection finished");
+    Ok(report)
+}
+
+/// Deletes the paths retention evicts (only counts them in a dry run, and returns
+/// them: marking then treats them as gone).
+async fn apply_retention(
+    app: &App,
+    options: &Options,
+    progress: &Progress,
+    report: &mut Report,
+) -> Result<HashSet<(CacheName, StorePathHash)>> {
     let mut evicted: HashSet<(CacheName, StorePathHash)> = HashSet::new();
     let targets: Vec<_> = app
         .caches
@@ -166,7 +224,7 @@ pub async fn run(app: Arc<App>, options: Options, progress: Arc<Progress>) -> Re
         .filter(|c| options.cache.as_ref().is_none_or(|n| *n == c.name))
         .collect();
     for cache in targets {
-        let retention = app.config.gc.retention_of(cache.record.retention);
+        let retention = retention_of(&app.config.gc, cache.record.retention);
         if retention == Retention::default() {
             continue;
         }
@@ -189,137 +247,143 @@ pub async fn run(app: Arc<App>, options: Options, progress: Arc<Progress>) -> Re
             report.paths.insert(name.to_string(), deleted);
         }
     }
+    Ok(evicted)
+}
 
-    progress.phase("listing");
-    let packs = app.packs.list().await?;
+/// The id of every manifest that has segments.
+async fn all_manifests(index: &dyn Index) -> Result<Vec<ManifestId>> {
     let mut manifests: Vec<ManifestId> = Vec::new();
     loop {
-        let page = app
-            .index
-            .manifests_after(manifests.last(), crate::index::PAGE)
-            .await?;
+        let page = index.manifests_after(manifests.last(), PAGE).await?;
         if page.is_empty() {
-            break;
+            return Ok(manifests);
         }
         manifests.extend(page);
     }
+}
 
-    progress.phase("marking");
-    let pending = app.config.gc.pending_upload_secs;
-    let marked = mark(
-        app.index.as_ref(),
-        &evicted,
-        pending,
-        options.now,
-        &progress,
-    )
-    .await?;
+/// What the sweep must tell apart after unlinking.
+struct Unlinked {
+    /// NARs whose records are dead (a dry run keeps them).
+    dead_nars: HashSet<Sha256>,
+    /// Chunks whose records are dead (a dry run keeps them).
+    dead_chunks: HashSet<ChunkId>,
+    /// Chunks whose records may be missing while a manifest names them: live ones
+    /// found without a record, and those this run removed.
+    restorable: HashSet<u64>,
+}
 
-    let dead_chunks: HashSet<ChunkId>;
-    let mut dead_nars: HashSet<Sha256> = HashSet::new();
-    let emptied = marked.emptied;
-    report.left_pending_uploads = marked.pending_uploads;
-    // Chunks whose records may be missing while a manifest names them: live ones
-    // found without a record, and those this run removes.
-    let mut restorable = marked.unrecorded;
-    if options.dry_run {
-        restorable.clear();
+impl Unlinked {
+    /// A dry run: what would be unlinked, counted, with nothing removed.
+    fn predicted(marked: Marked, report: &mut Report) -> Self {
         report.uploads = marked.stale_uploads.len() as u64;
         report.nars = marked.dead_nars.len() as u64;
-        dead_nars = marked.dead_nars.iter().map(|(h, _)| *h).collect();
         report.chunks = marked.dead_chunks.len() as u64;
-        dead_chunks = marked.dead_chunks.into_iter().collect();
-    } else {
-        progress.phase("unlinking");
-        let names: Vec<CacheName> = app.caches.all().iter().map(|c| c.name.clone()).collect();
-        let mut uploads = marked.stale_uploads;
-        let mut nars = marked.dead_nars;
-        while !uploads.is_empty() || !nars.is_empty() {
-            let take_u: Vec<_> = uploads.drain(..uploads.len().min(BATCH)).collect();
-            let take_n: Vec<_> = nars.drain(..nars.len().min(BATCH)).collect();
-            // Every cache's lock, in name order: no publication is between reading an
-            // upload or a NAR record and committing the narinfo that claims it.
-            let mut locks = Vec::with_capacity(names.len());
-            for n in &names {
-                locks.push(app.coord.exclusive(n).await);
-            }
-            let (u, n) = unlink(app.index.as_ref(), &names, &take_u, &take_n).await?;
-            drop(locks);
-            report.uploads += u;
-            report.nars += n;
-            progress.add(u + n, 0);
-        }
-        let ids = marked.dead_chunks;
-        report.chunks = ids.len() as u64;
-        restorable.extend(ids.iter().map(short));
-        // Made durable every 1,024: sled holds the nodes the removals change in
-        // memory until they are written (8,192 at once cost 400 MiB at 1,000,000
-        // chunks).
-        for batch in ids.chunks(1024) {
-            app.index.delete_chunks(batch).await?;
-            app.index.flush().await?;
-        }
-        // Their records are gone: nothing below needs to tell them apart.
-        dead_chunks = HashSet::new();
-
-        progress.phase("waiting");
-        let wait = Duration::from_secs(app.config.gc.reader_wait_secs);
-        if !app.coord.barrier(wait).await {
-            tracing::warn!(
-                running = app.coord.running(),
-                "downloads or uploads from before the unlinking are still running; \
-                 their objects are left for the next collection"
-            );
-            report.waited_out = true;
+        Self {
+            dead_nars: marked.dead_nars.iter().map(|(h, _)| *h).collect(),
+            dead_chunks: marked.dead_chunks.into_iter().collect(),
+            restorable: HashSet::new(),
         }
     }
+}
 
-    if !report.waited_out {
-        progress.phase("sweeping");
-        let index = app.index.as_ref();
-        let live = live_now(index, &dead_nars, &dead_chunks, &restorable, &progress).await?;
-        report.chunks_restored = live.restored;
-        let grace_end = options.now.saturating_sub(app.config.gc.grace_secs);
-        let dead_manifests: Vec<ManifestId> = manifests
-            .into_iter()
-            .filter(|m| !live.manifests.contains(m))
-            .collect();
-        // A pack nothing names goes if this run emptied it (it removed the records
-        // that named it); another only once older than the grace period.
-        let (dead_packs, surviving): (Vec<PackInfo>, Vec<PackInfo>) =
-            packs.into_iter().partition(|p| {
-                !live.packs.contains(&p.id) && (p.modified <= grace_end || emptied.contains(&p.id))
-            });
-        report.manifests = dead_manifests.len() as u64;
-        if !options.dry_run {
-            delete_manifests(index, &dead_manifests).await?;
+/// Removes the records marking found dead (stale uploads, unclaimed NARs, then dead
+/// chunks), then waits at the barrier for what may still use them.
+async fn unlink_dead(
+    app: &App,
+    marked: Marked,
+    progress: &Progress,
+    report: &mut Report,
+) -> Result<Unlinked> {
+    progress.phase("unlinking");
+    let names: Vec<CacheName> = app.caches.all().iter().map(|c| c.name.clone()).collect();
+    let mut uploads = marked.stale_uploads;
+    let mut nars = marked.dead_nars;
+    while !uploads.is_empty() || !nars.is_empty() {
+        let take_u: Vec<_> = uploads.drain(..uploads.len().min(BATCH)).collect();
+        let take_n: Vec<_> = nars.drain(..nars.len().min(BATCH)).collect();
+        // Every cache's lock, in name order: no publication is between reading an
+        // upload or a NAR record and committing the narinfo that claims it.
+        let mut locks = Vec::with_capacity(names.len());
+        for n in &names {
+            locks.push(app.coord.exclusive(n).await);
         }
-        if !options.dry_run {
-            let ids: Vec<PackId> = dead_packs.iter().map(|p| p.id).collect();
-            delete_packs(&app, &ids).await?;
-        }
-        for p in &dead_packs {
-            report.packs += 1;
-            report.bytes_freed += p.size;
-            progress.add(1, p.size);
-        }
-        // What nothing names and is younger than the grace period stays, whatever
-        // compaction does.
-        let (young, surviving): (Vec<PackInfo>, Vec<PackInfo>) = surviving
-            .into_iter()
-            .partition(|p| !live.packs.contains(&p.id));
-        report.left_young_packs = young.len() as u64;
-        report.left_young_bytes = young.iter().map(|p| p.size).sum();
-        compact(&app, &options, surviving, live.used, &progress, &mut report).await?;
+        let (u, n) = unlink(app.index.as_ref(), &names, &take_u, &take_n).await?;
+        drop(locks);
+        report.uploads += u;
+        report.nars += n;
+        progress.add(u + n, 0);
     }
-    report.seconds = clock.elapsed().as_secs_f64();
-    if !options.dry_run {
-        let text = serde_json::to_vec(&report).expect("a report always serialises");
-        app.index.put_meta(LAST_GC, &text).await?;
+    let ids = marked.dead_chunks;
+    report.chunks = ids.len() as u64;
+    let mut restorable = marked.unrecorded;
+    restorable.extend(ids.iter().map(short));
+    // Made durable every 1,024: sled holds the nodes the removals change in memory
+    // until they are written (8,192 at once cost 400 MiB at 1,000,000 chunks).
+    for batch in ids.chunks(1024) {
+        app.index.delete_chunks(batch).await?;
         app.index.flush().await?;
     }
-    tracing::info!(?report, "garbage collection finished");
-    Ok(report)
+
+    progress.phase("waiting");
+    let wait = Duration::from_secs(app.config.gc.reader_wait_secs);
+    if !app.coord.barrier(wait).await {
+        tracing::warn!(
+            running = app.coord.running(),
+            "downloads or uploads from before the unlinking are still running; \
+             their objects are left for the next collection"
+        );
+        report.waited_out = true;
+    }
+    // The dead records are gone: nothing below needs to tell them apart.
+    Ok(Unlinked {
+        dead_nars: HashSet::new(),
+        dead_chunks: HashSet::new(),
+        restorable,
+    })
+}
+
+/// Deletes the manifests and packs of the listing that nothing `live` names; returns
+/// the packs that stay and something names, for compaction.
+async fn sweep(
+    app: &App,
+    options: &Options,
+    (packs, manifests): (Vec<PackInfo>, Vec<ManifestId>),
+    live: &Live,
+    emptied: &HashSet<PackId>,
+    progress: &Progress,
+    report: &mut Report,
+) -> Result<Vec<PackInfo>> {
+    let grace_end = options.now.saturating_sub(app.config.gc.grace_secs);
+    let dead_manifests: Vec<ManifestId> = manifests
+        .into_iter()
+        .filter(|m| !live.manifests.contains(m))
+        .collect();
+    // A pack nothing names goes if this run emptied it (it removed the records that
+    // named it); another only once older than the grace period.
+    let (dead_packs, surviving): (Vec<PackInfo>, Vec<PackInfo>) =
+        packs.into_iter().partition(|p| {
+            !live.packs.contains(&p.id) && (p.modified <= grace_end || emptied.contains(&p.id))
+        });
+    report.manifests = dead_manifests.len() as u64;
+    if !options.dry_run {
+        delete_manifests(app.index.as_ref(), &dead_manifests).await?;
+        let ids: Vec<PackId> = dead_packs.iter().map(|p| p.id).collect();
+        delete_packs(app, &ids).await?;
+    }
+    for p in &dead_packs {
+        report.packs += 1;
+        report.bytes_freed += p.size;
+        progress.add(1, p.size);
+    }
+    // What nothing names and is younger than the grace period stays, whatever
+    // compaction does.
+    let (young, surviving): (Vec<PackInfo>, Vec<PackInfo>) = surviving
+        .into_iter()
+        .partition(|p| !live.packs.contains(&p.id));
+    report.left_young_packs = young.len() as u64;
+    report.left_young_bytes = young.iter().map(|p| p.size).sum();
+    Ok(surviving)
 }
 
 /// Rewrites the packs of `packs` (live ones) that compaction chooses (`used`: the
@@ -336,7 +400,7 @@ async fn compact(
     report: &mut Report,
 ) -> Result<()> {
     progress.phase("compacting");
-    let mut settings = app.config.gc.compaction(app.config.ingest.pack_bytes);
+    let mut settings = compact::Settings::of(&app.config.gc, app.config.ingest.pack_bytes);
     if options.compact {
         settings.dead_fraction = 0.0;
     }
@@ -462,6 +526,15 @@ async fn delete_packs(app: &App, packs: &[PackId]) -> Result<()> {
         .announce(crate::coord::Change::PacksDeleted(packs.to_vec()))
         .await;
     Ok(deleted?)
+}
+
+/// The retention of a cache whose own is `own`: each limit it does not set is the
+/// server's.
+pub fn retention_of(gc: &crate::config::GcConfig, own: Retention) -> Retention {
+    Retention {
+        max_age_secs: own.max_age_secs.or(gc.keep_age_secs),
+        max_size_bytes: own.max_size_bytes.or(gc.keep_size_bytes),
+    }
 }
 
 /// Removes the segments of `manifests`, durably.

@@ -81,7 +81,10 @@ impl FromRequestParts<Arc<App>> for Peer {
 
 /// A request body as a stream, cut off when the client stalls (see `crate::body`).
 pub fn guarded(app: &App, body: Body) -> Guarded<BodyDataStream> {
-    crate::body::guard(body.into_data_stream(), app.config.body_limits())
+    crate::body::guard(
+        body.into_data_stream(),
+        crate::body::BodyLimits::of(&app.config.ingest),
+    )
 }
 
 /// Reads a whole body of at most `limit` bytes (413 above it, 408 if it stalls).

@@ -6,41 +6,7 @@
 
 use fastcdc::v2020::{self, Normalization};
 
-/// FastCDC's chunk sizes, in bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct ChunkParams {
-    /// No cut before this many bytes.
-    pub min_size: u32,
-    /// The size cuts aim for.
-    pub avg_size: u32,
-    /// A cut at this many bytes at the latest.
-    pub max_size: u32,
-}
-
-impl ChunkParams {
-    /// Refuses sizes FastCDC cannot use.
-    pub fn validate(&self) -> Result<(), String> {
-        let ok = v2020::MINIMUM_MIN as u32 <= self.min_size
-            && self.min_size <= self.avg_size
-            && self.avg_size <= self.max_size
-            && self.max_size <= v2020::MAXIMUM_MAX as u32
-            && self.avg_size >= v2020::AVERAGE_MIN as u32
-            && self.avg_size <= v2020::AVERAGE_MAX as u32
-            && [self.min_size, self.avg_size, self.max_size]
-                .iter()
-                .all(|s| s % 2 == 0);
-        if ok {
-            Ok(())
-        } else {
-            Err(format!(
-                "chunk sizes must be even with {} <= min <= avg <= max <= {}",
-                v2020::MINIMUM_MIN,
-                v2020::MAXIMUM_MAX
-            ))
-        }
-    }
-}
+pub use crate::config::ChunkParams;
 
 /// A FastCDC chunker fed in pieces.
 pub struct Chunker {

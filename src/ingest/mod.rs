@@ -79,6 +79,31 @@ pub struct IngestSettings {
 }
 
 impl IngestSettings {
+    /// The pipeline's settings from the config; refused when the memory for uploads
+    /// does not hold one upload.
+    pub fn of(config: &crate::config::Config) -> anyhow::Result<Self> {
+        const MIB: u64 = 1024 * 1024;
+        let settings = Self {
+            chunking: config.chunking,
+            zstd_level: config.ingest.zstd_level,
+            concurrency: config.ingest.concurrency,
+            pack_bytes: config.ingest.pack_bytes,
+            max_uploads: config.ingest.max_uploads,
+            max_nar_bytes: config.ingest.max_nar_bytes,
+            max_nar_entries: config.ingest.max_nar_entries,
+            memory_bytes: config.ingest.memory_mib * MIB,
+            max_expansion: config.ingest.max_expansion,
+            expansion_floor: config.ingest.expansion_floor_mib * MIB,
+        };
+        let upload = settings.upload_memory();
+        anyhow::ensure!(
+            settings.memory_bytes > upload,
+            "ingest.memory_mib must be more than one upload takes ({} MiB with these settings)",
+            upload.div_ceil(MIB)
+        );
+        Ok(settings)
+    }
+
     /// The most memory one upload uses besides its decoder: nine stage buffers (the
     /// body's, two read buffers, four queued between the two threads, one being
     /// filled and one being read), the validator's block, the NAR's and the listing's
@@ -919,6 +944,16 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    #[test]
+    fn the_default_budget_fits_an_upload_and_a_tight_one_is_refused() {
+        let d = crate::config::Config::default();
+        let per_upload = IngestSettings::of(&d).unwrap().upload_memory();
+        assert!(per_upload < 32 * 1024 * 1024, "{per_upload}");
+        let tight: crate::config::Config = toml::from_str("[ingest]\nmemory_mib = 8").unwrap();
+        let e = IngestSettings::of(&tight).unwrap_err().to_string();
+        assert!(e.contains("memory_mib"), "{e}");
+    }
     use crate::index::MemoryIndex;
     use crate::nix::nar::write::{nar, Entry};
     use crate::testing::Xorshift;
@@ -929,7 +964,7 @@ mod tests {
             concurrency: 2,
             pack_bytes: 256 * 1024,
             max_uploads: 2,
-            ..crate::config::Config::default().ingest_settings()
+            ..IngestSettings::of(&crate::config::Config::default()).unwrap()
         }
     }
 

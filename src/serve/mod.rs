@@ -62,6 +62,20 @@ pub struct ReadPlan {
     pub read_ahead: usize,
 }
 
+impl ReadPlan {
+    /// The read sizes of a download from `backend`.
+    pub fn of(serve: &crate::config::ServeConfig, backend: crate::config::StorageBackend) -> Self {
+        use crate::config::StorageBackend::{Local, S3};
+        Self {
+            read_bytes: match backend {
+                Local => serve.read_bytes,
+                S3 => serve.remote_read_bytes,
+            },
+            read_ahead: serve.read_ahead,
+        }
+    }
+}
+
 /// The part of one chunk the body needs, in the body's encoding.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Piece {

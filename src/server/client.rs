@@ -6,24 +6,13 @@
 //! address cannot be one of connections; for requests forwarded by a trusted proxy it
 //! is a limit of requests in flight per client address instead (`Gate`).
 
+use crate::config::ForwardedHeader;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
 use axum::http::HeaderMap;
 use ipnet::IpNet;
-
-/// The header a trusted proxy names the client in.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum ForwardedHeader {
-    /// `X-Forwarded-For`, which nginx (`$proxy_add_x_forwarded_for`), HAProxy and most
-    /// others append to.
-    #[default]
-    XForwardedFor,
-    /// `Forwarded` (RFC 7239).
-    Forwarded,
-}
 
 /// The reverse proxies whose forwarding header is believed, and which header that is.
 /// Only that one: a proxy that appends to one passes the other through as the client
@@ -133,14 +122,6 @@ fn x_forwarded_for(headers: &HeaderMap) -> Vec<Option<IpAddr>> {
     chain
 }
 
-/// Parses the networks of `server.trusted_proxies`: `10.0.0.0/8`, or a bare address
-/// for that one address.
-pub fn parse_net(text: &str) -> Result<IpNet, String> {
-    text.parse::<IpNet>()
-        .or_else(|_| text.parse::<IpAddr>().map(IpNet::from))
-        .map_err(|_| format!("{text:?} is neither an address nor a network (10.0.0.0/8)"))
-}
-
 /// Requests in flight per client address, for requests a trusted proxy forwards.
 pub struct Gate {
     limit: usize,
@@ -192,6 +173,7 @@ impl Drop for Pass {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::parse_net;
 
     fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();

@@ -15,6 +15,6 @@ pub mod space;
 pub use manifest::{
     ChunkId, ChunkRef, Manifest, ManifestId, PackId, Segment, Stored, SEGMENT_CHUNKS,
 };
-pub use pack_cache::{CacheMetrics, PackCache};
+pub use pack_cache::PackCache;
 pub use packs::{PackInfo, PackStore};
 pub use space::is_disk_full;

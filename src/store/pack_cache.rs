@@ -25,6 +25,7 @@
 //! - Packs are never rewritten (a pack's id is new for every pack), so a cached file
 //!   never goes stale; one deleted from the store is dropped from the cache too.
 
+use crate::metrics::CacheMetrics;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{self, Write as _};
 use std::ops::Range;
@@ -37,8 +38,6 @@ use futures::future::{BoxFuture, Shared};
 use futures::{FutureExt as _, StreamExt as _};
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt as _};
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::manifest::PackId;
@@ -52,19 +51,6 @@ const FETCHES_AT_ONCE: usize = 16;
 
 /// What a fetch gathers before it writes.
 const WRITE_BYTES: usize = 1 << 20;
-
-/// What the cache reports, for the metrics.
-#[derive(Clone, Default)]
-pub struct CacheMetrics {
-    /// Reads answered from a cached file.
-    pub hits: Counter,
-    /// Reads that waited for a fetch, or went to the store.
-    pub misses: Counter,
-    /// Packs fetched whole from the store.
-    pub fetches: Counter,
-    /// Bytes of the cached files and of the fetches under way.
-    pub bytes: Gauge,
-}
 
 /// The cache of packs in one directory.
 pub struct PackCache {

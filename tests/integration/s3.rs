@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use cachet::config::Config;
-use cachet::store::{CacheMetrics, PackCache, PackId, PackStore};
+use cachet::metrics::CacheMetrics;
+use cachet::store::{PackCache, PackId, PackStore};
 use prometheus_client::metrics::counter::Counter;
 
 use crate::crash::killed_during_pushes_restarts_whole;
