@@ -5,7 +5,9 @@
 # nix-bin in a chroot, made once by scripts/nix-current.sh and kept in
 # $CACHET_NIX_CURRENT, default /var/tmp/cachet-nix-current), and Garage, the S3 store
 # the S3 tests start on loopback ports (built once with `cargo install`, about 15
-# minutes). Runs as root: the tests use Nix single-user, chroots and a small tmpfs.
+# minutes), and PostgreSQL's server binaries (Debian's postgresql; the tests start their
+# own clusters in temporary directories, as the postgres user, and stop them). Runs as
+# root: the tests use Nix single-user, chroots and a small tmpfs.
 # Extra arguments go to `cargo test`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,12 +16,19 @@ missing=()
 command -v nix >/dev/null 2>&1 || missing+=(nix-bin)
 command -v python3 >/dev/null 2>&1 || missing+=(python3)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
 if [ "${#missing[@]}" -gt 0 ]; then
   echo "installing ${missing[*]}" >&2
   sudo=""
   [ "$(id -u)" = 0 ] || sudo="sudo"
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+  # Debian's package starts a cluster of its own where it can; the tests run theirs.
+  if command -v pg_lsclusters >/dev/null 2>&1; then
+    pg_lsclusters -h | while read -r version cluster _; do
+      $sudo pg_ctlcluster "$version" "$cluster" stop 2>/dev/null || true
+    done
+  fi
 fi
 
 if ! command -v garage >/dev/null 2>&1; then

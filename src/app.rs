@@ -1,6 +1,8 @@
 //! Everything a request handler can reach, opened once at start.
 
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
 
@@ -9,8 +11,9 @@ use crate::auth::{Authorizer, Token};
 use crate::budget::Budget;
 use crate::caches::Caches;
 use crate::config::Config;
+use crate::config::IndexBackend;
 use crate::coord::{Coordination, LocalCoordination};
-use crate::index::{Index, SledIndex};
+use crate::index::{Index, PgIndex, PgSettings, SledIndex};
 use crate::ingest::Ingestor;
 use crate::metrics::Metrics;
 use crate::serve;
@@ -101,6 +104,32 @@ fn remote_packs(config: &Config, errors: Counter, metrics: &Metrics) -> anyhow::
     Ok(packs.with_cache(cache))
 }
 
+/// The metadata database the config names, and its directory when it is local.
+async fn open_index(config: &Config) -> anyhow::Result<(Arc<dyn Index>, Option<PathBuf>)> {
+    match config.index.backend {
+        IndexBackend::Sled => {
+            let dir = config.data_dir.join("index");
+            let index = SledIndex::open(&dir, config.index.cache_mib * 1024 * 1024)?;
+            Ok((Arc::new(index), Some(dir)))
+        }
+        IndexBackend::Postgres => {
+            let password = match &config.index.password_file {
+                Some(f) => Some(crate::secret_file::read(f)?.trim().to_owned()),
+                None => None,
+            };
+            let settings = PgSettings {
+                url: config.index.url.clone().unwrap_or_default(),
+                password,
+                pool_size: config.index.pool_size,
+                connect_timeout: Duration::from_secs(config.index.connect_timeout_secs),
+            };
+            let index = PgIndex::open(&settings).await?;
+            index.claim_sole_server().await?;
+            Ok((Arc::new(index), None))
+        }
+    }
+}
+
 impl App {
     /// Opens the data directory, the index and the storage; creates what a first start
     /// needs (the configured caches, their keys, the admin token).
@@ -121,14 +150,11 @@ impl App {
             }
             None => Ballast::remove_at(&ballast_path),
         }
-        let index_dir = config.data_dir.join("index");
-        let index: Arc<dyn Index> = Arc::new(
-            SledIndex::open(&index_dir, config.index.cache_mib * 1024 * 1024).map_err(explain)?,
-        );
+        let (index, index_dir) = open_index(&config).await.map_err(explain)?;
         let coord: Arc<dyn Coordination> = Arc::new(LocalCoordination::default());
         let metrics = Arc::new(Metrics::new());
         let errors = metrics.storage_errors.clone();
-        let mut local_dirs = vec![index_dir];
+        let mut local_dirs: Vec<PathBuf> = index_dir.into_iter().collect();
         let packs = match config.storage_path() {
             Some(path) => {
                 std::fs::create_dir_all(&path)

@@ -336,11 +336,36 @@ pub struct ServeConfig {
     pub send_buffer_bytes: usize,
 }
 
+/// The metadata databases.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IndexBackend {
+    /// sled, embedded in the data directory: one server.
+    Sled,
+    /// PostgreSQL at `index.url`.
+    Postgres,
+}
+
 /// The metadata database.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct IndexConfig {
-    /// Memory sled may use for its page cache. Its own default (1 GiB) would dwarf the
+    /// Which database.
+    #[serde(rename = "type")]
+    pub backend: IndexBackend,
+    /// PostgreSQL: `postgres://user@host:port/database`; a password in it, or in
+    /// `password_file`.
+    pub url: Option<String>,
+    /// PostgreSQL: a file holding the password (its surrounding white space is not part
+    /// of it), as a secrets manager delivers it.
+    pub password_file: Option<PathBuf>,
+    /// PostgreSQL: connections kept at most. A request holds one for a query, a
+    /// publication for its commit.
+    pub pool_size: usize,
+    /// PostgreSQL: how long to wait for a connection to be made, or for a free one,
+    /// before the request is answered 503.
+    pub connect_timeout_secs: u64,
+    /// sled: memory it may use for its page cache. Its own default (1 GiB) would dwarf the
     /// rest of the server, whose working set is a few MiB per transfer. sled counts
     /// what it caches in bytes as stored, and holds it as nodes several times that
     /// size: at 8 MiB a collection over a million chunks peaks at 204 to 223 MiB of
@@ -355,6 +380,11 @@ pub struct IndexConfig {
 impl Default for IndexConfig {
     fn default() -> Self {
         Self {
+            backend: IndexBackend::Sled,
+            url: None,
+            password_file: None,
+            pool_size: 16,
+            connect_timeout_secs: 5,
             cache_mib: 8,
             key_encryption_file: None,
         }
@@ -694,6 +724,17 @@ impl Config {
             ),
         ] {
             anyhow::ensure!(secs > 0, "{name} must be positive");
+        }
+        if self.index.backend == IndexBackend::Postgres {
+            anyhow::ensure!(
+                self.index.url.is_some(),
+                "index.type = \"postgres\" needs index.url (postgres://user@host:port/database)"
+            );
+            anyhow::ensure!(self.index.pool_size > 0, "index.pool_size must be positive");
+            anyhow::ensure!(
+                self.index.connect_timeout_secs > 0,
+                "index.connect_timeout_secs must be positive"
+            );
         }
         self.storage.validate()
     }

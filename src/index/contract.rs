@@ -1,7 +1,9 @@
 //! The contract every `Index` implementation must keep, as test cases over
 //! `&dyn Index`. An implementation runs them all with
-//! `crate::index::contract::tests!(open)`, where `open()` returns a guard to keep
-//! alive (a temporary directory, say) and a fresh, empty index.
+//! `crate::index::contract::tests!(open, pair)`, where `open()` (async) returns a guard
+//! to keep alive (a temporary directory, a database server) and a fresh, empty index,
+//! and `pair()` two handles of one fresh index (two processes' views of one database;
+//! one shared handle for an index one process owns).
 
 use bytes::Bytes;
 
@@ -894,8 +896,122 @@ pub async fn accesses_and_pins_are_kept_per_cache(index: &dyn Index) {
     assert!(index.delete_pin(&other, "release").await.unwrap());
 }
 
+/// Two handles commit each of 16 paths at once: one commit wins per path, the other
+/// finds it there; the cache counts each path once, and each claimed upload stops
+/// counting as pending once.
+pub async fn commits_of_one_path_through_two_handles_count_once(
+    [a, b]: [std::sync::Arc<dyn Index>; 2],
+) {
+    let main = cache("main");
+    let mut both = Vec::new();
+    for n in 0..16u8 {
+        let url: NarUrl = format!("nar/{}.nar.xz", Sha256::digest(&[n, 1]).to_nix32())
+            .parse()
+            .unwrap();
+        let nar = [n, 2];
+        let upload = Upload {
+            nar_hash: Sha256::digest(&nar),
+            nar_size: 100,
+            file_hash: Sha256::digest(&[n, 1]),
+            file_size: 50,
+            created: 1,
+            stored_size: 7,
+            claimed: false,
+        };
+        a.put_upload(&main, &url, &upload, &nar_record(n))
+            .await
+            .unwrap();
+        let record = NarInfoRecord {
+            nar_hash: upload.nar_hash,
+            nar_size: 100,
+            file_size: 40,
+            text: Bytes::from(format!("StorePath: {n}\n")),
+        };
+        for index in [a.clone(), b.clone()] {
+            let (record, main) = (record.clone(), main.clone());
+            both.push(tokio::spawn(async move {
+                index
+                    .commit_narinfo(&main, &path(n), &record, &[], Some(&url))
+                    .await
+                    .unwrap()
+            }));
+        }
+    }
+    let mut written = 0;
+    for (i, task) in both.into_iter().enumerate() {
+        match task.await.unwrap() {
+            Commit::Written => written += 1,
+            Commit::Exists { nar_hash } => {
+                assert_eq!(nar_hash, Sha256::digest(&[(i / 2) as u8, 2]));
+            }
+        }
+    }
+    assert_eq!(written, 16);
+    for index in [&a, &b] {
+        let stats = index.cache_stats(&main).await.unwrap();
+        assert_eq!((stats.paths, stats.nar_bytes), (16, 1600));
+        assert_eq!((stats.stored_bytes, stats.pending_bytes), (640, 0));
+    }
+}
+
+/// A NAR record read through one handle and uploaded again through the other is not
+/// removed by a deletion that expected what was read; a token written through one is
+/// read through the other at once.
+pub async fn what_one_handle_writes_the_other_reads_and_does_not_undo(
+    [a, b]: [std::sync::Arc<dyn Index>; 2],
+) {
+    let main = cache("main");
+    let url: NarUrl = format!("nar/{}.nar", Sha256::digest(b"u").to_nix32())
+        .parse()
+        .unwrap();
+    let upload = Upload {
+        nar_hash: Sha256::digest(b"n"),
+        nar_size: 9,
+        file_hash: Sha256::digest(b"u"),
+        file_size: 9,
+        created: 1,
+        stored_size: 0,
+        claimed: false,
+    };
+    a.put_upload(&main, &url, &upload, &nar_record(1))
+        .await
+        .unwrap();
+    let read = a.nar(&upload.nar_hash).await.unwrap().unwrap();
+    b.put_upload(&main, &url, &upload, &nar_record(2))
+        .await
+        .unwrap();
+    assert!(!a.delete_nar_if(&upload.nar_hash, &read).await.unwrap());
+    assert_eq!(b.nar(&upload.nar_hash).await.unwrap(), Some(nar_record(2)));
+    assert_eq!(a.nar(&upload.nar_hash).await.unwrap(), Some(nar_record(2)));
+
+    let token = TokenRecord {
+        name: "ci".into(),
+        hash: Sha256::digest(b"secret"),
+        grants: crate::grants::Grants {
+            permissions: vec![crate::grants::Permission::Pull],
+            caches: vec!["main".parse().unwrap()],
+        },
+        created: 1,
+        expires: None,
+        last_used: None,
+        revoked: None,
+    };
+    a.put_token(&token).await.unwrap();
+    assert_eq!(b.tokens().await.unwrap(), vec![token.clone()]);
+    let revoked = TokenRecord {
+        revoked: Some(2),
+        ..token
+    };
+    b.put_token(&revoked).await.unwrap();
+    assert_eq!(a.tokens().await.unwrap(), vec![revoked]);
+}
+
 macro_rules! tests {
-    ($open:path) => {
+    ($open:path, $pair:path) => {
+        crate::index::contract::tests!(@pairs $pair;
+            commits_of_one_path_through_two_handles_count_once,
+            what_one_handle_writes_the_other_reads_and_does_not_undo
+        );
         crate::index::contract::tests!(@cases $open;
             caches_are_created_and_replaced,
             chunks_and_nars_round_trip,
@@ -912,13 +1028,25 @@ macro_rules! tests {
             flush_and_check_succeed
         );
     };
+    (@pairs $pair:path; $($name:ident),*) => {
+        mod two_handles {
+            use super::*;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let (_guard, pair) = $pair().await;
+                    crate::index::contract::$name(pair).await;
+                }
+            )*
+        }
+    };
     (@cases $open:path; $($name:ident),*) => {
         mod contract {
             use super::*;
             $(
                 #[tokio::test]
                 async fn $name() {
-                    let (_guard, index) = $open();
+                    let (_guard, index) = $open().await;
                     crate::index::contract::$name(index.as_ref()).await;
                 }
             )*

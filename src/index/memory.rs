@@ -524,9 +524,14 @@ impl Index for MemoryIndex {
 mod tests {
     use super::*;
 
-    fn open() -> ((), Box<dyn Index>) {
+    async fn open() -> ((), Box<dyn Index>) {
         ((), Box::new(MemoryIndex::new()))
     }
 
-    crate::index::contract::tests!(open);
+    async fn pair() -> ((), [std::sync::Arc<dyn Index>; 2]) {
+        let one: std::sync::Arc<dyn Index> = std::sync::Arc::new(MemoryIndex::new());
+        ((), [one.clone(), one])
+    }
+
+    crate::index::contract::tests!(open, pair);
 }

@@ -12,6 +12,7 @@ mod codec;
 #[cfg(test)]
 pub(crate) mod contract;
 mod memory;
+mod postgres;
 mod sled_index;
 
 use bytes::Bytes;
@@ -20,6 +21,7 @@ use crate::nix::{CacheName, NarUrl, Sha256, StorePathHash};
 use crate::store::{ChunkId, ChunkRef, Manifest, ManifestId, Stored};
 
 pub use memory::MemoryIndex;
+pub use postgres::{PgIndex, PgSettings};
 pub use sled_index::SledIndex;
 
 /// Why the index could not answer. It names no backend: the layers above map it to a

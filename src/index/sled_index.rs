@@ -1279,13 +1279,21 @@ impl Index for SledIndex {
 mod tests {
     use super::*;
 
-    fn open() -> (tempfile::TempDir, Box<dyn Index>) {
+    async fn open() -> (tempfile::TempDir, Box<dyn Index>) {
         let dir = tempfile::tempdir().unwrap();
         let index = SledIndex::open(&dir.path().join("db"), 1 << 20).unwrap();
         (dir, Box::new(index))
     }
 
-    crate::index::contract::tests!(open);
+    /// sled is one process's: two views of it are one handle.
+    async fn pair() -> (tempfile::TempDir, [Arc<dyn Index>; 2]) {
+        let dir = tempfile::tempdir().unwrap();
+        let index = SledIndex::open(&dir.path().join("db"), 1 << 20).unwrap();
+        let one: Arc<dyn Index> = Arc::new(index);
+        (dir, [one.clone(), one])
+    }
+
+    crate::index::contract::tests!(open, pair);
 
     fn cache() -> CacheName {
         "main".parse().unwrap()

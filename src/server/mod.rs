@@ -431,10 +431,18 @@ async fn refuse(mut tcp: TcpStream) {
          content-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n{BODY}",
         BODY.len()
     );
+    let mut sink = [0u8; 4096];
+    // Answered once the request has begun to arrive, or after a moment: a client that
+    // finds an answer before it has sent its request takes the connection for broken
+    // (seen with a client slowed by a loaded machine) instead of reading the 503.
+    let _ = tokio::time::timeout(
+        Duration::from_millis(200),
+        tokio::io::AsyncReadExt::read(&mut tcp, &mut sink),
+    )
+    .await;
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
         tcp.write_all(response.as_bytes()).await?;
         tcp.shutdown().await?;
-        let mut sink = [0u8; 4096];
         while tokio::io::AsyncReadExt::read(&mut tcp, &mut sink).await? > 0 {}
         Ok::<_, std::io::Error>(())
     })

@@ -14,6 +14,7 @@ mod hostile;
 mod memory;
 mod nix_client;
 mod ops;
+mod postgres;
 mod pressure;
 mod private_caches;
 mod quota;

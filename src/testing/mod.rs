@@ -1,5 +1,7 @@
 //! Helpers shared by the unit tests, the integration tests and the benchmarks.
 
+pub mod postgres;
+
 /// A small deterministic generator (xorshift64): the same inputs on every run, with no
 /// dependency on a random-number crate.
 pub struct Xorshift(pub u64);

@@ -1,0 +1,127 @@
+//! The server on PostgreSQL (`index.type = "postgres"`), on a cluster each test starts
+//! on a loopback port: the real Nix clients push and pull through it, what it
+//! committed is served again after the server restarts, a database that goes away is
+//! 503 and not ready until it is back (no restart of the server), and a second server
+//! over the same database is refused at its start.
+
+use std::time::{Duration, Instant};
+
+use cachet::testing::postgres::PgServer;
+
+use crate::harness::{client, Nix, NixHost, Server};
+
+fn config(url: &str) -> String {
+    format!("[index]\ntype = \"postgres\"\nurl = \"{url}\"\n")
+}
+
+#[test]
+fn nix_pushes_and_pulls_through_a_server_on_postgres() {
+    let db = PgServer::start();
+    let mut server = Server::with_config(&config(&db.database("cachet")));
+    let c = crate::nix_client::round_trip_through(&server, "zstd", Nix::V2_8);
+    // Nothing of it was in the data directory's metadata: none is there.
+    assert!(!server.data_dir().join("index").exists());
+    server.restart();
+    let host = NixHost::new(&server, Nix::V2_8);
+    assert_eq!(host.pull(&server, "again", &c.top), c.nar_hashes);
+    // `admin` fails the test on a non-zero exit: a problem found is one.
+    let verify = server.admin(&["verify", "--deep"]);
+    assert!(
+        verify.contains(&format!("checked {} paths", c.nar_hashes.len())),
+        "{verify}"
+    );
+    // A collection with the defaults keeps every served path whole.
+    server.admin(&["gc"]);
+    let host = NixHost::new(&server, Nix::V2_8);
+    assert_eq!(host.pull(&server, "after-gc", &c.top), c.nar_hashes);
+}
+
+/// Asks `url` until `want` comes back, for at most `secs`; the last status.
+fn status_within(url: &str, want: u16, secs: u64) -> u16 {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let got = client().get(url).send().unwrap().status().as_u16();
+        if got == want || Instant::now() > deadline {
+            return got;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn a_database_that_goes_away_is_503_and_not_ready_until_it_is_back() {
+    let db = PgServer::start();
+    let url = db.database("cachet");
+    let server = Server::with_config(&config(&url));
+    let missing = format!("{}/{}.narinfo", server.url(), "0".repeat(32));
+    let ready_url = format!("{}/ready", server.base());
+    let r = client().get(&missing).send().unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(
+        r.text().unwrap(),
+        "narinfo not found\n",
+        "a miss, not a wrong route"
+    );
+    db.stop("fast");
+    // A miss is not what the server can say now: it cannot tell.
+    assert_eq!(status_within(&missing, 503, 10), 503, "{}", server.log());
+    assert_eq!(status_within(&ready_url, 503, 10), 503);
+    let ready: serde_json::Value = client().get(&ready_url).send().unwrap().json().unwrap();
+    assert_eq!(ready["index"], "unavailable", "{ready}");
+    let health = client()
+        .get(format!("{}/health", server.base()))
+        .send()
+        .unwrap();
+    assert_eq!(health.status(), 200);
+    db.start_again();
+    assert_eq!(status_within(&missing, 404, 20), 404);
+    assert_eq!(status_within(&ready_url, 200, 20), 200);
+    // It writes again, and holds the database as its own again.
+    let token = server.new_token("after", "push", &["main"]);
+    assert!(!token.is_empty());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut out = another_server(&url);
+    while !refused(&out) && Instant::now() < deadline {
+        out = another_server(&url);
+    }
+    assert!(refused(&out), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Starts another server over the database at `url`: how it ended.
+fn another_server(url: &str) -> std::process::Output {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cachet.toml");
+    std::fs::write(&path, config(url)).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_cachet"))
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{}", crate::harness::free_port()))
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .arg("--config")
+        .arg(&path)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // One that starts is stopped: the test then fails on its success.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    child.wait_with_output().unwrap()
+}
+
+fn refused(out: &std::process::Output) -> bool {
+    let said = String::from_utf8_lossy(&out.stderr);
+    !out.status.success() && said.contains("another cachet server uses this database")
+}
+
+#[test]
+fn a_second_server_over_the_same_database_is_refused() {
+    let db = PgServer::start();
+    let url = db.database("cachet");
+    let _first = Server::with_config(&config(&url));
+    let out = another_server(&url);
+    assert!(refused(&out), "{}", String::from_utf8_lossy(&out.stderr));
+}
