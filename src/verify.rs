@@ -272,16 +272,9 @@ async fn check_nar(
 
 /// Starts a verification as the server's job.
 pub fn start(app: &Arc<App>, options: Options) -> std::result::Result<u64, crate::jobs::Busy> {
-    let app = app.clone();
-    app.clone().coord.start_job(
+    let running = app.clone();
+    app.coord.start_job(
         "verify",
-        Box::new(move |progress| {
-            Box::pin(async move {
-                run(app, options, progress)
-                    .await
-                    .map(|r| serde_json::to_value(r).expect("a report always serialises"))
-                    .map_err(|e| e.to_string())
-            })
-        }),
+        crate::coord::job(move |p| run(running, options, p)),
     )
 }

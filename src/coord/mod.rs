@@ -115,6 +115,23 @@ pub enum Change {
 pub type JobWork =
     Box<dyn FnOnce(Arc<Progress>) -> BoxFuture<'static, Result<serde_json::Value, String>> + Send>;
 
+/// The work of a job from a function that runs it to its report.
+pub fn job<F, R, E>(run: impl FnOnce(Arc<Progress>) -> F + Send + 'static) -> JobWork
+where
+    F: std::future::Future<Output = Result<R, E>> + Send + 'static,
+    R: serde::Serialize,
+    E: std::fmt::Display,
+{
+    Box::new(move |progress| {
+        Box::pin(async move {
+            run(progress)
+                .await
+                .map(|r| serde_json::to_value(r).expect("a report always serialises"))
+                .map_err(|e| e.to_string())
+        })
+    })
+}
+
 /// The coordination contract (see the module's comment).
 #[async_trait::async_trait]
 pub trait Coordination: Send + Sync + 'static {

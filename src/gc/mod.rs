@@ -134,18 +134,9 @@ fn short(id: &ChunkId) -> u64 {
 
 /// Starts a collection as the server's job.
 pub fn start(app: &Arc<App>, options: Options) -> std::result::Result<u64, crate::jobs::Busy> {
-    let app = app.clone();
-    app.clone().coord.start_job(
-        "gc",
-        Box::new(move |progress| {
-            Box::pin(async move {
-                run(app, options, progress)
-                    .await
-                    .map(|r| serde_json::to_value(r).expect("a report always serialises"))
-                    .map_err(|e| e.to_string())
-            })
-        }),
-    )
+    let running = app.clone();
+    app.coord
+        .start_job("gc", crate::coord::job(move |p| run(running, options, p)))
 }
 
 /// Runs one collection: retention, then marking from the roots, unlinking what is

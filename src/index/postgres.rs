@@ -138,6 +138,16 @@ fn sha_of(bytes: &[u8], record: &'static str) -> Result<Sha256> {
     Ok(Sha256::from_bytes(raw))
 }
 
+/// A chunk's record from a row of its id and location.
+fn chunk_of(row: &Row) -> Result<ChunkRef> {
+    let (id, location): (&[u8], &[u8]) = (row.get(0), row.get(1));
+    let raw: [u8; 32] = id
+        .try_into()
+        .map_err(|_| IndexError::corrupt("chunk", id))?;
+    ChunkRef::decode_location(ChunkId(raw), location)
+        .ok_or_else(|| IndexError::corrupt("chunk", id))
+}
+
 fn narinfo_of(row: &Row, cache: &CacheName, path: &StorePathHash) -> Result<NarInfoRecord> {
     let hash: &[u8] = row.get("nar_hash");
     let text: Vec<u8> = row.get("text");
@@ -456,12 +466,7 @@ impl Index for PgIndex {
             .await?;
         let mut found = std::collections::HashMap::with_capacity(rows.len());
         for r in &rows {
-            let (id, location): (&[u8], &[u8]) = (r.get(0), r.get(1));
-            let raw: [u8; 32] = id
-                .try_into()
-                .map_err(|_| IndexError::corrupt("chunk", id))?;
-            let c = ChunkRef::decode_location(ChunkId(raw), location)
-                .ok_or_else(|| IndexError::corrupt("chunk", id))?;
+            let c = chunk_of(r)?;
             found.insert(c.id, c);
         }
         Ok(ids.iter().map(|id| found.get(id).copied()).collect())
@@ -1164,16 +1169,7 @@ impl Index for PgIndex {
                 &[&after, &int(limit as u64)],
             )
             .await?;
-        rows.iter()
-            .map(|r| {
-                let (id, location): (&[u8], &[u8]) = (r.get(0), r.get(1));
-                let raw: [u8; 32] = id
-                    .try_into()
-                    .map_err(|_| IndexError::corrupt("chunk", id))?;
-                ChunkRef::decode_location(ChunkId(raw), location)
-                    .ok_or_else(|| IndexError::corrupt("chunk", id))
-            })
-            .collect()
+        rows.iter().map(chunk_of).collect()
     }
 
     async fn delete_chunks(&self, ids: &[ChunkId]) -> Result<()> {

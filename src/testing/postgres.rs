@@ -77,18 +77,23 @@ fn is_root() -> bool {
     rustix::process::getuid().is_root()
 }
 
-/// Runs `program` (of the PostgreSQL binaries) as the cluster's owner.
-fn run(bin: &Path, run_as: Option<&str>, program: &str, args: &[&str]) -> std::process::Output {
+/// `program` of the PostgreSQL binaries, to run as the cluster's owner.
+fn command(bin: &Path, run_as: Option<&str>, program: &str) -> Command {
     let path = bin.join(program);
-    let mut cmd = match run_as {
+    match run_as {
         Some(user) => {
             let mut c = Command::new("runuser");
             c.arg("-u").arg(user).arg("--").arg(&path);
             c
         }
         None => Command::new(&path),
-    };
-    let out = cmd
+    }
+}
+
+/// Runs `program` (of the PostgreSQL binaries) as the cluster's owner.
+fn run(bin: &Path, run_as: Option<&str>, program: &str, args: &[&str]) -> std::process::Output {
+    let path = bin.join(program);
+    let out = command(bin, run_as, program)
         .args(args)
         .output()
         .unwrap_or_else(|e| panic!("running {}: {e}", path.display()));
@@ -202,16 +207,8 @@ impl PgServer {
             self.port,
             self.dir.path().display()
         );
-        let path = self.bin.join("pg_ctl");
-        let mut cmd = match self.run_as {
-            Some(user) => {
-                let mut c = Command::new("runuser");
-                c.arg("-u").arg(user).arg("--").arg(&path);
-                c
-            }
-            None => Command::new(&path),
-        };
-        cmd.arg("-D")
+        command(&self.bin, self.run_as, "pg_ctl")
+            .arg("-D")
             .arg(self.data())
             .arg("-o")
             .arg(options)
@@ -282,16 +279,7 @@ impl PgServer {
 
 impl Drop for PgServer {
     fn drop(&mut self) {
-        let path = self.bin.join("pg_ctl");
-        let mut cmd = match self.run_as {
-            Some(user) => {
-                let mut c = Command::new("runuser");
-                c.arg("-u").arg(user).arg("--").arg(&path);
-                c
-            }
-            None => Command::new(&path),
-        };
-        let _ = cmd
+        let _ = command(&self.bin, self.run_as, "pg_ctl")
             .arg("-D")
             .arg(self.data())
             .args(["-m", "immediate", "-w", "stop"])
