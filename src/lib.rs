@@ -23,6 +23,7 @@ pub mod jobs;
 pub mod keyfiles;
 pub mod keyseal;
 pub mod metrics;
+pub mod migrate;
 pub mod nix;
 pub mod pins;
 pub mod publish;

@@ -142,7 +142,20 @@ pub async fn chunks_and_nars_round_trip(index: &dyn Index) {
         .put_upload(&cache("main"), &url, &up, &record)
         .await
         .unwrap();
-    assert_eq!(index.nar(&h).await.unwrap(), Some(record));
+    assert_eq!(index.nar(&h).await.unwrap(), Some(record.clone()));
+    // A NAR recorded without an upload (a copied index's), and replaced.
+    let alone = Sha256::digest(b"alone");
+    index.put_nar(&alone, &nar_record(7)).await.unwrap();
+    index.put_nar(&alone, &record).await.unwrap();
+    assert_eq!(index.nar(&alone).await.unwrap(), Some(record));
+    assert_eq!(
+        index
+            .cache_stats(&cache("main"))
+            .await
+            .unwrap()
+            .pending_bytes,
+        0
+    );
 }
 
 pub async fn segments_are_kept_by_manifest_and_index(index: &dyn Index) {
@@ -1004,6 +1017,124 @@ pub async fn what_one_handle_writes_the_other_reads_and_does_not_undo(
     };
     b.put_token(&revoked).await.unwrap();
     assert_eq!(a.tokens().await.unwrap(), vec![revoked]);
+}
+
+/// Fills `index` with one of everything a server records: a cache with a path that
+/// refers to another, their chunks, manifests, NARs and uploads (one taken up, one
+/// not), a NAR whose upload is gone, a log, a realisation, fetches, a pin, a token,
+/// the last collection's report.
+pub async fn populate(index: &dyn Index) {
+    let main = cache("main");
+    index
+        .put_cache(&CacheRecord {
+            name: main.clone(),
+            public: true,
+            priority: 40,
+            keys: Vec::new(),
+            keep_client_signatures: true,
+            retention: Retention::default(),
+            quota_bytes: None,
+            created: 1,
+        })
+        .await
+        .unwrap();
+    let hash = |n: u8| StorePathHash::from_bytes([n; 20]);
+    for n in 1..=3u8 {
+        let c = chunk(n);
+        index.put_chunks(&[c]).await.unwrap();
+        let contents = ManifestId([n; 16]);
+        let manifest = Manifest { chunks: vec![c] };
+        index.put_segment(&contents, 0, &manifest).await.unwrap();
+        let record = NarRecord {
+            contents: Stored {
+                id: contents,
+                segments: vec![Segment::of(&manifest)],
+            },
+            listing: Stored {
+                id: ManifestId([n + 100; 16]),
+                segments: Vec::new(),
+            },
+        };
+        let nar_hash = Sha256::digest(&[n]);
+        if n == 3 {
+            index.put_nar(&nar_hash, &record).await.unwrap();
+            continue;
+        }
+        let url: NarUrl = format!("nar/{}.nar.xz", Sha256::digest(&[n, n]).to_nix32())
+            .parse()
+            .unwrap();
+        let upload = Upload {
+            nar_hash,
+            nar_size: 20,
+            file_hash: Sha256::digest(&[n, n]),
+            file_size: 10,
+            created: 1,
+            stored_size: 10,
+            claimed: false,
+        };
+        index
+            .put_upload(&main, &url, &upload, &record)
+            .await
+            .unwrap();
+        if n == 1 {
+            let path = crate::nix::StorePath::from_basename(&format!("{}-a", hash(1))).unwrap();
+            let referrer = crate::nix::StorePath::from_basename(&format!("{}-b", hash(9))).unwrap();
+            let text = format!(
+                "StorePath: {}\nURL: {url}\nCompression: xz\nNarHash: {nar_hash}\nNarSize: 20\nReferences: {}\n",
+                referrer.full(),
+                path
+            );
+            let narinfo = NarInfoRecord {
+                nar_hash,
+                nar_size: 20,
+                file_size: 10,
+                text: Bytes::from(text),
+            };
+            index
+                .commit_narinfo(&main, &hash(9), &narinfo, &[hash(1)], Some(&url))
+                .await
+                .unwrap();
+        }
+    }
+    let blob = Stored {
+        id: ManifestId([2; 16]),
+        segments: vec![Segment {
+            size: 20,
+            stored_size: 10,
+        }],
+    };
+    index
+        .put_blob(BlobKind::Log, &main, "x.drv", &blob)
+        .await
+        .unwrap();
+    index
+        .put_blob(BlobKind::Realisation, &main, "y.doi", &blob)
+        .await
+        .unwrap();
+    index.put_accesses(&main, &[(hash(9), 5)]).await.unwrap();
+    let pin = PinRecord {
+        name: "release".into(),
+        revisions: Vec::new(),
+        keep_revisions: None,
+        keep_days: None,
+    };
+    index.put_pin(&main, &pin).await.unwrap();
+    index
+        .put_token(&TokenRecord {
+            name: "ci".into(),
+            hash: Sha256::digest(b"ci"),
+            grants: crate::grants::Grants {
+                permissions: vec![crate::grants::Permission::Push],
+                caches: vec!["main".parse().unwrap()],
+            },
+            created: 1,
+            expires: None,
+            last_used: None,
+            revoked: None,
+        })
+        .await
+        .unwrap();
+    index.put_meta(crate::gc::LAST_GC, b"{}").await.unwrap();
 }
 
 macro_rules! tests {

@@ -149,6 +149,12 @@ impl Index for MemoryIndex {
         self.with(|s| s.nars.get(nar_hash).cloned())
     }
 
+    async fn put_nar(&self, nar_hash: &Sha256, nar: &NarRecord) -> Result<()> {
+        self.with(|s| {
+            s.nars.insert(*nar_hash, nar.clone());
+        })
+    }
+
     async fn upload(&self, cache: &CacheName, url: &NarUrl) -> Result<Option<Upload>> {
         self.with(|s| s.uploads.get(&(cache.clone(), *url)).copied())
     }

@@ -345,6 +345,9 @@ pub trait Index: Send + Sync + 'static {
 
     /// A stored NAR by its NarHash.
     async fn nar(&self, nar_hash: &Sha256) -> Result<Option<NarRecord>>;
+    /// Records a NAR without an upload: only to copy an index (`migrate`), whose NARs
+    /// may have outlived their uploads. Only after its manifests' segments are recorded.
+    async fn put_nar(&self, nar_hash: &Sha256, nar: &NarRecord) -> Result<()>;
 
     /// The upload a client made to `cache` under `url`.
     async fn upload(&self, cache: &CacheName, url: &NarUrl) -> Result<Option<Upload>>;

@@ -534,6 +534,16 @@ impl Index for PgIndex {
         .transpose()
     }
 
+    async fn put_nar(&self, nar_hash: &Sha256, nar: &NarRecord) -> Result<()> {
+        self.exec(
+            "INSERT INTO nars (hash, record) VALUES ($1, $2) \
+             ON CONFLICT (hash) DO UPDATE SET record = EXCLUDED.record",
+            &[&nar_hash.as_bytes().as_slice(), &codec::encode_nar(nar)],
+        )
+        .await?;
+        Ok(())
+    }
+
     async fn upload(&self, cache: &CacheName, url: &NarUrl) -> Result<Option<Upload>> {
         let url = url.to_string();
         let row = self

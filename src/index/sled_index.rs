@@ -1030,6 +1030,12 @@ impl Index for SledIndex {
         self.trees.nar(nar_hash)
     }
 
+    async fn put_nar(&self, nar_hash: &Sha256, nar: &NarRecord) -> Result<()> {
+        let (key, value) = (*nar_hash.as_bytes(), codec::encode_nar(nar));
+        self.blocking(move |t| Ok(t.nars.insert(key, value).map(|_| ())?))
+            .await
+    }
+
     async fn upload(&self, cache: &CacheName, url: &NarUrl) -> Result<Option<Upload>> {
         self.trees.upload(cache, url)
     }

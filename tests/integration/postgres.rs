@@ -2,7 +2,8 @@
 //! on a loopback port: the real Nix clients push and pull through it, what it
 //! committed is served again after the server restarts, a database that goes away is
 //! 503 and not ready until it is back (no restart of the server), and a second server
-//! over the same database is refused at its start.
+//! over the same database is refused at its start, and a sled index migrated into
+//! PostgreSQL serves what it served.
 
 use std::time::{Duration, Instant};
 
@@ -124,4 +125,68 @@ fn a_second_server_over_the_same_database_is_refused() {
     let _first = Server::with_config(&config(&url));
     let out = another_server(&url);
     assert!(refused(&out), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn a_sled_index_migrated_into_postgres_serves_the_same_narinfos_and_nars() {
+    let db = PgServer::start();
+    let url = db.database("cachet");
+    let mut on_sled = Server::start();
+    let c = crate::nix_client::round_trip_through(&on_sled, "zstd", Nix::V2_8);
+    let narinfos = |server: &Server| -> Vec<String> {
+        c.nar_hashes
+            .keys()
+            .map(|p| {
+                let hash = &p.trim_start_matches("/nix/store/")[..32];
+                let r = server.get(&format!("{hash}.narinfo"));
+                assert_eq!(r.status(), 200, "{p}");
+                r.text().unwrap()
+            })
+            .collect()
+    };
+    let before = narinfos(&on_sled);
+    let data_dir = on_sled.data_dir();
+    on_sled.kill();
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cachet"))
+        .arg("--data-dir")
+        .arg(&data_dir)
+        .args(["migrate-index", "--to", &url])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        said.contains("checked:") && said.contains("type = \"postgres\""),
+        "{said}"
+    );
+    // Into a database that holds caches now, a second copy is refused.
+    let again = std::process::Command::new(env!("CARGO_BIN_EXE_cachet"))
+        .arg("--data-dir")
+        .arg(&data_dir)
+        .args(["migrate-index", "--to", &url])
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+
+    let on_postgres = Server::launch(
+        crate::harness::Start {
+            config: Some(&config(&url)),
+            data_dir: Some(data_dir),
+            ..Default::default()
+        },
+        &[],
+    );
+    assert_eq!(narinfos(&on_postgres), before);
+    let host = NixHost::new(&on_postgres, Nix::V2_8);
+    assert_eq!(host.pull(&on_postgres, "migrated", &c.top), c.nar_hashes);
+    let verify = on_postgres.admin(&["verify", "--deep"]);
+    assert!(
+        verify.contains(&format!("checked {} paths", c.nar_hashes.len())),
+        "{verify}"
+    );
 }
