@@ -203,7 +203,8 @@ impl PgServer {
     fn pg_ctl_start(&self) -> bool {
         let options = format!(
             "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c full_page_writes=off \
-             -c max_connections=200",
+             -c max_connections=200 -c shared_preload_libraries=pg_stat_statements \
+             -c pg_stat_statements.track=all",
             self.port,
             self.dir.path().display()
         );
@@ -269,6 +270,30 @@ impl PgServer {
             ],
         );
         self.url(name)
+    }
+
+    /// What `sql` prints in database `name` (`psql`, unaligned, tuples only).
+    pub fn sql(&self, name: &str, sql: &str) -> String {
+        let port = self.port.to_string();
+        let out = run(
+            &self.bin,
+            self.run_as,
+            "psql",
+            &[
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-U",
+                USER,
+                "-d",
+                name,
+                "-At",
+                "-c",
+                sql,
+            ],
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     /// The URL of database `name`.

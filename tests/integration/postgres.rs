@@ -190,3 +190,94 @@ fn a_sled_index_migrated_into_postgres_serves_the_same_narinfos_and_nars() {
         "{verify}"
     );
 }
+
+/// The statements database `name` ran since the last reset, by their text: how many
+/// times each.
+fn statements(db: &PgServer, name: &str) -> Vec<(u64, String)> {
+    let out = db.sql(
+        name,
+        "SELECT s.calls, s.query FROM pg_stat_statements s JOIN pg_database d \
+         ON d.oid = s.dbid WHERE d.datname = current_database() \
+         AND s.query NOT ILIKE '%pg_stat_statements%' ORDER BY s.query",
+    );
+    // The writer of fetches runs on its own every 15 s: its statements are not a
+    // request's.
+    let background = ["INSERT INTO accesses", "AND nar_hash = $2 ORDER BY path"];
+    out.lines()
+        .filter_map(|l| l.split_once('|'))
+        .filter(|(_, query)| !background.iter().any(|b| query.contains(b)))
+        .map(|(calls, query)| (calls.parse().unwrap(), query.to_owned()))
+        .collect()
+}
+
+fn reset(db: &PgServer, name: &str) {
+    db.sql(name, "SELECT pg_stat_statements_reset()");
+}
+
+/// What the queries of a request are, counted by the database itself
+/// (`pg_stat_statements`): a narinfo lookup is one, a NAR download a few whatever the
+/// NAR's size, and an upload looks its chunks up a batch at a time, not one by one.
+#[test]
+fn a_narinfo_get_is_one_query_and_an_upload_looks_chunks_up_a_batch_at_a_time() {
+    use cachet::nix::nar::write::{nar, Entry};
+    use cachet::nix::Sha256;
+    let db = PgServer::start();
+    let url = db.database("cachet");
+    db.sql("cachet", "CREATE EXTENSION pg_stat_statements");
+    // No fetch is written while the queries are counted.
+    let server = Server::with_config(&format!("{}[gc]\nevery_secs = 0\n", config(&url)));
+    let body = nar(&Entry::File {
+        executable: false,
+        contents: &cachet::testing::Xorshift(17).bytes(4 << 20),
+    });
+    let nar_url = format!("nar/{}.nar", Sha256::digest(&body).to_nix32());
+    reset(&db, "cachet");
+    assert_eq!(server.put(&nar_url, body.clone()).status(), 200);
+    let uploaded = statements(&db, "cachet");
+    let lookups: u64 = uploaded
+        .iter()
+        .filter(|(_, q)| q.contains("FROM chunks WHERE id = ANY"))
+        .map(|(n, _)| *n)
+        .sum();
+    let chunks = body.len() as u64 / (32 * 1024);
+    let all: u64 = uploaded.iter().map(|(n, _)| n).sum();
+    eprintln!("upload of about {chunks} chunks: {lookups} chunk lookups, {all} statements");
+    assert!(
+        lookups >= 1 && lookups * 8 <= chunks,
+        "{lookups} lookups for about {chunks} chunks: {uploaded:#?}"
+    );
+
+    // The path published, its narinfo read: one statement.
+    let hash = "0123456789abcdfghijklmnpqrsvwxyz";
+    let narinfo = format!(
+        "StorePath: /nix/store/{hash}-counted\nURL: {nar_url}\nCompression: none\n\
+         NarHash: {}\nNarSize: {}\nReferences: \n",
+        Sha256::digest(&body),
+        body.len()
+    );
+    let r = server.put(&format!("{hash}.narinfo"), narinfo);
+    assert_eq!(r.status(), 200, "{}", r.text().unwrap());
+    // Each connection of the pool prepares its statements once: warm them.
+    for _ in 0..3 {
+        assert_eq!(server.get_status(&format!("{hash}.narinfo")), 200);
+    }
+    reset(&db, "cachet");
+    assert_eq!(server.get_status(&format!("{hash}.narinfo")), 200);
+    let read = statements(&db, "cachet");
+    let total: u64 = read.iter().map(|(n, _)| n).sum();
+    assert_eq!(total, 1, "{read:#?}");
+
+    // Its NAR read whole: whether the cache holds it, its record, and its manifest of
+    // one segment (up to 1,024 chunks): three, however many chunks it has.
+    let served = format!("nar/{}.nar.zst", Sha256::digest(&body).to_nix32());
+    for _ in 0..3 {
+        assert_eq!(server.get_status(&served), 200);
+    }
+    reset(&db, "cachet");
+    let r = server.get(&served);
+    assert_eq!(r.status(), 200);
+    assert!(r.bytes().unwrap().len() > 4 << 20);
+    let read = statements(&db, "cachet");
+    let total: u64 = read.iter().map(|(n, _)| n).sum();
+    assert_eq!(total, 3, "{read:#?}");
+}
