@@ -187,6 +187,9 @@ pub struct Caches {
     /// With a key encryption file, new keys are sealed in their records (every
     /// process can sign) instead of written to files of this machine.
     sealer: Option<Sealer>,
+    /// Held by a change from its write to the index until this process's copy follows,
+    /// and by a reading again of the caches.
+    changing: tokio::sync::Mutex<()>,
 }
 
 impl Caches {
@@ -317,6 +320,7 @@ impl Caches {
             declared,
             coord,
             sealer,
+            changing: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -338,6 +342,9 @@ impl Caches {
     /// Reads the caches again (another process changed them): a cache whose record
     /// is unchanged is kept as it is, one changed is loaded anew, one gone goes.
     pub async fn reload(&self) -> anyhow::Result<()> {
+        // Not between a change's write and its copy here: the snapshot read would
+        // bring back what the change just removed, or an older record.
+        let _changing = self.changing.lock().await;
         let records = self.index.caches().await?;
         let current = self.map.read().expect("never poisoned").clone();
         let mut map = HashMap::with_capacity(records.len());
@@ -420,6 +427,7 @@ impl Caches {
                 "cache {name} is declared in the config file: remove it there first"
             )));
         }
+        let changing = self.changing.lock().await;
         self.map.write().expect("never poisoned").remove(name);
         if let Err(e) = self.index.delete_cache(name).await {
             // Served again if its record is still there.
@@ -441,6 +449,7 @@ impl Caches {
                 self.keys.remove(file);
             }
         }
+        drop(changing);
         self.coord.announce(Change::Caches).await;
         tracing::info!(cache = %name, "deleted cache");
         Ok(())
@@ -524,6 +533,7 @@ impl Caches {
 
     /// Records a cache durably and serves it from now on.
     async fn store(&self, record: CacheRecord) -> Result<Arc<Cache>> {
+        let _changing = self.changing.lock().await;
         self.index.put_cache(&record).await?;
         self.index.flush().await?;
         let declared = self.declared.contains_key(&record.name);

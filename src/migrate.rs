@@ -163,8 +163,12 @@ pub async fn check(from: &dyn Index, to: &dyn Index) -> anyhow::Result<Vec<Strin
             (from.cache_stats(cache).await?, to.cache_stats(cache).await?),
         );
     }
+    // The paths and their bytes must agree. Pending and log bytes are counted anew
+    // by the copy: an index upgraded from an older format never counted its old logs,
+    // and an upload whose NAR the collector removed is not copied.
     for (cache, (a, b)) in &stats {
-        if a != b {
+        let served = |s: &CacheStats| (s.paths, s.nar_bytes, s.stored_bytes);
+        if served(a) != served(b) {
             problems.push(format!("the counts of {cache} differ: {a:?} against {b:?}"));
         }
     }

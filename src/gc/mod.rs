@@ -683,6 +683,8 @@ async fn mark_nar(
         .await?;
     }
     progress.add(1, nar.contents.size());
+    // A walk over every NAR reads the embedded index in place: room for requests.
+    tokio::task::yield_now().await;
     Ok(())
 }
 
@@ -984,6 +986,8 @@ struct Seen<'a> {
 
 impl Seen<'_> {
     async fn visit(&mut self, index: &dyn Index, stored: &Stored) -> crate::index::Result<()> {
+        // A walk over every NAR reads the embedded index in place: room for requests.
+        tokio::task::yield_now().await;
         self.manifests.insert(stored.id);
         let (packs, frames, candidates, restorable) = (
             &mut self.packs,

@@ -967,6 +967,53 @@ pub async fn commits_of_one_path_through_two_handles_count_once(
     }
 }
 
+/// Two handles record each of 16 uploads and 16 logs at once: each counts once in the
+/// cache's pending and log bytes.
+pub async fn first_writes_of_one_record_through_two_handles_count_once(
+    [a, b]: [std::sync::Arc<dyn Index>; 2],
+) {
+    let main = cache("main");
+    let mut both = Vec::new();
+    for n in 0..16u8 {
+        let url: NarUrl = format!("nar/{}.nar.xz", Sha256::digest(&[n, 3]).to_nix32())
+            .parse()
+            .unwrap();
+        let upload = Upload {
+            nar_hash: Sha256::digest(&[n, 4]),
+            nar_size: 100,
+            file_hash: Sha256::digest(&[n, 3]),
+            file_size: 50,
+            created: 1,
+            stored_size: 7,
+            claimed: false,
+        };
+        let log = nar_record(n).contents;
+        // Both start together: each reads that there is no record before either writes.
+        let start = std::sync::Arc::new(tokio::sync::Barrier::new(2));
+        for index in [a.clone(), b.clone()] {
+            let (main, log, start) = (main.clone(), log.clone(), start.clone());
+            both.push(tokio::spawn(async move {
+                start.wait().await;
+                index
+                    .put_upload(&main, &url, &upload, &nar_record(n))
+                    .await
+                    .unwrap();
+                index
+                    .put_blob(BlobKind::Log, &main, &format!("{n}.drv"), &log)
+                    .await
+                    .unwrap();
+            }));
+        }
+    }
+    for task in both {
+        task.await.unwrap();
+    }
+    for index in [&a, &b] {
+        let stats = index.cache_stats(&main).await.unwrap();
+        assert_eq!((stats.pending_bytes, stats.blob_bytes), (16 * 7, 16 * 10));
+    }
+}
+
 /// A NAR record read through one handle and uploaded again through the other is not
 /// removed by a deletion that expected what was read; a token written through one is
 /// read through the other at once.
@@ -1134,13 +1181,15 @@ pub async fn populate(index: &dyn Index) {
         })
         .await
         .unwrap();
-    index.put_meta(crate::gc::LAST_GC, b"{}").await.unwrap();
+    // The key of the collector's report (`gc::LAST_GC`, a layer above).
+    index.put_meta("last_gc", b"{}").await.unwrap();
 }
 
 macro_rules! tests {
     ($open:path, $pair:path) => {
         crate::index::contract::tests!(@pairs $pair;
             commits_of_one_path_through_two_handles_count_once,
+            first_writes_of_one_record_through_two_handles_count_once,
             what_one_handle_writes_the_other_reads_and_does_not_undo
         );
         crate::index::contract::tests!(@cases $open;

@@ -60,9 +60,13 @@ fn db(e: tokio_postgres::Error) -> IndexError {
             return IndexError::DiskFull(e.to_string());
         }
         let class = &state.code()[..2];
-        // Connection exceptions, insufficient resources, operator intervention
-        // (a shutdown or a restart).
-        if matches!(class, "08" | "53" | "57") {
+        // Connection exceptions, insufficient resources, operator intervention (a
+        // shutdown or a restart), a transaction that lost a deadlock or a
+        // serialisation, and a read-only server (a connection to a primary demoted by
+        // a failover): a retry may succeed.
+        if matches!(class, "08" | "53" | "57" | "40")
+            || *state == SqlState::READ_ONLY_SQL_TRANSACTION
+        {
             return IndexError::Unavailable(e.to_string());
         }
         return IndexError::Failed(e.to_string());
@@ -187,6 +191,23 @@ async fn add_stats(
     )
     .await
     .map_err(db)?;
+    Ok(())
+}
+
+/// Serialises, until `tx` ends, the transactions that read and replace the record
+/// under `key` (an upload, a log): `SELECT … FOR UPDATE` locks no row that does not
+/// exist yet, so two first writes of one key would both count it.
+async fn lock_record(tx: &deadpool_postgres::Transaction<'_>, key: &[&[u8]]) -> Result<()> {
+    let mut hasher = blake3::Hasher::new();
+    for part in key {
+        hasher.update(&(part.len() as u64).to_le_bytes());
+        hasher.update(part);
+    }
+    let digest = hasher.finalize();
+    let n = i64::from_le_bytes(digest.as_bytes()[..8].try_into().expect("8 bytes"));
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&n])
+        .await
+        .map_err(db)?;
     Ok(())
 }
 
@@ -328,9 +349,15 @@ impl PgIndex {
                             tracing::info!("took the database's one-server lock again");
                             break;
                         }
-                        Ok(None) => tracing::error!(
-                            "another cachet server took this database's one-server lock"
-                        ),
+                        Ok(None) => {
+                            // Two servers would each keep their guarantees in their own
+                            // memory, and one's collector delete what the other uses.
+                            tracing::error!(
+                                "another cachet server took this database's one-server \
+                                 lock while the database restarted: this one stops"
+                            );
+                            std::process::exit(1);
+                        }
                         Err(_) => {}
                     }
                 }
@@ -476,6 +503,12 @@ impl Index for PgIndex {
         if chunks.is_empty() {
             return Ok(());
         }
+        // In id order, as every writer of chunks goes (no two lock rows in opposite
+        // orders), and one record per id, the last (as the embedded index keeps it):
+        // an upsert cannot change one row twice.
+        let mut by_id: std::collections::BTreeMap<ChunkId, ChunkRef> = Default::default();
+        by_id.extend(chunks.iter().map(|c| (c.id, *c)));
+        let chunks: Vec<ChunkRef> = by_id.into_values().collect();
         let ids: Vec<&[u8]> = chunks.iter().map(|c| c.id.0.as_slice()).collect();
         let locations: Vec<Vec<u8>> = chunks
             .iter()
@@ -586,6 +619,7 @@ impl Index for PgIndex {
         .await
         .map_err(db)?;
         // The record it replaces, locked until the commit.
+        lock_record(&tx, &[b"upload", cache.as_str().as_bytes(), url.as_bytes()]).await?;
         let old = tx
             .query_opt(
                 "SELECT record FROM uploads WHERE cache = $1 AND url = $2 FOR UPDATE",
@@ -645,32 +679,38 @@ impl Index for PgIndex {
             .await
             .map_err(db)?;
         let path_key = path.as_bytes().as_slice();
-        let written = tx
-            .execute(
-                &insert,
-                &[
-                    &cache.as_str(),
-                    &path_key,
-                    &record.nar_hash.as_bytes().as_slice(),
-                    &int(record.nar_size),
-                    &int(record.file_size),
-                    &record.text.as_ref(),
-                ],
-            )
-            .await
-            .map_err(db)?
-            == 1;
-        let kept = if written {
-            record.nar_hash
-        } else {
+        // The first commit of the path writes it; a later one finds it. One deleted
+        // between the two steps (retention, a path deletion) is written again.
+        let (written, kept) = loop {
+            let inserted = tx
+                .execute(
+                    &insert,
+                    &[
+                        &cache.as_str(),
+                        &path_key,
+                        &record.nar_hash.as_bytes().as_slice(),
+                        &int(record.nar_size),
+                        &int(record.file_size),
+                        &record.text.as_ref(),
+                    ],
+                )
+                .await
+                .map_err(db)?;
+            if inserted == 1 {
+                break (true, record.nar_hash);
+            }
             let row = tx
-                .query_one(
+                .query_opt(
                     "SELECT nar_hash FROM narinfos WHERE cache = $1 AND path = $2",
                     &[&cache.as_str(), &path_key],
                 )
                 .await
                 .map_err(db)?;
-            sha_of(row.get(0), "narinfo").map_err(|_| IndexError::corrupt_narinfo(cache, path))?
+            if let Some(row) = row {
+                let kept = sha_of(row.get(0), "narinfo")
+                    .map_err(|_| IndexError::corrupt_narinfo(cache, path))?;
+                break (false, kept);
+            }
         };
         let mut delta = [0i64; 5];
         // The upload the narinfo takes up stops counting as pending.
@@ -881,6 +921,17 @@ impl Index for PgIndex {
         codec::encode_stored(stored, &mut value);
         let mut c = self.client().await?;
         let tx = c.transaction().await.map_err(db)?;
+        let kind_byte = [kind_number(kind) as u8];
+        lock_record(
+            &tx,
+            &[
+                b"blob",
+                &kind_byte,
+                cache.as_str().as_bytes(),
+                key.as_bytes(),
+            ],
+        )
+        .await?;
         let old = tx
             .query_opt(
                 "SELECT stored FROM blobs WHERE kind = $1 AND cache = $2 AND key = $3 FOR UPDATE",
@@ -1186,7 +1237,9 @@ impl Index for PgIndex {
         if ids.is_empty() {
             return Ok(());
         }
-        let keys: Vec<&[u8]> = ids.iter().map(|id| id.0.as_slice()).collect();
+        let mut sorted = ids.to_vec();
+        sorted.sort();
+        let keys: Vec<&[u8]> = sorted.iter().map(|id| id.0.as_slice()).collect();
         self.exec("DELETE FROM chunks WHERE id = ANY($1)", &[&keys])
             .await?;
         Ok(())
