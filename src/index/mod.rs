@@ -518,8 +518,10 @@ pub trait Index: Send + Sync + 'static {
     async fn check(&self) -> Result<()>;
 }
 
-/// Where one chunk is stored, if it is.
-pub async fn chunk(index: &dyn Index, id: &ChunkId) -> Result<Option<ChunkRef>> {
+/// Where one chunk is stored, if it is (for tests: the server looks chunks up in
+/// batches).
+#[cfg(test)]
+pub(crate) async fn chunk(index: &dyn Index, id: &ChunkId) -> Result<Option<ChunkRef>> {
     Ok(index
         .chunks(std::slice::from_ref(id))
         .await?

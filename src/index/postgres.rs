@@ -220,18 +220,32 @@ fn pending_of(u: &Upload) -> i64 {
     }
 }
 
+/// How to connect to the database of `settings`, naming the connection `application`
+/// (as `pg_stat_activity` shows it).
+fn connection_config(
+    settings: &PgSettings,
+    application: &str,
+) -> anyhow::Result<tokio_postgres::Config> {
+    let mut config: tokio_postgres::Config = settings
+        .url
+        .parse()
+        .map_err(|e| anyhow::anyhow!("index.url: {e}"))?;
+    if let Some(p) = &settings.password {
+        config.password(p.as_str());
+    }
+    config.connect_timeout(settings.connect_timeout);
+    config.application_name(application);
+    Ok(config)
+}
+
 /// A session of its own holding the one-server lock (the client, and the task of its
 /// connection, which ends with the session); `None` when another session holds it.
 async fn take_sole_lock(
     settings: &PgSettings,
 ) -> anyhow::Result<Option<(tokio_postgres::Client, tokio::task::JoinHandle<()>)>> {
-    let mut config: tokio_postgres::Config = settings.url.parse()?;
-    if let Some(p) = &settings.password {
-        config.password(p.as_str());
-    }
-    config.connect_timeout(settings.connect_timeout);
-    config.application_name("cachet (sole server)");
-    let (client, connection) = config.connect(NoTls).await?;
+    let (client, connection) = connection_config(settings, "cachet (sole server)")?
+        .connect(NoTls)
+        .await?;
     let session = tokio::spawn(async move {
         let _ = connection.await;
     });
@@ -245,17 +259,8 @@ async fn take_sole_lock(
 impl PgIndex {
     /// Connects, and brings the schema to this build's version.
     pub async fn open(settings: &PgSettings) -> anyhow::Result<Self> {
-        let mut config: tokio_postgres::Config = settings
-            .url
-            .parse()
-            .map_err(|e| anyhow::anyhow!("index.url: {e}"))?;
-        if let Some(p) = &settings.password {
-            config.password(p.as_str());
-        }
-        config.connect_timeout(settings.connect_timeout);
-        config.application_name("cachet");
         let manager = Manager::from_config(
-            config,
+            connection_config(settings, "cachet")?,
             NoTls,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,

@@ -2,6 +2,15 @@
 
 pub mod postgres;
 
+/// A port free on 127.0.0.1 a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// A small deterministic generator (xorshift64): the same inputs on every run, with no
 /// dependency on a random-number crate.
 pub struct Xorshift(pub u64);

@@ -64,15 +64,6 @@ impl Drop for TempDir {
     }
 }
 
-/// A port free on 127.0.0.1 a moment ago.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn is_root() -> bool {
     rustix::process::getuid().is_root()
 }
@@ -184,7 +175,7 @@ impl PgServer {
         };
         // A port taken between the choice and the start is tried again.
         for _ in 0..5 {
-            server.port = free_port();
+            server.port = super::free_port();
             if server.pg_ctl_start() {
                 return server;
             }

@@ -6,6 +6,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use cachet::testing::free_port;
+
 /// A running Garage node, stopped (killed) when dropped.
 pub struct Garage {
     dir: tempfile::TempDir,
@@ -15,14 +17,6 @@ pub struct Garage {
     pub bucket: String,
     pub key_id: String,
     pub secret: String,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Random hex digits, from the process's random source.

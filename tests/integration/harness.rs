@@ -74,13 +74,7 @@ impl TestCertificate {
     }
 }
 
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+pub use cachet::testing::free_port;
 
 /// A `cachet` process on a loopback port, with its data in a temporary directory.
 pub struct Server {
