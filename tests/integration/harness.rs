@@ -182,6 +182,7 @@ impl Server {
 
     fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(30);
+        let mut port_retries = 0;
         loop {
             if let Ok(r) = self.http().get(format!("{}/health", self.base())).send() {
                 if r.status().is_success() {
@@ -189,6 +190,16 @@ impl Server {
                 }
             }
             if let Some(status) = self.exited() {
+                // The port chosen was free a moment ago; another process may have
+                // taken it since (the tests start servers, clusters and clients at
+                // once): another port, a few times.
+                let taken = self.log().contains("Address already in use");
+                if taken && port_retries < 3 {
+                    port_retries += 1;
+                    self.port = free_port();
+                    self.spawn();
+                    continue;
+                }
                 panic!("cachet exited ({status}):\n{}", self.log());
             }
             assert!(
