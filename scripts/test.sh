@@ -6,7 +6,8 @@
 # $CACHET_NIX_CURRENT, default /var/tmp/cachet-nix-current), and Garage, the S3 store
 # the S3 tests start on loopback ports (built once with `cargo install`, about 15
 # minutes), and PostgreSQL's server binaries (Debian's postgresql; the tests start their
-# own clusters in temporary directories, as the postgres user, and stop them). Runs as
+# own clusters in temporary directories, as the postgres user, and stop them), and nginx
+# (the round-robin front of the replica tests, started on a loopback port). Runs as
 # root: the tests use Nix single-user, chroots and a small tmpfs.
 # Extra arguments go to `cargo test`.
 set -euo pipefail
@@ -16,6 +17,7 @@ missing=()
 command -v nix >/dev/null 2>&1 || missing+=(nix-bin)
 command -v python3 >/dev/null 2>&1 || missing+=(python3)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v nginx >/dev/null 2>&1 || missing+=(nginx-light)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
 if [ "${#missing[@]}" -gt 0 ]; then
   echo "installing ${missing[*]}" >&2
@@ -24,6 +26,8 @@ if [ "${#missing[@]}" -gt 0 ]; then
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
   # Debian's package starts a cluster of its own where it can; the tests run theirs.
+  # Nor its web server.
+  if command -v systemctl >/dev/null 2>&1; then $sudo systemctl stop nginx 2>/dev/null || true; fi
   if command -v pg_lsclusters >/dev/null 2>&1; then
     pg_lsclusters -h | while read -r version cluster _; do
       $sudo pg_ctlcluster "$version" "$cluster" stop 2>/dev/null || true

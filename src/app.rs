@@ -12,7 +12,7 @@ use crate::budget::Budget;
 use crate::caches::Caches;
 use crate::config::Config;
 use crate::config::IndexBackend;
-use crate::coord::{Coordination, LocalCoordination};
+use crate::coord::{Coordination, LocalCoordination, PgCoordination};
 use crate::index::{Index, PgIndex, PgSettings, SledIndex};
 use crate::ingest::Ingestor;
 use crate::metrics::Metrics;
@@ -104,13 +104,26 @@ fn remote_packs(config: &Config, errors: Counter, metrics: &Metrics) -> anyhow::
     Ok(packs.with_cache(cache))
 }
 
-/// The metadata database the config names, and its directory when it is local.
-async fn open_index(config: &Config) -> anyhow::Result<(Arc<dyn Index>, Option<PathBuf>)> {
+/// What the metadata lives in, and what the server's processes agree through.
+struct Metadata {
+    index: Arc<dyn Index>,
+    coord: Arc<dyn Coordination>,
+    /// The index's directory, when it is local.
+    dir: Option<PathBuf>,
+}
+
+/// The metadata database the config names: sled for one process (which coordinates
+/// with itself), or PostgreSQL for replicas (which coordinate through it).
+async fn open_index(config: &Config) -> anyhow::Result<Metadata> {
     match config.index.backend {
         IndexBackend::Sled => {
             let dir = config.data_dir.join("index");
             let index = SledIndex::open(&dir, config.index.cache_mib * 1024 * 1024)?;
-            Ok((Arc::new(index), Some(dir)))
+            Ok(Metadata {
+                index: Arc::new(index),
+                coord: Arc::new(LocalCoordination::default()),
+                dir: Some(dir),
+            })
         }
         IndexBackend::Postgres => {
             let password = match &config.index.password_file {
@@ -124,8 +137,12 @@ async fn open_index(config: &Config) -> anyhow::Result<(Arc<dyn Index>, Option<P
                 connect_timeout: Duration::from_secs(config.index.connect_timeout_secs),
             };
             let index = PgIndex::open(&settings).await?;
-            index.claim_sole_server().await?;
-            Ok((Arc::new(index), None))
+            let coord = PgCoordination::open(&settings, crate::coord::LEASE_TIME).await?;
+            Ok(Metadata {
+                index: Arc::new(index),
+                coord: Arc::new(coord),
+                dir: None,
+            })
         }
     }
 }
@@ -150,8 +167,11 @@ impl App {
             }
             None => Ballast::remove_at(&ballast_path),
         }
-        let (index, index_dir) = open_index(&config).await.map_err(explain)?;
-        let coord: Arc<dyn Coordination> = Arc::new(LocalCoordination::default());
+        let Metadata {
+            index,
+            coord,
+            dir: index_dir,
+        } = open_index(&config).await.map_err(explain)?;
         let metrics = Arc::new(Metrics::new());
         let errors = metrics.storage_errors.clone();
         let mut local_dirs: Vec<PathBuf> = index_dir.into_iter().collect();
@@ -176,12 +196,16 @@ impl App {
             metrics.clone(),
             space.clone(),
         );
+        // Of processes starting at once on an empty database, one makes the caches and
+        // the admin token; the others find them.
+        let first_start = coord.first_start().await?;
         let caches = Caches::open(index.clone(), coord.clone(), &config)
             .await
             .map_err(explain)?;
         let (auth, admin_token) = Authorizer::open(index.clone(), coord.clone(), &config.data_dir)
             .await
             .map_err(explain)?;
+        drop(first_start);
         let serve = serve::Source {
             store: packs.clone(),
             index: index.clone(),

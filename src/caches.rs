@@ -695,7 +695,7 @@ mod tests {
             .unwrap();
         let coord = crate::coord::LocalCoordination::default();
         let made = a
-            .create(&coord.exclusive(&name("ci")).await, new_cache())
+            .create(&coord.exclusive(&name("ci")).await.unwrap(), new_cache())
             .await
             .unwrap();
         // No key file anywhere; the record holds the key sealed, not in plain text.
@@ -714,7 +714,7 @@ mod tests {
         assert!(made.public_key().verify("fingerprint", &sig));
         // A rotation through one is the other's too.
         let (rotated, added) = a
-            .add_signer(&coord.exclusive(&name("ci")).await, None)
+            .add_signer(&coord.exclusive(&name("ci")).await.unwrap(), None)
             .await
             .unwrap();
         assert!(added && rotated.signers.len() == 2);
@@ -788,7 +788,7 @@ mod tests {
         let coord = crate::coord::LocalCoordination::default();
         let ci = caches.get(&name("ci")).unwrap();
         assert!(ci.declared && !ci.public);
-        let lock = coord.exclusive(&name("ci")).await;
+        let lock = coord.exclusive(&name("ci")).await.unwrap();
         let publish = CacheChange {
             public: Some(true),
             ..CacheChange::default()
@@ -830,7 +830,7 @@ mod tests {
         );
         drop(lock);
 
-        let tmp = coord.exclusive(&name("tmp")).await;
+        let tmp = coord.exclusive(&name("tmp")).await.unwrap();
         let made = caches.create(&tmp, new_cache()).await.unwrap();
         assert!(matches!(
             caches.create(&tmp, new_cache()).await,
@@ -840,7 +840,7 @@ mod tests {
         assert!(file.exists());
         caches.delete(&tmp).await.unwrap();
         assert!(!file.exists() && caches.get(&name("tmp")).is_none());
-        let reserved = coord.exclusive(&name("metrics")).await;
+        let reserved = coord.exclusive(&name("metrics")).await.unwrap();
         assert!(matches!(
             caches.create(&reserved, new_cache()).await,
             Err(Error::BadBody(_))

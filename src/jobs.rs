@@ -28,7 +28,8 @@ impl Progress {
         self.bytes.fetch_add(bytes, Ordering::Relaxed);
     }
 
-    fn snapshot(&self) -> (&'static str, u64, u64) {
+    /// The phase, and its items and bytes so far.
+    pub fn snapshot(&self) -> (&'static str, u64, u64) {
         (
             *self.phase.lock().expect("never poisoned"),
             self.items.load(Ordering::Relaxed),
@@ -40,7 +41,8 @@ impl Progress {
 /// What a job is, as the admin API shows it.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct JobStatus {
-    /// Its number, counted from the server's start.
+    /// Its number: counted from the server's start by one process, or the
+    /// database's over replicas.
     pub id: u64,
     /// `gc` or `verify`.
     pub kind: String,
@@ -79,7 +81,7 @@ pub struct Jobs {
 #[derive(Debug)]
 pub struct Busy {
     /// What runs.
-    pub kind: &'static str,
+    pub kind: String,
     /// Since when.
     pub started: u64,
 }
@@ -94,7 +96,7 @@ impl Jobs {
         let mut last = self.last.lock().expect("never poisoned");
         if let Some(job) = last.as_ref().filter(|j| j.outcome.is_none()) {
             return Err(Busy {
-                kind: job.kind,
+                kind: job.kind.to_owned(),
                 started: job.started,
             });
         }

@@ -270,11 +270,16 @@ async fn check_nar(
     Ok(broken)
 }
 
-/// Starts a verification as the server's job.
-pub fn start(app: &Arc<App>, options: Options) -> std::result::Result<u64, crate::jobs::Busy> {
+/// Starts a verification as the servers' one job.
+pub async fn start(
+    app: &Arc<App>,
+    options: Options,
+) -> std::result::Result<u64, crate::coord::JobRefused> {
     let running = app.clone();
-    app.coord.start_job(
-        "verify",
-        crate::coord::job(move |p| run(running, options, p)),
-    )
+    app.coord
+        .start_job(
+            "verify",
+            crate::coord::job(move |p| run(running, options, p)),
+        )
+        .await
 }

@@ -1,6 +1,7 @@
 //! The contract every `Coordination` keeps, as test cases over two handles of one
 //! coordination (two processes' views of one database). An implementation runs them
-//! with `crate::coord::contract::tests!(open)`, where `open()` returns the two handles.
+//! with `crate::coord::contract::tests!(open)`, where `open().await` returns what must
+//! be kept while they are used, and the two handles.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,7 +24,7 @@ async fn completes<F: std::future::Future>(ms: u64, f: F) -> Option<F::Output> {
 pub async fn a_barrier_waits_for_earlier_leases_of_every_handle(
     [a, b]: [Arc<dyn Coordination>; 2],
 ) {
-    assert!(b.barrier(Duration::ZERO).await);
+    assert!(b.barrier(Duration::from_secs(5)).await);
     let old = a.lease();
     assert!(!b.barrier(Duration::from_millis(50)).await);
     let waiting = {
@@ -42,35 +43,45 @@ pub async fn a_barrier_waits_for_earlier_leases_of_every_handle(
 }
 
 pub async fn exclusive_waits_for_shared_of_every_handle([a, b]: [Arc<dyn Coordination>; 2]) {
-    let shared = a.shared(&cache("main")).await;
+    let shared = a.shared(&cache("main")).await.unwrap();
     // Other caches are not held.
     assert!(completes(1_000, b.exclusive(&cache("other")))
         .await
-        .is_some());
+        .is_some_and(|r| r.is_ok()));
     assert!(completes(100, b.exclusive(&cache("main"))).await.is_none());
     let second = completes(1_000, b.shared(&cache("main"))).await;
-    assert!(second.is_some(), "shared holds do not exclude each other");
+    assert!(
+        second.as_ref().is_some_and(|r| r.is_ok()),
+        "shared holds do not exclude each other"
+    );
     drop((shared, second));
-    let exclusive = completes(5_000, b.exclusive(&cache("main"))).await.unwrap();
+    let exclusive = completes(5_000, b.exclusive(&cache("main")))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(exclusive.name(), &cache("main"));
     assert!(completes(100, a.shared(&cache("main"))).await.is_none());
     assert!(completes(100, a.exclusive(&cache("main"))).await.is_none());
     drop(exclusive);
-    assert!(completes(5_000, a.shared(&cache("main"))).await.is_some());
+    assert!(completes(5_000, a.shared(&cache("main")))
+        .await
+        .is_some_and(|r| r.is_ok()));
 }
 
 pub async fn key_changes_of_a_cache_are_one_at_a_time([a, b]: [Arc<dyn Coordination>; 2]) {
-    let walking = a.key_change(&cache("main")).await;
+    let walking = a.key_change(&cache("main")).await.unwrap();
     assert!(completes(100, b.key_change(&cache("main"))).await.is_none());
     assert!(completes(1_000, b.key_change(&cache("other")))
         .await
-        .is_some());
+        .is_some_and(|r| r.is_ok()));
     // A walk does not hold off publications.
-    assert!(completes(1_000, b.shared(&cache("main"))).await.is_some());
+    assert!(completes(1_000, b.shared(&cache("main")))
+        .await
+        .is_some_and(|r| r.is_ok()));
     drop(walking);
     assert!(completes(5_000, b.key_change(&cache("main")))
         .await
-        .is_some());
+        .is_some_and(|r| r.is_ok()));
 }
 
 pub async fn one_job_runs_at_a_time_and_every_handle_follows_it(
@@ -89,18 +100,24 @@ pub async fn one_job_runs_at_a_time_and_every_handle_follows_it(
                 })
             }),
         )
+        .await
         .unwrap();
     let busy = b
         .start_job(
             "verify",
             Box::new(|_| Box::pin(async { Ok(serde_json::Value::Null) })),
         )
+        .await
         .unwrap_err();
+    let super::JobRefused::Busy(busy) = busy else {
+        panic!("{busy}")
+    };
     assert_eq!(busy.kind, "gc");
     let status = loop {
         let s = b
             .job(id)
             .await
+            .unwrap()
             .expect("the job is visible through the other handle");
         if s.phase == "waiting" {
             break s;
@@ -110,7 +127,7 @@ pub async fn one_job_runs_at_a_time_and_every_handle_follows_it(
     assert_eq!((status.kind.as_str(), status.done), ("gc", false));
     finish.send(()).unwrap();
     let done = loop {
-        let s = b.job(id).await.unwrap();
+        let s = b.job(id).await.unwrap().unwrap();
         if s.done {
             break s;
         }
@@ -122,6 +139,7 @@ pub async fn one_job_runs_at_a_time_and_every_handle_follows_it(
             "verify",
             Box::new(|_| Box::pin(async { Ok(serde_json::Value::Null) })),
         )
+        .await
         .unwrap();
     assert_ne!(next, id);
 }
@@ -156,7 +174,8 @@ macro_rules! tests {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
-                    crate::coord::contract::$name($open()).await;
+                    let (_keep, handles) = $open().await;
+                    crate::coord::contract::$name(handles).await;
                 }
             )*
         }

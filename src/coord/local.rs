@@ -7,8 +7,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::epochs::Epochs;
-use super::{Change, Coordination, Exclusive, JobWork, KeyChange, Lease, Shared};
-use crate::jobs::{Busy, JobStatus, Jobs};
+use super::{
+    Change, Coordination, Exclusive, FirstStart, JobRefused, JobWork, KeyChange, Lease, Result,
+    Shared,
+};
+use crate::jobs::{JobStatus, Jobs};
 use crate::nix::CacheName;
 
 /// The locks of one cache name.
@@ -40,6 +43,12 @@ impl Default for LocalCoordination {
 }
 
 impl LocalCoordination {
+    /// Tells this process's subscribers of `change`.
+    pub(super) fn tell(&self, change: Change) {
+        // No subscriber is no one to tell.
+        let _ = self.notices.send(change);
+    }
+
     fn locks(&self, name: &CacheName) -> Arc<CacheLocks> {
         self.locks
             .lock()
@@ -64,30 +73,42 @@ impl Coordination for LocalCoordination {
         self.epochs.running()
     }
 
-    async fn shared(&self, cache: &CacheName) -> Shared {
-        Shared::new(self.locks(cache).changes.clone().read_owned().await)
+    async fn shared(&self, cache: &CacheName) -> Result<Shared> {
+        Ok(Shared::new(
+            self.locks(cache).changes.clone().read_owned().await,
+        ))
     }
 
-    async fn exclusive(&self, cache: &CacheName) -> Exclusive {
+    async fn exclusive(&self, cache: &CacheName) -> Result<Exclusive> {
         let held = self.locks(cache).changes.clone().write_owned().await;
-        Exclusive::new(cache.clone(), held)
+        Ok(Exclusive::new(cache.clone(), held))
     }
 
-    async fn key_change(&self, cache: &CacheName) -> KeyChange {
-        KeyChange::new(self.locks(cache).keys.clone().lock_owned().await)
+    async fn key_change(&self, cache: &CacheName) -> Result<KeyChange> {
+        Ok(KeyChange::new(
+            self.locks(cache).keys.clone().lock_owned().await,
+        ))
     }
 
-    fn start_job(&self, kind: &'static str, work: JobWork) -> Result<u64, Busy> {
-        self.jobs.start(kind, work)
+    async fn first_start(&self) -> Result<FirstStart> {
+        // One process: no other starts beside it.
+        Ok(FirstStart::new(()))
     }
 
-    async fn job(&self, id: u64) -> Option<JobStatus> {
-        self.jobs.status(id)
+    async fn start_job(
+        &self,
+        kind: &'static str,
+        work: JobWork,
+    ) -> std::result::Result<u64, JobRefused> {
+        self.jobs.start(kind, work).map_err(JobRefused::Busy)
+    }
+
+    async fn job(&self, id: u64) -> Result<Option<JobStatus>> {
+        Ok(self.jobs.status(id))
     }
 
     async fn announce(&self, change: Change) {
-        // No subscriber is no one to tell.
-        let _ = self.notices.send(change);
+        self.tell(change);
     }
 
     fn changes(&self) -> tokio::sync::broadcast::Receiver<Change> {
@@ -99,10 +120,10 @@ impl Coordination for LocalCoordination {
 mod tests {
     use super::*;
 
-    fn open() -> [Arc<dyn Coordination>; 2] {
+    async fn open() -> ((), [Arc<dyn Coordination>; 2]) {
         // Two handles of one process's coordination are the same one.
         let one: Arc<dyn Coordination> = Arc::new(LocalCoordination::default());
-        [one.clone(), one]
+        ((), [one.clone(), one])
     }
 
     crate::coord::contract::tests!(open);

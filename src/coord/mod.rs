@@ -21,17 +21,23 @@
 pub(crate) mod contract;
 mod epochs;
 mod local;
+mod postgres;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
 
+use crate::index::IndexError;
 use crate::jobs::{Busy, JobStatus, Progress};
 use crate::nix::CacheName;
 use crate::store::PackId;
 
 pub use local::LocalCoordination;
+pub use postgres::{PgCoordination, LEASE_TIME};
+
+/// What a coordination call ends in: the database behind it may be unavailable.
+pub type Result<T> = std::result::Result<T, IndexError>;
 
 /// Something held, released when dropped: what the guards below keep.
 type Held = Box<dyn Send + Sync>;
@@ -100,6 +106,33 @@ impl KeyChange {
     }
 }
 
+/// Held by the process that creates what a first start needs (the configured caches,
+/// the admin token), so that of several starting at once one creates and the others
+/// find it made.
+pub struct FirstStart {
+    _held: Held,
+}
+
+impl FirstStart {
+    /// A hold that lasts until `held` drops.
+    pub fn new(held: impl Send + Sync + 'static) -> Self {
+        Self {
+            _held: Box::new(held),
+        }
+    }
+}
+
+/// Why a job was not started.
+#[derive(Debug, thiserror::Error)]
+pub enum JobRefused {
+    /// Another job runs.
+    #[error("a {} is running", .0.kind)]
+    Busy(Busy),
+    /// The coordination could not be reached.
+    #[error(transparent)]
+    Unavailable(#[from] IndexError),
+}
+
 /// What changed, for the processes that keep copies of it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
@@ -112,13 +145,15 @@ pub enum Change {
 }
 
 /// The work of a job, started with its progress to report to.
-pub type JobWork =
-    Box<dyn FnOnce(Arc<Progress>) -> BoxFuture<'static, Result<serde_json::Value, String>> + Send>;
+pub type JobWork = Box<
+    dyn FnOnce(Arc<Progress>) -> BoxFuture<'static, std::result::Result<serde_json::Value, String>>
+        + Send,
+>;
 
 /// The work of a job from a function that runs it to its report.
 pub fn job<F, R, E>(run: impl FnOnce(Arc<Progress>) -> F + Send + 'static) -> JobWork
 where
-    F: std::future::Future<Output = Result<R, E>> + Send + 'static,
+    F: std::future::Future<Output = std::result::Result<R, E>> + Send + 'static,
     R: serde::Serialize,
     E: std::fmt::Display,
 {
@@ -144,16 +179,22 @@ pub trait Coordination: Send + Sync + 'static {
     fn running(&self) -> usize;
 
     /// Holds off changes of `cache` (see the module's comment).
-    async fn shared(&self, cache: &CacheName) -> Shared;
+    async fn shared(&self, cache: &CacheName) -> Result<Shared>;
     /// Waits for the publications to `cache` under way, and holds off new ones.
-    async fn exclusive(&self, cache: &CacheName) -> Exclusive;
+    async fn exclusive(&self, cache: &CacheName) -> Result<Exclusive>;
     /// Held through a whole change of `cache`'s keys, or its deletion.
-    async fn key_change(&self, cache: &CacheName) -> KeyChange;
+    async fn key_change(&self, cache: &CacheName) -> Result<KeyChange>;
+    /// Held while a process creates what a first start needs.
+    async fn first_start(&self) -> Result<FirstStart>;
 
     /// Starts `work` as the one job of `kind`, unless a job runs anywhere.
-    fn start_job(&self, kind: &'static str, work: JobWork) -> Result<u64, Busy>;
-    /// How job `id` goes, if it is the last one.
-    async fn job(&self, id: u64) -> Option<JobStatus>;
+    async fn start_job(
+        &self,
+        kind: &'static str,
+        work: JobWork,
+    ) -> std::result::Result<u64, JobRefused>;
+    /// How job `id` goes, if it is known.
+    async fn job(&self, id: u64) -> Result<Option<JobStatus>>;
 
     /// Tells every handle's subscribers of `change`.
     async fn announce(&self, change: Change);

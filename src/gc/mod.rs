@@ -132,11 +132,15 @@ fn short(id: &ChunkId) -> u64 {
     u64::from_le_bytes(id.0[..8].try_into().expect("8 bytes"))
 }
 
-/// Starts a collection as the server's job.
-pub fn start(app: &Arc<App>, options: Options) -> std::result::Result<u64, crate::jobs::Busy> {
+/// Starts a collection as the servers' one job.
+pub async fn start(
+    app: &Arc<App>,
+    options: Options,
+) -> std::result::Result<u64, crate::coord::JobRefused> {
     let running = app.clone();
     app.coord
         .start_job("gc", crate::coord::job(move |p| run(running, options, p)))
+        .await
 }
 
 /// Runs one collection: retention, then marking from the roots, unlinking what is
@@ -228,7 +232,7 @@ async fn apply_retention(
             evicted.extend(doomed.into_iter().map(|p| (name.clone(), p)));
         } else {
             for batch in doomed.chunks(BATCH) {
-                let _lock = app.coord.exclusive(&name).await;
+                let _lock = app.coord.exclusive(&name).await?;
                 deleted += delete_unreferred(index, &name, batch).await?;
                 progress.add(deleted, 0);
             }
@@ -297,7 +301,7 @@ async fn unlink_dead(
         // upload or a NAR record and committing the narinfo that claims it.
         let mut locks = Vec::with_capacity(names.len());
         for n in &names {
-            locks.push(app.coord.exclusive(n).await);
+            locks.push(app.coord.exclusive(n).await?);
         }
         let (u, n) = unlink(app.index.as_ref(), &names, &take_u, &take_n).await?;
         drop(locks);

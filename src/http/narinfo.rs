@@ -98,7 +98,7 @@ pub async fn put(
         File::NarInfo(hash) => {
             // The cache as it is now, held so: a key change waits for this commit, and
             // one made while the body arrived is signed with (see `caches`).
-            let _unchanged = app.coord.shared(&cache).await;
+            let _unchanged = app.coord.shared(&cache).await?;
             let cache = creds.cache(&app, &cache, Permission::Push)?;
             let quota = app.config.quota.of(cache.record.quota_bytes);
             let published = publish::publish(&app.index, &cache, hash, &body, quota).await?;

@@ -12,7 +12,7 @@ mod codec;
 #[cfg(test)]
 pub(crate) mod contract;
 mod memory;
-mod postgres;
+pub(crate) mod postgres;
 mod sled_index;
 
 use bytes::Bytes;

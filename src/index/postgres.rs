@@ -25,7 +25,10 @@ use crate::nix::{CacheName, NarUrl, Sha256, StorePathHash};
 use crate::store::{ChunkId, ChunkRef, Manifest, ManifestId, Stored};
 
 /// The migrations, in order; the schema's version is how many have been applied.
-const MIGRATIONS: &[&str] = &[include_str!("postgres/0001_init.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("postgres/0001_init.sql"),
+    include_str!("postgres/0002_coordination.sql"),
+];
 
 /// The advisory lock held while migrating (any fixed number, the same in every build).
 const MIGRATION_LOCK: i64 = 0x6361_6368_6574_0001;
@@ -43,18 +46,13 @@ pub struct PgSettings {
     pub connect_timeout: Duration,
 }
 
-/// The advisory lock of the one server a database has until servers coordinate
-/// through it (`PgIndex::claim_sole_server`).
-const SOLE_SERVER_LOCK: i64 = 0x6361_6368_6574_0002;
-
 /// Metadata in PostgreSQL.
 pub struct PgIndex {
     pool: Pool,
-    settings: PgSettings,
 }
 
 /// An error of the database or of reaching it, named by what it means to a client.
-fn db(e: tokio_postgres::Error) -> IndexError {
+pub(crate) fn db(e: tokio_postgres::Error) -> IndexError {
     if let Some(state) = e.code() {
         if *state == SqlState::DISK_FULL {
             return IndexError::DiskFull(e.to_string());
@@ -222,7 +220,7 @@ fn pending_of(u: &Upload) -> i64 {
 
 /// How to connect to the database of `settings`, naming the connection `application`
 /// (as `pg_stat_activity` shows it).
-fn connection_config(
+pub(crate) fn connection_config(
     settings: &PgSettings,
     application: &str,
 ) -> anyhow::Result<tokio_postgres::Config> {
@@ -236,24 +234,6 @@ fn connection_config(
     config.connect_timeout(settings.connect_timeout);
     config.application_name(application);
     Ok(config)
-}
-
-/// A session of its own holding the one-server lock (the client, and the task of its
-/// connection, which ends with the session); `None` when another session holds it.
-async fn take_sole_lock(
-    settings: &PgSettings,
-) -> anyhow::Result<Option<(tokio_postgres::Client, tokio::task::JoinHandle<()>)>> {
-    let (client, connection) = connection_config(settings, "cachet (sole server)")?
-        .connect(NoTls)
-        .await?;
-    let session = tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    let got: bool = client
-        .query_one("SELECT pg_try_advisory_lock($1)", &[&SOLE_SERVER_LOCK])
-        .await?
-        .get(0);
-    Ok(got.then_some((client, session)))
 }
 
 impl PgIndex {
@@ -273,10 +253,7 @@ impl PgIndex {
             .runtime(deadpool_postgres::Runtime::Tokio1)
             .build()
             .map_err(|e| anyhow::anyhow!("the metadata database's pool: {e}"))?;
-        let index = Self {
-            pool,
-            settings: settings.clone(),
-        };
+        let index = Self { pool };
         index
             .migrate()
             .await
@@ -325,50 +302,6 @@ impl PgIndex {
             .await
             .map_err(db)?;
         done
-    }
-
-    /// Makes this the one server of the database for as long as it runs: the
-    /// guarantees that several servers must share (leases, cache locks, the one job)
-    /// are still kept in this process's memory, so a second server over the same
-    /// database is refused at its start rather than let break them. The lock is a
-    /// session's: it goes with this process; when the database restarts, it is taken
-    /// again as soon as the database is back.
-    pub async fn claim_sole_server(&self) -> anyhow::Result<()> {
-        let held = take_sole_lock(&self.settings).await?.ok_or_else(|| {
-            anyhow::anyhow!(
-                "another cachet server uses this database: this build runs one server per \
-                 database (several need the coordination of replicas over it)"
-            )
-        })?;
-        let settings = self.settings.clone();
-        tokio::spawn(async move {
-            let (mut _client, mut session) = held;
-            loop {
-                let _ = (&mut session).await;
-                tracing::warn!("the session holding the database's one-server lock ended");
-                loop {
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    match take_sole_lock(&settings).await {
-                        Ok(Some(again)) => {
-                            (_client, session) = again;
-                            tracing::info!("took the database's one-server lock again");
-                            break;
-                        }
-                        Ok(None) => {
-                            // Two servers would each keep their guarantees in their own
-                            // memory, and one's collector delete what the other uses.
-                            tracing::error!(
-                                "another cachet server took this database's one-server \
-                                 lock while the database restarted: this one stops"
-                            );
-                            std::process::exit(1);
-                        }
-                        Err(_) => {}
-                    }
-                }
-            }
-        });
-        Ok(())
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Client> {

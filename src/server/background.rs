@@ -91,11 +91,11 @@ pub async fn scheduled_gc(app: Arc<App>) {
             now: crate::clock::now(),
             compact: false,
         };
-        match crate::gc::start(&app, options) {
+        match crate::gc::start(&app, options).await {
             Ok(id) => tracing::info!(job = id, "scheduled garbage collection started"),
-            Err(busy) => tracing::info!(
-                running = busy.kind,
-                "scheduled garbage collection skipped: a job is running"
+            Err(refused) => tracing::info!(
+                why = %refused,
+                "scheduled garbage collection skipped"
             ),
         }
     }

@@ -1,6 +1,7 @@
 //! A real S3-compatible store for the tests: a single-node Garage on loopback ports,
-//! its data in a temporary directory, with one bucket and one key. The `garage`
-//! binary must be on PATH (`scripts/test.sh` installs it when missing).
+//! its data in a temporary directory, with one bucket and one key; or a cluster of
+//! three such nodes that keep every object on all three. The `garage` binary must be
+//! on PATH (`scripts/test.sh` installs it when missing).
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
@@ -13,6 +14,7 @@ pub struct Garage {
     dir: tempfile::TempDir,
     config: PathBuf,
     child: Option<Child>,
+    rpc_port: u16,
     pub s3_port: u16,
     pub bucket: String,
     pub key_id: String,
@@ -32,8 +34,37 @@ impl Garage {
     /// Starts a node and makes its layout, bucket `cachet` and a key with every right
     /// on it.
     pub fn start() -> Self {
+        let mut g = Self::node(1, &hex(32));
+        let id = g.node_id();
+        g.setup(&[id]);
+        g
+    }
+
+    /// Starts three nodes that replicate every object three times (a write or a read
+    /// needs two of them), with the bucket and key of `start` on the first; every
+    /// node serves S3.
+    pub fn cluster() -> [Self; 3] {
+        let secret = hex(32);
+        let mut nodes = [(); 3].map(|()| Self::node(3, &secret));
+        let ids: Vec<String> = nodes.iter().map(Self::node_id).collect();
+        for (n, id) in nodes.iter().zip(&ids).skip(1) {
+            nodes[0].cli(&["node", "connect", &format!("{id}@127.0.0.1:{}", n.rpc_port)]);
+        }
+        nodes[0].setup(&ids);
+        let (key_id, key_secret) = (nodes[0].key_id.clone(), nodes[0].secret.clone());
+        for n in &mut nodes[1..] {
+            n.key_id = key_id.clone();
+            n.secret = key_secret.clone();
+            n.wait(|n| n.cli_quiet(&["bucket", "info", "cachet"]));
+        }
+        nodes
+    }
+
+    /// A node started with its config: `replication` copies of each object, joined by
+    /// the nodes that share `rpc_secret`.
+    fn node(replication: u8, rpc_secret: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let (rpc, s3_port) = (free_port(), free_port());
+        let (rpc_port, s3_port) = (free_port(), free_port());
         let root = dir.path();
         let config = root.join("garage.toml");
         std::fs::write(
@@ -42,17 +73,16 @@ impl Garage {
                 "metadata_dir = \"{meta}\"\n\
                  data_dir = \"{data}\"\n\
                  db_engine = \"sqlite\"\n\
-                 replication_factor = 1\n\
-                 rpc_bind_addr = \"127.0.0.1:{rpc}\"\n\
-                 rpc_public_addr = \"127.0.0.1:{rpc}\"\n\
-                 rpc_secret = \"{secret}\"\n\
+                 replication_factor = {replication}\n\
+                 rpc_bind_addr = \"127.0.0.1:{rpc_port}\"\n\
+                 rpc_public_addr = \"127.0.0.1:{rpc_port}\"\n\
+                 rpc_secret = \"{rpc_secret}\"\n\
                  [s3_api]\n\
                  s3_region = \"garage\"\n\
                  api_bind_addr = \"127.0.0.1:{s3_port}\"\n\
                  root_domain = \".s3.garage.localhost\"\n",
                 meta = root.join("meta").display(),
                 data = root.join("data").display(),
-                secret = hex(32),
             ),
         )
         .unwrap();
@@ -60,6 +90,7 @@ impl Garage {
             dir,
             config,
             child: None,
+            rpc_port,
             s3_port,
             bucket: "cachet".into(),
             key_id: format!("GK{}", hex(12)),
@@ -67,17 +98,27 @@ impl Garage {
         };
         g.spawn();
         g.wait(|g| g.cli_quiet(&["status"]));
-        let node = g.cli(&["node", "id", "-q"]);
-        let node = node.trim().split('@').next().unwrap().to_owned();
-        g.cli(&["layout", "assign", "-z", "dc1", "-c", "1G", &node]);
-        g.cli(&["layout", "apply", "--version", "1"]);
-        g.cli(&["bucket", "create", "cachet"]);
-        let (id, secret) = (g.key_id.clone(), g.secret.clone());
-        g.cli(&["key", "import", "--yes", "-n", "cachet", &id, &secret]);
-        g.cli(&[
+        g
+    }
+
+    fn node_id(&self) -> String {
+        let node = self.cli(&["node", "id", "-q"]);
+        node.trim().split('@').next().unwrap().to_owned()
+    }
+
+    /// The layout of `nodes` (one zone each), the bucket and the key.
+    fn setup(&mut self, nodes: &[String]) {
+        for (zone, node) in nodes.iter().enumerate() {
+            let zone = format!("dc{zone}");
+            self.cli(&["layout", "assign", "-z", &zone, "-c", "1G", node]);
+        }
+        self.cli(&["layout", "apply", "--version", "1"]);
+        self.cli(&["bucket", "create", "cachet"]);
+        let (id, secret) = (self.key_id.clone(), self.secret.clone());
+        self.cli(&["key", "import", "--yes", "-n", "cachet", &id, &secret]);
+        self.cli(&[
             "bucket", "allow", "--read", "--write", "--owner", "cachet", "--key", &id,
         ]);
-        g
     }
 
     fn spawn(&mut self) {

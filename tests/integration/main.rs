@@ -18,6 +18,7 @@ mod postgres;
 mod pressure;
 mod private_caches;
 mod quota;
+mod replicas;
 mod s3;
 mod space;
 mod tenancy;

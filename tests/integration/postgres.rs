@@ -1,9 +1,8 @@
 //! The server on PostgreSQL (`index.type = "postgres"`), on a cluster each test starts
 //! on a loopback port: the real Nix clients push and pull through it, what it
 //! committed is served again after the server restarts, a database that goes away is
-//! 503 and not ready until it is back (no restart of the server), and a second server
-//! over the same database is refused at its start, and a sled index migrated into
-//! PostgreSQL serves what it served.
+//! 503 and not ready until it is back (no restart of the server), and a sled index
+//! migrated into PostgreSQL serves what it served. Replicas: `replicas.rs`.
 
 use std::time::{Duration, Instant};
 
@@ -77,54 +76,9 @@ fn a_database_that_goes_away_is_503_and_not_ready_until_it_is_back() {
     db.start_again();
     assert_eq!(status_within(&missing, 404, 20), 404);
     assert_eq!(status_within(&ready_url, 200, 20), 200);
-    // It writes again, and holds the database as its own again.
+    // It writes again.
     let token = server.new_token("after", "push", &["main"]);
     assert!(!token.is_empty());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut out = another_server(&url);
-    while !refused(&out) && Instant::now() < deadline {
-        out = another_server(&url);
-    }
-    assert!(refused(&out), "{}", String::from_utf8_lossy(&out.stderr));
-}
-
-/// Starts another server over the database at `url`: how it ended.
-fn another_server(url: &str) -> std::process::Output {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("cachet.toml");
-    std::fs::write(&path, config(url)).unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_cachet"))
-        .arg("--listen")
-        .arg(format!("127.0.0.1:{}", crate::harness::free_port()))
-        .arg("--data-dir")
-        .arg(dir.path().join("data"))
-        .arg("--config")
-        .arg(&path)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    // One that starts is stopped: the test then fails on its success.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while child.try_wait().unwrap().is_none() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let _ = child.kill();
-    child.wait_with_output().unwrap()
-}
-
-fn refused(out: &std::process::Output) -> bool {
-    let said = String::from_utf8_lossy(&out.stderr);
-    !out.status.success() && said.contains("another cachet server uses this database")
-}
-
-#[test]
-fn a_second_server_over_the_same_database_is_refused() {
-    let db = PgServer::start();
-    let url = db.database("cachet");
-    let _first = Server::with_config(&config(&url));
-    let out = another_server(&url);
-    assert!(refused(&out), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
 #[test]
@@ -200,9 +154,13 @@ fn statements(db: &PgServer, name: &str) -> Vec<(u64, String)> {
          ON d.oid = s.dbid WHERE d.datname = current_database() \
          AND s.query NOT ILIKE '%pg_stat_statements%' ORDER BY s.query",
     );
-    // The writer of fetches runs on its own every 15 s: its statements are not a
-    // request's.
-    let background = ["INSERT INTO accesses", "AND nar_hash = $2 ORDER BY path"];
+    // The writer of fetches runs on its own every 15 s, and the heartbeat of the
+    // coordination every half second: their statements are not a request's.
+    let background = [
+        "INSERT INTO accesses",
+        "AND nar_hash = $2 ORDER BY path",
+        "coord_servers",
+    ];
     out.lines()
         .filter_map(|l| l.split_once('|'))
         .filter(|(_, query)| !background.iter().any(|b| query.contains(b)))

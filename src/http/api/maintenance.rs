@@ -16,12 +16,13 @@ use serde::Deserialize;
 use super::types::{AddPin, GcRequest, JobStarted, VerifyRequest};
 use super::{detached, json, json_or_default};
 use crate::app::App;
+use crate::coord::JobRefused;
 use crate::error::{Error, Result};
 use crate::gc::stats::Stats;
 use crate::grants::Permission;
 use crate::http::extract::Credentials;
 use crate::index::PinRecord;
-use crate::jobs::{Busy, JobStatus};
+use crate::jobs::JobStatus;
 use crate::nix::{CacheName, StorePath};
 
 fn cache_name(name: Option<String>) -> Result<Option<CacheName>> {
@@ -32,10 +33,11 @@ fn cache_name(name: Option<String>) -> Result<Option<CacheName>> {
     .transpose()
 }
 
-fn started(r: std::result::Result<u64, Busy>) -> Result<(StatusCode, Json<JobStarted>)> {
+fn started(r: std::result::Result<u64, JobRefused>) -> Result<(StatusCode, Json<JobStarted>)> {
     match r {
         Ok(id) => Ok((StatusCode::ACCEPTED, Json(JobStarted { id }))),
-        Err(busy) => Err(Error::Conflict(format!(
+        Err(JobRefused::Unavailable(e)) => Err(e.into()),
+        Err(JobRefused::Busy(busy)) => Err(Error::Conflict(format!(
             "a {} is running (started {} s ago); one job at a time",
             busy.kind,
             crate::clock::now().saturating_sub(busy.started)
@@ -62,7 +64,7 @@ pub async fn gc(
         compact: req.compact,
     };
     tracing::info!(by = %by.name, ?options, "garbage collection requested");
-    started(crate::gc::start(&app, options))
+    started(crate::gc::start(&app, options).await)
 }
 
 /// `POST /_api/v1/verify`: starts a verification.
@@ -81,7 +83,7 @@ pub async fn verify(
         cache,
         deep: req.deep,
     };
-    started(crate::verify::start(&app, options))
+    started(crate::verify::start(&app, options).await)
 }
 
 /// `GET /_api/v1/jobs/<id>`: how a job goes, and its report once done.
@@ -93,7 +95,7 @@ pub async fn job(
     app.auth.server_admin(creds.token())?;
     app.coord
         .job(id)
-        .await
+        .await?
         .map(Json)
         .ok_or(Error::NotFound("job"))
 }
@@ -167,7 +169,7 @@ pub async fn add_pin(
         .or_else(|_| StorePath::from_basename(&req.store_path))
         .map_err(|_| Error::BadBody(format!("{:?} is not a store path", req.store_path)))?;
     // Held so that the path cannot be deleted between the check and the pin.
-    let lock = app.coord.exclusive(&cache.name).await;
+    let lock = app.coord.exclusive(&cache.name).await?;
     let index = app.index.clone();
     let pin = detached(async move {
         let cache = lock.name();

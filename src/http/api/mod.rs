@@ -151,7 +151,7 @@ pub async fn create_cache(
         quota_bytes: req.quota_bytes,
         key: secret_key(&req.secret_key)?,
     };
-    let lock = app.coord.exclusive(&name).await;
+    let lock = app.coord.exclusive(&name).await?;
     let creating = app.clone();
     let cache = detached(async move { creating.caches.create(&lock, new).await }).await?;
     tracing::info!(cache = %cache.name, by = %holder.name, "created cache");
@@ -180,7 +180,7 @@ pub async fn update_cache(
     if change.quota_bytes.is_some() {
         quota_setter(&app.auth.bearer(creds.token())?)?;
     }
-    let lock = app.coord.exclusive(&cache.name).await;
+    let lock = app.coord.exclusive(&cache.name).await?;
     let updated = app.caches.update(&lock, &change).await?;
     Ok(Json(describe(&app, &updated).await?))
 }
@@ -206,8 +206,8 @@ pub async fn delete_cache(
         )));
     }
     // No key walk of this cache runs on, and no publication, while it goes.
-    let walks = app.coord.key_change(&cache.name).await;
-    let lock = app.coord.exclusive(&cache.name).await;
+    let walks = app.coord.key_change(&cache.name).await?;
+    let lock = app.coord.exclusive(&cache.name).await?;
     let deleting = app.clone();
     detached(async move {
         let _walks = walks;
@@ -257,9 +257,9 @@ pub async fn rotate(
     let cache = creds.cache(&app, &cache, Permission::Admin)?;
     let req: Rotate = json_or_default(&app, body).await?;
     let imported = secret_key(&req.secret_key)?;
-    let walking = app.coord.key_change(&cache.name).await;
+    let walking = app.coord.key_change(&cache.name).await?;
     let (rotated, added) = {
-        let lock = app.coord.exclusive(&cache.name).await;
+        let lock = app.coord.exclusive(&cache.name).await?;
         app.caches.add_signer(&lock, imported).await?
     };
     tracing::info!(cache = %rotated.name, key = %rotated.public_key().name(), resumed = !added, "rotating keys");
@@ -274,9 +274,9 @@ pub async fn resign(
     creds: Credentials,
 ) -> Result<Json<KeyChange>> {
     let cache = creds.cache(&app, &cache, Permission::Admin)?;
-    let walking = app.coord.key_change(&cache.name).await;
+    let walking = app.coord.key_change(&cache.name).await?;
     let (cache, retired) = {
-        let lock = app.coord.exclusive(&cache.name).await;
+        let lock = app.coord.exclusive(&cache.name).await?;
         app.caches.retire_old_signers(&lock).await?
     };
     tracing::info!(cache = %cache.name, retired = ?retired, "re-signing");
@@ -332,7 +332,7 @@ pub async fn delete_paths(
     let with = req.with_referrers;
     // No publication to the cache is under way: one could otherwise commit a path
     // whose reference is being deleted.
-    let lock = app.coord.exclusive(&cache.name).await;
+    let lock = app.coord.exclusive(&cache.name).await?;
     let outcome = detached(async move {
         crate::removal::delete_paths(index.as_ref(), lock.name(), &hashes, with).await
     })
