@@ -339,6 +339,20 @@ impl Caches {
         Ok(kept)
     }
 
+    /// Brings this process's copy of cache `name` up to the index's, if another
+    /// process changed it and its notice has not arrived yet: a publication under
+    /// `shared` then signs with the keys the cache has now. One read of the caches'
+    /// records; the copies are loaded again only when that one differs.
+    pub async fn refresh(&self, name: &CacheName) -> Result<()> {
+        let records = self.index.caches().await?;
+        let stored = records.iter().find(|r| &r.name == name);
+        let current = self.get(name);
+        if stored != current.as_ref().map(|c| &c.record) {
+            self.reload().await.map_err(internal)?;
+        }
+        Ok(())
+    }
+
     /// Reads the caches again (another process changed them): a cache whose record
     /// is unchanged is kept as it is, one changed is loaded anew, one gone goes.
     pub async fn reload(&self) -> anyhow::Result<()> {

@@ -177,6 +177,11 @@ pub trait Coordination: Send + Sync + 'static {
     async fn barrier(&self, limit: Duration) -> bool;
     /// How many leases this process holds.
     fn running(&self) -> usize;
+    /// Whether other processes may change what this one keeps copies of (then a
+    /// publication reads its cache's record under `shared` rather than trust the copy).
+    fn replicated(&self) -> bool {
+        false
+    }
 
     /// Holds off changes of `cache` (see the module's comment).
     async fn shared(&self, cache: &CacheName) -> Result<Shared>;

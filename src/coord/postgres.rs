@@ -58,6 +58,15 @@ const CHANGES_LOCK: i32 = 0x6361_0001;
 const KEYS_LOCK: i32 = 0x6361_0002;
 const FIRST_START_LOCK: i32 = 0x6361_0003;
 
+/// How long a cache lock is waited for before the request gets 503 (a publication
+/// holds one for milliseconds; a change of a cache, for a batch of records).
+const LOCK_WAIT: Duration = Duration::from_secs(60);
+/// How long a coordination query may take: past it, the session is taken for broken.
+const QUERY_WAIT: Duration = Duration::from_secs(5);
+/// How often every copy of tokens and caches is read again even without a notice:
+/// the net under a notice that was lost.
+const RESYNC_BEATS: u64 = 60;
+
 /// Packs named in one notice: a notice carries at most 8,000 bytes.
 const PACKS_PER_NOTICE: usize = 200;
 
@@ -83,6 +92,8 @@ struct Inner {
     /// Its tasks (the session, the heartbeat, drains, jobs): stopped with the handle,
     /// as a killed process's are.
     tasks: std::sync::Mutex<Vec<tokio::task::AbortHandle>>,
+    /// When a heartbeat last reached the database.
+    last_beat: std::sync::Mutex<std::time::Instant>,
 }
 
 /// An advisory lock of a session, released when dropped.
@@ -187,6 +198,7 @@ impl PgCoordination {
             wake: Notify::new(),
             name,
             tasks: std::sync::Mutex::default(),
+            last_beat: std::sync::Mutex::new(std::time::Instant::now()),
         });
         let heard: Heard = {
             let weak = Arc::downgrade(&shared);
@@ -274,6 +286,15 @@ async fn keep_session(
     }
 }
 
+/// Why a heartbeat failed.
+#[derive(Debug, thiserror::Error)]
+enum BeatError {
+    #[error(transparent)]
+    Database(#[from] tokio_postgres::Error),
+    #[error("no answer within {} s", QUERY_WAIT.as_secs())]
+    TimedOut,
+}
+
 /// Says every `TICK` (and when woken) that this process is alive and which barrier it
 /// has drained. Each barrier it learns of is drained from then on, at once: a barrier
 /// waits for this process's leases from before it was heard of, not for later ones.
@@ -285,7 +306,13 @@ async fn heartbeat(inner: Arc<Inner>, (mut id, generation): (i64, i64)) {
         let woken = inner.wake.notified();
         if let Ok(client) = inner.client().await {
             let reported = drained.load(Ordering::SeqCst);
-            match beat(&client, &inner, &mut id, reported, beats).await {
+            let beaten =
+                tokio::time::timeout(QUERY_WAIT, beat(&client, &inner, &mut id, reported, beats));
+            let beaten = beaten.await.unwrap_or_else(|_| Err(BeatError::TimedOut));
+            if beaten.is_ok() {
+                *inner.last_beat.lock().expect("never poisoned") = std::time::Instant::now();
+            }
+            match beaten {
                 Ok(generation) if generation > heard => {
                     heard = generation;
                     let (here, drained) = (inner.clone(), drained.clone());
@@ -302,6 +329,10 @@ async fn heartbeat(inner: Arc<Inner>, (mut id, generation): (i64, i64)) {
             }
         }
         beats += 1;
+        if beats % RESYNC_BEATS == 0 {
+            inner.local.tell(Change::Tokens);
+            inner.local.tell(Change::Caches);
+        }
         tokio::select! {
             () = tokio::time::sleep(TICK) => {}
             () = woken => {}
@@ -318,7 +349,7 @@ async fn beat(
     id: &mut i64,
     drained: i64,
     beats: u64,
-) -> std::result::Result<i64, tokio_postgres::Error> {
+) -> std::result::Result<i64, BeatError> {
     let row = client
         .query_opt(
             "UPDATE coord_servers SET seen = now(), drained = $2 WHERE id = $1 \
@@ -381,8 +412,21 @@ impl Inner {
         }
     }
 
-    /// Takes an advisory lock, asking again until it is free.
-    async fn advisory(&self, shared: bool, keys: (i32, i32)) -> Result<Advisory> {
+    /// Takes an advisory lock, asking again until it is free, at most `LOCK_WAIT`.
+    /// The asking runs as a task of its own: a caller that goes away meanwhile (a
+    /// client that disconnected) leaves the lock it may have been granted to the
+    /// task's result, which unlocks it when dropped, instead of held by the session
+    /// for good.
+    async fn advisory(self: &Arc<Self>, shared: bool, keys: (i32, i32)) -> Result<Advisory> {
+        let inner = self.clone();
+        let asking = tokio::spawn(async move { inner.ask_advisory(shared, keys).await });
+        asking
+            .await
+            .map_err(|e| IndexError::Failed(format!("taking a lock: {e}")))?
+    }
+
+    async fn ask_advisory(&self, shared: bool, keys: (i32, i32)) -> Result<Advisory> {
+        let deadline = tokio::time::Instant::now() + LOCK_WAIT;
         let (take, unlock) = if shared {
             (
                 "SELECT pg_try_advisory_lock_shared($1, $2)",
@@ -396,6 +440,9 @@ impl Inner {
         };
         loop {
             let client = self.client().await?;
+            // Not cut short by a timeout: an answer granting the lock would be lost with
+            // the lock held. A session that stopped answering breaks on its own
+            // (`connection_config`'s TCP timeouts), and its locks go with it.
             let row = client
                 .query_one(take, &[&keys.0, &keys.1])
                 .await
@@ -406,6 +453,12 @@ impl Inner {
                     unlock,
                     keys,
                 });
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(IndexError::Unavailable(format!(
+                    "a lock of the servers' coordination was not free within {} s",
+                    LOCK_WAIT.as_secs()
+                )));
             }
             tokio::time::sleep(POLL).await;
         }
@@ -468,6 +521,10 @@ impl Coordination for PgCoordination {
 
     fn running(&self) -> usize {
         self.shared.local.running()
+    }
+
+    fn replicated(&self) -> bool {
+        true
     }
 
     async fn shared(&self, cache: &CacheName) -> Result<Shared> {
@@ -546,14 +603,17 @@ impl Coordination for PgCoordination {
             }
             Err(e) => return Err(db(e).into()),
         };
-        client
-            .execute("DELETE FROM coord_jobs WHERE id < $1::bigint - 100", &[&id])
-            .await
-            .map_err(db)?;
         let progress = Arc::new(Progress::default());
         let run = tokio::spawn(work(progress.clone()));
         inner.track(&run);
         inner.spawn(report(inner.clone(), id, progress, run));
+        // The oldest rows go; if this fails, a later start removes them.
+        let pruned = client
+            .execute("DELETE FROM coord_jobs WHERE id < $1::bigint - 100", &[&id])
+            .await;
+        if let Err(e) = pruned {
+            tracing::debug!(error = %e, "old jobs were not removed");
+        }
         Ok(u64::try_from(id).expect("ids are positive"))
     }
 
@@ -592,19 +652,29 @@ impl Coordination for PgCoordination {
     }
 
     async fn announce(&self, change: Change) {
-        let sent = async {
+        let send = || async {
             let client = self.shared.client().await?;
             for payload in encode(&change) {
-                client
-                    .execute("SELECT pg_notify($1, $2)", &[&CHANGES, &payload])
+                let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&CHANGES, &payload];
+                let notify = client.execute("SELECT pg_notify($1, $2)", &params);
+                tokio::time::timeout(QUERY_WAIT, notify)
                     .await
+                    .map_err(|_| IndexError::Unavailable("the notice was not sent in time".into()))?
                     .map_err(db)?;
             }
             Ok::<_, IndexError>(())
         };
+        let mut sent = send().await;
+        for _ in 0..3 {
+            if sent.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            sent = send().await;
+        }
         // This process hears its own notices through the session; without it, it is
-        // told directly, and the others read everything when their sessions are back.
-        if let Err(e) = sent.await {
+        // told directly, and the others read everything again within `RESYNC_BEATS`.
+        if let Err(e) = sent {
             tracing::warn!(error = %e, ?change, "a change could not be announced to the other servers");
             self.shared.local.tell(change);
         }
@@ -632,17 +702,35 @@ async fn report(
             },
             () = tokio::time::sleep(TICK) => {
                 let (phase, items, bytes) = progress.snapshot();
-                let Ok(client) = inner.client().await else { continue };
-                let updated = client
-                    .execute(
-                        "UPDATE coord_jobs SET seen = now(), phase = $2, items = $3, bytes = $4 \
-                         WHERE id = $1 AND NOT done",
-                        &[&id, &phase, &to_i64(items), &to_i64(bytes)],
-                    )
-                    .await;
-                if let Ok(0) = updated {
-                    tracing::error!(job = id, "another server took this job for abandoned; it stops");
-                    run.abort();
+                let reported = match inner.client().await {
+                    Ok(client) => {
+                        let (items, bytes) = (to_i64(items), to_i64(bytes));
+                        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
+                            [&id, &phase, &items, &bytes];
+                        let update = client.execute(
+                            "UPDATE coord_jobs SET seen = now(), phase = $2, items = $3, \
+                             bytes = $4 WHERE id = $1 AND NOT done",
+                            &params,
+                        );
+                        tokio::time::timeout(QUERY_WAIT, update).await.ok().and_then(|r| r.ok())
+                    }
+                    Err(_) => None,
+                };
+                match reported {
+                    Some(0) => {
+                        tracing::error!(job = id, "another server took this job for abandoned; it stops");
+                        run.abort();
+                    }
+                    Some(_) => {}
+                    // Cut off from the database for half the lease time: the others
+                    // will take it for abandoned and may start another; it stops first.
+                    None => {
+                        let silent = inner.last_beat.lock().expect("never poisoned").elapsed();
+                        if silent > inner.lease_time / 2 {
+                            tracing::error!(job = id, "cut off from the metadata database; the job stops");
+                            run.abort();
+                        }
+                    }
                 }
             }
         }

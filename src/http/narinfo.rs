@@ -99,6 +99,10 @@ pub async fn put(
             // The cache as it is now, held so: a key change waits for this commit, and
             // one made while the body arrived is signed with (see `caches`).
             let _unchanged = app.coord.shared(&cache).await?;
+            if app.coord.replicated() {
+                // Changed through another process just before, its notice on the way.
+                app.caches.refresh(&cache).await?;
+            }
             let cache = creds.cache(&app, &cache, Permission::Push)?;
             let quota = app.config.quota.of(cache.record.quota_bytes);
             let published = publish::publish(&app.index, &cache, hash, &body, quota).await?;

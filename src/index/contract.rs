@@ -1066,6 +1066,38 @@ pub async fn what_one_handle_writes_the_other_reads_and_does_not_undo(
     assert_eq!(a.tokens().await.unwrap(), vec![revoked]);
 }
 
+/// A chunk the collector deletes through one handle while an upload stores it again
+/// through the other: each handle reads what the last write left, and a write after
+/// the deletion stands (the barrier keeps the upload that found the old record from
+/// committing after its objects go; see `coord`).
+pub async fn a_chunk_deleted_through_one_handle_and_stored_again_through_the_other_stands(
+    [a, b]: [std::sync::Arc<dyn Index>; 2],
+) {
+    let ids: Vec<ChunkId> = (1..=64).map(|n| chunk(n).id).collect();
+    let first: Vec<ChunkRef> = (1..=64).map(chunk).collect();
+    a.put_chunks(&first).await.unwrap();
+    assert_eq!(
+        b.chunks(&ids).await.unwrap(),
+        first.iter().map(|c| Some(*c)).collect::<Vec<_>>()
+    );
+    // At once: the collector's deletion through one, the upload's write through the
+    // other. Whichever came last, both handles read the same.
+    let again: Vec<ChunkRef> = first.iter().map(|c| ChunkRef { offset: 7, ..*c }).collect();
+    let (deleted, stored) = tokio::join!(a.delete_chunks(&ids), b.put_chunks(&again));
+    deleted.unwrap();
+    stored.unwrap();
+    let (seen_a, seen_b) = (a.chunks(&ids).await.unwrap(), b.chunks(&ids).await.unwrap());
+    assert_eq!(seen_a, seen_b);
+    for (seen, want) in seen_a.iter().zip(&again) {
+        assert!(seen.is_none() || seen == &Some(*want), "{seen:?}");
+    }
+    // Stored again after the deletion: there, through both.
+    b.put_chunks(&again).await.unwrap();
+    let want: Vec<Option<ChunkRef>> = again.iter().map(|c| Some(*c)).collect();
+    assert_eq!(a.chunks(&ids).await.unwrap(), want);
+    assert_eq!(b.chunks(&ids).await.unwrap(), want);
+}
+
 /// Fills `index` with one of everything a server records: a cache with a path that
 /// refers to another, their chunks, manifests, NARs and uploads (one taken up, one
 /// not), a NAR whose upload is gone, a log, a realisation, fetches, a pin, a token,
@@ -1190,7 +1222,8 @@ macro_rules! tests {
         crate::index::contract::tests!(@pairs $pair;
             commits_of_one_path_through_two_handles_count_once,
             first_writes_of_one_record_through_two_handles_count_once,
-            what_one_handle_writes_the_other_reads_and_does_not_undo
+            what_one_handle_writes_the_other_reads_and_does_not_undo,
+            a_chunk_deleted_through_one_handle_and_stored_again_through_the_other_stands
         );
         crate::index::contract::tests!(@cases $open;
             caches_are_created_and_replaced,

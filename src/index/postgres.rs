@@ -232,6 +232,14 @@ pub(crate) fn connection_config(
         config.password(p.as_str());
     }
     config.connect_timeout(settings.connect_timeout);
+    // A connection whose peer went away without a word (a host that died, a network
+    // cut) breaks within seconds instead of the system's minutes: the coordination's
+    // session must notice, so that its locks and lease go with it.
+    config.keepalives(true);
+    config.keepalives_idle(Duration::from_secs(5));
+    config.keepalives_interval(Duration::from_secs(2));
+    config.keepalives_retries(3);
+    config.tcp_user_timeout(Duration::from_secs(10));
     config.application_name(application);
     Ok(config)
 }
