@@ -54,8 +54,10 @@ pub struct PgIndex {
 /// An error of the database or of reaching it, named by what it means to a client.
 pub(crate) fn db(e: tokio_postgres::Error) -> IndexError {
     if let Some(state) = e.code() {
+        // The server's own words ("db error" alone says nothing).
+        let said = e.as_db_error().map_or_else(|| e.to_string(), |d| d.to_string());
         if *state == SqlState::DISK_FULL {
-            return IndexError::DiskFull(e.to_string());
+            return IndexError::DiskFull(said);
         }
         let class = &state.code()[..2];
         // Connection exceptions, insufficient resources, operator intervention (a
@@ -65,9 +67,9 @@ pub(crate) fn db(e: tokio_postgres::Error) -> IndexError {
         if matches!(class, "08" | "53" | "57" | "40")
             || *state == SqlState::READ_ONLY_SQL_TRANSACTION
         {
-            return IndexError::Unavailable(e.to_string());
+            return IndexError::Unavailable(said);
         }
-        return IndexError::Failed(e.to_string());
+        return IndexError::Failed(said);
     }
     // No SQL state: the connection failed or closed (unavailable), or this side
     // could not encode or decode a value (a bug).
