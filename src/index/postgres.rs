@@ -55,7 +55,9 @@ pub struct PgIndex {
 pub(crate) fn db(e: tokio_postgres::Error) -> IndexError {
     if let Some(state) = e.code() {
         // The server's own words ("db error" alone says nothing).
-        let said = e.as_db_error().map_or_else(|| e.to_string(), |d| d.to_string());
+        let said = e
+            .as_db_error()
+            .map_or_else(|| e.to_string(), |d| d.to_string());
         if *state == SqlState::DISK_FULL {
             return IndexError::DiskFull(said);
         }
