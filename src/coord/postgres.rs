@@ -34,7 +34,7 @@ use super::{
     Change, Coordination, Exclusive, FirstStart, JobRefused, JobWork, KeyChange, Lease,
     LocalCoordination, Result, Shared,
 };
-use crate::index::postgres::{connection_config, db, PgSettings};
+use crate::index::postgres::{connection_config, db, int, PgSettings};
 use crate::index::IndexError;
 use crate::jobs::{Busy, JobStatus, Progress};
 use crate::nix::CacheName;
@@ -704,7 +704,7 @@ async fn report(
                 let (phase, items, bytes) = progress.snapshot();
                 let reported = match inner.client().await {
                     Ok(client) => {
-                        let (items, bytes) = (to_i64(items), to_i64(bytes));
+                        let (items, bytes) = (int(items), int(bytes));
                         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
                             [&id, &phase, &items, &bytes];
                         let update = client.execute(
@@ -752,7 +752,7 @@ async fn report(
                 .execute(
                     "UPDATE coord_jobs SET done = true, seen = now(), phase = $2, items = $3, \
                      bytes = $4, result = $5, error = $6 WHERE id = $1 AND NOT done",
-                    &[&id, &phase, &to_i64(items), &to_i64(bytes), &result, &error],
+                    &[&id, &phase, &int(items), &int(bytes), &result, &error],
                 )
                 .await;
             if written.is_ok() {
@@ -763,28 +763,15 @@ async fn report(
     }
 }
 
-fn to_i64(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::testing::postgres::PgServer;
 
-    fn settings(url: String) -> PgSettings {
-        PgSettings {
-            url,
-            password: None,
-            pool_size: 2,
-            connect_timeout: Duration::from_secs(5),
-        }
-    }
-
     /// A database with the schema, and `n` handles over it (n processes' views).
     async fn handles<const N: usize>(lease_time: Duration) -> (PgServer, [PgCoordination; N]) {
         let server = PgServer::start();
-        let settings = settings(server.database("coord"));
+        let settings = crate::testing::postgres::settings(server.database("coord"), 2);
         crate::index::PgIndex::open(&settings).await.unwrap();
         let mut all = Vec::new();
         for _ in 0..N {

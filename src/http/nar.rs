@@ -44,24 +44,20 @@ async fn served(
         _ => return Ok(None),
     };
     // A NAR is readable through a cache only if that cache holds a narinfo for it.
-    let nar_hash = if app.index.cache_has_nar(&cache.name, &url.hash).await? {
-        url.hash
-    } else {
-        match app.index.upload(&cache.name, url).await? {
-            Some(u)
-                if encoding == Encoding::Zstd
-                    && app.index.cache_has_nar(&cache.name, &u.nar_hash).await? =>
-            {
-                u.nar_hash
-            }
-            _ => return Ok(None),
-        }
+    if let Some(nar) = app.index.served_nar(&cache.name, &url.hash).await? {
+        return Ok(Some((url.hash, nar.contents, encoding)));
+    }
+    if encoding != Encoding::Zstd {
+        return Ok(None);
+    }
+    let Some(upload) = app.index.upload(&cache.name, url).await? else {
+        return Ok(None);
     };
     Ok(app
         .index
-        .nar(&nar_hash)
+        .served_nar(&cache.name, &upload.nar_hash)
         .await?
-        .map(|n| (nar_hash, n.contents, encoding)))
+        .map(|n| (upload.nar_hash, n.contents, encoding)))
 }
 
 const NAR_TYPE: &str = "application/x-nix-nar";

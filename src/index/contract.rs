@@ -241,6 +241,31 @@ pub async fn the_first_narinfo_wins_and_is_counted_once(index: &dyn Index) {
     assert!(!index.cache_has_nar(&main, &second.nar_hash).await.unwrap());
     assert!(!index.cache_has_nar(&other, &first.nar_hash).await.unwrap());
     assert_eq!(index.narinfo(&other, &path(1)).await.unwrap(), None);
+    // Served through the cache that holds a narinfo for it, once its record is there.
+    assert_eq!(
+        index.served_nar(&main, &first.nar_hash).await.unwrap(),
+        None
+    );
+    index
+        .put_nar(&first.nar_hash, &nar_record(5))
+        .await
+        .unwrap();
+    assert_eq!(
+        index.served_nar(&main, &first.nar_hash).await.unwrap(),
+        Some(nar_record(5))
+    );
+    assert_eq!(
+        index.served_nar(&other, &first.nar_hash).await.unwrap(),
+        None
+    );
+    index
+        .put_nar(&second.nar_hash, &nar_record(6))
+        .await
+        .unwrap();
+    assert_eq!(
+        index.served_nar(&main, &second.nar_hash).await.unwrap(),
+        None
+    );
     // A second path with the same NAR: the claim holds while either is there.
     index
         .commit_narinfo(&main, &path(2), &first, &[], None)

@@ -419,6 +419,15 @@ pub trait Index: Send + Sync + 'static {
     ) -> Result<bool>;
     /// Whether `cache` holds a narinfo whose NAR is `nar_hash`.
     async fn cache_has_nar(&self, cache: &CacheName, nar_hash: &Sha256) -> Result<bool>;
+    /// The NAR `nar_hash` as `cache` serves it: its record, if the cache holds a
+    /// narinfo for it (a NAR is readable through a cache only then). A database
+    /// answers both in one statement, a download's first.
+    async fn served_nar(&self, cache: &CacheName, nar_hash: &Sha256) -> Result<Option<NarRecord>> {
+        if !self.cache_has_nar(cache, nar_hash).await? {
+            return Ok(None);
+        }
+        self.nar(nar_hash).await
+    }
 
     /// Where a log or realisation is stored.
     async fn blob(&self, kind: BlobKind, cache: &CacheName, key: &str) -> Result<Option<Stored>>;

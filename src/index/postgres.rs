@@ -97,7 +97,8 @@ fn pool_error(e: deadpool_postgres::PoolError) -> IndexError {
     }
 }
 
-fn int(v: u64) -> i64 {
+/// A count or a size as the database's BIGINT (saturating: none comes near).
+pub(crate) fn int(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
@@ -846,6 +847,24 @@ impl Index for PgIndex {
         Ok(row.is_some())
     }
 
+    async fn served_nar(&self, cache: &CacheName, nar_hash: &Sha256) -> Result<Option<NarRecord>> {
+        let row = self
+            .row(
+                "SELECT n.record FROM nars n WHERE n.hash = $2 AND EXISTS \
+                 (SELECT 1 FROM narinfos i WHERE i.cache = $1 AND i.nar_hash = $2)",
+                &[&cache.as_str(), &nar_hash.as_bytes().as_slice()],
+            )
+            .await?;
+        row.map(|r| {
+            let b: &[u8] = r.get(0);
+            codec::decode_nar(b).ok_or_else(|| IndexError::Corrupt {
+                record: "NAR",
+                key: nar_hash.to_string(),
+            })
+        })
+        .transpose()
+    }
+
     async fn blob(&self, kind: BlobKind, cache: &CacheName, key: &str) -> Result<Option<Stored>> {
         let row = self
             .row(
@@ -1259,22 +1278,13 @@ impl Index for PgIndex {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::postgres::PgServer;
-
-    fn settings(url: String) -> PgSettings {
-        PgSettings {
-            url,
-            password: None,
-            pool_size: 4,
-            connect_timeout: Duration::from_secs(5),
-        }
-    }
+    use crate::testing::postgres::{settings, PgServer};
 
     /// A server of its own and an index over a fresh database of it.
     async fn open() -> (PgServer, Box<dyn Index>) {
         let server = PgServer::start();
         let url = server.database("contract");
-        let index = PgIndex::open(&settings(url)).await.unwrap();
+        let index = PgIndex::open(&settings(url, 4)).await.unwrap();
         (server, Box::new(index))
     }
 
@@ -1283,7 +1293,7 @@ mod tests {
     async fn pair() -> (PgServer, [std::sync::Arc<dyn Index>; 2]) {
         let server = PgServer::start();
         let url = server.database("contract");
-        let (one, other) = (settings(url.clone()), settings(url));
+        let (one, other) = (settings(url.clone(), 4), settings(url, 4));
         let (a, b) = tokio::join!(PgIndex::open(&one), PgIndex::open(&other));
         (
             server,

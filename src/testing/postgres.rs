@@ -18,6 +18,16 @@ pub struct PgServer {
     run_as: Option<&'static str>,
 }
 
+/// The settings of a test's pool of `pool_size` connections to the database at `url`.
+pub fn settings(url: String, pool_size: usize) -> crate::index::PgSettings {
+    crate::index::PgSettings {
+        url,
+        password: None,
+        pool_size,
+        connect_timeout: std::time::Duration::from_secs(5),
+    }
+}
+
 /// The user tests connect as (the cluster's superuser).
 pub const USER: &str = "cachet";
 
