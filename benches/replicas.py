@@ -107,6 +107,15 @@ def run():
     args = ap.parse_args()
     work = e2e.prepare("replicas")
     pg = Postgres(work)
+    try:
+        measure(args, work, pg)
+    finally:
+        # Started by pg_ctl, not a child: stopped here whatever happened.
+        pg.stop()
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def measure(args, work, pg):
     top = e2e.make_closure(work, args.budget_mib, "replicas")
     infos, hashes = e2e.closure_paths(work, top)
     r = {"paths": len(infos), "nar_mib": sum(p["narSize"] for p in infos) / 2**20}
@@ -137,9 +146,7 @@ def run():
     r["direct_many"], = e2e.fetch([first.url], hashes, args.clients, args.runs)
     for s in [first] + others:
         s.stop()
-    pg.stop()
     report(r, args.clients)
-    shutil.rmtree(work, ignore_errors=True)
 
 
 def report(r, clients):
