@@ -124,10 +124,6 @@ fn lock_key(cache: &CacheName) -> i32 {
     i32::from_le_bytes(hash.as_bytes()[..4].try_into().expect("4 bytes"))
 }
 
-fn seconds(d: Duration) -> f64 {
-    d.as_secs_f64()
-}
-
 /// A change as a notice's payload, in as many notices as it needs.
 fn encode(change: &Change) -> Vec<String> {
     match change {
@@ -376,7 +372,7 @@ async fn beat(
         client
             .execute(
                 "DELETE FROM coord_servers WHERE seen < now() - make_interval(secs => $1)",
-                &[&(10.0 * seconds(inner.lease_time))],
+                &[&(10.0 * inner.lease_time.as_secs_f64())],
             )
             .await?;
     }
@@ -493,7 +489,7 @@ impl Coordination for PgCoordination {
                     .query_one(
                         "SELECT count(*) FROM coord_servers WHERE drained < $1 \
                          AND seen > now() - make_interval(secs => $2)",
-                        &[&generation, &seconds(inner.lease_time)],
+                        &[&generation, &inner.lease_time.as_secs_f64()],
                     )
                     .await
                     .map_err(db)?
@@ -570,7 +566,7 @@ impl Coordination for PgCoordination {
             .execute(
                 "UPDATE coord_jobs SET done = true, error = $2 \
                  WHERE NOT done AND seen < now() - make_interval(secs => $1)",
-                &[&seconds(inner.lease_time), &ABANDONED],
+                &[&inner.lease_time.as_secs_f64(), &ABANDONED],
             )
             .await
             .map_err(db)?;
@@ -627,7 +623,7 @@ impl Coordination for PgCoordination {
             .query_opt(
                 "SELECT kind, started, phase, items, bytes, done, result, error, \
                  seen < now() - make_interval(secs => $2) FROM coord_jobs WHERE id = $1",
-                &[&id, &seconds(inner.lease_time)],
+                &[&id, &inner.lease_time.as_secs_f64()],
             )
             .await
             .map_err(db)?;

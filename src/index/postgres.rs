@@ -90,6 +90,15 @@ pub(crate) fn db(e: tokio_postgres::Error) -> IndexError {
     }
 }
 
+/// The NAR record in the first column of `row`, the record of `nar_hash`.
+fn nar_of(row: &tokio_postgres::Row, nar_hash: &Sha256) -> Result<NarRecord> {
+    let b: &[u8] = row.get(0);
+    codec::decode_nar(b).ok_or_else(|| IndexError::Corrupt {
+        record: "NAR",
+        key: nar_hash.to_string(),
+    })
+}
+
 fn pool_error(e: deadpool_postgres::PoolError) -> IndexError {
     match e {
         deadpool_postgres::PoolError::Backend(e) => db(e),
@@ -508,14 +517,7 @@ impl Index for PgIndex {
                 &[&nar_hash.as_bytes().as_slice()],
             )
             .await?;
-        row.map(|r| {
-            let b: &[u8] = r.get(0);
-            codec::decode_nar(b).ok_or_else(|| IndexError::Corrupt {
-                record: "NAR",
-                key: nar_hash.to_string(),
-            })
-        })
-        .transpose()
+        row.map(|r| nar_of(&r, nar_hash)).transpose()
     }
 
     async fn put_nar(&self, nar_hash: &Sha256, nar: &NarRecord) -> Result<()> {
@@ -855,14 +857,7 @@ impl Index for PgIndex {
                 &[&cache.as_str(), &nar_hash.as_bytes().as_slice()],
             )
             .await?;
-        row.map(|r| {
-            let b: &[u8] = r.get(0);
-            codec::decode_nar(b).ok_or_else(|| IndexError::Corrupt {
-                record: "NAR",
-                key: nar_hash.to_string(),
-            })
-        })
-        .transpose()
+        row.map(|r| nar_of(&r, nar_hash)).transpose()
     }
 
     async fn blob(&self, kind: BlobKind, cache: &CacheName, key: &str) -> Result<Option<Stored>> {
