@@ -135,9 +135,11 @@ async fn open_index(config: &Config) -> anyhow::Result<Metadata> {
                 password,
                 pool_size: config.index.pool_size,
                 connect_timeout: Duration::from_secs(config.index.connect_timeout_secs),
+                cache_bytes: config.index.cache_mib * 1024 * 1024,
             };
             let index = PgIndex::open(&settings).await?;
-            let coord = PgCoordination::open(&settings, crate::coord::LEASE_TIME).await?;
+            let coord =
+                PgCoordination::open(&settings, crate::coord::LEASE_TIME, index.lookups()).await?;
             Ok(Metadata {
                 index: Arc::new(index),
                 coord: Arc::new(coord),

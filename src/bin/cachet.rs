@@ -114,6 +114,7 @@ async fn migrate_index(
         password,
         pool_size: 4,
         connect_timeout: std::time::Duration::from_secs(config.index.connect_timeout_secs),
+        cache_bytes: 0,
     };
     let target = cachet::index::PgIndex::open(&settings).await?;
     let c = cachet::migrate::copy(&from, &target).await?;

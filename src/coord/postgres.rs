@@ -17,6 +17,9 @@
 //!   closed by another stops.
 //! - **Notices** are `NOTIFY`s that every session listens to. A session that was lost
 //!   may have missed some: when it is back, the process reads everything again.
+//! - **Lookups** (`index::lookups`): the database's own notices of changed narinfos and
+//!   NAR records drop this process's copies; a heartbeat says for how long the session
+//!   hears them, a lost session stops their use, and a barrier empties them.
 //!
 //! A session lost releases its advisory locks; the holders are not told. The window
 //! is a database restart during a change of a cache's keys racing a publication.
@@ -34,6 +37,7 @@ use super::{
     Change, Coordination, Exclusive, FirstStart, JobRefused, JobWork, KeyChange, Lease,
     LocalCoordination, Result, Shared,
 };
+use crate::index::lookups::Lookups;
 use crate::index::postgres::{connection_config, db, int, PgSettings};
 use crate::index::IndexError;
 use crate::jobs::{Busy, JobStatus, Progress};
@@ -44,6 +48,9 @@ use crate::store::PackId;
 const CHANGES: &str = "cachet_changes";
 /// The channel that wakes every process to drain a barrier.
 const BARRIERS: &str = "cachet_barriers";
+/// The channel of the database's notices of changed narinfos and NAR records
+/// (`index/postgres/0003_lookups.sql`).
+const LOOKUPS: &str = "cachet_lookups";
 
 /// How often a process says it is alive, and a job reports its progress.
 const TICK: Duration = Duration::from_millis(500);
@@ -92,8 +99,10 @@ struct Inner {
     /// Its tasks (the session, the heartbeat, drains, jobs): stopped with the handle,
     /// as a killed process's are.
     tasks: std::sync::Mutex<Vec<tokio::task::AbortHandle>>,
-    /// When a heartbeat last reached the database.
+    /// When the last heartbeat that reached the database began.
     last_beat: std::sync::Mutex<std::time::Instant>,
+    /// The index's copies of hot lookups, kept current by this session.
+    lookups: Arc<Lookups>,
 }
 
 /// An advisory lock of a session, released when dropped.
@@ -174,15 +183,22 @@ async fn connect(
         }
     });
     client
-        .batch_execute(&format!("LISTEN {CHANGES}; LISTEN {BARRIERS}"))
+        .batch_execute(&format!(
+            "LISTEN {CHANGES}; LISTEN {BARRIERS}; LISTEN {LOOKUPS}"
+        ))
         .await?;
     Ok((Arc::new(client), driver))
 }
 
 impl PgCoordination {
     /// Opens this process's session and says it is alive. `lease_time` is
-    /// `LEASE_TIME` but in tests. The schema is the index's (`PgIndex::open` made it).
-    pub async fn open(settings: &PgSettings, lease_time: Duration) -> anyhow::Result<Self> {
+    /// `LEASE_TIME` but in tests. The schema is the index's (`PgIndex::open` made it),
+    /// and so are the `lookups` the session keeps current.
+    pub async fn open(
+        settings: &PgSettings,
+        lease_time: Duration,
+        lookups: Arc<Lookups>,
+    ) -> anyhow::Result<Self> {
         let (sender, session) = watch::channel(None);
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
         let name = format!("{}:{}", host.trim(), std::process::id());
@@ -195,6 +211,7 @@ impl PgCoordination {
             name,
             tasks: std::sync::Mutex::default(),
             last_beat: std::sync::Mutex::new(std::time::Instant::now()),
+            lookups,
         });
         let heard: Heard = {
             let weak = Arc::downgrade(&shared);
@@ -202,6 +219,8 @@ impl PgCoordination {
                 let Some(inner) = weak.upgrade() else { return };
                 if channel == BARRIERS {
                     inner.wake.notify_one();
+                } else if channel == LOOKUPS {
+                    inner.lookups.heard(payload);
                 } else if let Some(change) = decode(payload) {
                     inner.local.tell(change);
                 } else {
@@ -260,10 +279,18 @@ async fn keep_session(
     loop {
         let _ = (&mut driver).await;
         sender.send_replace(None);
+        // Its notices are not heard until another session listens.
+        if let Some(inner) = inner.upgrade() {
+            inner.lookups.deaf();
+        }
         loop {
             tokio::time::sleep(Duration::from_secs(1)).await;
             match connect(&settings, heard.clone()).await {
                 Ok((client, again)) => {
+                    // Listening again: what was kept while not is dropped.
+                    if let Some(inner) = inner.upgrade() {
+                        inner.lookups.clear();
+                    }
                     sender.send_replace(Some(client));
                     if let Some(inner) = inner.upgrade() {
                         inner.track(&again);
@@ -302,15 +329,24 @@ async fn heartbeat(inner: Arc<Inner>, (mut id, generation): (i64, i64)) {
         let woken = inner.wake.notified();
         if let Ok(client) = inner.client().await {
             let reported = drained.load(Ordering::SeqCst);
+            let (began, session) = (std::time::Instant::now(), inner.lookups.session());
             let beaten =
                 tokio::time::timeout(QUERY_WAIT, beat(&client, &inner, &mut id, reported, beats));
             let beaten = beaten.await.unwrap_or_else(|_| Err(BeatError::TimedOut));
             if beaten.is_ok() {
-                *inner.last_beat.lock().expect("never poisoned") = std::time::Instant::now();
+                *inner.last_beat.lock().expect("never poisoned") = began;
+                // Taken for alive until a lease after `began` at the earliest: the
+                // copies are used for half of that, never past a barrier that went on
+                // without this process.
+                inner
+                    .lookups
+                    .hearing_until(session, began + inner.lease_time / 2);
             }
             match beaten {
                 Ok(generation) if generation > heard => {
                     heard = generation;
+                    // Nothing read before the barrier is answered after it.
+                    inner.lookups.clear();
                     let (here, drained) = (inner.clone(), drained.clone());
                     inner.spawn(async move {
                         while !here.local.barrier(Duration::from_secs(3600)).await {}
@@ -771,7 +807,12 @@ mod tests {
         crate::index::PgIndex::open(&settings).await.unwrap();
         let mut all = Vec::new();
         for _ in 0..N {
-            all.push(PgCoordination::open(&settings, lease_time).await.unwrap());
+            let lookups = Arc::new(Lookups::new(1 << 20));
+            all.push(
+                PgCoordination::open(&settings, lease_time, lookups)
+                    .await
+                    .unwrap(),
+            );
         }
         (server, all.try_into().ok().expect("N handles"))
     }
@@ -873,5 +914,146 @@ mod tests {
         assert_eq!(heard_after, Change::PacksDeleted(vec![PackId([1; 16])]));
         let _locked = b.exclusive(&"main".parse().unwrap()).await.unwrap();
         assert!(b.barrier(Duration::from_secs(5)).await);
+    }
+
+    /// Polls `check` until it holds, at most `within`.
+    async fn eventually<F: std::future::Future<Output = bool>>(
+        within: Duration,
+        mut check: impl FnMut() -> F,
+    ) -> bool {
+        let deadline = std::time::Instant::now() + within;
+        while std::time::Instant::now() < deadline {
+            if check().await {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn lookups_follow_every_change_and_outlive_no_barrier_and_no_session() {
+        use crate::index::contract::{nar_record, narinfo, path};
+        use crate::index::{Index, PgIndex};
+        let server = PgServer::start();
+        let settings = crate::testing::postgres::settings(server.database("lookups"), 2);
+        let mut replicas = Vec::new();
+        for _ in 0..2 {
+            let index = PgIndex::open(&settings).await.unwrap();
+            let lookups = index.lookups();
+            let coord = PgCoordination::open(&settings, LEASE_TIME, lookups)
+                .await
+                .unwrap();
+            replicas.push((index, coord));
+        }
+        let [(a, _a), (b, b_coord)]: [(PgIndex, PgCoordination); 2] =
+            replicas.try_into().ok().unwrap();
+        // Changes made behind the triggers' back (as no server makes them): what a
+        // copy would answer stays visible.
+        let (raw, connection) = connection_config(&settings, "test")
+            .unwrap()
+            .connect(tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        raw.batch_execute("SET session_replication_role = replica")
+            .await
+            .unwrap();
+        let cache: CacheName = "main".parse().unwrap();
+        let (p, record) = (path(1), narinfo(b"nar", "v0"));
+        b.commit_narinfo(&cache, &p, &record, &[], None)
+            .await
+            .unwrap();
+        let text = |r: Option<crate::index::NarInfoRecord>| r.map(|r| r.text);
+        // Once A hears the changes, it answers from its copy.
+        let mut version = 0;
+        let copied = eventually(Duration::from_secs(10), || {
+            version += 1;
+            let (a, raw, cache) = (&a, &raw, &cache);
+            async move {
+                let before = text(a.narinfo(cache, &p).await.unwrap()).unwrap();
+                raw.execute(
+                    "UPDATE narinfos SET text = $1",
+                    &[&format!("v{version}").into_bytes()],
+                )
+                .await
+                .unwrap();
+                text(a.narinfo(cache, &p).await.unwrap()) == Some(before)
+            }
+        })
+        .await;
+        assert!(copied, "A never answered from a copy");
+        // A change through B is heard by A within a second: a deletion, a new commit
+        // over a copied miss, a NAR record.
+        assert!(b.delete_narinfo(&cache, &p, &[]).await.unwrap());
+        let gone = eventually(Duration::from_secs(1), || async {
+            a.narinfo(&cache, &p).await.unwrap().is_none()
+        });
+        assert!(gone.await);
+        b.commit_narinfo(&cache, &p, &record, &[], None)
+            .await
+            .unwrap();
+        let back = eventually(Duration::from_secs(1), || async {
+            a.narinfo(&cache, &p).await.unwrap().is_some()
+        });
+        assert!(back.await);
+        assert_eq!(a.served_nar(&cache, &record.nar_hash).await.unwrap(), None);
+        b.put_nar(&record.nar_hash, &nar_record(1)).await.unwrap();
+        let served = eventually(Duration::from_secs(1), || async {
+            a.served_nar(&cache, &record.nar_hash).await.unwrap() == Some(nar_record(1))
+        });
+        assert!(served.await);
+        // A deletion A never hears of is not answered past a barrier.
+        raw.execute("DELETE FROM narinfos", &[]).await.unwrap();
+        raw.execute("DELETE FROM nars", &[]).await.unwrap();
+        assert!(a.narinfo(&cache, &p).await.unwrap().is_some(), "copied");
+        assert!(a
+            .served_nar(&cache, &record.nar_hash)
+            .await
+            .unwrap()
+            .is_some());
+        assert!(b_coord.barrier(Duration::from_secs(10)).await);
+        assert_eq!(a.narinfo(&cache, &p).await.unwrap(), None);
+        assert_eq!(a.served_nar(&cache, &record.nar_hash).await.unwrap(), None);
+        // A cache purged: one notice drops every copy.
+        b.commit_narinfo(&cache, &p, &record, &[], None)
+            .await
+            .unwrap();
+        let back = eventually(Duration::from_secs(1), || async {
+            a.narinfo(&cache, &p).await.unwrap().is_some()
+        });
+        assert!(back.await);
+        b.delete_cache(&cache).await.unwrap();
+        let gone = eventually(Duration::from_secs(1), || async {
+            a.narinfo(&cache, &p).await.unwrap().is_none()
+        });
+        assert!(gone.await);
+        // A session lost may have missed notices: its copies go with it.
+        b.commit_narinfo(&cache, &p, &record, &[], None)
+            .await
+            .unwrap();
+        let back = eventually(Duration::from_secs(1), || async {
+            a.narinfo(&cache, &p).await.unwrap().is_some()
+        });
+        assert!(back.await);
+        server.restart();
+        let (raw, connection) = connection_config(&settings, "test")
+            .unwrap()
+            .connect(tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        raw.batch_execute("SET session_replication_role = replica; DELETE FROM narinfos")
+            .await
+            .unwrap();
+        let answered = eventually(Duration::from_secs(15), || async {
+            a.narinfo(&cache, &p).await.is_ok()
+        });
+        assert!(answered.await);
+        // Past the next session's first heartbeat too, when copies are used again.
+        let stale = eventually(Duration::from_secs(4), || async {
+            a.narinfo(&cache, &p).await.unwrap().is_some()
+        });
+        assert!(!stale.await, "a copy from before the restart was answered");
     }
 }

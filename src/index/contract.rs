@@ -24,7 +24,7 @@ fn chunk(n: u8) -> ChunkRef {
     }
 }
 
-fn narinfo(nar: &[u8], text: &'static str) -> NarInfoRecord {
+pub(crate) fn narinfo(nar: &[u8], text: &'static str) -> NarInfoRecord {
     NarInfoRecord {
         nar_hash: Sha256::digest(nar),
         nar_size: 100,
@@ -33,7 +33,7 @@ fn narinfo(nar: &[u8], text: &'static str) -> NarInfoRecord {
     }
 }
 
-fn nar_record(n: u8) -> NarRecord {
+pub(crate) fn nar_record(n: u8) -> NarRecord {
     NarRecord {
         contents: Stored {
             id: ManifestId([n; 16]),
@@ -57,7 +57,7 @@ fn blob_key(kind: BlobKind, cache: &CacheName, key: &str) -> BlobKey {
     }
 }
 
-fn path(n: u8) -> StorePathHash {
+pub(crate) fn path(n: u8) -> StorePathHash {
     let letters = "0123456789abcdfghijklmnpqrsvwxyz";
     let c = letters.as_bytes()[usize::from(n) % 32] as char;
     c.to_string().repeat(32).parse().unwrap()

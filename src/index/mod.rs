@@ -11,6 +11,7 @@
 mod codec;
 #[cfg(test)]
 pub(crate) mod contract;
+pub mod lookups;
 mod memory;
 pub(crate) mod postgres;
 mod sled_index;

@@ -25,6 +25,7 @@ pub fn settings(url: String, pool_size: usize) -> crate::index::PgSettings {
         password: None,
         pool_size,
         connect_timeout: std::time::Duration::from_secs(5),
+        cache_bytes: 8 << 20,
     }
 }
 

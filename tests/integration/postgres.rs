@@ -172,22 +172,52 @@ fn reset(db: &PgServer, name: &str) {
     db.sql(name, "SELECT pg_stat_statements_reset()");
 }
 
-/// What the queries of a request are, counted by the database itself
-/// (`pg_stat_statements`): a narinfo lookup is one, a NAR download two whatever the
-/// NAR's size, and an upload looks its chunks up a batch at a time, not one by one.
-#[test]
-fn a_narinfo_get_is_one_query_and_an_upload_looks_chunks_up_a_batch_at_a_time() {
-    use cachet::nix::nar::write::{nar, Entry};
-    use cachet::nix::Sha256;
+/// A database counting its statements, and a server over it with `index` settings
+/// added, that writes no fetch while they are counted.
+fn counted(index: &str) -> (PgServer, Server) {
     let db = PgServer::start();
     let url = db.database("cachet");
     db.sql("cachet", "CREATE EXTENSION pg_stat_statements");
-    // No fetch is written while the queries are counted.
-    let server = Server::with_config(&format!("{}[gc]\nevery_secs = 0\n", config(&url)));
-    let body = nar(&Entry::File {
+    let server = Server::with_config(&format!("{}{index}[gc]\nevery_secs = 0\n", config(&url)));
+    (db, server)
+}
+
+/// A NAR of 4 MiB of `seed`'s bytes.
+fn four_mib(seed: u64) -> Vec<u8> {
+    use cachet::nix::nar::write::{nar, Entry};
+    nar(&Entry::File {
         executable: false,
-        contents: &cachet::testing::Xorshift(17).bytes(4 << 20),
-    });
+        contents: &cachet::testing::Xorshift(seed).bytes(4 << 20),
+    })
+}
+
+/// Publishes `body` (uploaded under `nar_url`) as a path: its narinfo's file name, and
+/// the URL its NAR is served under.
+fn publish(server: &Server, nar_url: &str, body: &[u8]) -> (String, String) {
+    use cachet::nix::Sha256;
+    let hash = "0123456789abcdfghijklmnpqrsvwxyz";
+    let narinfo = format!(
+        "StorePath: /nix/store/{hash}-counted\nURL: {nar_url}\nCompression: none\n\
+         NarHash: {}\nNarSize: {}\nReferences: \n",
+        Sha256::digest(body),
+        body.len()
+    );
+    let r = server.put(&format!("{hash}.narinfo"), narinfo);
+    assert_eq!(r.status(), 200, "{}", r.text().unwrap());
+    let served = format!("nar/{}.nar.zst", Sha256::digest(body).to_nix32());
+    (format!("{hash}.narinfo"), served)
+}
+
+/// What the queries of a request are, counted by the database itself
+/// (`pg_stat_statements`): a narinfo lookup is one, a NAR download two whatever the
+/// NAR's size, and an upload looks its chunks up a batch at a time, not one by one.
+/// Counted without the server's copies of lookups (`cache_mib = 0`), as a first read
+/// of each makes them; the next test counts the reads the copies answer.
+#[test]
+fn a_narinfo_get_is_one_query_and_an_upload_looks_chunks_up_a_batch_at_a_time() {
+    use cachet::nix::Sha256;
+    let (db, server) = counted("cache_mib = 0\n");
+    let body = four_mib(17);
     let nar_url = format!("nar/{}.nar", Sha256::digest(&body).to_nix32());
     reset(&db, "cachet");
     assert_eq!(server.put(&nar_url, body.clone()).status(), 200);
@@ -206,28 +236,19 @@ fn a_narinfo_get_is_one_query_and_an_upload_looks_chunks_up_a_batch_at_a_time() 
     );
 
     // The path published, its narinfo read: one statement.
-    let hash = "0123456789abcdfghijklmnpqrsvwxyz";
-    let narinfo = format!(
-        "StorePath: /nix/store/{hash}-counted\nURL: {nar_url}\nCompression: none\n\
-         NarHash: {}\nNarSize: {}\nReferences: \n",
-        Sha256::digest(&body),
-        body.len()
-    );
-    let r = server.put(&format!("{hash}.narinfo"), narinfo);
-    assert_eq!(r.status(), 200, "{}", r.text().unwrap());
+    let (narinfo, served) = publish(&server, &nar_url, &body);
     // Each connection of the pool prepares its statements once: warm them.
     for _ in 0..3 {
-        assert_eq!(server.get_status(&format!("{hash}.narinfo")), 200);
+        assert_eq!(server.get_status(&narinfo), 200);
     }
     reset(&db, "cachet");
-    assert_eq!(server.get_status(&format!("{hash}.narinfo")), 200);
+    assert_eq!(server.get_status(&narinfo), 200);
     let read = statements(&db, "cachet");
     let total: u64 = read.iter().map(|(n, _)| n).sum();
     assert_eq!(total, 1, "{read:#?}");
 
     // Its NAR read whole: its record if the cache holds it (one statement), and its
     // manifest of one segment (up to 1,024 chunks): two, however many chunks it has.
-    let served = format!("nar/{}.nar.zst", Sha256::digest(&body).to_nix32());
     for _ in 0..3 {
         assert_eq!(server.get_status(&served), 200);
     }
@@ -238,4 +259,39 @@ fn a_narinfo_get_is_one_query_and_an_upload_looks_chunks_up_a_batch_at_a_time() 
     let read = statements(&db, "cachet");
     let total: u64 = read.iter().map(|(n, _)| n).sum();
     assert_eq!(total, 2, "{read:#?}");
+}
+
+/// With the defaults, a server keeps copies of what it read (narinfos, NAR records,
+/// manifest segments), kept current by the database's notices: a narinfo or a NAR read
+/// again asks the database nothing, and a path deleted is a miss at once.
+#[test]
+fn a_narinfo_or_nar_read_again_asks_the_database_nothing() {
+    use cachet::nix::Sha256;
+    let (db, server) = counted("");
+    let body = four_mib(18);
+    let nar_url = format!("nar/{}.nar", Sha256::digest(&body).to_nix32());
+    assert_eq!(server.put(&nar_url, body.clone()).status(), 200);
+    let (narinfo, served) = publish(&server, &nar_url, &body);
+    assert_eq!(server.get_status(&narinfo), 200);
+    assert_eq!(server.get_status(&served), 200);
+    reset(&db, "cachet");
+    for _ in 0..3 {
+        assert_eq!(server.get_status(&narinfo), 200);
+        let r = server.get(&served);
+        assert_eq!(r.status(), 200);
+        assert!(r.bytes().unwrap().len() > 4 << 20);
+    }
+    let read = statements(&db, "cachet");
+    let total: u64 = read.iter().map(|(n, _)| n).sum();
+    assert_eq!(total, 0, "{read:#?}");
+    // A path deleted is gone from the copies with it.
+    let hash = narinfo.trim_end_matches(".narinfo");
+    server.admin(&[
+        "path",
+        "delete",
+        "main",
+        &format!("/nix/store/{hash}-counted"),
+    ]);
+    assert_eq!(server.get_status(&narinfo), 404);
+    assert_eq!(server.get_status(&served), 404);
 }

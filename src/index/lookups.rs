@@ -1,0 +1,506 @@
+//! What a server over a shared database keeps of its hottest reads (narinfos, NAR
+//! records, a cache's claims on NARs, manifest segments), so that a narinfo or a
+//! download asked for before asks the database nothing.
+//!
+//! Kept only while this process hears every change. The database announces each
+//! change of a narinfo or a NAR record in the transaction that makes it (triggers), so a
+//! notice exists exactly when the change committed, in the order of commits; the
+//! coordination session hands the notices to `heard` and says for how long it has heard
+//! everything (`hearing_until`: half a lease after a heartbeat began). A session lost
+//! stops the use at once; one regained starts from empty. A barrier empties it too
+//! (`clear`): past a collector's barrier no process answers from before it, so the
+//! collector's order (narinfos deleted, barrier, then their data) holds whatever the
+//! notices' timing.
+//!
+//! Segments are immutable once written (a manifest's id is random, never reused), and
+//! read only through a NAR record that names them: they need no notice.
+//!
+//! An answer read from the database is kept only if nothing was forgotten since the
+//! read began (`Ticket`): a read that raced a change cannot put back what the change's
+//! notice removed.
+
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use quick_cache::sync::Cache;
+
+use super::{NarInfoRecord, NarRecord, Result};
+use crate::nix::{CacheName, Sha256, StorePathHash};
+use crate::store::{Manifest, ManifestId};
+
+/// The copies of one process's hot lookups.
+pub struct Lookups {
+    entries: Cache<Key, Value, Weigh>,
+    state: Mutex<State>,
+}
+
+struct State {
+    /// Counts the forgettings: an answer read across one is not kept.
+    generation: u64,
+    /// Until when every change is being heard; never, until the session says so.
+    hearing_until: Option<Instant>,
+    /// Counts the sessions lost: a heartbeat of a lost one says nothing of the next.
+    lost: u64,
+}
+
+/// The session a heartbeat is sent on, as `Lookups::session` names it.
+#[derive(Clone, Copy)]
+pub struct Session(u64);
+
+#[derive(Clone, PartialEq, Eq, Hash)]
+enum Key {
+    NarInfo(CacheName, StorePathHash),
+    /// Whether the cache holds a narinfo of the NAR.
+    Claim(CacheName, Sha256),
+    Nar(Sha256),
+    Segment(ManifestId, u32),
+}
+
+#[derive(Clone)]
+enum Value {
+    NarInfo(Option<NarInfoRecord>),
+    Claim(bool),
+    Nar(Option<NarRecord>),
+    Segment(Arc<Manifest>),
+}
+
+/// The bytes an entry holds, about.
+#[derive(Clone)]
+struct Weigh;
+
+impl quick_cache::Weighter<Key, Value> for Weigh {
+    fn weight(&self, _: &Key, value: &Value) -> u64 {
+        const ENTRY: u64 = 96;
+        const SEGMENT: u64 = 32;
+        const CHUNK: u64 = 64;
+        ENTRY
+            + match value {
+                Value::NarInfo(r) => r.as_ref().map_or(0, |r| r.text.len() as u64),
+                Value::Claim(_) => 0,
+                Value::Nar(r) => r.as_ref().map_or(0, |r| {
+                    SEGMENT * (r.contents.segments.len() + r.listing.segments.len()) as u64
+                }),
+                Value::Segment(m) => CHUNK * m.chunks.len() as u64,
+            }
+    }
+}
+
+/// Leave to keep what a read returns, if nothing is forgotten meanwhile.
+#[derive(Clone, Copy)]
+struct Ticket(Option<u64>);
+
+impl Lookups {
+    /// Copies of at most about `bytes`; none used until `hearing_until` is called.
+    pub fn new(bytes: u64) -> Self {
+        Self {
+            entries: Cache::with_weighter(1024, bytes.max(1), Weigh),
+            state: Mutex::new(State {
+                generation: 0,
+                hearing_until: None,
+                lost: 0,
+            }),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().expect("never poisoned")
+    }
+
+    fn usable(state: &State) -> bool {
+        state.hearing_until.is_some_and(|t| Instant::now() < t)
+    }
+
+    fn get(&self, key: &Key) -> Option<Value> {
+        if !Self::usable(&self.state()) {
+            return None;
+        }
+        self.entries.get(key)
+    }
+
+    fn ticket(&self) -> Ticket {
+        let state = self.state();
+        Ticket(Self::usable(&state).then_some(state.generation))
+    }
+
+    /// Keeps `value` unless something was forgotten since `ticket`: under the state's
+    /// lock, so that no forgetting falls between the check and the insert.
+    fn keep(&self, ticket: Ticket, key: Key, value: Value) {
+        let state = self.state();
+        if ticket.0 == Some(state.generation) && Self::usable(&state) {
+            self.entries.insert(key, value);
+        }
+    }
+
+    fn forget(&self, keys: &[Key]) {
+        let mut state = self.state();
+        state.generation += 1;
+        for key in keys {
+            self.entries.remove(key);
+        }
+    }
+
+    /// `key`'s copy, or what `read` returns, kept.
+    async fn through<T: Clone>(
+        &self,
+        key: Key,
+        read: impl Future<Output = Result<T>>,
+        wrap: fn(T) -> Value,
+        unwrap: fn(Value) -> Option<T>,
+    ) -> Result<T> {
+        if let Some(v) = self.get(&key).and_then(unwrap) {
+            return Ok(v);
+        }
+        let ticket = self.ticket();
+        let v = read.await?;
+        self.keep(ticket, key, wrap(v.clone()));
+        Ok(v)
+    }
+
+    /// The narinfo of `path` in `cache`, or what `read` finds.
+    pub async fn narinfo(
+        &self,
+        cache: &CacheName,
+        path: &StorePathHash,
+        read: impl Future<Output = Result<Option<NarInfoRecord>>>,
+    ) -> Result<Option<NarInfoRecord>> {
+        let key = Key::NarInfo(cache.clone(), *path);
+        self.through(key, read, Value::NarInfo, |v| match v {
+            Value::NarInfo(r) => Some(r),
+            _ => None,
+        })
+        .await
+    }
+
+    /// The NAR record of `nar_hash`, or what `read` finds.
+    pub async fn nar(
+        &self,
+        nar_hash: &Sha256,
+        read: impl Future<Output = Result<Option<NarRecord>>>,
+    ) -> Result<Option<NarRecord>> {
+        self.through(Key::Nar(*nar_hash), read, Value::Nar, |v| match v {
+            Value::Nar(r) => Some(r),
+            _ => None,
+        })
+        .await
+    }
+
+    /// The NAR `nar_hash` if `cache` holds a narinfo of it, or what `read` finds:
+    /// whether it does, and the NAR's record.
+    pub async fn served_nar(
+        &self,
+        cache: &CacheName,
+        nar_hash: &Sha256,
+        read: impl Future<Output = Result<(bool, Option<NarRecord>)>>,
+    ) -> Result<Option<NarRecord>> {
+        let (claim, nar) = (Key::Claim(cache.clone(), *nar_hash), Key::Nar(*nar_hash));
+        if let (Some(Value::Claim(claimed)), Some(Value::Nar(record))) =
+            (self.get(&claim), self.get(&nar))
+        {
+            return Ok(record.filter(|_| claimed));
+        }
+        let ticket = self.ticket();
+        let (claimed, record) = read.await?;
+        self.keep(ticket, claim, Value::Claim(claimed));
+        self.keep(ticket, nar, Value::Nar(record.clone()));
+        Ok(record.filter(|_| claimed))
+    }
+
+    /// Segment `index` of the manifest `id`, or what `read` finds (kept only if found).
+    pub async fn segment(
+        &self,
+        id: &ManifestId,
+        index: u32,
+        read: impl Future<Output = Result<Option<Manifest>>>,
+    ) -> Result<Option<Manifest>> {
+        let key = Key::Segment(*id, index);
+        if let Some(Value::Segment(m)) = self.get(&key) {
+            return Ok(Some(Manifest::clone(&m)));
+        }
+        let ticket = self.ticket();
+        let found = read.await?;
+        if let Some(m) = &found {
+            self.keep(ticket, key, Value::Segment(Arc::new(m.clone())));
+        }
+        Ok(found)
+    }
+
+    /// The narinfo of `path` in `cache`, of the NAR `nar_hash`, changed.
+    pub fn narinfo_changed(&self, cache: &CacheName, path: &StorePathHash, nar_hash: &Sha256) {
+        self.forget(&[
+            Key::NarInfo(cache.clone(), *path),
+            Key::Claim(cache.clone(), *nar_hash),
+        ]);
+    }
+
+    /// The record of the NAR `nar_hash` changed.
+    pub fn nar_changed(&self, nar_hash: &Sha256) {
+        self.forget(&[Key::Nar(*nar_hash)]);
+    }
+
+    /// Forgets everything: much changed at once, or changes may have gone unheard.
+    pub fn clear(&self) {
+        let mut state = self.state();
+        state.generation += 1;
+        self.entries.clear();
+    }
+
+    /// The session now, taken before a heartbeat is sent on it.
+    pub fn session(&self) -> Session {
+        Session(self.state().lost)
+    }
+
+    /// Every change until `until` is heard: a heartbeat sent on `session` reached the
+    /// database. Nothing if that session was lost since.
+    pub fn hearing_until(&self, session: Session, until: Instant) {
+        let mut state = self.state();
+        if session.0 == state.lost {
+            state.hearing_until = Some(state.hearing_until.map_or(until, |t| t.max(until)));
+        }
+    }
+
+    /// Changes may go unheard from now on (the session was lost): nothing is used or
+    /// kept until a heartbeat of the next session, and what was kept is forgotten.
+    pub fn deaf(&self) {
+        let mut state = self.state();
+        state.hearing_until = None;
+        state.lost += 1;
+        state.generation += 1;
+        self.entries.clear();
+    }
+
+    /// A notice of the database's triggers (`postgres/0003_lookups.sql`).
+    pub fn heard(&self, payload: &str) {
+        if !self.apply(payload) {
+            tracing::warn!(payload, "a lookup notice that does not parse");
+            self.clear();
+        }
+    }
+
+    fn apply(&self, payload: &str) -> bool {
+        if payload == "*" {
+            self.clear();
+            return true;
+        }
+        let mut words = payload.splitn(4, ' ');
+        match (words.next(), words.next(), words.next(), words.next()) {
+            (Some("i"), Some(path), Some(nar), Some(cache)) => {
+                let (Some(path), Some(nar), Ok(cache)) =
+                    (unhex(path), unhex(nar), cache.parse::<CacheName>())
+                else {
+                    return false;
+                };
+                self.narinfo_changed(
+                    &cache,
+                    &StorePathHash::from_bytes(path),
+                    &Sha256::from_bytes(nar),
+                );
+                true
+            }
+            (Some("n"), Some(nar), None, None) => match unhex(nar) {
+                Some(nar) => {
+                    self.nar_changed(&Sha256::from_bytes(nar));
+                    true
+                }
+                None => false,
+            },
+            _ => false,
+        }
+    }
+}
+
+/// `N` bytes from lower-case hex.
+fn unhex<const N: usize>(hex: &str) -> Option<[u8; N]> {
+    if hex.len() != 2 * N || !hex.is_ascii() {
+        return None;
+    }
+    let mut out = [0u8; N];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use bytes::Bytes;
+
+    use super::*;
+
+    fn record(text: &str) -> NarInfoRecord {
+        NarInfoRecord {
+            nar_hash: Sha256::digest(text.as_bytes()),
+            nar_size: 1,
+            file_size: 1,
+            text: Bytes::copy_from_slice(text.as_bytes()),
+        }
+    }
+
+    fn names() -> (CacheName, StorePathHash) {
+        let path = "7h7qgvs4kgzsn8a6rb273saxyqh4jxlz".parse().unwrap();
+        ("main".parse().unwrap(), path)
+    }
+
+    /// Reads through `lookups`, counting the reads that reach the "database".
+    async fn read(
+        lookups: &Lookups,
+        reads: &AtomicUsize,
+        stored: Option<NarInfoRecord>,
+    ) -> Option<NarInfoRecord> {
+        let (cache, path) = names();
+        let answer = async {
+            reads.fetch_add(1, Ordering::SeqCst);
+            Ok(stored)
+        };
+        lookups.narinfo(&cache, &path, answer).await.unwrap()
+    }
+
+    fn hearing(lookups: &Lookups) {
+        lookups.hearing_until(lookups.session(), Instant::now() + Duration::from_secs(60));
+    }
+
+    #[tokio::test]
+    async fn nothing_is_kept_until_the_changes_are_heard() {
+        let (lookups, reads) = (Lookups::new(1 << 20), AtomicUsize::new(0));
+        read(&lookups, &reads, None).await;
+        read(&lookups, &reads, None).await;
+        assert_eq!(reads.load(Ordering::SeqCst), 2);
+        hearing(&lookups);
+        assert_eq!(
+            read(&lookups, &reads, Some(record("a"))).await,
+            Some(record("a"))
+        );
+        assert_eq!(
+            read(&lookups, &reads, None).await,
+            Some(record("a")),
+            "kept"
+        );
+        assert_eq!(reads.load(Ordering::SeqCst), 3);
+        // A lost session: the copy goes, and nothing is kept until heard again, not
+        // even by a heartbeat of that session that comes in late.
+        let lost = lookups.session();
+        lookups.deaf();
+        lookups.hearing_until(lost, Instant::now() + Duration::from_secs(60));
+        assert_eq!(read(&lookups, &reads, None).await, None);
+        assert_eq!(
+            read(&lookups, &reads, Some(record("b"))).await,
+            Some(record("b"))
+        );
+        assert_eq!(reads.load(Ordering::SeqCst), 5);
+        // Hearing that ended is the same.
+        lookups.hearing_until(lookups.session(), Instant::now());
+        read(&lookups, &reads, None).await;
+        assert_eq!(reads.load(Ordering::SeqCst), 6);
+    }
+
+    #[tokio::test]
+    async fn a_notice_or_a_barrier_drops_the_copy() {
+        let (lookups, reads) = (Lookups::new(1 << 20), AtomicUsize::new(0));
+        hearing(&lookups);
+        let (cache, path) = names();
+        let a = record("a");
+        read(&lookups, &reads, Some(a.clone())).await;
+        let notice = format!(
+            "i {} {} {}",
+            hex(path.as_bytes()),
+            hex(a.nar_hash.as_bytes()),
+            cache
+        );
+        lookups.heard(&notice);
+        assert_eq!(read(&lookups, &reads, None).await, None);
+        assert_eq!(read(&lookups, &reads, Some(a.clone())).await, None, "kept");
+        lookups.clear();
+        assert_eq!(
+            read(&lookups, &reads, Some(a.clone())).await,
+            Some(a.clone())
+        );
+        // Many changes at once, and a notice that does not parse, forget everything.
+        lookups.heard("*");
+        assert_eq!(read(&lookups, &reads, None).await, None);
+        assert_eq!(read(&lookups, &reads, Some(a.clone())).await, None, "kept");
+        lookups.clear();
+        assert_eq!(
+            read(&lookups, &reads, Some(a.clone())).await,
+            Some(a.clone())
+        );
+        lookups.heard("i what");
+        assert_eq!(read(&lookups, &reads, None).await, None);
+        assert_eq!(reads.load(Ordering::SeqCst), 6);
+    }
+
+    #[tokio::test]
+    async fn a_read_that_raced_a_change_is_not_kept() {
+        let (lookups, reads) = (Lookups::new(1 << 20), AtomicUsize::new(0));
+        hearing(&lookups);
+        let (cache, path) = names();
+        let a = record("a");
+        // The read began before the change and returns what was there before it.
+        let raced = async {
+            reads.fetch_add(1, Ordering::SeqCst);
+            lookups.narinfo_changed(&cache, &path, &a.nar_hash);
+            Ok(None)
+        };
+        assert_eq!(lookups.narinfo(&cache, &path, raced).await.unwrap(), None);
+        assert_eq!(read(&lookups, &reads, Some(a.clone())).await, Some(a));
+    }
+
+    #[tokio::test]
+    async fn served_nars_need_the_claim_and_the_record() {
+        let lookups = Lookups::new(1 << 20);
+        hearing(&lookups);
+        let (cache, _) = names();
+        let nar = Sha256::digest(b"nar");
+        let empty = crate::store::Stored {
+            id: ManifestId([0; 16]),
+            segments: Vec::new(),
+        };
+        let stored = NarRecord {
+            contents: empty.clone(),
+            listing: empty,
+        };
+        let unclaimed = async { Ok((false, Some(stored.clone()))) };
+        let got = lookups.served_nar(&cache, &nar, unclaimed).await.unwrap();
+        assert_eq!(got, None);
+        // Both halves kept: the record answers a plain lookup of the NAR.
+        let never = async { panic!("kept") };
+        assert_eq!(
+            lookups.nar(&nar, never).await.unwrap(),
+            Some(stored.clone())
+        );
+        let never = async { panic!("kept") };
+        assert_eq!(lookups.served_nar(&cache, &nar, never).await.unwrap(), None);
+        lookups.heard(&format!("n {}", hex(nar.as_bytes())));
+        // Either half missing: both are read again.
+        let claimed = async { Ok((true, Some(stored.clone()))) };
+        let got = lookups.served_nar(&cache, &nar, claimed).await.unwrap();
+        assert_eq!(got, Some(stored.clone()));
+        let never = async { panic!("kept") };
+        assert_eq!(
+            lookups.served_nar(&cache, &nar, never).await.unwrap(),
+            Some(stored)
+        );
+    }
+
+    #[test]
+    fn the_weight_stays_within_the_bytes() {
+        let lookups = Lookups::new(64 * 1024);
+        hearing(&lookups);
+        let cache: CacheName = "main".parse().unwrap();
+        for i in 0..10_000u32 {
+            let mut p = [0u8; 20];
+            p[..4].copy_from_slice(&i.to_le_bytes());
+            let key = Key::NarInfo(cache.clone(), StorePathHash::from_bytes(p));
+            let ticket = lookups.ticket();
+            lookups.keep(ticket, key, Value::NarInfo(Some(record(&"x".repeat(900)))));
+        }
+        assert!(lookups.entries.weight() <= 64 * 1024);
+        assert!(lookups.entries.len() > 10);
+    }
+
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
