@@ -107,6 +107,9 @@ fn remote_packs(config: &Config, errors: Counter, metrics: &Metrics) -> anyhow::
 /// What the metadata lives in, and what the server's processes agree through.
 struct Metadata {
     index: Arc<dyn Index>,
+    /// The same, for the reads of downloads: from copies where the index keeps them
+    /// (`index::lookups`).
+    reads: Arc<dyn Index>,
     coord: Arc<dyn Coordination>,
     /// The index's directory, when it is local.
     dir: Option<PathBuf>,
@@ -118,9 +121,11 @@ async fn open_index(config: &Config) -> anyhow::Result<Metadata> {
     match config.index.backend {
         IndexBackend::Sled => {
             let dir = config.data_dir.join("index");
-            let index = SledIndex::open(&dir, config.index.cache_mib * 1024 * 1024)?;
+            let index: Arc<dyn Index> =
+                Arc::new(SledIndex::open(&dir, config.index.cache_mib * 1024 * 1024)?);
             Ok(Metadata {
-                index: Arc::new(index),
+                reads: index.clone(),
+                index,
                 coord: Arc::new(LocalCoordination::default()),
                 dir: Some(dir),
             })
@@ -141,6 +146,7 @@ async fn open_index(config: &Config) -> anyhow::Result<Metadata> {
             let coord =
                 PgCoordination::open(&settings, crate::coord::LEASE_TIME, index.lookups()).await?;
             Ok(Metadata {
+                reads: Arc::new(index.with_copies()),
                 index: Arc::new(index),
                 coord: Arc::new(coord),
                 dir: None,
@@ -171,6 +177,7 @@ impl App {
         }
         let Metadata {
             index,
+            reads,
             coord,
             dir: index_dir,
         } = open_index(&config).await.map_err(explain)?;
@@ -210,7 +217,7 @@ impl App {
         drop(first_start);
         let serve = serve::Source {
             store: packs.clone(),
-            index: index.clone(),
+            index: reads,
             plan: serve::ReadPlan::of(&config.serve, config.storage.backend),
             memory: Budget::new(config.serve.memory_mib * 1024 * 1024),
         };

@@ -365,8 +365,12 @@ pub struct IndexConfig {
     /// PostgreSQL: how long to wait for a connection to be made, or for a free one,
     /// before the request is answered 503.
     pub connect_timeout_secs: u64,
-    /// PostgreSQL: memory for the copies of narinfos, NAR records and manifest
-    /// segments read (`index::lookups`); 0 keeps none.
+    /// Memory the index may use to cache what it reads; each backend reads it its
+    /// own way.
+    ///
+    /// PostgreSQL: the copies of the narinfos, NAR records and manifest segments
+    /// downloads read (`index::lookups`), weighed in bytes held; 0 keeps none.
+    ///
     /// sled: memory it may use for its page cache. Its own default (1 GiB) would dwarf the
     /// rest of the server, whose working set is a few MiB per transfer. sled counts
     /// what it caches in bytes as stored, and holds it as nodes several times that

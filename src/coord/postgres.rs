@@ -17,9 +17,10 @@
 //!   closed by another stops.
 //! - **Notices** are `NOTIFY`s that every session listens to. A session that was lost
 //!   may have missed some: when it is back, the process reads everything again.
-//! - **Lookups** (`index::lookups`): the database's own notices of changed narinfos and
-//!   NAR records drop this process's copies; a heartbeat says for how long the session
-//!   hears them, a lost session stops their use, and a barrier empties them.
+//! - **Lookups** (`index::lookups`): the notices of changed narinfos and NAR records
+//!   drop this process's copies; a heartbeat says for how long the session hears them,
+//!   a lost session stops their use, and a barrier (and every `RESYNC_BEATS`) empties
+//!   them.
 //!
 //! A session lost releases its advisory locks; the holders are not told. The window
 //! is a database restart during a change of a cache's keys racing a publication.
@@ -48,9 +49,8 @@ use crate::store::PackId;
 const CHANGES: &str = "cachet_changes";
 /// The channel that wakes every process to drain a barrier.
 const BARRIERS: &str = "cachet_barriers";
-/// The channel of the database's notices of changed narinfos and NAR records
-/// (`index/postgres/0003_lookups.sql`).
-const LOOKUPS: &str = "cachet_lookups";
+/// The channel of the notices of changed narinfos and NAR records (`index::lookups`).
+use crate::index::postgres::LOOKUPS_CHANNEL as LOOKUPS;
 
 /// How often a process says it is alive, and a job reports its progress.
 const TICK: Duration = Duration::from_millis(500);
@@ -70,8 +70,8 @@ const FIRST_START_LOCK: i32 = 0x6361_0003;
 const LOCK_WAIT: Duration = Duration::from_secs(60);
 /// How long a coordination query may take: past it, the session is taken for broken.
 const QUERY_WAIT: Duration = Duration::from_secs(5);
-/// How often every copy of tokens and caches is read again even without a notice:
-/// the net under a notice that was lost.
+/// How often every copy of tokens and caches is read again, and the copies of lookups
+/// dropped, even without a notice: the net under a notice that was lost.
 const RESYNC_BEATS: u64 = 60;
 
 /// Packs named in one notice: a notice carries at most 8,000 bytes.
@@ -333,7 +333,11 @@ async fn heartbeat(inner: Arc<Inner>, (mut id, generation): (i64, i64)) {
             let beaten =
                 tokio::time::timeout(QUERY_WAIT, beat(&client, &inner, &mut id, reported, beats));
             let beaten = beaten.await.unwrap_or_else(|_| Err(BeatError::TimedOut));
-            if beaten.is_ok() {
+            if let Ok(generation) = beaten {
+                if generation > heard {
+                    // Nothing read before the barrier is answered after it.
+                    inner.lookups.clear();
+                }
                 *inner.last_beat.lock().expect("never poisoned") = began;
                 // Taken for alive until a lease after `began` at the earliest: the
                 // copies are used for half of that, never past a barrier that went on
@@ -345,8 +349,6 @@ async fn heartbeat(inner: Arc<Inner>, (mut id, generation): (i64, i64)) {
             match beaten {
                 Ok(generation) if generation > heard => {
                     heard = generation;
-                    // Nothing read before the barrier is answered after it.
-                    inner.lookups.clear();
                     let (here, drained) = (inner.clone(), drained.clone());
                     inner.spawn(async move {
                         while !here.local.barrier(Duration::from_secs(3600)).await {}
@@ -364,6 +366,8 @@ async fn heartbeat(inner: Arc<Inner>, (mut id, generation): (i64, i64)) {
         if beats % RESYNC_BEATS == 0 {
             inner.local.tell(Change::Tokens);
             inner.local.tell(Change::Caches);
+            // The net under a notice whose sender died before sending it.
+            inner.lookups.clear();
         }
         tokio::select! {
             () = tokio::time::sleep(TICK) => {}
@@ -944,21 +948,18 @@ mod tests {
             let coord = PgCoordination::open(&settings, LEASE_TIME, lookups)
                 .await
                 .unwrap();
-            replicas.push((index, coord));
+            replicas.push((index.with_copies(), coord));
         }
         let [(a, _a), (b, b_coord)]: [(PgIndex, PgCoordination); 2] =
             replicas.try_into().ok().unwrap();
-        // Changes made behind the triggers' back (as no server makes them): what a
-        // copy would answer stays visible.
+        // Changes made in plain SQL, which no notice announces: what a copy would
+        // answer stays visible.
         let (raw, connection) = connection_config(&settings, "test")
             .unwrap()
             .connect(tokio_postgres::NoTls)
             .await
             .unwrap();
         tokio::spawn(connection);
-        raw.batch_execute("SET session_replication_role = replica")
-            .await
-            .unwrap();
         let cache: CacheName = "main".parse().unwrap();
         let (p, record) = (path(1), narinfo(b"nar", "v0"));
         b.commit_narinfo(&cache, &p, &record, &[], None)
@@ -1036,20 +1037,25 @@ mod tests {
             a.narinfo(&cache, &p).await.unwrap().is_some()
         });
         assert!(back.await);
-        server.restart();
-        let (raw, connection) = connection_config(&settings, "test")
-            .unwrap()
-            .connect(tokio_postgres::NoTls)
-            .await
-            .unwrap();
-        tokio::spawn(connection);
-        raw.batch_execute("SET session_replication_role = replica; DELETE FROM narinfos")
-            .await
-            .unwrap();
-        let answered = eventually(Duration::from_secs(15), || async {
-            a.narinfo(&cache, &p).await.is_ok()
+        // Only the coordination sessions end (the pools stay up and answer); once
+        // both are back, the copy made before is not answered, though nothing said
+        // the path was deleted meanwhile.
+        let sessions = "SELECT count(*) FROM pg_stat_activity \
+                        WHERE application_name = 'cachet (coordination)' AND backend_start > $1";
+        let cut: std::time::SystemTime = raw.query_one("SELECT now()", &[]).await.unwrap().get(0);
+        raw.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE application_name = 'cachet (coordination)'",
+            &[],
+        )
+        .await
+        .unwrap();
+        let back = eventually(Duration::from_secs(10), || async {
+            let n: i64 = raw.query_one(sessions, &[&cut]).await.unwrap().get(0);
+            n == 2
         });
-        assert!(answered.await);
+        assert!(back.await);
+        raw.execute("DELETE FROM narinfos", &[]).await.unwrap();
         // Past the next session's first heartbeat too, when copies are used again.
         let stale = eventually(Duration::from_secs(4), || async {
             a.narinfo(&cache, &p).await.unwrap().is_some()

@@ -44,17 +44,18 @@ async fn served(
         _ => return Ok(None),
     };
     // A NAR is readable through a cache only if that cache holds a narinfo for it.
-    if let Some(nar) = app.index.served_nar(&cache.name, &url.hash).await? {
+    // Read as downloads read, from copies where the index keeps them.
+    let index = &app.serve.index;
+    if let Some(nar) = index.served_nar(&cache.name, &url.hash).await? {
         return Ok(Some((url.hash, nar.contents, encoding)));
     }
     if encoding != Encoding::Zstd {
         return Ok(None);
     }
-    let Some(upload) = app.index.upload(&cache.name, url).await? else {
+    let Some(upload) = index.upload(&cache.name, url).await? else {
         return Ok(None);
     };
-    Ok(app
-        .index
+    Ok(index
         .served_nar(&cache.name, &upload.nar_hash)
         .await?
         .map(|n| (upload.nar_hash, n.contents, encoding)))
@@ -91,9 +92,10 @@ pub async fn head(
         Some((_, stored, encoding)) => encoding.body_size(&stored),
         None => {
             // An upload counts only with its NAR, so that a client sends what is gone.
-            let upload = app.index.upload(&cache.name, &url).await?;
+            let upload = app.serve.index.upload(&cache.name, &url).await?;
             let upload = upload.ok_or(Error::NotFound("NAR"))?;
-            app.index
+            app.serve
+                .index
                 .nar(&upload.nar_hash)
                 .await?
                 .ok_or(Error::NotFound("NAR"))?;

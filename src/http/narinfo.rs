@@ -50,6 +50,7 @@ pub async fn get(
     let cache = creds.cache(&app, &cache, Permission::Pull)?;
     let (File::NarInfo(hash) | File::Listing(hash)) = file;
     let record = app
+        .serve
         .index
         .narinfo(&cache.name, &hash)
         .await?
@@ -67,6 +68,7 @@ pub async fn get(
         File::Listing(_) => {
             let epoch = app.coord.lease();
             let nar = app
+                .serve
                 .index
                 .nar(&record.nar_hash)
                 .await?

@@ -1250,6 +1250,9 @@ macro_rules! tests {
             what_one_handle_writes_the_other_reads_and_does_not_undo,
             a_chunk_deleted_through_one_handle_and_stored_again_through_the_other_stands
         );
+        crate::index::contract::tests!(one $open);
+    };
+    (one $open:path) => {
         crate::index::contract::tests!(@cases $open;
             caches_are_created_and_replaced,
             chunks_and_nars_round_trip,

@@ -1,43 +1,61 @@
 //! What a server over a shared database keeps of its hottest reads (narinfos, NAR
 //! records, a cache's claims on NARs, manifest segments), so that a narinfo or a
-//! download asked for before asks the database nothing.
+//! download asked for before asks the database nothing. Only downloads read through
+//! the copies (`PgIndex::with_copies`); whatever checks or changes the metadata (a
+//! publication, the collector, verify) reads the database.
 //!
-//! Kept only while this process hears every change. The database announces each
-//! change of a narinfo or a NAR record in the transaction that makes it (triggers), so a
-//! notice exists exactly when the change committed, in the order of commits; the
-//! coordination session hands the notices to `heard` and says for how long it has heard
-//! everything (`hearing_until`: half a lease after a heartbeat began). A session lost
-//! stops the use at once; one regained starts from empty. A barrier empties it too
-//! (`clear`): past a collector's barrier no process answers from before it, so the
-//! collector's order (narinfos deleted, barrier, then their data) holds whatever the
-//! notices' timing.
+//! The copies follow notices. The process that changes a narinfo or a NAR record drops
+//! its own copy at once (it reads its writes) and announces the change to the others
+//! (`narinfo_notice`, `nar_notice`, sent by the index after its commit); the
+//! coordination session hands what it hears to `heard`, and says for how long it has
+//! heard everything (`hearing_until`: half a lease after a heartbeat began). A session
+//! lost stops the use at once and drops every copy; so does hearing again after a
+//! lapse.
 //!
-//! Segments are immutable once written (a manifest's id is random, never reused), and
-//! read only through a NAR record that names them: they need no notice.
+//! Safety does not rest on the notices. A barrier empties the copies (`clear`) before
+//! the process drains it, so past a collector's barrier no process answers from a copy
+//! made before it: the collector's order (narinfos deleted, barrier, then their data)
+//! holds on every replica, and a copy never names data that is gone. A notice lost
+//! (its sender died between its commit and its notice) leaves a copy stale until the
+//! next barrier or the periodic clear of the coordination (30 s), never wrong about
+//! data.
 //!
-//! An answer read from the database is kept only if nothing was forgotten since the
-//! read began (`Ticket`): a read that raced a change cannot put back what the change's
-//! notice removed.
+//! Segments need no notice: a manifest's id is random, its segments are never
+//! rewritten, and one is read only through a NAR record that names it.
+//!
+//! An answer read from the database is kept only if its key was not forgotten since
+//! the read began (`Ticket`): a read that raced a change cannot put back what the
+//! change's notice removed.
 
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::hash::{BuildHasher, Hash};
+use std::sync::Mutex;
 use std::time::Instant;
 
-use quick_cache::sync::Cache;
+use quick_cache::sync::{Cache, DefaultLifecycle};
+use quick_cache::{DefaultHashBuilder, OptionsBuilder};
 
 use super::{NarInfoRecord, NarRecord, Result};
 use crate::nix::{CacheName, Sha256, StorePathHash};
 use crate::store::{Manifest, ManifestId};
 
+/// Generations kept, one per group of keys: a change makes only the reads in flight
+/// of its group's keys unkeepable, not every read in flight.
+const GROUPS: usize = 64;
+
 /// The copies of one process's hot lookups.
 pub struct Lookups {
     entries: Cache<Key, Value, Weigh>,
     state: Mutex<State>,
+    /// Which group a key is in.
+    grouping: DefaultHashBuilder,
 }
 
 struct State {
-    /// Counts the forgettings: an answer read across one is not kept.
-    generation: u64,
+    /// Counts the forgettings of each group's keys.
+    generations: [u64; GROUPS],
+    /// Counts the clears: a read across one is not kept either.
+    clears: u64,
     /// Until when every change is being heard; never, until the session says so.
     hearing_until: Option<Instant>,
     /// Counts the sessions lost: a heartbeat of a lost one says nothing of the next.
@@ -62,7 +80,7 @@ enum Value {
     NarInfo(Option<NarInfoRecord>),
     Claim(bool),
     Nar(Option<NarRecord>),
-    Segment(Arc<Manifest>),
+    Segment(Manifest),
 }
 
 /// The bytes an entry holds, about.
@@ -86,25 +104,62 @@ impl quick_cache::Weighter<Key, Value> for Weigh {
     }
 }
 
-/// Leave to keep what a read returns, if nothing is forgotten meanwhile.
+/// Leave to keep what a read of a key returns, if the key is not forgotten meanwhile:
+/// the clears and the key's group's generation when the read began.
 #[derive(Clone, Copy)]
-struct Ticket(Option<u64>);
+struct Ticket(Option<(u64, u64)>);
+
+/// The notice of a change of every copy at once.
+pub const ALL_CHANGED: &str = "*";
+
+/// The notice of a change of the narinfo of `path` in `cache`, of the NAR `nar_hash`.
+pub fn narinfo_notice(cache: &CacheName, path: &StorePathHash, nar_hash: &Sha256) -> String {
+    format!(
+        "i {} {} {cache}",
+        hex(path.as_bytes()),
+        hex(nar_hash.as_bytes())
+    )
+}
+
+/// The notice of a change of the record of the NAR `nar_hash`.
+pub fn nar_notice(nar_hash: &Sha256) -> String {
+    format!("n {}", hex(nar_hash.as_bytes()))
+}
 
 impl Lookups {
     /// Copies of at most about `bytes`; none used until `hearing_until` is called.
     pub fn new(bytes: u64) -> Self {
+        // Few shards, so that each can hold a whole segment (4,096 chunks, 256 KiB)
+        // at the default size: the budget is split between them.
+        let options = OptionsBuilder::new()
+            .estimated_items_capacity(1024)
+            .weight_capacity(bytes.max(1))
+            .shards(4)
+            .build()
+            .expect("valid options");
         Self {
-            entries: Cache::with_weighter(1024, bytes.max(1), Weigh),
+            entries: Cache::with_options(
+                options,
+                Weigh,
+                DefaultHashBuilder::default(),
+                DefaultLifecycle::default(),
+            ),
             state: Mutex::new(State {
-                generation: 0,
+                generations: [0; GROUPS],
+                clears: 0,
                 hearing_until: None,
                 lost: 0,
             }),
+            grouping: DefaultHashBuilder::default(),
         }
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().expect("never poisoned")
+    }
+
+    fn group(&self, key: &Key) -> usize {
+        (self.grouping.hash_one(key) % GROUPS as u64) as usize
     }
 
     fn usable(state: &State) -> bool {
@@ -118,24 +173,27 @@ impl Lookups {
         self.entries.get(key)
     }
 
-    fn ticket(&self) -> Ticket {
+    fn ticket(&self, key: &Key) -> Ticket {
+        let group = self.group(key);
         let state = self.state();
-        Ticket(Self::usable(&state).then_some(state.generation))
+        Ticket(Self::usable(&state).then_some((state.clears, state.generations[group])))
     }
 
-    /// Keeps `value` unless something was forgotten since `ticket`: under the state's
-    /// lock, so that no forgetting falls between the check and the insert.
+    /// Keeps `value` unless `key` was forgotten since `ticket`: under the state's lock,
+    /// so that no forgetting falls between the check and the insert.
     fn keep(&self, ticket: Ticket, key: Key, value: Value) {
+        let group = self.group(&key);
         let state = self.state();
-        if ticket.0 == Some(state.generation) && Self::usable(&state) {
+        if ticket.0 == Some((state.clears, state.generations[group])) && Self::usable(&state) {
             self.entries.insert(key, value);
         }
     }
 
     fn forget(&self, keys: &[Key]) {
+        let groups: Vec<usize> = keys.iter().map(|k| self.group(k)).collect();
         let mut state = self.state();
-        state.generation += 1;
-        for key in keys {
+        for (key, group) in keys.iter().zip(groups) {
+            state.generations[group] += 1;
             self.entries.remove(key);
         }
     }
@@ -151,7 +209,7 @@ impl Lookups {
         if let Some(v) = self.get(&key).and_then(unwrap) {
             return Ok(v);
         }
-        let ticket = self.ticket();
+        let ticket = self.ticket(&key);
         let v = read.await?;
         self.keep(ticket, key, wrap(v.clone()));
         Ok(v)
@@ -199,10 +257,10 @@ impl Lookups {
         {
             return Ok(record.filter(|_| claimed));
         }
-        let ticket = self.ticket();
+        let tickets = (self.ticket(&claim), self.ticket(&nar));
         let (claimed, record) = read.await?;
-        self.keep(ticket, claim, Value::Claim(claimed));
-        self.keep(ticket, nar, Value::Nar(record.clone()));
+        self.keep(tickets.0, claim, Value::Claim(claimed));
+        self.keep(tickets.1, nar, Value::Nar(record.clone()));
         Ok(record.filter(|_| claimed))
     }
 
@@ -215,12 +273,12 @@ impl Lookups {
     ) -> Result<Option<Manifest>> {
         let key = Key::Segment(*id, index);
         if let Some(Value::Segment(m)) = self.get(&key) {
-            return Ok(Some(Manifest::clone(&m)));
+            return Ok(Some(m));
         }
-        let ticket = self.ticket();
+        let ticket = self.ticket(&key);
         let found = read.await?;
         if let Some(m) = &found {
-            self.keep(ticket, key, Value::Segment(Arc::new(m.clone())));
+            self.keep(ticket, key, Value::Segment(m.clone()));
         }
         Ok(found)
     }
@@ -241,7 +299,7 @@ impl Lookups {
     /// Forgets everything: much changed at once, or changes may have gone unheard.
     pub fn clear(&self) {
         let mut state = self.state();
-        state.generation += 1;
+        state.clears += 1;
         self.entries.clear();
     }
 
@@ -251,12 +309,19 @@ impl Lookups {
     }
 
     /// Every change until `until` is heard: a heartbeat sent on `session` reached the
-    /// database. Nothing if that session was lost since.
+    /// database. Nothing if that session was lost since. After a lapse (heartbeats
+    /// that did not get through for half a lease, so that a barrier may have gone on
+    /// without this process) what was kept is forgotten first.
     pub fn hearing_until(&self, session: Session, until: Instant) {
         let mut state = self.state();
-        if session.0 == state.lost {
-            state.hearing_until = Some(state.hearing_until.map_or(until, |t| t.max(until)));
+        if session.0 != state.lost {
+            return;
         }
+        if !Self::usable(&state) {
+            state.clears += 1;
+            self.entries.clear();
+        }
+        state.hearing_until = Some(state.hearing_until.map_or(until, |t| t.max(until)));
     }
 
     /// Changes may go unheard from now on (the session was lost): nothing is used or
@@ -265,24 +330,27 @@ impl Lookups {
         let mut state = self.state();
         state.hearing_until = None;
         state.lost += 1;
-        state.generation += 1;
+        state.clears += 1;
         self.entries.clear();
     }
 
-    /// A notice of the database's triggers (`postgres/0003_lookups.sql`).
+    /// A notice of changes (one per line), as another process announced them.
     pub fn heard(&self, payload: &str) {
-        if !self.apply(payload) {
-            tracing::warn!(payload, "a lookup notice that does not parse");
-            self.clear();
+        for line in payload.lines() {
+            if !self.apply(line) {
+                tracing::warn!(line, "a lookup notice that does not parse");
+                self.clear();
+                return;
+            }
         }
     }
 
-    fn apply(&self, payload: &str) -> bool {
-        if payload == "*" {
+    fn apply(&self, line: &str) -> bool {
+        if line == ALL_CHANGED {
             self.clear();
             return true;
         }
-        let mut words = payload.splitn(4, ' ');
+        let mut words = line.splitn(4, ' ');
         match (words.next(), words.next(), words.next(), words.next()) {
             (Some("i"), Some(path), Some(nar), Some(cache)) => {
                 let (Some(path), Some(nar), Ok(cache)) =
@@ -290,11 +358,8 @@ impl Lookups {
                 else {
                     return false;
                 };
-                self.narinfo_changed(
-                    &cache,
-                    &StorePathHash::from_bytes(path),
-                    &Sha256::from_bytes(nar),
-                );
+                let (path, nar) = (StorePathHash::from_bytes(path), Sha256::from_bytes(nar));
+                self.narinfo_changed(&cache, &path, &nar);
                 true
             }
             (Some("n"), Some(nar), None, None) => match unhex(nar) {
@@ -307,6 +372,10 @@ impl Lookups {
             _ => false,
         }
     }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// `N` bytes from lower-case hex.
@@ -403,11 +472,12 @@ mod tests {
         let (cache, path) = names();
         let a = record("a");
         read(&lookups, &reads, Some(a.clone())).await;
+        // Notices come a line each, several to a payload.
+        let other: StorePathHash = "0123456789abcdfghijklmnpqrsvwxyz".parse().unwrap();
         let notice = format!(
-            "i {} {} {}",
-            hex(path.as_bytes()),
-            hex(a.nar_hash.as_bytes()),
-            cache
+            "{}\n{}",
+            narinfo_notice(&cache, &other, &a.nar_hash),
+            narinfo_notice(&cache, &path, &a.nar_hash)
         );
         lookups.heard(&notice);
         assert_eq!(read(&lookups, &reads, None).await, None);
@@ -472,7 +542,7 @@ mod tests {
         );
         let never = async { panic!("kept") };
         assert_eq!(lookups.served_nar(&cache, &nar, never).await.unwrap(), None);
-        lookups.heard(&format!("n {}", hex(nar.as_bytes())));
+        lookups.heard(&nar_notice(&nar));
         // Either half missing: both are read again.
         let claimed = async { Ok((true, Some(stored.clone()))) };
         let got = lookups.served_nar(&cache, &nar, claimed).await.unwrap();
@@ -493,14 +563,31 @@ mod tests {
             let mut p = [0u8; 20];
             p[..4].copy_from_slice(&i.to_le_bytes());
             let key = Key::NarInfo(cache.clone(), StorePathHash::from_bytes(p));
-            let ticket = lookups.ticket();
+            let ticket = lookups.ticket(&key);
             lookups.keep(ticket, key, Value::NarInfo(Some(record(&"x".repeat(900)))));
         }
+        // Each weighs about 1,000 bytes: at most about 64 of them.
         assert!(lookups.entries.weight() <= 64 * 1024);
-        assert!(lookups.entries.len() > 10);
-    }
-
-    fn hex(bytes: &[u8]) -> String {
-        bytes.iter().map(|b| format!("{b:02x}")).collect()
+        assert!(
+            (10..=70).contains(&lookups.entries.len()),
+            "{}",
+            lookups.entries.len()
+        );
+        // A whole segment (4,096 chunks) fits at the default size.
+        let lookups = Lookups::new(8 << 20);
+        hearing(&lookups);
+        let key = Key::Segment(ManifestId([1; 16]), 0);
+        let chunk = crate::store::ChunkRef {
+            id: crate::store::ChunkId([0; 32]),
+            pack: crate::store::PackId([0; 16]),
+            offset: 0,
+            stored_len: 1,
+            len: 1,
+        };
+        let segment = Manifest {
+            chunks: vec![chunk; 4096],
+        };
+        lookups.keep(lookups.ticket(&key), key.clone(), Value::Segment(segment));
+        assert!(lookups.get(&key).is_some());
     }
 }

@@ -18,7 +18,7 @@ use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{NoTls, Row};
 
 use super::codec;
-use super::lookups::Lookups;
+use super::lookups::{self, Lookups};
 use super::{
     BlobKey, BlobKind, CacheRecord, CacheStats, Commit, Index, IndexError, NarInfoRecord,
     NarRecord, PinRecord, Result, TokenRecord, Upload,
@@ -30,7 +30,6 @@ use crate::store::{ChunkId, ChunkRef, Manifest, ManifestId, Stored};
 const MIGRATIONS: &[&str] = &[
     include_str!("postgres/0001_init.sql"),
     include_str!("postgres/0002_coordination.sql"),
-    include_str!("postgres/0003_lookups.sql"),
 ];
 
 /// The advisory lock held while migrating (any fixed number, the same in every build).
@@ -47,15 +46,108 @@ pub struct PgSettings {
     pub pool_size: usize,
     /// How long to wait for a connection to be made, or for a free one.
     pub connect_timeout: Duration,
-    /// The most bytes kept of hot lookups (`Lookups`), once a coordination session
-    /// hears the changes.
+    /// The most bytes kept of hot lookups (`Lookups`), used once a coordination session
+    /// hears the changes, and by a view `with_copies` only.
     pub cache_bytes: u64,
 }
 
 /// Metadata in PostgreSQL.
+#[derive(Clone)]
 pub struct PgIndex {
     pool: Pool,
     lookups: Arc<Lookups>,
+    notices: Arc<Notices>,
+    /// Whether reads are answered from `lookups` (`with_copies`).
+    copies: bool,
+}
+
+/// The channel of the notices of changed narinfos and NAR records
+/// (`index::lookups`), which every coordination session listens to.
+pub(crate) const LOOKUPS_CHANNEL: &str = "cachet_lookups";
+
+/// A notice carries at most 8,000 bytes.
+const NOTICE_BYTES: usize = 7_900;
+
+/// The notices of this process's changes, sent after their commits by a task of their
+/// own, as many to a `NOTIFY` as fit: a request does not wait for them, and a commit is
+/// not one with a `NOTIFY` (those take turns at one lock for the whole database).
+struct Notices {
+    queue: Arc<Outbox>,
+    /// The sending task, stopped with the index.
+    sender: tokio::task::AbortHandle,
+}
+
+#[derive(Default)]
+struct Outbox {
+    notices: std::sync::Mutex<Vec<String>>,
+    wake: tokio::sync::Notify,
+}
+
+impl Notices {
+    fn start(pool: Pool) -> Arc<Self> {
+        let queue = Arc::new(Outbox::default());
+        let sender = tokio::spawn(send_notices(pool, queue.clone())).abort_handle();
+        Arc::new(Self { queue, sender })
+    }
+
+    fn send(&self, notice: String) {
+        self.queue
+            .notices
+            .lock()
+            .expect("never poisoned")
+            .push(notice);
+        // Remembered if the task is busy sending: it looks again when done.
+        self.queue.wake.notify_one();
+    }
+}
+
+impl Drop for Notices {
+    fn drop(&mut self) {
+        self.sender.abort();
+    }
+}
+
+/// Sends what is in the outbox whenever there is some. A notice that cannot be sent
+/// (three tries, a second apart) is dropped: every session that was cut off with this
+/// one drops its copies anyway, and the others drop theirs at the next barrier or
+/// periodic clear.
+async fn send_notices(pool: Pool, outbox: Arc<Outbox>) {
+    loop {
+        outbox.wake.notified().await;
+        let taken = std::mem::take(&mut *outbox.notices.lock().expect("never poisoned"));
+        for payload in packed(taken) {
+            for attempt in 0..3 {
+                let sent = async {
+                    let c = pool.get().await.map_err(pool_error)?;
+                    c.execute("SELECT pg_notify($1, $2)", &[&LOOKUPS_CHANNEL, &payload])
+                        .await
+                        .map_err(db)
+                };
+                match sent.await {
+                    Ok(_) => break,
+                    Err(e) if attempt == 2 => {
+                        tracing::warn!(error = %e, "a notice of changed lookups was not sent")
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_secs(1)).await,
+                }
+            }
+        }
+    }
+}
+
+/// Notices joined a line each into as few payloads as fit.
+fn packed(notices: Vec<String>) -> Vec<String> {
+    let mut payloads: Vec<String> = Vec::new();
+    for n in notices {
+        match payloads.last_mut() {
+            Some(p) if p.len() + 1 + n.len() <= NOTICE_BYTES => {
+                p.push('\n');
+                p.push_str(&n);
+            }
+            _ => payloads.push(n),
+        }
+    }
+    payloads
 }
 
 /// An error of the database or of reaching it, named by what it means to a client.
@@ -282,8 +374,10 @@ impl PgIndex {
             .build()
             .map_err(|e| anyhow::anyhow!("the metadata database's pool: {e}"))?;
         let index = Self {
+            notices: Notices::start(pool.clone()),
             pool,
             lookups: Arc::new(Lookups::new(settings.cache_bytes)),
+            copies: false,
         };
         index
             .migrate()
@@ -296,6 +390,27 @@ impl PgIndex {
     /// until it does.
     pub fn lookups(&self) -> Arc<Lookups> {
         self.lookups.clone()
+    }
+
+    /// The same index, its reads of narinfos, NAR records and segments answered from
+    /// the copies when they are usable: for downloads, not for what checks or changes
+    /// the metadata (a copy may lag a change through another process by a notice).
+    pub fn with_copies(&self) -> Self {
+        Self {
+            copies: true,
+            ..self.clone()
+        }
+    }
+
+    fn narinfo_changed(&self, cache: &CacheName, path: &StorePathHash, nar_hash: &Sha256) {
+        self.lookups.narinfo_changed(cache, path, nar_hash);
+        self.notices
+            .send(lookups::narinfo_notice(cache, path, nar_hash));
+    }
+
+    fn nar_changed(&self, nar_hash: &Sha256) {
+        self.lookups.nar_changed(nar_hash);
+        self.notices.send(lookups::nar_notice(nar_hash));
     }
 
     /// Applies the migrations not applied yet, under an advisory lock: servers that
@@ -404,10 +519,6 @@ impl Index for PgIndex {
     async fn purge_cache(&self, cache: &CacheName) -> Result<()> {
         let mut c = self.client().await?;
         let tx = c.transaction().await.map_err(db)?;
-        // One notice for all, not one per row (`postgres/0003_lookups.sql`).
-        tx.batch_execute("SET LOCAL cachet.bulk = 'on'; SELECT pg_notify('cachet_lookups', '*')")
-            .await
-            .map_err(db)?;
         for table in [
             "narinfos",
             "refs",
@@ -426,6 +537,7 @@ impl Index for PgIndex {
         }
         let committed = tx.commit().await.map_err(db);
         self.lookups.clear();
+        self.notices.send(lookups::ALL_CHANGED.into());
         committed
     }
 
@@ -525,6 +637,9 @@ impl Index for PgIndex {
             })
             .transpose()
         };
+        if !self.copies {
+            return read.await;
+        }
         self.lookups.segment(id, index, read).await
     }
 
@@ -549,6 +664,9 @@ impl Index for PgIndex {
                 .await?;
             row.map(|r| nar_of(r.get(0), nar_hash)).transpose()
         };
+        if !self.copies {
+            return read.await;
+        }
         self.lookups.nar(nar_hash, read).await
     }
 
@@ -560,7 +678,7 @@ impl Index for PgIndex {
                 &[&nar_hash.as_bytes().as_slice(), &codec::encode_nar(nar)],
             )
             .await;
-        self.lookups.nar_changed(nar_hash);
+        self.nar_changed(nar_hash);
         written.map(drop)
     }
 
@@ -631,7 +749,7 @@ impl Index for PgIndex {
         let pending = pending_of(upload) - old.as_ref().map_or(0, pending_of);
         add_stats(&tx, cache, [0, 0, 0, pending, 0]).await?;
         let committed = tx.commit().await.map_err(db);
-        self.lookups.nar_changed(&upload.nar_hash);
+        self.nar_changed(&upload.nar_hash);
         committed
     }
 
@@ -650,6 +768,9 @@ impl Index for PgIndex {
                 .await?;
             row.map(|r| narinfo_of(&r, cache, path)).transpose()
         };
+        if !self.copies {
+            return read.await;
+        }
         self.lookups.narinfo(cache, path, read).await
     }
 
@@ -756,9 +877,8 @@ impl Index for PgIndex {
             add_stats(&tx, cache, delta).await?;
         }
         let committed = tx.commit().await.map_err(db);
-        if written {
-            self.lookups.narinfo_changed(cache, path, &record.nar_hash);
-        }
+        // Also when the path was there: a copy of it as a miss is stale.
+        self.narinfo_changed(cache, path, &kept);
         committed?;
         Ok(if written {
             Commit::Written
@@ -841,7 +961,7 @@ impl Index for PgIndex {
             add_stats(&tx, cache, [0, 0, int(size) - int(old_size), 0, 0]).await?;
         }
         let committed = tx.commit().await.map_err(db);
-        self.lookups.narinfo_changed(cache, path, &nar_hash);
+        self.narinfo_changed(cache, path, &nar_hash);
         committed.map(|()| true)
     }
 
@@ -882,7 +1002,7 @@ impl Index for PgIndex {
         let nar_hash = sha_of(row.get(2), "narinfo")?;
         add_stats(&tx, cache, [-1, -nar_size, -file_size, 0, 0]).await?;
         let committed = tx.commit().await.map_err(db);
-        self.lookups.narinfo_changed(cache, path, &nar_hash);
+        self.narinfo_changed(cache, path, &nar_hash);
         committed.map(|()| true)
     }
 
@@ -906,11 +1026,16 @@ impl Index for PgIndex {
                     &[&cache.as_str(), &nar_hash.as_bytes().as_slice()],
                 )
                 .await?
-                .expect("a SELECT without FROM returns one row");
+                .ok_or_else(|| IndexError::Failed("a SELECT without FROM gave no row".into()))?;
             let claimed: bool = row.get(0);
             let record: Option<&[u8]> = row.get(1);
             Ok((claimed, record.map(|b| nar_of(b, nar_hash)).transpose()?))
         };
+        if !self.copies {
+            return read
+                .await
+                .map(|(claimed, record)| record.filter(|_| claimed));
+        }
         self.lookups.served_nar(cache, nar_hash, read).await
     }
 
@@ -1098,7 +1223,7 @@ impl Index for PgIndex {
                 ],
             )
             .await;
-        self.lookups.nar_changed(nar_hash);
+        self.nar_changed(nar_hash);
         Ok(n? == 1)
     }
 
@@ -1140,7 +1265,7 @@ impl Index for PgIndex {
                 ],
             )
             .await;
-        self.lookups.nar_changed(nar_hash);
+        self.nar_changed(nar_hash);
         Ok(n? == 1)
     }
 
@@ -1356,4 +1481,48 @@ mod tests {
     }
 
     crate::index::contract::tests!(open, pair);
+
+    /// An index whose reads come from copies, used as though every change were heard
+    /// (there is no other process): the contract holds through them, so every write
+    /// drops what it changes from its own copies.
+    mod with_copies {
+        use super::*;
+
+        fn hearing(index: &PgIndex) -> PgIndex {
+            let lookups = index.lookups();
+            let until = std::time::Instant::now() + Duration::from_secs(3600);
+            lookups.hearing_until(lookups.session(), until);
+            index.with_copies()
+        }
+
+        async fn open() -> (PgServer, Box<dyn Index>) {
+            let server = PgServer::start();
+            let url = server.database("contract");
+            let index = PgIndex::open(&settings(url, 4)).await.unwrap();
+            (server, Box::new(hearing(&index)))
+        }
+
+        crate::index::contract::tests!(one open);
+
+        #[tokio::test]
+        async fn a_commit_that_finds_the_path_there_drops_a_copied_miss() {
+            use crate::index::contract::{narinfo, path};
+            let server = PgServer::start();
+            let url = server.database("copies");
+            let here = PgIndex::open(&settings(url.clone(), 2)).await.unwrap();
+            let elsewhere = PgIndex::open(&settings(url, 2)).await.unwrap();
+            let view = hearing(&here);
+            let (cache, p, record) = ("main".parse().unwrap(), path(1), narinfo(b"n", "t"));
+            assert_eq!(view.narinfo(&cache, &p).await.unwrap(), None);
+            // Committed by another process whose notice this one does not hear.
+            elsewhere
+                .commit_narinfo(&cache, &p, &record, &[], None)
+                .await
+                .unwrap();
+            assert_eq!(view.narinfo(&cache, &p).await.unwrap(), None, "copied");
+            let commit = here.commit_narinfo(&cache, &p, &record, &[], None);
+            assert!(matches!(commit.await.unwrap(), Commit::Exists { .. }));
+            assert_eq!(view.narinfo(&cache, &p).await.unwrap(), Some(record));
+        }
+    }
 }

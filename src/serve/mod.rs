@@ -183,7 +183,9 @@ async fn fetch(store: PackStore, encoding: Encoding, read: Read) -> io::Result<B
 pub struct Source {
     /// The packs.
     pub store: PackStore,
-    /// The segments of manifests.
+    /// The index as downloads read it (narinfos, NAR records, segments): from copies
+    /// where it keeps them (`index::lookups`); nothing that checks or changes the
+    /// metadata reads through it.
     pub index: Arc<dyn Index>,
     /// Read sizes and depth.
     pub plan: ReadPlan,

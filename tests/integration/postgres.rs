@@ -154,12 +154,14 @@ fn statements(db: &PgServer, name: &str) -> Vec<(u64, String)> {
          ON d.oid = s.dbid WHERE d.datname = current_database() \
          AND s.query NOT ILIKE '%pg_stat_statements%' ORDER BY s.query",
     );
-    // The writer of fetches runs on its own every 15 s, and the heartbeat of the
-    // coordination every half second: their statements are not a request's.
+    // The writer of fetches runs on its own every 15 s, the heartbeat of the
+    // coordination every half second, and the notices of changes are sent after the
+    // request that made them: their statements are not a request's.
     let background = [
         "INSERT INTO accesses",
         "AND nar_hash = $2 ORDER BY path",
         "coord_servers",
+        "pg_notify",
     ];
     out.lines()
         .filter_map(|l| l.split_once('|'))
