@@ -8,7 +8,7 @@ use std::sync::Arc;
 use crate::caches::Cache;
 use crate::error::{Rejection, Result};
 use crate::index::{Commit, Index, NarInfoRecord, Upload};
-use crate::nix::{CacheName, Compression, NarInfo, NarUrl, StorePathHash};
+use crate::nix::{CacheName, Compression, NarInfo, NarUrl, StorePath, StorePathHash};
 
 fn mismatch(field: &'static str, claimed: impl ToString, actual: impl ToString) -> Rejection {
     Rejection::Mismatch {
@@ -93,11 +93,18 @@ pub async fn publish(
     if let Some(s) = claimed.file_size.filter(|s| *s != upload.file_size) {
         return Err(mismatch("FileSize", s, upload.file_size).into());
     }
-    for r in claimed.foreign_references() {
-        if index.narinfo(&cache.name, &r.hash()).await?.is_none() {
-            return Err(Rejection::MissingReference(r.full()).into());
-        }
+    // Its references and the path itself, in one lookup.
+    let foreign: Vec<&StorePath> = claimed.foreign_references().collect();
+    let asked: Vec<StorePathHash> = foreign
+        .iter()
+        .map(|r| r.hash())
+        .chain(std::iter::once(hash))
+        .collect();
+    let held = index.holds_paths(&cache.name, &asked).await?;
+    if let Some((r, _)) = foreign.iter().zip(&held).find(|(_, held)| !**held) {
+        return Err(Rejection::MissingReference(r.full()).into());
     }
+    let already_there = held.last().copied().unwrap_or(false);
     // An upload record without its NAR (one a collection of an earlier build could not
     // remove) names nothing: the client sends the NAR again.
     let nar = index.nar(&upload.nar_hash).await?.ok_or_else(unknown)?;
@@ -110,7 +117,7 @@ pub async fn publish(
     } else {
         upload.stored_size
     };
-    let adds = if index.narinfo(&cache.name, &hash).await?.is_some() {
+    let adds = if already_there {
         0
     } else {
         file_size.saturating_sub(taken_up)

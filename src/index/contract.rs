@@ -240,6 +240,13 @@ pub async fn the_first_narinfo_wins_and_is_counted_once(index: &dyn Index) {
     assert!(index.cache_has_nar(&main, &first.nar_hash).await.unwrap());
     assert!(!index.cache_has_nar(&main, &second.nar_hash).await.unwrap());
     assert!(!index.cache_has_nar(&other, &first.nar_hash).await.unwrap());
+    // Held paths are asked in a batch, answered in the order asked, per cache.
+    let asked = [path(2), path(1), path(2)];
+    let held = index.holds_paths(&main, &asked).await.unwrap();
+    assert_eq!(held, [false, true, false]);
+    let held = index.holds_paths(&other, &asked).await.unwrap();
+    assert_eq!(held, [false, false, false]);
+    assert!(index.holds_paths(&main, &[]).await.unwrap().is_empty());
     assert_eq!(index.narinfo(&other, &path(1)).await.unwrap(), None);
     // Served through the cache that holds a narinfo for it, once its record is there.
     assert_eq!(

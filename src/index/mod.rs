@@ -418,6 +418,16 @@ pub trait Index: Send + Sync + 'static {
         path: &StorePathHash,
         references: &[StorePathHash],
     ) -> Result<bool>;
+    /// Whether `cache` holds a narinfo for each of `paths`, in their order: a
+    /// publication's references and the path itself, in one lookup where the database
+    /// is a round trip away.
+    async fn holds_paths(&self, cache: &CacheName, paths: &[StorePathHash]) -> Result<Vec<bool>> {
+        let mut held = Vec::with_capacity(paths.len());
+        for p in paths {
+            held.push(self.narinfo(cache, p).await?.is_some());
+        }
+        Ok(held)
+    }
     /// Whether `cache` holds a narinfo whose NAR is `nar_hash`.
     async fn cache_has_nar(&self, cache: &CacheName, nar_hash: &Sha256) -> Result<bool>;
     /// The NAR `nar_hash` as `cache` serves it: its record, if the cache holds a

@@ -67,6 +67,8 @@ pub(crate) const LOOKUPS_CHANNEL: &str = "cachet_lookups";
 
 /// A notice carries at most 8,000 bytes.
 const NOTICE_BYTES: usize = 7_900;
+/// How long the changes after a first one are gathered into its notice.
+const GATHER: Duration = Duration::from_millis(5);
 
 /// The notices of this process's changes, sent after their commits by a task of their
 /// own, as many to a `NOTIFY` as fit: a request does not wait for them, and a commit is
@@ -114,6 +116,9 @@ impl Drop for Notices {
 async fn send_notices(pool: Pool, outbox: Arc<Outbox>) {
     loop {
         outbox.wake.notified().await;
+        // The changes of the next few milliseconds go in the same notice: a push
+        // makes two a path.
+        tokio::time::sleep(GATHER).await;
         let taken = std::mem::take(&mut *outbox.notices.lock().expect("never poisoned"));
         for payload in packed(taken) {
             for attempt in 0..3 {
@@ -1004,6 +1009,24 @@ impl Index for PgIndex {
         let committed = tx.commit().await.map_err(db);
         self.narinfo_changed(cache, path, &nar_hash);
         committed.map(|()| true)
+    }
+
+    async fn holds_paths(&self, cache: &CacheName, paths: &[StorePathHash]) -> Result<Vec<bool>> {
+        if paths.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<&[u8]> = paths.iter().map(|p| p.as_bytes().as_slice()).collect();
+        let c = self.client().await?;
+        // Planned for each call, as `chunks` is.
+        let rows = c
+            .query_typed(
+                "SELECT path FROM narinfos WHERE cache = $1 AND path = ANY($2)",
+                &[(&cache.as_str(), Type::TEXT), (&keys, Type::BYTEA_ARRAY)],
+            )
+            .await
+            .map_err(db)?;
+        let held: std::collections::HashSet<&[u8]> = rows.iter().map(|r| r.get(0)).collect();
+        Ok(keys.iter().map(|k| held.contains(k)).collect())
     }
 
     async fn cache_has_nar(&self, cache: &CacheName, nar_hash: &Sha256) -> Result<bool> {
