@@ -49,6 +49,9 @@ pub struct Lookups {
     state: Mutex<State>,
     /// Which group a key is in.
     grouping: DefaultHashBuilder,
+    /// This process's name in its notices (`origin`): what it announced, it has
+    /// dropped already, and hearing it back would only drop copies made since.
+    origin: String,
 }
 
 struct State {
@@ -151,7 +154,17 @@ impl Lookups {
                 lost: 0,
             }),
             grouping: DefaultHashBuilder::default(),
+            origin: {
+                let mut id = [0u8; 8];
+                getrandom::fill(&mut id).expect("the operating system's random source failed");
+                format!("@{}", hex(&id))
+            },
         }
+    }
+
+    /// The first line of this process's notices.
+    pub fn origin(&self) -> &str {
+        &self.origin
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -334,9 +347,16 @@ impl Lookups {
         self.entries.clear();
     }
 
-    /// A notice of changes (one per line), as another process announced them.
+    /// A notice of changes (one per line, after the line of its origin), as a process
+    /// announced them; this process's own are passed over.
     pub fn heard(&self, payload: &str) {
-        for line in payload.lines() {
+        let mut lines = payload.lines().peekable();
+        if let Some(origin) = lines.next_if(|l| l.starts_with('@')) {
+            if origin == self.origin {
+                return;
+            }
+        }
+        for line in lines {
             if !self.apply(line) {
                 tracing::warn!(line, "a lookup notice that does not parse");
                 self.clear();
@@ -480,6 +500,11 @@ mod tests {
             narinfo_notice(&cache, &path, &a.nar_hash)
         );
         lookups.heard(&notice);
+        // Its own notices, heard back, drop nothing: it dropped them when it wrote.
+        read(&lookups, &reads, None).await;
+        lookups.heard(&format!("{}\n{notice}", lookups.origin()));
+        assert_eq!(read(&lookups, &reads, Some(a.clone())).await, None, "kept");
+        lookups.heard(&format!("@0000000000000000\n{notice}"));
         assert_eq!(read(&lookups, &reads, None).await, None);
         assert_eq!(read(&lookups, &reads, Some(a.clone())).await, None, "kept");
         lookups.clear();
@@ -498,7 +523,7 @@ mod tests {
         );
         lookups.heard("i what");
         assert_eq!(read(&lookups, &reads, None).await, None);
-        assert_eq!(reads.load(Ordering::SeqCst), 6);
+        assert_eq!(reads.load(Ordering::SeqCst), 7);
     }
 
     #[tokio::test]

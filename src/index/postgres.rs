@@ -86,9 +86,9 @@ struct Outbox {
 }
 
 impl Notices {
-    fn start(pool: Pool) -> Arc<Self> {
+    fn start(pool: Pool, origin: String) -> Arc<Self> {
         let queue = Arc::new(Outbox::default());
-        let sender = tokio::spawn(send_notices(pool, queue.clone())).abort_handle();
+        let sender = tokio::spawn(send_notices(pool, queue.clone(), origin)).abort_handle();
         Arc::new(Self { queue, sender })
     }
 
@@ -113,14 +113,14 @@ impl Drop for Notices {
 /// (three tries, a second apart) is dropped: every session that was cut off with this
 /// one drops its copies anyway, and the others drop theirs at the next barrier or
 /// periodic clear.
-async fn send_notices(pool: Pool, outbox: Arc<Outbox>) {
+async fn send_notices(pool: Pool, outbox: Arc<Outbox>, origin: String) {
     loop {
         outbox.wake.notified().await;
         // The changes of the next few milliseconds go in the same notice: a push
         // makes two a path.
         tokio::time::sleep(GATHER).await;
         let taken = std::mem::take(&mut *outbox.notices.lock().expect("never poisoned"));
-        for payload in packed(taken) {
+        for payload in packed(&origin, taken) {
             for attempt in 0..3 {
                 let sent = async {
                     let c = pool.get().await.map_err(pool_error)?;
@@ -140,17 +140,18 @@ async fn send_notices(pool: Pool, outbox: Arc<Outbox>) {
     }
 }
 
-/// Notices joined a line each into as few payloads as fit.
-fn packed(notices: Vec<String>) -> Vec<String> {
+/// Notices joined a line each into as few payloads as fit, each after the line of
+/// their `origin`.
+fn packed(origin: &str, notices: Vec<String>) -> Vec<String> {
     let mut payloads: Vec<String> = Vec::new();
     for n in notices {
         match payloads.last_mut() {
-            Some(p) if p.len() + 1 + n.len() <= NOTICE_BYTES => {
-                p.push('\n');
-                p.push_str(&n);
-            }
-            _ => payloads.push(n),
+            Some(p) if p.len() + 1 + n.len() <= NOTICE_BYTES => {}
+            _ => payloads.push(origin.to_owned()),
         }
+        let p = payloads.last_mut().expect("pushed above");
+        p.push('\n');
+        p.push_str(&n);
     }
     payloads
 }
@@ -378,10 +379,11 @@ impl PgIndex {
             .runtime(deadpool_postgres::Runtime::Tokio1)
             .build()
             .map_err(|e| anyhow::anyhow!("the metadata database's pool: {e}"))?;
+        let lookups = Arc::new(Lookups::new(settings.cache_bytes));
         let index = Self {
-            notices: Notices::start(pool.clone()),
+            notices: Notices::start(pool.clone(), lookups.origin().to_owned()),
             pool,
-            lookups: Arc::new(Lookups::new(settings.cache_bytes)),
+            lookups,
             copies: false,
         };
         index
