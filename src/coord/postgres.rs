@@ -984,20 +984,21 @@ mod tests {
         })
         .await;
         assert!(copied, "A never answered from a copy");
+        // Whether A answers that the path is there, within a second.
+        let a_holds = |held: bool| {
+            let (a, cache, p) = (&a, &cache, &p);
+            eventually(Duration::from_secs(1), move || async move {
+                a.narinfo(cache, p).await.unwrap().is_some() == held
+            })
+        };
         // A change through B is heard by A within a second: a deletion, a new commit
         // over a copied miss, a NAR record.
         assert!(b.delete_narinfo(&cache, &p, &[]).await.unwrap());
-        let gone = eventually(Duration::from_secs(1), || async {
-            a.narinfo(&cache, &p).await.unwrap().is_none()
-        });
-        assert!(gone.await);
+        assert!(a_holds(false).await);
         b.commit_narinfo(&cache, &p, &record, &[], None)
             .await
             .unwrap();
-        let back = eventually(Duration::from_secs(1), || async {
-            a.narinfo(&cache, &p).await.unwrap().is_some()
-        });
-        assert!(back.await);
+        assert!(a_holds(true).await);
         assert_eq!(a.served_nar(&cache, &record.nar_hash).await.unwrap(), None);
         b.put_nar(&record.nar_hash, &nar_record(1)).await.unwrap();
         let served = eventually(Duration::from_secs(1), || async {
@@ -1020,23 +1021,14 @@ mod tests {
         b.commit_narinfo(&cache, &p, &record, &[], None)
             .await
             .unwrap();
-        let back = eventually(Duration::from_secs(1), || async {
-            a.narinfo(&cache, &p).await.unwrap().is_some()
-        });
-        assert!(back.await);
+        assert!(a_holds(true).await);
         b.delete_cache(&cache).await.unwrap();
-        let gone = eventually(Duration::from_secs(1), || async {
-            a.narinfo(&cache, &p).await.unwrap().is_none()
-        });
-        assert!(gone.await);
+        assert!(a_holds(false).await);
         // A session lost may have missed notices: its copies go with it.
         b.commit_narinfo(&cache, &p, &record, &[], None)
             .await
             .unwrap();
-        let back = eventually(Duration::from_secs(1), || async {
-            a.narinfo(&cache, &p).await.unwrap().is_some()
-        });
-        assert!(back.await);
+        assert!(a_holds(true).await);
         // Only the coordination sessions end (the pools stay up and answer); once
         // both are back, the copy made before is not answered, though nothing said
         // the path was deleted meanwhile.
