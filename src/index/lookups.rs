@@ -179,11 +179,22 @@ impl Lookups {
         state.hearing_until.is_some_and(|t| Instant::now() < t)
     }
 
-    fn get(&self, key: &Key) -> Option<Value> {
+    /// The copies of `keys`, all or none: one look at the state for them all.
+    fn get<const N: usize>(&self, keys: [&Key; N]) -> Option<[Value; N]> {
         if !Self::usable(&self.state()) {
             return None;
         }
-        self.entries.get(key)
+        let mut found = keys.map(|k| self.entries.get(k));
+        if found.iter().any(Option::is_none) {
+            return None;
+        }
+        Some(found.each_mut().map(|v| v.take().expect("checked above")))
+    }
+
+    /// Empties the copies, and makes every read in flight unkeepable.
+    fn empty(&self, state: &mut State) {
+        state.clears += 1;
+        self.entries.clear();
     }
 
     fn ticket(&self, key: &Key) -> Ticket {
@@ -219,7 +230,7 @@ impl Lookups {
         wrap: fn(T) -> Value,
         unwrap: fn(Value) -> Option<T>,
     ) -> Result<T> {
-        if let Some(v) = self.get(&key).and_then(unwrap) {
+        if let Some(v) = self.get([&key]).and_then(|[v]| unwrap(v)) {
             return Ok(v);
         }
         let ticket = self.ticket(&key);
@@ -265,9 +276,7 @@ impl Lookups {
         read: impl Future<Output = Result<(bool, Option<NarRecord>)>>,
     ) -> Result<Option<NarRecord>> {
         let (claim, nar) = (Key::Claim(cache.clone(), *nar_hash), Key::Nar(*nar_hash));
-        if let (Some(Value::Claim(claimed)), Some(Value::Nar(record))) =
-            (self.get(&claim), self.get(&nar))
-        {
+        if let Some([Value::Claim(claimed), Value::Nar(record)]) = self.get([&claim, &nar]) {
             return Ok(record.filter(|_| claimed));
         }
         let tickets = (self.ticket(&claim), self.ticket(&nar));
@@ -285,7 +294,7 @@ impl Lookups {
         read: impl Future<Output = Result<Option<Manifest>>>,
     ) -> Result<Option<Manifest>> {
         let key = Key::Segment(*id, index);
-        if let Some(Value::Segment(m)) = self.get(&key) {
+        if let Some([Value::Segment(m)]) = self.get([&key]) {
             return Ok(Some(m));
         }
         let ticket = self.ticket(&key);
@@ -311,9 +320,7 @@ impl Lookups {
 
     /// Forgets everything: much changed at once, or changes may have gone unheard.
     pub fn clear(&self) {
-        let mut state = self.state();
-        state.clears += 1;
-        self.entries.clear();
+        self.empty(&mut self.state());
     }
 
     /// The session now, taken before a heartbeat is sent on it.
@@ -331,8 +338,7 @@ impl Lookups {
             return;
         }
         if !Self::usable(&state) {
-            state.clears += 1;
-            self.entries.clear();
+            self.empty(&mut state);
         }
         state.hearing_until = Some(state.hearing_until.map_or(until, |t| t.max(until)));
     }
@@ -343,8 +349,7 @@ impl Lookups {
         let mut state = self.state();
         state.hearing_until = None;
         state.lost += 1;
-        state.clears += 1;
-        self.entries.clear();
+        self.empty(&mut state);
     }
 
     /// A notice of changes (one per line, after the line of its origin), as a process
@@ -613,6 +618,6 @@ mod tests {
             chunks: vec![chunk; 4096],
         };
         lookups.keep(lookups.ticket(&key), key.clone(), Value::Segment(segment));
-        assert!(lookups.get(&key).is_some());
+        assert!(lookups.get([&key]).is_some());
     }
 }
